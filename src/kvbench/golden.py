@@ -1,0 +1,120 @@
+"""Golden cases: what the official implementations kept on synthetic attention inputs.
+
+A case (see tests/golden/FORMAT.md) names a method, its parameters and the shapes of deterministic synthetic
+post-RoPE queries/keys/values per layer. `run_case` regenerates the inputs, checks their sha256, and drives our
+method through the same calls the attention hook makes on a real model (cache update, then
+`Method.compress_layer`), then `compare` applies the case's rule.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from kvbench.cache import CompressedCache
+from kvbench.errors import KvbenchError
+from kvbench.methods import build_method
+
+
+def synthetic_layer(seed: int, layer: int, num_heads: int, num_kv_heads: int, seq_len: int, head_dim: int):
+    """Peaked synthetic attention inputs: a few heavy keys per KV head aligned with a direction its query group
+    shares; each layer scales its queries differently. Must match the generator the cases were made with."""
+    gen = torch.Generator().manual_seed(seed * 1000 + layer)
+    group = num_heads // num_kv_heads
+    scale = float(10 ** (torch.rand(1, generator=gen).item() * 1.5 - 0.5))
+    keys = torch.randn(1, num_kv_heads, seq_len, head_dim, generator=gen)
+    values = torch.randn(1, num_kv_heads, seq_len, head_dim, generator=gen)
+    queries = torch.randn(1, num_heads, seq_len, head_dim, generator=gen)
+    for kv in range(num_kv_heads):
+        direction = torch.randn(head_dim, generator=gen)
+        direction = direction / direction.norm()
+        heavy = torch.randperm(seq_len, generator=gen)[: max(4, seq_len // 32)]
+        keys[0, kv, heavy] += 3.0 * direction
+        queries[0, kv * group:(kv + 1) * group] += 1.5 * direction
+    return queries * scale, keys, values
+
+
+def sha256_of(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def load_case(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise KvbenchError(f"cannot read golden case {path}: {err}") from err
+
+
+def run_case(case: dict) -> list[list[list[int]]]:
+    """Kept original positions [layer][head] for the case, computed by our method on the regenerated inputs."""
+    params = dict(case.get("params", {}))
+    method = build_method(case["method"], budget=case["budget"], cache_heads=case["cache_heads"], **params)
+    num_layers, seq_len = case["num_layers"], case["seq_len"]
+    cache = CompressedCache(num_layers)
+    method.begin(seq_len, num_layers)
+    for layer_idx in range(num_layers):
+        q, k, v = synthetic_layer(case["seed"], layer_idx, case["num_heads"], case["num_kv_heads"], seq_len,
+                                  case["head_dim"])
+        expected = case["layers"][layer_idx]
+        for name, tensor in (("query", q), ("key", k), ("value", v)):
+            if sha256_of(tensor) != expected[f"sha256_{name}"]:
+                raise KvbenchError(f"layer {layer_idx}: regenerated {name} tensor does not match the case's sha256 "
+                                   f"(different torch version or generator?)")
+        cache.update(k, v, layer_idx)
+        method.compress_layer(layer_idx, q, k, v, cache)
+    kept = cache.kept_positions()
+    if case["cache_heads"] == "per_query_head":  # uncompressed layers hold KV heads; the case lists query heads
+        group = case["num_heads"] // case["num_kv_heads"]
+        kept = [heads if len(heads) == case["num_heads"] else [h for h in heads for _ in range(group)]
+                for heads in kept]
+    return kept
+
+
+def compare(case: dict, kept) -> list[str]:
+    """Problems found comparing `kept` with the case, by the rule of FORMAT.md: the window part (positions >=
+    seq_len - window) as a multiset; the prefix part distinct, of the expected size, and equal to the expected
+    positions outside the case's tied positions."""
+    cut = case["seq_len"] - case["params"].get("window_size", 0)
+    if len(kept) != case["num_layers"]:
+        return [f"{len(kept)} layers, expected {case['num_layers']}"]
+    problems = []
+    for layer_idx, (want_layer, got_layer) in enumerate(zip(case["layers"], kept)):
+        want_heads = want_layer["kept_positions"]
+        if len(got_layer) != len(want_heads):
+            problems.append(f"layer {layer_idx}: {len(got_layer)} heads, expected {len(want_heads)}")
+            continue
+        for head, (want, got, tied) in enumerate(zip(want_heads, got_layer, want_layer["tied_positions"])):
+            problems += _compare_head(f"layer {layer_idx} head {head}", want, [int(p) for p in got], set(tied), cut)
+    return problems
+
+
+def _compare_head(where: str, want: list[int], got: list[int], tied: set[int], cut: int) -> list[str]:
+    problems = []
+    if Counter(p for p in want if p >= cut) != Counter(p for p in got if p >= cut):
+        problems.append(f"{where}: window part differs")
+    want_prefix = [p for p in want if p < cut]
+    got_prefix = [p for p in got if p < cut]
+    if len(got_prefix) != len(want_prefix) or len(set(got_prefix)) != len(got_prefix):
+        problems.append(f"{where}: kept {len(got_prefix)} prefix tokens (distinct: {len(set(got_prefix))}), "
+                        f"expected {len(want_prefix)}")
+    elif set(got_prefix) - tied != set(want_prefix) - tied:
+        extra = sorted(set(got_prefix) - set(want_prefix))[:5]
+        missing = sorted(set(want_prefix) - set(got_prefix))[:5]
+        problems.append(f"{where}: extra {extra} missing {missing}")
+    return problems
+
+
+def case_paths(paths: list[str | Path]) -> list[Path]:
+    """Expand files and folders of cases (`*.json`, sorted)."""
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(path.glob("*.json"))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise KvbenchError(f"no golden case file or folder at {path}")
+    return found

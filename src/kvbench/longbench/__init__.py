@@ -1,0 +1,1 @@
+"""LongBench (v1) and LongBench-E: tasks, data, prompts and the official metrics."""

@@ -1,0 +1,87 @@
+"""DynamicKV (Zhou et al., EMNLP 2025 Findings): task-aware per-layer budgets, re-allocated across layers.
+
+Each layer first keeps a temporary maximum of `radio_max * (budget - window)` tokens per head, in score order.
+Every `update_interval` layers, a global top-k over the pooled scores of all layers seen so far counts the
+winners per layer; the whole-model prefix budget is split in proportion and every layer seen so far is cut to
+its new size (a prefix of its score-ordered list, plus the window).
+
+`mode=official` reproduces DreamMr/DynamicKV@8ab3c08 (`DynamicKVClusterV11`) quirks included: the whole-model
+constant at intermediate updates, float32 arithmetic in the split, no final update when the depth is not a
+multiple of the interval, and duplicated window rows when a layer's new size exceeds what it still holds.
+`mode=fixed` caps each new size at what the layer holds (no duplicates) and always re-allocates at the last
+layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import PooledWindowMethod, truncate_layer
+
+DYNAMICKV_MODES = ("official", "fixed")
+
+
+@dataclass
+class DynamicKV(PooledWindowMethod):
+    name = "dynamickv"
+    radio_max: float = 10.0  # "radio" is the official code's spelling of ratio
+    update_interval: int = 4
+    mode: str = "official"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mode not in DYNAMICKV_MODES:
+            raise KvbenchError(f"method.mode={self.mode!r} for dynamickv: choose one of {', '.join(DYNAMICKV_MODES)}")
+        if self.radio_max < 1:
+            raise KvbenchError(f"method.radio_max={self.radio_max} must be at least 1 (the paper uses 10; Qwen2 5)")
+        if self.update_interval < 1:
+            raise KvbenchError(f"method.update_interval={self.update_interval} must be at least 1 (the paper uses 4)")
+
+    def begin(self, prompt_len: int, num_layers: int) -> None:
+        super().begin(prompt_len, num_layers)
+        self.pooled: list[torch.Tensor] = []  # full pooled score map of every layer seen, never pruned
+        self.allocations: list[list[int]] = []  # prefix sizes chosen at each update, for the run record
+
+    def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+        n = keys.shape[2]
+        if self.keeps_all(n):
+            return
+        prefix = n - self.window_size
+        base = self.tokens_budget - self.window_size
+        temp_max = min(int(self.radio_max * base), prefix)
+        scores = self.reduce_heads(self.score(layer_idx, queries, keys), keys.shape[1])
+        self.keep_tokens(cache, layer_idx, scores.topk(temp_max, dim=-1).indices, keys, values)
+        self.pooled.append(scores)
+        if self.is_update_layer(layer_idx):
+            sizes = self.reallocate(layer_idx, base, temp_max, prefix)
+            self.allocations.append(sizes)
+            for j, size in enumerate(sizes):
+                if self.mode == "fixed":
+                    size = min(size, cache.layers[j].get_seq_length() - self.window_size)
+                truncate_layer(cache, j, min(size, prefix), self.window_size)
+
+    def is_update_layer(self, layer_idx: int) -> bool:
+        periodic = layer_idx % self.update_interval == self.update_interval - 1
+        return periodic or (self.mode == "fixed" and layer_idx == self.num_layers - 1)
+
+    def reallocate(self, layer_idx: int, base: int, temp_max: int, prefix: int) -> list[int]:
+        """New prefix sizes for layers 0..layer_idx (official arithmetic, `dynamic_v11.py:78-114`)."""
+        seen = layer_idx + 1
+        stacked = torch.stack(self.pooled)  # [seen, heads, prefix]
+        heads = stacked.shape[1]
+        winners = stacked.flatten().topk(min(base * heads * seen, stacked.numel())).indices
+        counts = torch.bincount(winners // (heads * prefix), minlength=seen) // seen
+        is_last = layer_idx == self.num_layers - 1
+        if is_last and int(counts.sum()) != heads * prefix:
+            counts[-1] += base * heads - counts.sum()
+        share = counts / counts.sum()  # float32, as the official tensor arithmetic
+        sizes = [int((temp_max * share[j]).item()) for j in range(seen)]
+        # The official code splits the whole-model budget even at intermediate updates; fixed mode splits
+        # what the layers seen so far are owed.
+        total = base * (self.num_layers if self.mode == "official" else seen)
+        scale = sum(sizes) / total
+        sizes = [int(s // scale) for s in sizes]
+        sizes[-1] += total - sum(sizes)
+        return sizes

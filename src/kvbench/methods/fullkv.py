@@ -1,0 +1,17 @@
+"""FullKV: the uncompressed baseline. Every prompt token stays in the cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvbench.methods.base import Method
+
+
+@dataclass
+class FullKV(Method):
+    name = "fullkv"
+
+    def validate(self) -> None:  # no budget to check: FullKV ignores it
+        pass
+
+    def resolve_budget(self, prompt_len: int) -> None:
+        return None

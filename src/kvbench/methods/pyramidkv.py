@@ -1,0 +1,32 @@
+"""PyramidKV: SnapKV's scores with a per-layer budget that decreases linearly with depth (KVCache-Factory)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import PooledWindowMethod
+
+
+@dataclass
+class PyramidKV(PooledWindowMethod):
+    name = "pyramidkv"
+    beta: int = 20
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta < 1:
+            raise KvbenchError(f"method.beta={self.beta} must be at least 1 (the papers use 20)")
+
+    def prefix_budget(self, layer_idx: int, prompt_len: int) -> int:
+        base = self.tokens_budget - self.window_size
+        prefix = prompt_len - self.window_size
+        if prompt_len < 2 * base:  # the reference falls back to a uniform (SnapKV) budget for short prompts
+            return base
+        min_num = base // self.beta
+        max_num = 2 * base - min_num
+        if max_num >= prefix:
+            max_num = prefix
+            min_num = 2 * base - max_num
+        # `steps` is rounded down, so the mean over layers overshoots the budget a little (as the reference).
+        steps = (max_num - min_num) // max(self.num_layers - 1, 1)
+        return max_num - layer_idx * steps

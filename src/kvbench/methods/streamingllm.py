@@ -1,0 +1,21 @@
+"""StreamingLLM (as the KV-compression papers run it): the first `budget - window` tokens ("attention sinks")
+plus the last `window` tokens, identical for every head and layer, selected once at prefill."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvbench.methods.base import ScoredMethod
+
+
+@dataclass
+class StreamingLLM(ScoredMethod):
+    name = "streamingllm"
+    window_size: int = 32
+
+    def score(self, layer_idx, queries, keys):
+        # Earlier tokens score higher, so the top-k are the first tokens, in position order.
+        prefix = keys.shape[2] - self.window_size
+        order = -torch.arange(prefix, device=keys.device, dtype=torch.float32)
+        return order.expand(queries.shape[1], -1)
