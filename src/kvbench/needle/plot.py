@@ -1,0 +1,359 @@
+"""Needle-in-a-Haystack heatmaps in the format of the PyramidKV / DynamicKV figures.
+
+Rows are needle depths (0 % at the top), columns are context lengths, cells are the mean heatmap
+score on a red-yellow-green scale from 0 to 1, and the title carries the average score. Figures
+are drawn from saved results only, so they can be redrawn without running a model::
+
+    python -m kvbench.needle.plot results/smollm2/needle/snapkv_64
+    python -m kvbench.needle.plot results/smollm2/needle/*_64 --stacked needle_64.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure
+
+from kvbench.errors import KvbenchError
+
+# The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
+CMAP = LinearSegmentedColormap.from_list("custom_cmap", ["#F0496E", "#EBB839", "#0CD79F"])
+REQUIRED_FIELDS = ("context_length", "depth_percent", "score")
+METHOD_NAMES = {
+    "fullkv": "FullKV",
+    "streamingllm": "StreamingLLM",
+    "h2o": "H2O",
+    "snapkv": "SnapKV",
+    "pyramidkv": "PyramidKV",
+    "dynamickv": "DynamicKV",
+}
+FIGURE_NAME = "needle_heatmap"
+DPI = 150
+
+# Figure geometry in inches: a wide figure with ~2.6 in per panel, like the papers' stacked figures.
+FIG_WIDTH = 16.0
+LEFT, RIGHT = 0.95, 1.25  # room for "Depth Percent" and for the colour bar
+PANEL_TITLE, PANEL_AXES, PANEL_BELOW = 0.35, 1.45, 0.85  # title / cells / tick labels + xlabel
+SINGLE_PANEL_AXES = 2.0  # a lone heatmap can afford taller cells
+TOP_EXTRA = 0.45  # figure title line
+BOTTOM_EXTRA = 0.1
+MIN_TICK_SPACING_IN = 0.7  # horizontal room per x label, rotated 45 degrees
+NICE_TICK_STRIDES = (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000)
+
+
+# --------------------------------------------------------------------------- single heatmap
+
+
+def _as_frame(df_or_records, score_field: str = "score") -> pd.DataFrame:
+    frame = df_or_records if isinstance(df_or_records, pd.DataFrame) else pd.DataFrame(list(df_or_records))
+    if frame.empty:
+        raise KvbenchError("No needle results to plot. Fix: run the needle benchmark first.")
+    fields = ("context_length", "depth_percent", score_field)
+    missing = [name for name in fields if name not in frame.columns]
+    if missing:
+        raise KvbenchError(f"Needle results lack the fields {missing}; each line needs {list(fields)}.")
+    return frame
+
+
+def score_grid(df_or_records, score_field: str = "score") -> pd.DataFrame:
+    """Mean score per cell: rows = depth percent (ascending), columns = context length (ascending)."""
+    frame = _as_frame(df_or_records, score_field)
+    return frame.pivot_table(
+        values=score_field, index="depth_percent", columns="context_length", aggfunc="mean"
+    ).sort_index(axis=0).sort_index(axis=1)
+
+
+def average_score(df_or_records, score_field: str = "score") -> float:
+    """Mean over all results, as the papers report it (``df["Score"].mean()``)."""
+    return float(_as_frame(df_or_records, score_field)[score_field].mean())
+
+
+def _tick_stride(n_columns: int, max_labels: int) -> int:
+    for stride in NICE_TICK_STRIDES:
+        if math.ceil(n_columns / stride) <= max_labels:
+            return stride
+    return math.ceil(n_columns / max_labels)
+
+
+def _tick_indices(lengths: list[int], max_labels: int) -> list[int]:
+    """Evenly thinned column indices, shifted so the labels land on round numbers when possible."""
+    stride = _tick_stride(len(lengths), max(1, max_labels))
+    if stride == 1 or len(lengths) < 2:
+        return list(range(len(lengths)))
+    round_to = (lengths[1] - lengths[0]) * stride
+    offset = next((i for i in range(stride) if round_to and lengths[i] % round_to == 0), 0)
+    return list(range(offset, len(lengths), stride))
+
+
+def trained_len_line_x(lengths: list[int], trained_len: int) -> float:
+    """x of the training-length line, as ``visualize.py``: first length above it, + 0.8.
+
+    If no length exceeds ``trained_len`` the line sits in the last column (its right edge).
+    """
+    index = next((i for i, length in enumerate(lengths) if length > trained_len), len(lengths) - 1)
+    return index + 0.8
+
+
+def _axes_width_inches(ax) -> float:
+    return ax.get_position().width * ax.figure.get_figwidth()
+
+
+def _draw_axes_labels(ax, grid: pd.DataFrame, fontsize: float) -> None:
+    lengths = [int(length) for length in grid.columns]
+    depths = [int(depth) for depth in grid.index]
+    ax.set_yticks(np.arange(len(depths)) + 0.5, [str(depth) for depth in depths], fontsize=fontsize - 1)
+    shown = _tick_indices(lengths, int(_axes_width_inches(ax) / MIN_TICK_SPACING_IN))
+    ax.set_xticks(
+        np.array(shown) + 0.5, [str(lengths[i]) for i in shown],
+        rotation=45, ha="right", rotation_mode="anchor", fontsize=fontsize - 1,
+    )
+    ax.tick_params(length=3)
+    ax.set_xlabel("Token Limit", fontsize=fontsize)
+    ax.set_ylabel("Depth Percent", fontsize=fontsize)
+
+
+def heatmap(
+    df_or_records,
+    ax,
+    title: str = "",
+    trained_len: int | None = None,
+    *,
+    score_field: str = "score",
+    colorbar: bool = True,
+    fontsize: float = 12,
+):
+    """Draw one needle heatmap into ``ax`` and return the colour mesh (for a shared colour bar).
+
+    ``df_or_records``: a DataFrame or an iterable of dicts with ``context_length``,
+    ``depth_percent`` and ``score_field``. The title gets " — Average Score 0.83" appended.
+    ``trained_len`` draws the papers' white dashed line at the model's training length.
+    """
+    frame = _as_frame(df_or_records, score_field)  # once: a generator can only be read once
+    grid = score_grid(frame, score_field)
+    n_rows, n_cols = grid.shape
+    mesh = ax.pcolormesh(
+        np.arange(n_cols + 1), np.arange(n_rows + 1), np.ma.masked_invalid(grid.to_numpy(dtype=float)),
+        cmap=CMAP, vmin=0.0, vmax=1.0, edgecolors="grey", linewidth=0.5,
+    )
+    ax.set_xlim(0, n_cols)
+    ax.set_ylim(n_rows, 0)  # depth 0 on top, as in the papers
+    _draw_axes_labels(ax, grid, fontsize)
+    average = f"Average Score {average_score(frame, score_field):.2f}"
+    ax.set_title(f"{title} — {average}" if title else average, fontsize=fontsize)
+    if trained_len is not None:
+        x = trained_len_line_x([int(length) for length in grid.columns], trained_len)
+        ax.axvline(x=x, color="white", linestyle="--", linewidth=2)
+    if colorbar:
+        ax.figure.colorbar(mesh, ax=ax, label="Score")
+    return mesh
+
+
+# --------------------------------------------------------------------------- result folders
+
+
+@dataclass
+class NeedleRun:
+    """One run's needle results and the labels for its panel."""
+
+    records: pd.DataFrame
+    model: str
+    label: str
+    trained_len: int | None
+
+
+def read_needle_records(path: str | Path) -> pd.DataFrame:
+    """Read a ``needle.jsonl`` file into a DataFrame, with line numbers in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise KvbenchError(f"No needle predictions at {path}. Fix: pass a needle result folder "
+                           f"(results/<model>/needle/<run>) whose run has finished at least one cell.")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise KvbenchError(f"{path}:{number} is not valid JSON ({error.msg}). Fix: delete that line "
+                               f"and rerun to redo the cell.") from None
+    return _as_frame(rows)
+
+
+def method_label(method: dict) -> str:
+    """"SnapKV, KV size 64" from a run.json ``method`` entry ("FullKV" has no size)."""
+    name = str(method.get("name", "?"))
+    pretty = METHOD_NAMES.get(name.lower(), name)
+    budget = method.get("budget")
+    if budget is None or name.lower() == "fullkv":
+        return pretty
+    return f"{pretty}, KV size {budget}"
+
+
+def _read_run_info(result_dir: Path) -> dict:
+    path = result_dir / "run.json"
+    if not path.is_file():
+        return {}  # an unfinished run: fall back to the folder names for labels
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise KvbenchError(f"{path} is not valid JSON ({error.msg}). Fix: rerun or repair it.") from None
+
+
+def load_needle_run(result_dir: str | Path, trained_len: int | None = None) -> NeedleRun:
+    """Load ``predictions/needle.jsonl`` and the labels from ``run.json`` of one result folder.
+
+    Without run.json (a run still going), labels come from ``results/<model>/needle/<run_name>``.
+    The training-length line comes from ``trained_len``, else run.json ``model.trained_len``.
+    """
+    result_dir = Path(result_dir)
+    records = read_needle_records(result_dir / "predictions" / "needle.jsonl")
+    run = _read_run_info(result_dir)
+    model_info = run.get("model", {})
+    model = str(model_info.get("name", result_dir.resolve().parent.parent.name))
+    label = method_label(run["method"]) if "method" in run else result_dir.name
+    if trained_len is None:
+        trained_len = model_info.get("trained_len", model_info.get("pretrained_len"))
+    return NeedleRun(records=records, model=model, label=label, trained_len=trained_len)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _panel_figure(n_panels: int, with_suptitle: bool, axes_height: float = PANEL_AXES) -> tuple[Figure, list]:
+    """A 16-inch-wide figure with ``n_panels`` heatmap axes stacked, each ``axes_height`` tall."""
+    panel = PANEL_TITLE + axes_height + PANEL_BELOW
+    top = TOP_EXTRA if with_suptitle else 0.05
+    height = top + n_panels * panel + BOTTOM_EXTRA
+    fig = Figure(figsize=(FIG_WIDTH, height))
+    axes_width = FIG_WIDTH - LEFT - RIGHT
+    axes = []
+    for index in range(n_panels):
+        bottom = height - top - index * panel - PANEL_TITLE - axes_height
+        rect = (LEFT / FIG_WIDTH, bottom / height, axes_width / FIG_WIDTH, axes_height / height)
+        axes.append(fig.add_axes(rect))
+    return fig, axes
+
+
+def _add_shared_colorbar(fig: Figure, axes: list, mesh) -> None:
+    top_box, bottom_box = axes[0].get_position(), axes[-1].get_position()
+    rect = (top_box.x1 + 0.25 / FIG_WIDTH, bottom_box.y0, 0.18 / FIG_WIDTH, top_box.y1 - bottom_box.y0)
+    colorbar = fig.colorbar(mesh, cax=fig.add_axes(rect))
+    colorbar.set_label("Score", fontsize=12)
+
+
+def _save_atomic(fig: Figure, path: Path) -> Path:
+    """Write the figure to a temp file in the same folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        fig.savefig(temp, format=path.suffix.lstrip("."), dpi=DPI)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _save_png_and_pdf(fig: Figure, out_path: Path) -> list[Path]:
+    if out_path.suffix.lower() not in (".png", ".pdf"):
+        raise KvbenchError(f"Figure path {out_path} must end in .png or .pdf.")
+    return [_save_atomic(fig, out_path.with_suffix(suffix)) for suffix in (".png", ".pdf")]
+
+
+def _draw_runs(runs: list[NeedleRun], lettered: bool) -> Figure:
+    """Stacked panels; the model goes in a figure title when all runs share it, else in each title."""
+    models = {run.model for run in runs}
+    shared_model = models.pop() if len(models) == 1 and len(runs) > 1 else None
+    axes_height = PANEL_AXES if len(runs) > 1 else SINGLE_PANEL_AXES
+    fig, axes = _panel_figure(len(runs), shared_model is not None, axes_height)
+    mesh = None
+    for index, (run, ax) in enumerate(zip(runs, axes)):
+        title = run.label if shared_model else f"{run.model}, {run.label}"
+        if lettered:
+            title = f"({chr(ord('a') + index)}) {title}"
+        mesh = heatmap(run.records, ax, title, run.trained_len, colorbar=False)
+    _add_shared_colorbar(fig, axes, mesh)
+    if shared_model:
+        fig.suptitle(f"Needle-in-a-Haystack — {shared_model}", fontsize=14, fontweight="bold",
+                     y=1 - 0.08 / fig.get_figheight(), va="top")
+    return fig
+
+
+def plot_run(result_dir: str | Path, out: str | Path | None = None,
+             trained_len: int | None = None) -> list[Path]:
+    """Draw one run's heatmap to ``needle_heatmap.png`` and ``.pdf`` in ``out`` (default: the run folder)."""
+    run = load_needle_run(result_dir, trained_len)
+    folder = Path(out) if out is not None else Path(result_dir)
+    return _save_png_and_pdf(_draw_runs([run], lettered=False), folder / f"{FIGURE_NAME}.png")
+
+
+def plot_stacked(result_dirs: list[str | Path], out_path: str | Path,
+                 trained_len: int | None = None) -> list[Path]:
+    """Stack one heatmap per run, labelled (a), (b), ..., on one colour scale; write PNG and PDF."""
+    return _save_png_and_pdf(stacked_figure(result_dirs, trained_len), Path(out_path))
+
+
+def stacked_figure(result_dirs: list[str | Path], trained_len: int | None = None) -> Figure:
+    """The figure ``plot_stacked`` saves: one lettered heatmap per run, one shared colour bar."""
+    if not result_dirs:
+        raise KvbenchError("A stacked needle figure needs at least one result folder.")
+    if len(result_dirs) > 26:
+        raise KvbenchError(f"{len(result_dirs)} runs is too many for one figure; pass at most 26.")
+    runs = [load_needle_run(result_dir, trained_len) for result_dir in result_dirs]
+    return _draw_runs(runs, lettered=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvbench.needle.plot",
+        description="Redraw Needle-in-a-Haystack heatmaps from saved result folders (runs nothing).",
+    )
+    parser.add_argument("result_dirs", nargs="+", metavar="RESULT_DIR",
+                        help="needle result folder(s): results/<model>/needle/<run_name>")
+    parser.add_argument("--stacked", metavar="OUT.png",
+                        help="draw all runs into one stacked figure (PNG + PDF) instead of one per run")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for the per-run figure (default: the run's own folder)")
+    parser.add_argument("--trained-len", type=int, metavar="TOKENS",
+                        help="model training length (e.g. 8150 for Llama-3): draws the white dashed line "
+                             "at the first longer context; default: run.json model.trained_len")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
+    args = _parse_args(argv)
+    try:
+        if args.out and not args.stacked and len(args.result_dirs) > 1:
+            raise KvbenchError("--out with several result folders would write every figure to the "
+                               "same file. Fix: drop --out (each figure goes into its run folder) "
+                               "or use --stacked.")
+        if args.stacked:
+            written = plot_stacked(args.result_dirs, args.stacked, args.trained_len)
+        else:
+            written = [path for result_dir in args.result_dirs
+                       for path in plot_run(result_dir, args.out, args.trained_len)]
+    except KvbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
