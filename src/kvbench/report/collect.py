@@ -1,0 +1,253 @@
+"""Gather finished runs into pandas DataFrames.
+
+A *run folder* is what the pipeline writes: `run.json`, `scores.json` and `predictions/<task>.jsonl`.
+`collect` accepts run folders or any folder above them (it walks for `run.json`).
+
+Error policy: a path that does not exist, or a set of paths with no run in it, is a `KvbenchError`.
+A run whose `run.json`/`scores.json` is missing or corrupt (typically a run still in progress or killed)
+is **skipped with a `ReportWarning` naming the file**, so one broken run does not block a report of fifty.
+Pass `strict=True` to turn those warnings into `KvbenchError`s. A missing or corrupt predictions file keeps the
+run's scores but leaves its bytes/timing columns empty (NaN), again with a warning.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from kvbench.errors import KvbenchError
+
+# Display names; the table and figure code order methods by this list (others follow alphabetically).
+METHOD_ORDER = ["FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV"]
+_METHOD_ALIASES = {name.lower(): name for name in METHOD_ORDER}
+_METHOD_ALIASES.update({"full": "FullKV", "streaming_llm": "StreamingLLM", "streaming": "StreamingLLM"})
+
+RESULT_COLUMNS = [
+    "model", "hub_id", "benchmark", "method", "budget", "task", "score", "n", "protocol",
+    "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir",
+]
+ALLOCATION_COLUMNS = ["model", "benchmark", "method", "budget", "task", "layer", "kept_mean"]
+
+
+class ReportWarning(UserWarning):
+    """A run was skipped or is incomplete; the message names the file."""
+
+
+def display_method(name: str) -> str:
+    """The papers' spelling of a method name (`snapkv` -> `SnapKV`); unknown names are kept as given."""
+    return _METHOD_ALIASES.get(str(name).lower(), str(name))
+
+
+def method_sort_key(name: str) -> tuple[int, str]:
+    """Sort key putting the papers' methods first, in the papers' order, and any others after, alphabetically."""
+    if name in METHOD_ORDER:
+        return (METHOD_ORDER.index(name), "")
+    return (len(METHOD_ORDER), name.lower())
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` via a temp file in the same folder and `os.replace`, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """All run folders (folders holding `run.json`) at or below the given paths, sorted, without duplicates."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise KvbenchError("no result folders given; pass at least one folder, e.g. results/")
+    found: set[Path] = set()
+    for raw in paths:
+        root = Path(raw)
+        if not root.exists():
+            raise KvbenchError(f"result folder {str(root)!r} does not exist; check the path (runs are written "
+                               f"under results/<model>/<benchmark>/<run_name>/)")
+        if root.is_file():
+            root = root.parent if root.name == "run.json" else root
+        found.update(p.parent.resolve() for p in root.rglob("run.json"))
+        if (root / "run.json").is_file():
+            found.add(root.resolve())
+    return sorted(found)
+
+
+def _problem(message: str, strict: bool) -> None:
+    """Raise in strict mode, warn otherwise (the documented skip policy)."""
+    if strict:
+        raise KvbenchError(message)
+    warnings.warn(message, ReportWarning, stacklevel=3)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; a KvbenchError naming the file when it is missing or not valid JSON."""
+    if not path.is_file():
+        raise KvbenchError(f"{path} is missing; the run did not finish - rerun it or remove its folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KvbenchError(f"{path} is not valid JSON ({exc}); rerun that run or remove its folder") from exc
+    if not isinstance(data, dict):
+        raise KvbenchError(f"{path} should hold a JSON object; rerun that run or remove its folder")
+    return data
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """The records of one predictions `.jsonl` file; a KvbenchError naming file and line when one is corrupt."""
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise KvbenchError(f"{path}:{line_no} is not valid JSON ({exc}); rerun that task") from exc
+    return records
+
+
+def _budget(value) -> float:
+    """Budgets as floats; FullKV (None) becomes NaN, which the tables show as 'Full'."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise KvbenchError(f"method budget {value!r} is not a number; fix 'method.budget' in run.json") from None
+
+
+def _run_identity(run: dict, run_dir: Path) -> dict:
+    """The columns shared by every row of one run, read from its run.json."""
+    model = run.get("model") or {}
+    method = run.get("method") or {}
+    if not isinstance(model, dict) or not isinstance(method, dict) or "name" not in method:
+        raise KvbenchError(f"{run_dir / 'run.json'} lacks 'model'/'method.name'; rerun that run")
+    name = display_method(method["name"])
+    return {
+        "model": str(model.get("name", run_dir.parts[-3] if len(run_dir.parts) >= 3 else "?")),
+        "hub_id": str(model.get("hub_id", "")),
+        "benchmark": str(run.get("benchmark", "")),
+        "method": name,
+        "budget": math.nan if name == "FullKV" else _budget(method.get("budget")),
+        "protocol": str(run.get("protocol", "")),
+        "run_dir": str(run_dir),
+    }
+
+
+def _mean_of(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _prediction_stats(pred_file: Path, strict: bool) -> dict:
+    """Mean kv_bytes / prefill_s / decode_s of one predictions file (NaN with a warning if unreadable)."""
+    empty = {"kv_bytes_mean": math.nan, "prefill_s_mean": math.nan, "decode_s_mean": math.nan}
+    if not pred_file.is_file():
+        _problem(f"{pred_file} is missing; KV bytes and timings of that task are left empty", strict)
+        return empty
+    try:
+        records = read_predictions(pred_file)
+    except KvbenchError as exc:
+        _problem(f"{exc}; KV bytes and timings of that task are left empty", strict)
+        return empty
+    return {
+        "kv_bytes_mean": _mean_of(records, "kv_bytes"),
+        "prefill_s_mean": _mean_of(records, "prefill_s"),
+        "decode_s_mean": _mean_of(records, "decode_s"),
+    }
+
+
+def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
+    """One row per task of a run (needle: one row, task 'needle', score in percent)."""
+    identity = _run_identity(_read_json(run_dir / "run.json"), run_dir)
+    scores = _read_json(run_dir / "scores.json")
+    if identity["benchmark"] == "needle" or scores.get("benchmark") == "needle":
+        if "mean_score" not in scores:
+            raise KvbenchError(f"{run_dir / 'scores.json'} lacks 'mean_score'; rescore the needle run")
+        stats = _prediction_stats(run_dir / "predictions" / "needle.jsonl", strict)
+        return [{**identity, "benchmark": "needle", "task": "needle", "score": 100.0 * float(scores["mean_score"]),
+                 "n": scores.get("n"), **stats}]
+    tasks = scores.get("tasks")
+    if not isinstance(tasks, dict):
+        raise KvbenchError(f"{run_dir / 'scores.json'} lacks the 'tasks' mapping; rescore the run")
+    counts = scores.get("n") or {}
+    rows = []
+    for task, score in tasks.items():
+        stats = _prediction_stats(run_dir / "predictions" / f"{task}.jsonl", strict)
+        score = math.nan if score is None else float(score)
+        rows.append({**identity, "task": task, "score": score, "n": counts.get(task), **stats})
+    return rows
+
+
+def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.DataFrame:
+    """One DataFrame row per (run, task) for every run folder at or below `paths`.
+
+    Columns: model, hub_id, benchmark, method (papers' spelling), budget (NaN for FullKV), task, score (0..100;
+    needle runs: task "needle", score = 100 * mean_score), n, protocol, kv_bytes_mean, prefill_s_mean,
+    decode_s_mean, run_dir. Broken runs are skipped with a `ReportWarning` (or raise with `strict=True`).
+    """
+    rows: list[dict] = []
+    run_dirs = find_run_dirs(paths)
+    for run_dir in run_dirs:
+        try:
+            rows.extend(_rows_of_run(run_dir, strict))
+        except KvbenchError as exc:
+            _problem(f"skipping run {run_dir}: {exc}", strict)
+    if not rows:
+        where = ", ".join(str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths))
+        raise KvbenchError(f"no readable runs (folders with run.json and scores.json) under {where}; "
+                           f"run the benchmark first, e.g. `python run.py method=snapkv budget=128`")
+    frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    frame["n"] = pd.to_numeric(frame["n"], errors="coerce").astype("Int64")
+    return frame
+
+
+def _allocation_rows(run_dir: Path, strict: bool) -> list[dict]:
+    """Per-layer mean of `layer_kept` for each predictions file of one run."""
+    identity = _run_identity(_read_json(run_dir / "run.json"), run_dir)
+    rows = []
+    for pred_file in sorted((run_dir / "predictions").glob("*.jsonl")):
+        try:
+            kept = [r["layer_kept"] for r in read_predictions(pred_file) if isinstance(r.get("layer_kept"), list)]
+        except KvbenchError as exc:
+            _problem(f"skipping {pred_file}: {exc}", strict)
+            continue
+        if not kept or len({len(k) for k in kept}) != 1:
+            if kept:
+                _problem(f"{pred_file}: 'layer_kept' lists have different lengths; skipping that task", strict)
+            continue
+        means = np.asarray(kept, dtype=float).mean(axis=0)
+        rows.extend({"model": identity["model"], "benchmark": identity["benchmark"], "method": identity["method"],
+                     "budget": identity["budget"], "task": pred_file.stem, "layer": layer,
+                     "kept_mean": float(value)} for layer, value in enumerate(means))
+    return rows
+
+
+def layer_allocations(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.DataFrame:
+    """Mean tokens kept per head in each layer, per (model, method, budget, task), from the predictions' `layer_kept`.
+
+    Columns: model, benchmark, method, budget, task, layer (0-based), kept_mean. Runs without `layer_kept` give no rows.
+    """
+    rows: list[dict] = []
+    for run_dir in find_run_dirs(paths):
+        try:
+            rows.extend(_allocation_rows(run_dir, strict))
+        except KvbenchError as exc:
+            _problem(f"skipping run {run_dir}: {exc}", strict)
+    return pd.DataFrame(rows, columns=ALLOCATION_COLUMNS)

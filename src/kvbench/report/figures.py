@@ -1,0 +1,236 @@
+"""Figures: budget curve, score vs KV-cache bytes, and per-layer budget allocation.
+
+Every function writes `<out>.png` (150 dpi) and `<out>.pdf` atomically and returns both paths. `out` may be
+given with or without a `.png`/`.pdf` suffix. Figures are drawn on `matplotlib.figure.Figure` objects
+directly (no pyplot), so they work headless and leave no global state behind.
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
+
+from kvbench.errors import KvbenchError
+from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
+from kvbench.report.collect import atomic_write, method_sort_key
+from kvbench.report.tables import ABBREVIATIONS, budget_label
+
+METHOD_STYLE = {  # colour-blind-safe palette (Okabe-Ito); DynamicKV is the emphasised method
+    "FullKV": {"color": "#000000", "marker": "*"},
+    "StreamingLLM": {"color": "#999999", "marker": "v"},
+    "H2O": {"color": "#E69F00", "marker": "s"},
+    "SnapKV": {"color": "#56B4E9", "marker": "^"},
+    "PyramidKV": {"color": "#009E73", "marker": "D"},
+    "DynamicKV": {"color": "#D55E00", "marker": "o"},
+}
+_OTHER_COLOURS = ["#CC79A7", "#0072B2", "#F0E442", "#882255", "#44AA99"]
+_MIB = 2 ** 20
+
+
+def _style(method: str) -> dict:
+    """Colour and marker of a method; unknown methods get stable colours from a spare palette."""
+    if method in METHOD_STYLE:
+        return METHOD_STYLE[method]
+    return {"color": _OTHER_COLOURS[sum(map(ord, method)) % len(_OTHER_COLOURS)], "marker": "P"}
+
+
+def _emphasis(method: str) -> dict:
+    """DynamicKV drawn thick and on top; the others thinner, so the paper's method stands out."""
+    if method == "DynamicKV":
+        return {"linewidth": 2.6, "zorder": 5, "alpha": 1.0, "markersize": 6}
+    return {"linewidth": 1.4, "zorder": 3, "alpha": 0.85, "markersize": 5}
+
+
+def _save(fig: Figure, out: str | Path) -> list[Path]:
+    """Write the figure as PNG and PDF next to each other (atomic writes)."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix.lower() in (".png", ".pdf") else out
+    written = []
+    for fmt in ("png", "pdf"):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=150, bbox_inches="tight")
+        written.append(atomic_write(stem.with_name(f"{stem.name}.{fmt}"), buffer.getvalue()))
+    return written
+
+
+def _grid(n_panels: int, max_cols: int, panel_size: tuple[float, float], share: bool = False):
+    """A figure with n panels on a grid of at most `max_cols` columns; unused axes are hidden."""
+    cols = min(n_panels, max_cols)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(panel_size[0] * cols, panel_size[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=share, sharey=share).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _run_averages(df: pd.DataFrame, benchmark: str, language: str) -> tuple[pd.DataFrame, dict]:
+    """Per run: average score over the tasks every run of that model has, mean KV bytes, and the task counts.
+
+    Averaging over a common task set keeps points of one model comparable when runs cover different tasks.
+    """
+    tasks = ENGLISH_16 if language == "en" else CHINESE_5
+    data = df[(df["benchmark"] == benchmark) & df["task"].isin(tasks)]
+    if data.empty:
+        raise KvbenchError(f"no {benchmark} {language} task scores to plot; collect LongBench runs first")
+    rows, task_counts = [], {}
+    for model, block in data.groupby("model", sort=True):
+        per_run = block.groupby("run_dir")["task"].apply(set)
+        common = set.intersection(*per_run)
+        if not common:
+            raise KvbenchError(f"the {model} runs share no task, so their averages are not comparable; "
+                               f"run the same tasks for every method")
+        task_counts[model] = len(common)
+        for run_dir, run in block[block["task"].isin(common)].groupby("run_dir"):
+            first = run.iloc[0]
+            rows.append({"model": model, "method": first["method"], "budget": first["budget"],
+                         "score": run["score"].mean(), "kv_bytes": run["kv_bytes_mean"].mean()})
+    return pd.DataFrame(rows), task_counts
+
+
+def _finish_legend(fig: Figure, axes, ncol_max: int = 7, location: str = "outside upper center") -> None:
+    """One legend for the whole figure, above the panels, without duplicate entries."""
+    handles, labels = {}, []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = handle
+                labels.append(label)
+    labels.sort(key=lambda label: method_sort_key(label.split(" = ")[-1]))
+    fig.legend([handles[lb] for lb in labels], labels, loc=location,
+               ncol=min(len(labels), ncol_max), frameon=False, fontsize=10)
+
+
+def _budget_axis(ax, budgets) -> None:
+    """Log2 x axis with a tick at every budget that was run."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(budgets)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([budget_label(b) for b in sorted(budgets)])
+
+
+def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench", language: str = "en") -> list[Path]:
+    """Average LongBench score against KV budget, one line per method, FullKV as a dashed reference; one panel per model."""
+    runs, task_counts = _run_averages(df, benchmark, language)
+    compressed = runs[runs["method"] != "FullKV"]
+    if compressed.empty:
+        raise KvbenchError("a budget curve needs at least one compressed-method run (only FullKV was found)")
+    models = sorted(runs["model"].unique())
+    fig, axes = _grid(len(models), 2, (6.0, 4.2))
+    for ax, model in zip(axes, models):
+        block = runs[runs["model"] == model]
+        for method, line in sorted(block[block["method"] != "FullKV"].groupby("method"), key=lambda m: method_sort_key(m[0])):
+            line = line.sort_values("budget")
+            ax.plot(line["budget"], line["score"], label=method, **_style(method), **_emphasis(method))
+        full = block[block["method"] == "FullKV"]
+        if not full.empty:
+            ax.axhline(full["score"].iloc[0], color="black", linestyle="--", linewidth=1.2, label="FullKV", zorder=2)
+        _budget_axis(ax, block["budget"].dropna().unique())
+        ax.set_title(model, fontsize=12)
+        ax.set_xlabel("KV budget (tokens per head per layer)", fontsize=10)
+        ax.set_ylabel(f"Average score ({task_counts[model]} tasks)", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    _finish_legend(fig, axes)
+    return _save(fig, out)
+
+
+def _bytes_label(ax, x, y, text) -> None:
+    """Budget label just above-left of a DynamicKV point (DynamicKV tends to be the top line, so this is clear)."""
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(-4, 7), ha="right", fontsize=8,
+                color=METHOD_STYLE["DynamicKV"]["color"])
+
+
+def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench", language: str = "en") -> list[Path]:
+    """Average score against the KV-cache bytes actually kept (mean per sample), one point per method and budget.
+
+    Points of one method are joined in budget order and labelled with their budget; x is logarithmic (MiB).
+    """
+    runs, task_counts = _run_averages(df, benchmark, language)
+    runs = runs.dropna(subset=["kv_bytes"])
+    if runs.empty:
+        raise KvbenchError("no run recorded kv_bytes in its predictions, so there is nothing to plot against memory")
+    models = sorted(runs["model"].unique())
+    fig, axes = _grid(len(models), 2, (6.0, 4.2))
+    for ax, model in zip(axes, models):
+        block = runs[runs["model"] == model]
+        for method, line in sorted(block.groupby("method"), key=lambda m: method_sort_key(m[0])):
+            line = line.sort_values("kv_bytes")
+            style = {**_style(method), **_emphasis(method)}
+            if method == "FullKV":  # a single reference point: a big star, no line
+                style.update(markersize=12, linestyle="none")
+            ax.plot(line["kv_bytes"] / _MIB, line["score"], label=method, **style)
+            if method == "DynamicKV":  # every method ran the same budgets: labelling one line is enough
+                for _, point in line.iterrows():
+                    _bytes_label(ax, point["kv_bytes"] / _MIB, point["score"], f"b={budget_label(point['budget'])}")
+        ax.set_xscale("log")
+        ax.margins(x=0.08, y=0.08)
+        ax.set_title(model, fontsize=12)
+        ax.set_xlabel("KV cache kept per sample (MiB, log scale)", fontsize=10)
+        ax.set_ylabel(f"Average score ({task_counts[model]} tasks)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    _finish_legend(fig, axes)
+    return _save(fig, out)
+
+
+def _pick(alloc_df: pd.DataFrame, column: str, value, what: str):
+    """The single model/budget to draw: the one asked for, or the only one present (else a clear error)."""
+    present = sorted(v.item() if hasattr(v, "item") else v for v in alloc_df[column].dropna().unique())
+    listed = ", ".join(budget_label(v) if column == "budget" else str(v) for v in present)
+    if value is not None:
+        if value not in present:
+            raise KvbenchError(f"{what} {value!r} has no layer allocations; choose from {listed}")
+        return value
+    if len(present) != 1:
+        raise KvbenchError(f"the allocations cover several {what}s ({listed}); pass {column}=... to pick one")
+    return present[0]
+
+
+def _distinct_allocations(block: pd.DataFrame) -> list[tuple[list[str], pd.DataFrame]]:
+    """Lines of one panel, methods with identical allocations merged ('H2O = SnapKV'), so none hides another."""
+    merged: dict[tuple, tuple[list[str], pd.DataFrame]] = {}
+    for method, line in sorted(block.groupby("method"), key=lambda m: method_sort_key(m[0])):
+        line = line.sort_values("layer")
+        key = tuple(line["layer"]) + tuple(line["kept_mean"].round(3))
+        merged.setdefault(key, ([], line))[0].append(method)
+    return list(merged.values())
+
+
+def layer_allocation(alloc_df: pd.DataFrame, out: str | Path, model: str | None = None,
+                     budget: float | None = None, benchmark: str | None = None) -> list[Path]:
+    """Tokens kept per head in each layer (x = layer), one panel per task, one line per method; DynamicKV emphasised.
+
+    `alloc_df` is `layer_allocations()` output. FullKV is left out (it keeps the whole prompt and would flatten
+    the scale). With several models, budgets or benchmarks, pass `model=` / `budget=` / `benchmark=`.
+    """
+    data = alloc_df[alloc_df["method"] != "FullKV"]
+    if data.empty:
+        raise KvbenchError("no per-layer allocations of a compressed method; runs must record 'layer_kept'")
+    model = _pick(data, "model", model, "model")
+    data = data[data["model"] == model]
+    benchmark = _pick(data, "benchmark", benchmark, "benchmark")
+    data = data[data["benchmark"] == benchmark]
+    budget = _pick(data, "budget", budget, "budget")
+    data = data[data["budget"] == budget]
+    order = {t: i for i, t in enumerate(ENGLISH_16 + CHINESE_5)}
+    tasks = sorted(data["task"].unique(), key=lambda t: (order.get(t, len(order)), t))
+    fig, axes = _grid(len(tasks), 4, (3.6, 2.5), share=True)
+    for ax, task in zip(axes, tasks):
+        for methods, line in _distinct_allocations(data[data["task"] == task]):
+            style = {"color": _style(methods[0])["color"], **_emphasis(methods[-1])}
+            style.pop("markersize")
+            ax.plot(line["layer"], line["kept_mean"], label=" = ".join(methods), **style)
+        ax.set_title(ABBREVIATIONS.get(task, task), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[-min(len(axes), 4):]:  # the last panel of each column: tick labels and axis name
+        ax.xaxis.set_tick_params(labelbottom=True)
+        ax.set_xlabel("Layer", fontsize=9)
+    fig.supylabel("Tokens kept per head", fontsize=10)
+    _finish_legend(fig, axes, location="outside lower center")
+    fig.suptitle(f"{model}, {benchmark}: tokens kept per layer at budget {budget_label(budget)}", fontsize=12)
+    return _save(fig, out)

@@ -1,0 +1,279 @@
+"""Tests of kvbench.report: collecting result folders, the papers' tables, paper-vs-ours, figures and the CLI."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kvbench.errors import KvbenchError
+from kvbench.longbench.tasks import ENGLISH_16
+from kvbench.report import (ReportWarning, budget_curve, collect, layer_allocation, layer_allocations,
+                            longbench_table, paper_comparison, score_vs_bytes)
+from kvbench.report.__main__ import main
+
+MODEL = {"name": "llama3-8b-instruct", "hub_id": "meta-llama/Meta-Llama-3-8B-Instruct"}
+TASKS = ["narrativeqa", "hotpotqa", "lcc"]
+# (method, budget) -> scores of TASKS. Chosen so that averages, ties and bold cells are easy to check by hand.
+SCORES = {
+    ("dynamickv", 128): [19.0, 35.0, 57.0],   # avg 37.00, ties SnapKV on lcc and Avg.
+    ("fullkv", None): [20.0, 40.0, 60.0],     # avg 40.00
+    ("snapkv", 512): [20.0, 39.0, 59.0],      # avg 39.33
+    ("h2o", 128): [10.0, 30.0, 50.0],         # avg 30.00
+    ("snapkv", 128): [18.0, 36.0, 57.0],      # avg 37.00
+    ("dynamickv", 512): [20.5, 38.0, 60.0],   # avg 39.50
+}
+
+
+def write_run(root: Path, model: dict, method: str, budget, scores: dict[str, float], layer_kept=(8, 6, 4, 2),
+              kv_bytes=(1000, 3000), benchmark: str = "longbench", protocol: str = "dynamickv") -> Path:
+    """A run folder in the pipeline's format, with two predictions per task."""
+    run_dir = root / model["name"] / benchmark / (method if budget is None else f"{method}_{budget}")
+    (run_dir / "predictions").mkdir(parents=True)
+    run = {"model": model, "method": {"name": method, "budget": budget}, "benchmark": benchmark,
+           "protocol": protocol, "timing": {"total_s": 1.0}}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    for task in scores:
+        lines = [{"pred": "x", "answers": ["x"], "kv_bytes": b, "layer_kept": list(layer_kept), "prefill_s": 0.5 * i,
+                  "decode_s": 1.0 * i} for i, b in enumerate(kv_bytes, 1)]
+        (run_dir / "predictions" / f"{task}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run_dir / "scores.json").write_text(json.dumps({"benchmark": benchmark, "tasks": scores,
+                                                     "n": {t: 2 for t in scores}}))
+    return run_dir
+
+
+def write_needle(root: Path, model: dict, method: str, budget, mean_score: float) -> Path:
+    run_dir = root / model["name"] / "needle" / (method if budget is None else f"{method}_{budget}")
+    (run_dir / "predictions").mkdir(parents=True)
+    run = {"model": model, "method": {"name": method, "budget": budget}, "benchmark": "needle", "protocol": "needle"}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    line = {"context_length": 1000, "depth_percent": 50, "score": mean_score, "kv_bytes": 4096,
+            "layer_kept": [64, 64, 64, 64], "prefill_s": 0.1, "decode_s": 0.2}
+    (run_dir / "predictions" / "needle.jsonl").write_text(json.dumps(line) + "\n")
+    (run_dir / "scores.json").write_text(json.dumps({"benchmark": "needle", "mean_score": mean_score, "n": 1}))
+    return run_dir
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    root = tmp_path / "results"
+    for (method, budget), values in SCORES.items():
+        write_run(root, MODEL, method, budget, dict(zip(TASKS, values)))
+    write_needle(root, MODEL, "dynamickv", 64, 0.83)
+    return root
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of a Markdown table (rule line dropped), stopping at the first blank line."""
+    rows = []
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            break
+        if not set(line) <= set("|-: "):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- collect
+
+def test_collect_gives_one_row_per_run_and_task(results):
+    df = collect([results])
+    assert len(df) == 6 * 3 + 1
+    full = df[df["method"] == "FullKV"]
+    assert full["budget"].isna().all() and sorted(full["task"]) == sorted(TASKS)
+    snap = df[(df["method"] == "SnapKV") & (df["budget"] == 128) & (df["task"] == "hotpotqa")].iloc[0]
+    assert snap["score"] == 36.0 and snap["n"] == 2 and snap["protocol"] == "dynamickv"
+    assert snap["kv_bytes_mean"] == 2000.0 and snap["prefill_s_mean"] == 0.75 and snap["decode_s_mean"] == 1.5
+    needle = df[df["benchmark"] == "needle"].iloc[0]
+    assert needle["task"] == "needle" and needle["score"] == pytest.approx(83.0) and needle["budget"] == 64
+
+
+def test_collect_accepts_single_run_folder_and_rejects_missing_path(results, tmp_path):
+    one = collect(results / "llama3-8b-instruct" / "longbench" / "snapkv_128")
+    assert list(one["method"].unique()) == ["SnapKV"] and len(one) == 3
+    with pytest.raises(KvbenchError, match="does not exist"):
+        collect([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KvbenchError, match="no readable runs"):
+        collect([tmp_path / "empty"])
+
+
+def test_collect_skips_corrupt_run_with_warning_or_raises_when_strict(results):
+    bad = results / "llama3-8b-instruct" / "longbench" / "h2o_128" / "scores.json"
+    bad.write_text("{not json")
+    with pytest.warns(ReportWarning, match="h2o_128"):
+        df = collect([results])
+    assert "H2O" not in set(df["method"]) and len(df) == 5 * 3 + 1
+    with pytest.raises(KvbenchError, match=r"h2o_128.*scores\.json"):
+        collect([results], strict=True)
+
+
+def test_layer_allocations_average_the_layer_kept_lists(results):
+    alloc = layer_allocations([results])
+    snap = alloc[(alloc["method"] == "SnapKV") & (alloc["budget"] == 128) & (alloc["task"] == "lcc")]
+    assert list(snap["layer"]) == [0, 1, 2, 3] and list(snap["kept_mean"]) == [8.0, 6.0, 4.0, 2.0]
+    assert set(alloc["task"]) == set(TASKS) | {"needle"}
+
+
+# -------------------------------------------------------------------------------------------------------- tables
+
+def test_markdown_table_layout_averages_and_bold(results):
+    text = longbench_table(collect([results]))
+    rows = table_rows(text)
+    assert rows[0][3:] == ["Single-Doc QA", "Multi-Doc QA", "Code", ""]
+    assert rows[1] == ["Model", "Budget", "Method", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
+    body = rows[2:]
+    assert [r[2] for r in body] == ["FullKV", "H2O", "SnapKV", "DynamicKV", "SnapKV", "DynamicKV"]
+    assert [r[1] for r in body] == ["Full", "128", "", "", "512", ""]
+    assert body[0][0] == "llama3-8b-instruct" and all(r[0] == "" for r in body[1:])
+    assert body[0][3:] == ["20.00", "40.00", "60.00", "40.00"]          # FullKV is never bold
+    assert body[1][3:] == ["10.00", "30.00", "50.00", "30.00"]
+    assert body[2][3:] == ["18.00", "**36.00**", "**57.00**", "**37.00**"]  # ties with DynamicKV are both bold
+    assert body[3][3:] == ["**19.00**", "35.00", "**57.00**", "**37.00**"]
+    assert body[4][3:] == ["20.00", "**39.00**", "59.00", "39.33"]
+    assert body[5][3:] == ["**20.50**", "38.00", "**60.00**", "**39.50**"]
+    assert "mean over the 3 task(s) shown" in text
+
+
+def test_relative_table_is_percent_of_fullkv(results):
+    body = table_rows(longbench_table(collect([results]), relative=True))[2:]
+    assert body[0][3:] == ["100.0", "100.0", "100.0", "100.0"]
+    assert body[3][3:] == ["**95.0**", "87.5", "**95.0**", "**92.5**"]      # DynamicKV 128: 19/20, 35/40, 57/60, 37/40
+    assert body[1][3:] == ["50.0", "75.0", "83.3", "75.0"]                  # H2O 128
+
+
+def test_relative_needs_fullkv(results):
+    df = collect([results])
+    with pytest.raises(KvbenchError, match="needs a FullKV run of llama3-8b-instruct"):
+        longbench_table(df[df["method"] != "FullKV"], relative=True)
+
+
+def test_latex_table_uses_booktabs_and_textbf(results):
+    tex = longbench_table(collect([results]), fmt="latex")
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule(lr){3-3}", r"\multicolumn{1}{c}{Single-Doc QA}"):
+        assert rule in tex
+    assert r"DynamicKV & \textbf{19.00} & 35.00 & \textbf{57.00} & \textbf{37.00} \\" in tex
+    assert r"\textit{llama3-8b-instruct}" in tex and r"Full & FullKV & 20.00" in tex
+    assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
+
+
+def test_csv_table_parses_back_to_the_same_numbers(results):
+    parsed = pd.read_csv(io.StringIO(longbench_table(collect([results]), fmt="csv")))
+    assert list(parsed.columns) == ["model", "budget", "method", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
+    assert list(parsed["budget"].astype(str)) == ["Full", "128", "128", "128", "512", "512"]
+    assert list(parsed["Avg."]) == [40.0, 30.0, 37.0, 37.0, 39.33, 39.5]
+    assert parsed.loc[3, "NrtvQA"] == 19.0 and parsed.loc[5, "Lcc"] == 60.0
+
+
+def test_chinese_table_and_language_errors(results, tmp_path):
+    df = collect([results])
+    with pytest.raises(KvbenchError, match="no Chinese longbench tasks"):
+        longbench_table(df, language="zh")
+    with pytest.raises(KvbenchError, match="'en' or 'zh'"):
+        longbench_table(df, language="fr")
+    with pytest.raises(KvbenchError, match="fmt must be one of"):
+        longbench_table(df, fmt="html")
+    write_run(tmp_path / "zh", MODEL, "fullkv", None, {"dureader": 30.0, "lsht": 20.0, "narrativeqa": 5.0})
+    rows = table_rows(longbench_table(collect([tmp_path / "zh"]), language="zh"))
+    assert rows[1][3:] == ["DuReader", "LSHT", "Avg."] and rows[2][3:] == ["30.00", "20.00", "25.00"]
+
+
+def test_row_missing_a_task_gets_no_average_and_duplicates_are_refused(results, tmp_path):
+    write_run(tmp_path / "r", MODEL, "pyramidkv", 128, {"narrativeqa": 17.0, "hotpotqa": 33.0})
+    text = longbench_table(collect([results, tmp_path / "r"]))
+    pyramid = [r for r in table_rows(text) if r[2] == "PyramidKV"][0]
+    assert pyramid[3:] == ["17.00", "33.00", "-", "-"] and "left empty for rows missing a task" in text
+    write_run(tmp_path / "dup", MODEL, "snapkv", 128, {"narrativeqa": 1.0})
+    with pytest.raises(KvbenchError, match="several runs give SnapKV budget 128 narrativeqa"):
+        longbench_table(collect([results, tmp_path / "dup"]))
+
+
+def test_two_protocols_get_their_own_column(results, tmp_path):
+    write_run(tmp_path / "p", MODEL, "snapkv", 128, dict(zip(TASKS, [1.0, 2.0, 3.0])), protocol="official")
+    rows = table_rows(longbench_table(collect([results, tmp_path / "p"])))
+    assert rows[1][:4] == ["Model", "Protocol", "Budget", "Method"]
+    assert ["llama3-8b-instruct", "official", "128", "SnapKV", "1.00", "2.00", "3.00", "2.00"] in rows
+
+
+# -------------------------------------------------------------------------------------------------- paper vs ours
+
+def test_paper_comparison_without_matching_runs_says_what_reproduces(tmp_path):
+    write_run(tmp_path, {"name": "tiny-random-llama", "hub_id": "local/tiny"}, "dynamickv", 512, {"lcc": 10.0})
+    write_run(tmp_path, MODEL, "dynamickv", 128, {"lcc": 10.0})          # a paper model, but not at budget 512
+    note = paper_comparison(collect([tmp_path]))
+    assert "No run matches a published setting" in note and "budget 512" in note and "Qwen2-7B-Instruct" in note
+
+
+def test_paper_comparison_puts_paper_and_ours_side_by_side(tmp_path):
+    scores = {task: 40.0 + (1.0 if i % 2 else -1.0) for i, task in enumerate(ENGLISH_16)}   # mean 40.0
+    write_run(tmp_path, MODEL, "dynamickv", 512, scores)
+    write_run(tmp_path, MODEL, "fullkv", None, {t: 42.0 for t in ENGLISH_16[:3]})           # incomplete: no avg
+    write_needle(tmp_path, {"name": "Mistral-7B-Instruct-v0.2", "hub_id": ""}, "pyramidkv", 64, 0.7)
+    text = paper_comparison(collect([tmp_path]))
+    rows = {(r[0], r[1]): r for r in table_rows(text.split("\n\n", 1)[1])}
+    assert rows[("Llama-3-8B-Instruct", "DynamicKV")][2:6] == ["40.73", "40.00", "-0.73", "16/16"]
+    assert rows[("Llama-3-8B-Instruct", "FullKV")][2:6] == ["41.95", "-", "-", "3/16"]
+    needle = table_rows(text.split("Needle-in-a-Haystack")[1].split("\n\n", 1)[1])
+    assert needle[1][:6] == ["Mistral-7B-Instruct-v0.2", "PyramidKV", "64", "72.00", "70.00", "-2.00"]
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+
+def test_figures_are_written_as_png_and_pdf(results, tmp_path):
+    df = collect([results])
+    alloc = layer_allocations([results])
+    paths = budget_curve(df, tmp_path / "fig" / "curve.png") + score_vs_bytes(df, tmp_path / "fig" / "bytes")
+    paths += layer_allocation(alloc, tmp_path / "fig" / "alloc", budget=128, benchmark="longbench")
+    assert [p.name for p in paths] == ["curve.png", "curve.pdf", "bytes.png", "bytes.pdf", "alloc.png", "alloc.pdf"]
+    for path in paths:
+        head = path.read_bytes()[:8]
+        assert path.stat().st_size > 1000 and (head.startswith(b"\x89PNG") or head.startswith(b"%PDF"))
+    with pytest.raises(KvbenchError, match=r"several budgets \(128, 512\)"):
+        layer_allocation(alloc[alloc["benchmark"] == "longbench"], tmp_path / "fig" / "x")
+    with pytest.raises(KvbenchError, match=r"several benchmarks \(longbench, needle\)"):
+        layer_allocation(alloc, tmp_path / "fig" / "x", budget=128)
+
+
+def test_budget_curve_needs_a_compressed_run(results, tmp_path):
+    df = collect([results])
+    with pytest.raises(KvbenchError, match="at least one compressed-method run"):
+        budget_curve(df[df["method"] == "FullKV"], tmp_path / "c")
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_prints_tables_and_writes_everything(results, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main([str(results), "--out", str(out), "--format", "md,csv"]) == 0
+    printed = capsys.readouterr().out
+    assert "## longbench (English), scores" in printed and "**39.50**" in printed and "83.00" in printed
+    names = {p.name for p in out.iterdir()}
+    expected = {"results.csv", "longbench_en.md", "longbench_en.csv", "longbench_en_relative.md",
+                "paper_comparison.md", "needle.md", "budget_curve.png", "score_vs_bytes.pdf",
+                "layer_allocation_llama3-8b-instruct_longbench_b128.png",
+                "layer_allocation_llama3-8b-instruct_needle_b64.png"}
+    assert expected <= names and "longbench_en.tex" not in names
+    assert not [n for n in names if n.endswith(".tmp")]
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--format", "html"])
+
+
+@pytest.mark.parametrize("name, hub_id, expected", [
+    ("llama3_8b_instruct", "", "Llama-3-8B-Instruct"),
+    ("mistral_7b_instruct_v02", "", "Mistral-7B-Instruct-v0.2"),
+    ("qwen2_7b_instruct", "", "Qwen2-7B-Instruct"),
+    ("internlm25_7b_chat_1m", "", "InternLM-2.5-7B-Chat-1M"),
+    ("my-llama", "meta-llama/Meta-Llama-3-8B-Instruct", "Llama-3-8B-Instruct"),
+    ("qwen2_5_7b_instruct", "Qwen/Qwen2.5-7B-Instruct", None),    # a different model must not match
+    ("tiny_llama", "", None),
+])
+def test_paper_model_names_match_config_names_and_hub_ids(name, hub_id, expected):
+    from kvbench.report.tables import paper_model_name
+    assert paper_model_name(name, hub_id) == expected
