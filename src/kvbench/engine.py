@@ -33,6 +33,21 @@ class GenerationOutput:
     def kv_tokens(self) -> int:
         return sum(self.layer_kept)
 
+    def log_fields(self) -> dict:
+        """The per-sample fields every benchmark writes to its prediction lines."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "kv_tokens": self.kv_tokens,
+            "kv_bytes": self.kv_bytes,
+            "layer_kept": self.layer_kept,
+            "compressed": self.kv_tokens < self.prompt_tokens * len(self.layer_kept),
+            "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "new_tokens": len(self.token_ids),
+            "stopped": self.stopped,
+            **({"method": self.method_record} if self.method_record else {}),
+        }
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""kvbench entry point: `python run.py method=dynamickv budget=128` (see README)."""
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import kvbench.config  # noqa: F401  (registers the config resolvers)
+from kvbench.errors import KvbenchError
+from kvbench.pipeline import evaluate
+from kvbench.summary import print_summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        scores = evaluate(cfg)
+    except KvbenchError as err:
+        logging.getLogger("kvbench").error("%s", err)
+        sys.exit(2)
+    return print_summary(cfg, scores)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny seeded random models (Llama, Mistral, Qwen2) and the embedded SmolLM2."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kvbench.config import compose
+from kvbench.models import ModelSpec, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_LONGBENCH = REPO.parent / "shared" / "data" / "longbench"
+TINY = ("tiny_llama", "tiny_mistral", "tiny_qwen2")
+
+
+def model_spec(name: str) -> ModelSpec:
+    cfg = compose([f"model={name}"])
+    return ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+@functools.lru_cache(maxsize=None)
+def cached_model(name: str):
+    return load_model(model_spec(name), "cpu")
+
+
+@pytest.fixture(scope="session", params=TINY)
+def tiny(request):
+    """(model, tokenizer) for each tiny architecture."""
+    return cached_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return cached_model("tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return cached_model("smollm2_135m")
+
+
+def random_prompt(length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
