@@ -7,6 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_PROTOCOL = "dynamickv"
 
 
 def _subtract(a: Any, b: Any) -> Any:
@@ -27,10 +28,13 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_
 
 
 def run_name(cfg: DictConfig) -> str:
-    """`<method>_<budget>[_<tag>]`; the budget is left out when the method ignores it (FullKV)."""
+    """`<method>_<budget>[_<protocol>][_<tag>]`: the budget is left out when the method ignores it (FullKV), the
+    protocol when it is the default preset."""
     name = cfg.method.name
     if not cfg.method.get("budget_agnostic", False):
         name += f"_{cfg.budget:g}" if isinstance(cfg.budget, float) else f"_{cfg.budget}"
+    if cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a folder with the default
+        name += f"_{cfg.protocol.name}"
     return f"{name}_{cfg.tag}" if cfg.get("tag") else name
 
 

@@ -1,0 +1,79 @@
+"""Needle-in-a-Haystack runs: one prediction line per (context length, depth) cell, resumable."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+from kvbench.errors import KvbenchError
+from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
+from kvbench.needle.prompt import (PROMPT_PRESETS, build_context_ids, build_prompt_ids, context_lengths,
+                                   depth_percents, stop_token_ids)
+from kvbench.needle.scoring import heatmap_score, rouge_score_x10
+from kvbench.progress import progress
+
+TASK = "needle"
+
+
+def cell_key(length: int, depth: int) -> str:
+    return f"{length}_{depth}"
+
+
+@dataclass
+class NeedlePlan:
+    lengths: list[int]
+    depths: list[int]
+    haystack: Haystack
+    prompt: str
+    buffer: int
+    max_new_tokens: int
+
+    def protocol_name(self) -> str:
+        return f"needle_{self.prompt}"
+
+    def settings(self) -> dict:
+        # The grid is not a setting: a larger grid continues the same run, cells already done are kept.
+        return {"name": "needle", "prompt": self.prompt, "buffer": self.buffer, "max_new_tokens": self.max_new_tokens,
+                "haystack_files": len(self.haystack.files), "haystack_order_sha256": self.haystack.order_sha256}
+
+    def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
+        done = store.done(TASK, key="cell")
+        cells = [(length, depth) for length in self.lengths for depth in self.depths
+                 if cell_key(length, depth) not in done]
+        haystack_ids = haystack_token_ids(tokenizer, self.haystack, max(self.lengths)) if cells else []
+        stops = stop_token_ids(tokenizer)
+        for length, depth in progress(cells, len(cells), f"needle ({len(done)} done)" if done else "needle",
+                                      show_progress):
+            context_ids, needle_index = build_context_ids(tokenizer, haystack_ids, length, depth, buffer=self.buffer)
+            input_ids = build_prompt_ids(tokenizer, context_ids, self.prompt)
+            out, text = run_one(input_ids, self.max_new_tokens, stops)
+            response = text.strip()
+            record = {"cell": cell_key(length, depth), "context_length": length, "depth_percent": depth,
+                      "input_tokens": len(input_ids), "context_tokens": len(context_ids),
+                      "needle_index": needle_index, "response": response,
+                      "score_rouge": rouge_score_x10(response), "score": heatmap_score(response),
+                      **out.log_fields()}
+            store.append(TASK, record)
+            if on_sample:
+                on_sample(TASK, record)
+        return summarize_needle(store.records(TASK))
+
+
+def summarize_needle(records: list[dict]) -> dict:
+    """The run's summary: the mean heatmap score is what the papers report as accuracy / average score."""
+    n = len(records)
+    mean = sum(r["score"] for r in records) / n if n else None
+    mean_rouge = sum(r["score_rouge"] for r in records) / n if n else None
+    return {"benchmark": "needle", "mean_score": mean, "mean_score_rouge": mean_rouge, "n": n}
+
+
+def plan_needle(cfg: DictConfig) -> NeedlePlan:
+    bench = cfg.benchmark
+    if bench.prompt not in PROMPT_PRESETS:
+        raise KvbenchError(f"benchmark.prompt={bench.prompt!r}: choose one of {', '.join(PROMPT_PRESETS)}")
+    grid = bench.grid
+    lengths = context_lengths(int(grid.start), int(grid.end), int(grid.step))
+    if not lengths:
+        raise KvbenchError(f"the needle grid {grid.start}..{grid.end} step {grid.step} has no context length")
+    return NeedlePlan(lengths, depth_percents(int(grid.depths)), load_haystack(bench.haystack_dir), bench.prompt,
+                      int(bench.buffer), int(bench.max_new_tokens))
