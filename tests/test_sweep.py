@@ -57,9 +57,14 @@ def test_range_sweep_and_quoted_values_use_hydra_grammar():
 
 
 def test_same_folder_for_different_settings_is_an_error(tmp_path):
-    # The protocol is not part of the result path: two protocols would mix into one folder.
-    with pytest.raises(SweepError, match="both write to .*fullkv.*tag="):
-        plan(base(tmp_path) + ["method=fullkv", "protocol=dynamickv,kvcache_factory"])
+    # A method setting is not part of the result path: two windows would mix into one folder.
+    with pytest.raises(SweepError, match="both write to .*snapkv_64.*tag="):
+        plan(base(tmp_path) + ["method=snapkv", "budget=64", "method.window_size=8,16"])
+
+
+def test_protocols_get_their_own_folders(tmp_path):
+    _, jobs = plan(base(tmp_path) + ["method=fullkv", "protocol=dynamickv,kvcache_factory"])
+    assert sorted(Path(job.out).name for job in jobs) == ["fullkv", "fullkv_kvcache_factory"]
 
 
 def test_key_given_twice_is_an_error():
@@ -182,7 +187,8 @@ def test_factor_covers_exactly_the_given_jobs(seed):
 def test_shards_balance_estimated_cost():
     def job(i: int, seconds: float) -> PlannedJob:
         cfg = OmegaConf.create({"model": {"name": "m"}, "benchmark": {"name": "b"},
-                                "method": {"name": f"x{i}"}, "budget": 1})
+                                "method": {"name": f"x{i}"}, "budget": 1,
+                                "protocol": {"name": "dynamickv"}})
         return PlannedJob({}, cfg, Path(f"/r/{i}"), seconds_left=seconds)
 
     jobs = [job(i, s) for i, s in enumerate([5.0, 4.0, 3.0, 3.0, 1.0])]
