@@ -5,6 +5,7 @@ folder, protocol), so a typo fails in a second with a message, not after minutes
 """
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import resource
@@ -88,6 +89,18 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+_LOADED: dict[str, tuple] = {}
+
+
+def load_model_once(spec: ModelSpec, device: str):
+    """Keep one model loaded across the jobs of a multirun (the basic launcher runs them in one process)."""
+    key = json.dumps([spec.record(), device], sort_keys=True, default=str)
+    if key not in _LOADED:
+        _LOADED.clear()  # free the previous model before loading another
+        _LOADED[key] = load_model(spec, device)
+    return _LOADED[key]
+
+
 def prepare(cfg: DictConfig) -> Job:
     """Resolve and validate everything that does not need the model."""
     name = cfg.benchmark.name
@@ -165,7 +178,7 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     store = RunStore(job.out, settings_of(job), run_record(job))
     store.open()
     log.info("results: %s", job.out)
-    model, tokenizer = load_model(job.spec, job.device)
+    model, tokenizer = load_model_once(job.spec, job.device)
     if job.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     timer = Timer()
