@@ -9,31 +9,14 @@ averages without anyone noticing.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
-from pathlib import Path
 
+from kvbench.atomic import write_json_atomic
 from kvbench.errors import KvbenchError
 from kvbench.longbench.scoring import BUCKETS, prediction_files, score_folder
 
-__all__ = ["main", "write_json_atomic", "format_table"]
-
-
-def write_json_atomic(path: str | Path, data: object) -> None:
-    """Write JSON via a temp file in the same folder and os.replace, so readers never see a half file."""
-    path = Path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
-            json.dump(data, temp_file, ensure_ascii=False, indent=4)
-            temp_file.write("\n")
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+__all__ = ["main", "format_table"]
 
 
 def _cell(value: float | None) -> str:
@@ -89,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = score_folder(args.dir, e=args.e)
         out_path = prediction_files(args.dir)[0].parent / "result.json"
-        write_json_atomic(out_path, summary["result"])
+        write_json_atomic(out_path, summary["result"], indent=4)
     except KvbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,11 +11,10 @@ are drawn from saved results only, so they can be redrawn without running a mode
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pandas as pd
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 
+from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
 
 # The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
@@ -252,17 +252,9 @@ def _add_shared_colorbar(fig: Figure, axes: list, mesh) -> None:
 
 
 def _save_atomic(fig: Figure, path: Path) -> Path:
-    """Write the figure to a temp file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        fig.savefig(temp, format=path.suffix.lstrip("."), dpi=DPI)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip("."), dpi=DPI)
+    return atomic_write(path, buffer.getvalue())
 
 
 def _save_png_and_pdf(fig: Figure, out_path: Path) -> list[Path]:

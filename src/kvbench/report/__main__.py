@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.report.collect import atomic_write, collect, layer_allocations
+from kvbench.atomic import atomic_write
+from kvbench.report.collect import collect, layer_allocations
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
 from kvbench.report.tables import budget_label, markdown_frame, longbench_table, paper_comparison
 

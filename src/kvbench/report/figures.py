@@ -16,7 +16,8 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
-from kvbench.report.collect import atomic_write, method_sort_key
+from kvbench.atomic import atomic_write
+from kvbench.report.collect import method_sort_key
 from kvbench.report.tables import ABBREVIATIONS, budget_label
 
 METHOD_STYLE = {  # colour-blind-safe palette (Okabe-Ito); DynamicKV is the emphasised method
