@@ -67,18 +67,23 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, picked)
 
 
+@dataclass
+class Prefilled:
+    """The state right after a prefill: the (compressed) cache and the logits of the last prompt token."""
+    cache: CompressedCache
+    logits: torch.Tensor  # [1, vocab] float32
+    prompt_tokens: int
+    prefill_s: float
+
+
 @torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, max_new_tokens: int,
-             stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
-             repetition_penalty: float = 1.0) -> GenerationOutput:
-    """Greedy generation for one prompt `input_ids` [1, n] with `method` compressing the cache at prefill."""
+def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Prefilled:
+    """Run the prompt `input_ids` [1, n] at positions 0..n-1 while `method` compresses each layer (timed)."""
     method = method or FullKV()
     device = input_ids.device
     n = input_ids.shape[1]
     cache = CompressedCache(num_layers_of(model))
     method.begin(n, len(cache.layers))
-    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-
     _sync(device)
     start = time.perf_counter()
     with compression(method, cache):
@@ -86,7 +91,27 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
     _sync(device)
-    prefill_s = time.perf_counter() - start
+    return Prefilled(cache, logits, n, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def decode_step(model, token_id: torch.Tensor, position: int, cache: CompressedCache) -> torch.Tensor:
+    """One decoding step: token `token_id` [1, 1] at its true `position`; returns the next logits [1, vocab]."""
+    out = model(input_ids=token_id, position_ids=torch.tensor([[position]], device=token_id.device),
+                past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].float()
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, max_new_tokens: int,
+             stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
+             repetition_penalty: float = 1.0) -> GenerationOutput:
+    """Greedy generation for one prompt `input_ids` [1, n] with `method` compressing the cache at prefill."""
+    method = method or FullKV()
+    device = input_ids.device
+    state = prefill(model, input_ids, method)
+    n, cache, logits, prefill_s = state.prompt_tokens, state.cache, state.logits, state.prefill_s
+    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
 
     tokens: list[int] = []
@@ -106,9 +131,7 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
         if step == max_new_tokens - 1:
             break
         seen = torch.cat([seen, next_id], dim=1) if repetition_penalty != 1.0 else seen
-        out = model(input_ids=next_id, position_ids=torch.tensor([[n + step]], device=device),
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()
+        logits = decode_step(model, next_id, n + step, cache)
     _sync(device)
     decode_s = time.perf_counter() - start
     record = {"allocations": method.allocations} if hasattr(method, "allocations") else {}
