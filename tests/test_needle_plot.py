@@ -132,11 +132,11 @@ def test_stacked_figure_has_one_lettered_panel_per_run(tmp_path):
     fig = stacked_figure(dirs)
     panels = [ax for ax in fig.axes if ax.get_ylabel() == "Depth Percent"]
     assert len(panels) == 3 and len(fig.axes) == 4  # plus one shared colour bar
-    assert [ax.get_title() for ax in panels] == [
-        "(a) StreamingLLM, KV size 64 — Average Score 0.20",
-        "(b) PyramidKV, KV size 64 — Average Score 0.80",
-        "(c) DynamicKV, KV size 64 — Average Score 1.00",
-    ]
+    # As the papers: the average above each panel, a bold lettered caption below it.
+    assert [ax.get_title() for ax in panels] == ["Average Score 0.20", "Average Score 0.80", "Average Score 1.00"]
+    captions = [[t.get_text() for t in ax.texts] for ax in panels]
+    assert captions == [["(a) StreamingLLM, KV size 64"], ["(b) PyramidKV, KV size 64"], ["(c) DynamicKV, KV size 64"]]
+    assert all(t.get_fontweight() == "bold" for ax in panels for t in ax.texts)
     assert fig.get_figwidth() == 16
     assert 2.2 < fig.get_figheight() / 3 < 3.2
     written = plot_stacked(dirs, tmp_path / "stack.png")

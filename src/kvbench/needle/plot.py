@@ -44,6 +44,7 @@ DPI = 150
 FIG_WIDTH = 16.0
 LEFT, RIGHT = 0.95, 1.25  # room for "Depth Percent" and for the colour bar
 PANEL_TITLE, PANEL_AXES, PANEL_BELOW = 0.35, 1.45, 0.85  # title / cells / tick labels + xlabel
+PANEL_CAPTION = 0.4  # the papers' bold "(a) Method" caption under each stacked panel
 SINGLE_PANEL_AXES = 2.0  # a lone heatmap can afford taller cells
 TOP_EXTRA = 0.45  # figure title line
 BOTTOM_EXTRA = 0.1
@@ -231,7 +232,7 @@ def load_needle_run(result_dir: str | Path, trained_len: int | None = None) -> N
 
 def _panel_figure(n_panels: int, with_suptitle: bool, axes_height: float = PANEL_AXES) -> tuple[Figure, list]:
     """A 16-inch-wide figure with ``n_panels`` heatmap axes stacked, each ``axes_height`` tall."""
-    panel = PANEL_TITLE + axes_height + PANEL_BELOW
+    panel = PANEL_TITLE + axes_height + PANEL_BELOW + (PANEL_CAPTION if n_panels > 1 else 0.0)
     top = TOP_EXTRA if with_suptitle else 0.05
     height = top + n_panels * panel + BOTTOM_EXTRA
     fig = Figure(figsize=(FIG_WIDTH, height))
@@ -271,10 +272,14 @@ def _draw_runs(runs: list[NeedleRun], lettered: bool) -> Figure:
     fig, axes = _panel_figure(len(runs), shared_model is not None, axes_height)
     mesh = None
     for index, (run, ax) in enumerate(zip(runs, axes)):
-        title = run.label if shared_model else f"{run.model}, {run.label}"
+        label = run.label if shared_model else f"{run.model}, {run.label}"
         if lettered:
-            title = f"({chr(ord('a') + index)}) {title}"
-        mesh = heatmap(run.records, ax, title, run.trained_len, colorbar=False)
+            # As the papers: the average score above the panel, a bold "(a) Method" caption below it.
+            mesh = heatmap(run.records, ax, "", run.trained_len, colorbar=False)
+            ax.text(0.5, -PANEL_BELOW / axes_height, f"({chr(ord('a') + index)}) {label}", transform=ax.transAxes,
+                    ha="center", va="top", fontsize=14, fontweight="bold")
+        else:
+            mesh = heatmap(run.records, ax, label, run.trained_len, colorbar=False)
     _add_shared_colorbar(fig, axes, mesh)
     if shared_model:
         fig.suptitle(f"Needle-in-a-Haystack — {shared_model}", fontsize=14, fontweight="bold",
