@@ -9,6 +9,7 @@ from conftest import random_prompt
 from kvbench.attention import compression
 from kvbench.cache import CompressedCache
 from kvbench.engine import generate
+from kvbench.errors import KvbenchError
 from kvbench.methods import METHODS, build_method
 
 PROMPT = 300
@@ -133,3 +134,15 @@ def test_smollm2_fullkv_reproduces_generate(smollm2):
                           eos_token_id=stop, pad_token_id=stop[0])[0, ids.shape[1]:].tolist()
     got = generate(model, ids, None, max_new_tokens=24, stop_token_ids=stop).token_ids
     assert len(want) > 5 and got == want
+
+
+def test_a_model_that_bypasses_the_attention_interface_is_an_error_not_a_silent_fullkv(tiny_llama):
+    model, tok = tiny_llama
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")  # stock attention: our hook never runs
+    try:
+        with pytest.raises(KvbenchError, match="did not compress any layer"):
+            generate(model, random_prompt(PROMPT, len(tok)), build_method("snapkv", budget=64), max_new_tokens=1)
+    finally:
+        model.set_attn_implementation(previous)
+    assert model.config._attn_implementation == previous

@@ -160,3 +160,50 @@ def test_needle_run_on_a_tiny_model_and_a_short_haystack(tmp_path):
     assert scores["mean_score"] == pytest.approx(sum(r["score"] for r in lines) / 6)
     run = json.loads((output_dir(cfg) / "run.json").read_text())
     assert run["settings"]["benchmark"]["haystack_order_sha256"]
+
+
+@pytest.mark.parametrize("method", ["fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv"])
+@pytest.mark.parametrize("protocol", ["dynamickv", "kvcache_factory", "official"])
+def test_every_method_and_protocol_composes_and_validates(tmp_path, method, protocol):
+    job = prepare(compose(overrides(tmp_path, f"method={method}", "budget=128", f"protocol={protocol}")))
+    assert job.method.name == method
+    if method == "streamingllm" and protocol == "kvcache_factory":
+        assert job.method.window_size == 124  # budget - 4: four sink tokens
+    if method != "fullkv":
+        assert job.method.budget == 128
+        suffix = "" if protocol == "dynamickv" else f"_{protocol}"
+        assert job.out.name == f"{method}_128{suffix}"
+
+
+def test_uncached_hub_model_is_a_clear_error(tmp_path, monkeypatch):
+    from kvbench.models import ModelSpec, load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(KvbenchError, match="model=smollm2_135m"):
+        load_model(ModelSpec(name="x", hub_id="nobody/no-such-model-kvbench"))
+
+
+def test_longbench_e_run_scores_length_buckets(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"input": "What is it?", "context": "Some context. " * 50, "answers": ["Paragraph 3"], "length": length,
+             "dataset": "passage_retrieval_en", "language": "en", "all_classes": None, "_id": f"id{i}"}
+            for i, length in enumerate([1200, 5000, 9000])]
+    (data / "passage_retrieval_en_e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose(["model=tiny_llama", "benchmark=longbench_e", f"benchmark.data_dir={data}",
+                   "benchmark.tasks=[passage_retrieval_en_e]", "benchmark.verify_checksums=false",
+                   f"results_root={tmp_path}", "progress=false", "method=snapkv", "budget=64"])
+    scores = evaluate(cfg)
+    assert scores["benchmark"] == "longbench_e"
+    assert set(scores["longbench_e"]["passage_retrieval_en"]) == {"0-4k", "4-8k", "8k+"}
+    assert len(read_predictions(output_dir(cfg) / "predictions" / "passage_retrieval_en_e.jsonl")) == 3
+
+
+def test_unverified_file_is_refused_by_default(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / f"{TASK}.jsonl").write_text((SHARED_LONGBENCH / f"{TASK}.jsonl").read_text().replace("段落", "段", 1))
+    cfg = compose(["model=tiny_llama", f"benchmark.data_dir={data}", f"benchmark.tasks=[{TASK}]",
+                   f"results_root={tmp_path}", "progress=false", "benchmark.limit=1"])
+    with pytest.raises(KvbenchError, match=f"{TASK}.jsonl.*verify_checksums=false"):
+        evaluate(cfg)

@@ -15,6 +15,7 @@ import torch
 
 from kvbench.attention import compression
 from kvbench.cache import CompressedCache
+from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 
 
@@ -91,6 +92,12 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1].float()
     _sync(device)
+    if not method.keeps_all(n) and all(layer.positions is None for layer in cache.layers):
+        raise KvbenchError(
+            f"{method.name} did not compress any layer: this model's attention does not go through transformers' "
+            f"AttentionInterface (attn_implementation={model.config._attn_implementation!r}), e.g. remote code with "
+            f"its own attention. Use a model class from transformers, or method=fullkv."
+        )
     return Prefilled(cache, logits, n, time.perf_counter() - start)
 
 
