@@ -85,7 +85,8 @@ def test_x_ticks_are_thinned_to_round_lengths():
 def test_training_length_line_follows_visualize_py():
     lengths = list(range(1000, 8001, 100))
     assert trained_len_line_x(lengths, 4050) == pytest.approx(31.8)  # 4100 is column 31
-    assert trained_len_line_x(lengths, 8150) == pytest.approx(70.8)  # none exceeds: last column
+    assert trained_len_line_x(lengths, 8150) == pytest.approx(70.97)  # none exceeds: right edge
+    assert trained_len_line_x([1000, 2000], 8192) == pytest.approx(1.97)
     ax = _wide_axes()
     heatmap(_records(lengths, [0], lambda length, depth: 0.0), ax, "", trained_len=4050, colorbar=False)
     (line,) = ax.get_lines()

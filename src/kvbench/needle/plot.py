@@ -99,10 +99,11 @@ def _tick_indices(lengths: list[int], max_labels: int) -> list[int]:
 def trained_len_line_x(lengths: list[int], trained_len: int) -> float:
     """x of the training-length line, as ``visualize.py``: first length above it, + 0.8.
 
-    If no length exceeds ``trained_len`` the line sits in the last column (its right edge).
+    If no length exceeds ``trained_len`` the whole grid is within the training length: the line marks the right
+    edge (``visualize.py`` puts it at last column + 0.8, which on a small grid would fall inside a cell).
     """
-    index = next((i for i, length in enumerate(lengths) if length > trained_len), len(lengths) - 1)
-    return index + 0.8
+    index = next((i for i, length in enumerate(lengths) if length > trained_len), None)
+    return float(len(lengths)) - 0.03 if index is None else index + 0.8
 
 
 def _axes_width_inches(ax) -> float:
