@@ -14,7 +14,7 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import collect, layer_allocations
+from kvbench.report.collect import collect, layer_allocations, method_sort_key
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
 from kvbench.report.tables import budget_label, markdown_frame, longbench_table, paper_comparison
 
@@ -73,6 +73,11 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
     needle = df[df["benchmark"] == "needle"]
     if needle.empty:
         return []
+    # Papers' order: model, then budget (FullKV first), then method.
+    order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], not pd.isna(needle.at[i, "budget"]),
+                                                 needle.at[i, "budget"] if not pd.isna(needle.at[i, "budget"]) else 0,
+                                                 method_sort_key(needle.at[i, "method"])))
+    needle = needle.loc[order]
     frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"],
                           "Budget": needle["budget"].map(budget_label), "Score": needle["score"].astype(float),
                           "n": needle["n"].astype(str)})
