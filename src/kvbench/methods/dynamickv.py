@@ -13,6 +13,7 @@ layer.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,12 @@ class DynamicKV(PooledWindowMethod):
 
     def begin(self, prompt_len: int, num_layers: int) -> None:
         super().begin(prompt_len, num_layers)
+        if self.mode == "official" and num_layers % self.update_interval:
+            tail = num_layers % self.update_interval
+            warnings.warn(f"dynamickv mode=official on {num_layers} layers: the last {tail} layer(s) are never "
+                          f"re-budgeted and keep radio_max x budget tokens (the official code's behaviour when the "
+                          f"depth is not a multiple of {self.update_interval}); mode=fixed re-allocates at the last "
+                          f"layer", stacklevel=2)
         self.pooled: list[torch.Tensor] = []  # full pooled score map of every layer seen, never pruned
         self.allocations: list[list[int]] = []  # prefix sizes chosen at each update, for the run record
 

@@ -1,0 +1,72 @@
+"""Method-level behaviour beyond the golden cases: DynamicKV's fixed mode, warnings, validation."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from kvbench.cache import CompressedCache
+from kvbench.errors import KvbenchError
+from kvbench.golden import synthetic_layer
+from kvbench.methods import build_method
+
+
+def run_layers(method, num_layers: int, seq_len: int = 700, heads: int = 8, kv_heads: int = 2, seed: int = 218):
+    cache = CompressedCache(num_layers)
+    method.begin(seq_len, num_layers)
+    for layer in range(num_layers):
+        q, k, v = synthetic_layer(seed, layer, heads, kv_heads, seq_len, 16)
+        cache.update(k, v, layer)
+        method.compress_layer(layer, q, k, v, cache)
+    return cache
+
+
+@pytest.mark.parametrize("num_layers", [6, 12, 30])
+def test_dynamickv_fixed_mode_keeps_the_budget_without_duplicates(num_layers):
+    method = build_method("dynamickv", budget=192, window_size=8, mode="fixed")
+    cache = run_layers(method, num_layers)
+    for heads in cache.kept_positions():
+        for head in heads:
+            assert max(Counter(head).values()) == 1, "a position is kept twice"
+    kept = cache.tokens_per_head()
+    assert sum(kept) <= 192 * num_layers and min(kept) >= 8
+    assert len(method.allocations) == -(-num_layers // 4)  # every 4 layers and once at the last layer
+
+
+def test_dynamickv_official_mode_duplicates_where_the_official_code_does():
+    # Case dynamickv_s218_L12_n700_b192 of the golden set: the official code keeps extra window copies.
+    cache = run_layers(build_method("dynamickv", budget=192, window_size=8), 12)
+    duplicated = [max(Counter(head).values()) for heads in cache.kept_positions() for head in heads]
+    assert max(duplicated) == 2
+
+
+def test_dynamickv_official_mode_warns_when_depth_is_not_a_multiple_of_the_interval():
+    method = build_method("dynamickv", budget=64, window_size=8)
+    with pytest.warns(UserWarning, match="last 2 layer"):
+        method.begin(1000, 30)
+
+
+def test_h2o_causal_and_official_scores_differ_and_both_keep_the_budget():
+    official = run_layers(build_method("h2o", budget=64, window_size=8), 2)
+    causal = run_layers(build_method("h2o", budget=64, window_size=8, mode="causal"), 2)
+    assert official.tokens_per_head() == causal.tokens_per_head() == [64, 64]
+    assert official.kept_positions() != causal.kept_positions()
+
+
+def test_per_kv_head_mode_keeps_one_selection_per_kv_head():
+    cache = run_layers(build_method("snapkv", budget=64, window_size=8, cache_heads="per_kv_head"), 2)
+    assert [len(heads) for heads in cache.kept_positions()] == [2, 2]
+    assert cache.layers[0].keys.shape == (1, 2, 64, 16)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"name": "snapkv", "budget": 8, "window_size": 8}, "must be larger than method.window_size=8"),
+    ({"name": "pyramidkv", "budget": 64, "beta": 0}, "beta=0"),
+    ({"name": "dynamickv", "budget": 64, "radio_max": 0.5}, "radio_max=0.5"),
+    ({"name": "snapkv", "budget": 64, "typo_setting": 1}, "has no setting"),
+    ({"name": "nosuch", "budget": 64}, "unknown method 'nosuch'"),
+    ({"name": "snapkv"}, "needs a budget"),
+])
+def test_invalid_method_settings_are_clear_errors(params, message):
+    with pytest.raises(KvbenchError, match=message):
+        build_method(**params)
