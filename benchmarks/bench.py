@@ -17,18 +17,13 @@ prefill runs (CPU); on a GPU it is torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
-import gc
-import json
 import os
 import platform
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,8 +31,10 @@ from pathlib import Path
 import torch
 
 from kvbench.engine import decode_step, num_layers_of, prefill
+from kvbench.atomic import write_json_atomic
 from kvbench.errors import KvbenchError
-from kvbench.methods import METHODS, Method, StreamingLLM, build_method
+from kvbench.memory import PeakMemory
+from kvbench.methods import Method, StreamingLLM, build_method
 
 REPO = Path(__file__).resolve().parents[1]
 METHOD_ORDER = ("fullkv", "streamingllm", "h2o", "snapkv", "pyramidkv", "dynamickv")
@@ -90,55 +87,6 @@ def prompt_ids(length: int, vocab: int, device: str, seed: int = 0) -> torch.Ten
     """Random token ids [1, length]: speed does not depend on the text."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (1, length), generator=gen).to(device)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_free_memory() -> None:
-    """Hand memory that glibc keeps after `free` back to the OS (malloc_trim), so that each prefill's RSS peak
-    starts from the same floor instead of reusing what an earlier method freed."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): peaks then include allocator reuse
-        pass
-
-
-class PeakMemory:
-    """Peak memory while the block runs: sampled process RSS on CPU, max_memory_allocated on CUDA."""
-
-    def __init__(self, device: str, interval_s: float = 0.002) -> None:
-        self.device, self.interval_s = device, interval_s
-        self.before = self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "PeakMemory":
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-            return self
-        gc.collect()
-        release_free_memory()
-        self.before = self.peak = _rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-            return
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
 
 
 def median(values: list[float]) -> float:
@@ -469,21 +417,6 @@ def _flash_attn_version() -> str | None:
         return flash_attn.__version__
     except ImportError:
         return None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_results(record: dict, out_dir: Path, kind: str) -> Path:

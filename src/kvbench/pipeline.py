@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import kvbench
 from kvbench.config import output_dir, run_name
 from kvbench.engine import GenerationOutput, generate
 from kvbench.errors import KvbenchError
+from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
 from kvbench.models import ModelSpec, load_model, resolve_attention, resolve_dtype
 from kvbench.results import RunStore
@@ -80,13 +80,6 @@ def device_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def peak_memory_bytes(device: str) -> int:
-    """Peak GPU memory allocated (GPU) or peak resident set size of the process (CPU)."""
-    if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated(torch.device(device)))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 _LOADED: dict[str, tuple] = {}
@@ -179,8 +172,6 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     store.open()
     log.info("results: %s", job.out)
     model, tokenizer = load_model_once(job.spec, job.device)
-    if job.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
     timer = Timer()
 
     def run_one(input_ids: list[int], max_new_tokens: int, stop_token_ids, min_new_tokens: int = 0):
@@ -190,9 +181,11 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         timer.add(out)
         return out, tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
-    scores = job.benchmark.run(store, model, tokenizer, run_one, cfg.progress, on_sample)
+    # Peak memory of this run's generation (model weights included), sampled every 20 ms.
+    with PeakMemory(job.device, interval_s=0.02) as memory:
+        scores = job.benchmark.run(store, model, tokenizer, run_one, cfg.progress, on_sample)
     timing = timer.summary()
     all_records = [r for task in store.tasks_done() for r in store.records(task)]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
-    store.finish(scores, timing=timing, peak_memory_bytes=peak_memory_bytes(job.device), kv_bytes_mean=kv_mean)
+    store.finish(scores, timing=timing, peak_memory_bytes=int(memory.peak), kv_bytes_mean=kv_mean)
     return scores
