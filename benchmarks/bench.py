@@ -158,7 +158,8 @@ def expected_kv_rows(method: Method, prompt_len: int, layers: int) -> int:
     """Rows (tokens x heads counted once per stored head-row) summed over layers, from the papers' budget rules:
     the budget counts tokens per head per layer, window included; a prompt no longer than the budget is kept
     whole; PyramidKV's budgets fall linearly with depth; DynamicKV keeps the whole-model prefix budget over the
-    layers re-allocated so far and its temporary maximum in the layers after the last update."""
+    layers re-allocated so far and its temporary maximum in the layers after the last update (for prompts so short
+    that allotments are clipped to the prefix, the clipped allotments of the last update recorded by the method)."""
     budget = None if method.name == "fullkv" else int(method.budget)
     if budget is None or prompt_len <= budget:
         return prompt_len * layers
@@ -175,7 +176,13 @@ def expected_kv_rows(method: Method, prompt_len: int, layers: int) -> int:
         last_update = layers - 1 if method.mode == "fixed" else (layers // interval) * interval - 1
         if last_update < 0:
             return (temp_max + window) * layers
-        return base * layers + temp_max * (layers - 1 - last_update) + window * layers
+        tail = temp_max * (layers - 1 - last_update) + window * layers
+        final = getattr(method, "allocations", None)
+        if final and temp_max == prefix:
+            # Short prompt: allotments above the prefix are clipped and not redistributed (official quirk D), so
+            # the total is below the budget; count what the last re-allocation granted.
+            return sum(min(size, prefix) for size in final[-1]) + tail
+        return base * layers + tail
     raise KvbenchError(f"no KV-bytes formula for method {method.name!r}; add one to benchmarks/bench.py")
 
 
