@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from kvbench.engine import decode_step, num_layers_of, prefill
 from kvbench.atomic import write_json_atomic
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
+from kvbench.pipeline import git_commit, package_versions
 from kvbench.methods import Method, StreamingLLM, build_method
 
 REPO = Path(__file__).resolve().parents[1]
@@ -391,15 +391,6 @@ def _target(label: str, value: float, limit: float, kind: str, length: str) -> d
             "at_tokens": int(length)}
 
 
-def git_commit() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
-
-
 def machine_info(device: str) -> dict:
     import transformers
 
@@ -414,16 +405,8 @@ def machine_info(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
-        info["flash_attn"] = _flash_attn_version()
+        info["flash_attn"] = package_versions()["flash-attn"]
     return info
-
-
-def _flash_attn_version() -> str | None:
-    try:
-        import flash_attn
-        return flash_attn.__version__
-    except ImportError:
-        return None
 
 
 def save_results(record: dict, out_dir: Path, kind: str) -> Path:
@@ -500,7 +483,7 @@ def build_record(settings, machine, model, prefill_res, decode_res, kv_rows, sco
     return {
         "kind": "gpu" if settings.device.startswith("cuda") else "cpu",
         "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine, "git": git_commit(), "settings": asdict(settings),
+        "machine": machine, "git": {"commit": git_commit()}, "settings": asdict(settings),
         "model": {"name": settings.model, **model_shape(model), "dtype": str(model.dtype)},
         "method_params": {name: paper_method(name, settings.prefill_budget).params() for name in METHOD_ORDER},
         "notes": NOTES, "elapsed_s": round(elapsed, 1),
