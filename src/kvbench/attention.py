@@ -56,11 +56,29 @@ def _ungrouped(module) -> SimpleNamespace:
                            layer_idx=getattr(module, "layer_idx", None), training=False)
 
 
+def cached_prefix_mask(query: torch.Tensor, key: torch.Tensor, impl: str) -> torch.Tensor | None:
+    """Mask for m new tokens over a cache of n - m held tokens (query-agnostic question forward): every held
+    token is visible, the new ones causally (bottom-right aligned). Layers may hold different numbers of tokens, so
+    the model's own mask (sized from layer 0) cannot be used. Flash kernels align `causal` bottom-right already."""
+    if impl.startswith("flash"):
+        return None
+    m, n = query.shape[2], key.shape[2]
+    rows = torch.arange(m, device=query.device)[:, None] + (n - m)
+    future = torch.arange(n, device=query.device)[None, :] > rows
+    mask = torch.zeros((m, n), dtype=query.dtype, device=query.device)
+    return mask.masked_fill(future, torch.finfo(query.dtype).min)[None, None]
+
+
 def _make_wrapper(impl: str):
     def kvbench_attention(module, query, key, value, attention_mask, **kwargs):
         backend = ALL_ATTENTION_FUNCTIONS[impl]
         if query.shape[2] == 1:
             attention_mask = None
+            if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
+                module = _ungrouped(module)
+            return backend(module, query, key, value, attention_mask, **kwargs)
+        if key.shape[2] > query.shape[2]:  # several new tokens over a (compressed) cache: the question forward
+            attention_mask = cached_prefix_mask(query, key, impl)
             if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
                 module = _ungrouped(module)
             return backend(module, query, key, value, attention_mask, **kwargs)

@@ -29,6 +29,11 @@ class GenerationOutput:
     layer_kept: list[int]  # tokens per head each layer holds after prefill
     stopped: str  # "stop_token" or "max_new_tokens"
     method_record: dict = field(default_factory=dict)  # what the method chose (e.g. DynamicKV's allocations)
+    # Query-agnostic runs only (None otherwise): the compressed context's length, the question forward's time,
+    # and whether the compressed context came from an earlier sample (prefill_s is then 0: nothing was prefilled).
+    context_tokens: int | None = None
+    question_prefill_s: float | None = None
+    context_reused: bool | None = None
 
     @property
     def kv_tokens(self) -> int:
@@ -41,12 +46,16 @@ class GenerationOutput:
             "kv_tokens": self.kv_tokens,
             "kv_bytes": self.kv_bytes,
             "layer_kept": self.layer_kept,
-            "compressed": self.kv_tokens < self.prompt_tokens * len(self.layer_kept),
+            "compressed": self.kv_tokens < (self.context_tokens or self.prompt_tokens) * len(self.layer_kept),
             "prefill_s": round(self.prefill_s, 4),
             "decode_s": round(self.decode_s, 4),
             "new_tokens": len(self.token_ids),
             "stopped": self.stopped,
             **({"method": self.method_record} if self.method_record else {}),
+            **({"query": "agnostic", "context_tokens": self.context_tokens,
+                "question_tokens": self.prompt_tokens - self.context_tokens,
+                "question_prefill_s": round(self.question_prefill_s, 4), "context_reused": self.context_reused}
+               if self.context_tokens is not None else {}),
         }
 
 
@@ -112,17 +121,37 @@ def decode_step(model, token_id: torch.Tensor, position: int, cache: CompressedC
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, max_new_tokens: int,
              stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
-             repetition_penalty: float = 1.0) -> GenerationOutput:
-    """Greedy generation for one prompt `input_ids` [1, n] with `method` compressing the cache at prefill."""
-    method = method or FullKV()
-    device = input_ids.device
-    state = prefill(model, input_ids, method)
-    n, cache, logits, prefill_s = state.prompt_tokens, state.cache, state.logits, state.prefill_s
-    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-    kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
+             repetition_penalty: float = 1.0, question_ids: torch.Tensor | None = None,
+             contexts: "ContextCache | None" = None) -> GenerationOutput:
+    """Greedy generation for one prompt `input_ids` [1, n] with `method` compressing the cache at prefill.
 
+    With `question_ids` [1, q] the run is query-agnostic: `input_ids` is the context alone, compressed before the
+    question is seen (see `generate_agnostic`; `contexts` reuses a compressed context across samples)."""
+    if question_ids is not None:
+        return generate_agnostic(model, input_ids, question_ids, method, max_new_tokens=max_new_tokens,
+                                 stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
+                                 repetition_penalty=repetition_penalty, contexts=contexts)
+    method = method or FullKV()
+    state = prefill(model, input_ids, method)
+    n, cache, prefill_s = state.prompt_tokens, state.cache, state.prefill_s
+    kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
+    tokens, stopped, decode_s = greedy_decode(model, state.logits, cache, input_ids, n, max_new_tokens=max_new_tokens,
+                                              stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
+                                              repetition_penalty=repetition_penalty)
+    record = {"allocations": method.allocations} if hasattr(method, "allocations") else {}
+    return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, record)
+
+
+@torch.inference_mode()
+def greedy_decode(model, logits: torch.Tensor, cache: CompressedCache, seen: torch.Tensor, position: int, *,
+                  max_new_tokens: int, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
+                  repetition_penalty: float = 1.0) -> tuple[list[int], str, float]:
+    """Greedy decoding from the logits of the last prompt token; the first new token goes to `position` (the true
+    position after the whole prompt). `seen` [1, n] is the prompt (for the repetition penalty).
+    Returns (tokens, "stop_token" | "max_new_tokens", seconds)."""
+    device = logits.device
+    stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     tokens: list[int] = []
-    seen = input_ids
     stopped = "max_new_tokens"
     start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -138,8 +167,128 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
         if step == max_new_tokens - 1:
             break
         seen = torch.cat([seen, next_id], dim=1) if repetition_penalty != 1.0 else seen
-        logits = decode_step(model, next_id, n + step, cache)
+        logits = decode_step(model, next_id, position + step, cache)
     _sync(device)
-    decode_s = time.perf_counter() - start
+    return tokens, stopped, time.perf_counter() - start
+
+
+# ---- query-agnostic generation: compress the context, then ask (many) questions -----------------------------------
+@dataclass
+class CompressedContext:
+    """A prefilled, compressed context ready for questions: `lengths` are the tokens each layer holds after
+    compression, the state every answer returns the cache to."""
+    context_ids: torch.Tensor  # [1, C]
+    prefilled: Prefilled
+    lengths: list[int]
+    kv_bytes: int
+    record: dict  # what the method chose at this prefill
+
+
+def cache_lengths(cache: CompressedCache) -> list[int]:
+    return [layer.get_seq_length() for layer in cache.layers]
+
+
+def restore_cache(cache: CompressedCache, lengths: Sequence[int]) -> None:
+    """Trim what was appended after compression (question and answer tokens) from every layer, through the
+    layer's own `crop(-tokens)` (transformers' layer API; any layer type that can drop its newest tokens works).
+    No copy and no re-prefill: each layer keeps a view of its first `lengths[i]` tokens."""
+    for layer, keep in zip(cache.layers, lengths):
+        extra = layer.get_seq_length() - keep
+        if extra < 0:
+            raise RuntimeError(f"cache layer holds {layer.get_seq_length()} tokens, fewer than its {keep} "
+                               f"post-compression tokens: it was modified outside restore_cache")
+        if extra:
+            layer.crop(-extra)
+
+
+def compress_context(model, context_ids: torch.Tensor, method: Method | None = None) -> CompressedContext:
+    """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known)."""
+    method = method or FullKV()
+    state = prefill(model, context_ids, method)
     record = {"allocations": method.allocations} if hasattr(method, "allocations") else {}
-    return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, record)
+    return CompressedContext(context_ids, state, cache_lengths(state.cache), state.cache.nbytes(), record)
+
+
+@torch.inference_mode()
+def question_forward(model, question_ids: torch.Tensor, position: int, cache: CompressedCache) -> torch.Tensor:
+    """All question tokens [1, q] in one forward, uncompressed, at their true positions position..position+q-1
+    (position = the uncompressed context length); returns the logits of the last one [1, vocab]."""
+    q = question_ids.shape[1]
+    positions = torch.arange(position, position + q, device=question_ids.device)[None]
+    out = model(input_ids=question_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+@torch.inference_mode()
+def answer_question(model, context: CompressedContext, question_ids: torch.Tensor, *, max_new_tokens: int,
+                    stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0, repetition_penalty: float = 1.0,
+                    reused: bool = False) -> GenerationOutput:
+    """Feed the question over the compressed context, decode greedily, then trim the cache back to its
+    post-compression state (so the next question sees exactly the compressed context)."""
+    if question_ids.shape[1] < 1:
+        raise KvbenchError("query-agnostic generation needs at least one question token (the question part of the "
+                           "prompt is empty)")
+    state, device = context.prefilled, question_ids.device
+    c = state.prompt_tokens
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        logits = question_forward(model, question_ids, c, state.cache)
+        _sync(device)
+        question_s = time.perf_counter() - start
+        seen = torch.cat([context.context_ids, question_ids], dim=1)
+        tokens, stopped, decode_s = greedy_decode(
+            model, logits, state.cache, seen, c + question_ids.shape[1], max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+    finally:
+        restore_cache(state.cache, context.lengths)
+    layer_kept = list(context.lengths)
+    return GenerationOutput(tokens, c + question_ids.shape[1], 0.0 if reused else state.prefill_s, decode_s,
+                            context.kv_bytes, layer_kept, stopped, dict(context.record), context_tokens=c,
+                            question_prefill_s=question_s, context_reused=reused)
+
+
+class ContextCache:
+    """Compress once, ask many: keeps the last compressed context; a sample whose context token ids (and model and
+    method) are identical is answered from it without prefilling again. Runners put samples sharing a context next
+    to each other. Counts the prefills done and avoided, and the prefill seconds saved."""
+
+    def __init__(self) -> None:
+        self.current: CompressedContext | None = None
+        self._owner: tuple[int, int] | None = None
+        self.prefills = 0
+        self.reuses = 0
+        self.prefill_s_avoided = 0.0
+
+    def get(self, model, context_ids: torch.Tensor, method: Method) -> tuple[CompressedContext, bool]:
+        owner = (id(model), id(method))
+        current = self.current
+        if (current is not None and self._owner == owner and current.context_ids.shape == context_ids.shape
+                and torch.equal(current.context_ids, context_ids)):
+            self.reuses += 1
+            self.prefill_s_avoided += current.prefilled.prefill_s
+            return current, True
+        self.current = None  # free the previous cache before building the next
+        self.current, self._owner = compress_context(model, context_ids, method), owner
+        self.prefills += 1
+        return self.current, False
+
+    def stats(self) -> dict:
+        return {"context_prefills": self.prefills, "context_prefills_avoided": self.reuses,
+                "context_prefill_s_avoided": round(self.prefill_s_avoided, 3)}
+
+
+@torch.inference_mode()
+def generate_agnostic(model, context_ids: torch.Tensor, question_ids: torch.Tensor, method: Method | None = None, *,
+                      max_new_tokens: int, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
+                      repetition_penalty: float = 1.0, contexts: ContextCache | None = None) -> GenerationOutput:
+    """Query-agnostic generation: compress `context_ids` [1, C] (or reuse it from `contexts`), then answer
+    `question_ids` [1, q] at positions C.. and decode. FullKV gives the tokens of `generate` on context+question."""
+    method = method or FullKV()
+    if contexts is not None:
+        context, reused = contexts.get(model, context_ids, method)
+    else:
+        context, reused = compress_context(model, context_ids, method), False
+    return answer_question(model, context, question_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                           min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, reused=reused)

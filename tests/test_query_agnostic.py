@@ -1,0 +1,144 @@
+"""Query-agnostic evaluation: two-phase prefill (context compressed alone, question fed uncompressed at its true
+positions), compress-once-ask-many with cache restore, and the context/question split of every prompt."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_prompt
+from kvbench.engine import (ContextCache, compress_context, generate, generate_agnostic, prefill, question_forward,
+                            restore_cache)
+from kvbench.methods import METHODS, build_method
+
+torch.set_num_threads(1)
+CONTEXT, QUESTION, NEW = 300, 20, 10
+SELECTING = ["snapkv", "pyramidkv", "dynamickv", "h2o"]
+
+
+def method(name: str, budget: int = 64):
+    return build_method(name) if name == "fullkv" else build_method(name, budget=budget, window_size=8)
+
+
+def split(tok, seed=0, context=CONTEXT, question=QUESTION):
+    ids = random_prompt(context + question, len(tok), seed=seed)
+    return ids[:, :context], ids[:, context:]
+
+
+# ---- engine: two-phase prefill ------------------------------------------------------------------------------------
+def test_fullkv_agnostic_equals_aware_tokens_and_logits(tiny):
+    model, tok = tiny
+    ctx, q = split(tok)
+    aware = generate(model, torch.cat([ctx, q], 1), None, max_new_tokens=NEW)
+    agnostic = generate(model, ctx, None, max_new_tokens=NEW, question_ids=q)
+    assert agnostic.token_ids == aware.token_ids
+    assert agnostic.prompt_tokens == aware.prompt_tokens == CONTEXT + QUESTION
+    assert agnostic.context_tokens == CONTEXT and agnostic.log_fields()["question_tokens"] == QUESTION
+    # The last-position logits of one-pass and two-pass prefill agree to float precision.
+    one = prefill(model, torch.cat([ctx, q], 1)).logits
+    two = compress_context(model, ctx)
+    two_logits = question_forward(model, q, CONTEXT, two.prefilled.cache)
+    assert torch.allclose(one, two_logits, atol=1e-4, rtol=1e-4), (one - two_logits).abs().max()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_agnostic_and_keeps_context_only(tiny_llama, name):
+    model, tok = tiny_llama
+    ctx, q = split(tok, seed=1)
+    out = generate(model, ctx, method(name), max_new_tokens=NEW, question_ids=q)
+    assert len(out.token_ids) == NEW or out.stopped == "stop_token"
+    layers = model.config.num_hidden_layers
+    if name == "fullkv":
+        assert out.layer_kept == [CONTEXT] * layers
+    else:
+        assert max(out.layer_kept) <= CONTEXT and sum(out.layer_kept) < CONTEXT * layers
+    assert out.log_fields()["compressed"] == (name != "fullkv")
+
+
+def test_question_positions_continue_after_uncompressed_context(tiny_llama):
+    model, tok = tiny_llama
+    ctx, q = split(tok, seed=2)
+    seen = []
+    hook = model.model.rotary_emb.register_forward_hook(lambda mod, args, kwargs, out: seen.append(
+        kwargs["position_ids"].flatten().tolist()), with_kwargs=True)
+    try:
+        out = generate(model, ctx, method("snapkv"), max_new_tokens=3, question_ids=q)
+    finally:
+        hook.remove()
+    assert out.layer_kept == [64] * model.config.num_hidden_layers
+    assert seen[0] == list(range(CONTEXT))
+    assert seen[1] == list(range(CONTEXT, CONTEXT + QUESTION))
+    assert seen[2] == [CONTEXT + QUESTION] and seen[3] == [CONTEXT + QUESTION + 1]
+
+
+def test_question_forward_equals_token_by_token_over_compressed_cache(tiny):
+    """The one-pass question forward (its own mask over per-query-head, compressed layers) gives the logits of
+    feeding the question one token at a time, for uniform (SnapKV) and per-layer (PyramidKV) budgets."""
+    model, tok = tiny
+    ctx, q = split(tok, seed=3)
+    for name in ("snapkv", "pyramidkv"):
+        a = compress_context(model, ctx, method(name))
+        one_pass = question_forward(model, q, CONTEXT, a.prefilled.cache)
+        b = compress_context(model, ctx, method(name))
+        for i in range(QUESTION):
+            step = question_forward(model, q[:, i:i + 1], CONTEXT + i, b.prefilled.cache)
+        assert torch.allclose(one_pass, step, atol=1e-4, rtol=1e-4), (name, (one_pass - step).abs().max())
+
+
+@pytest.mark.parametrize("name", SELECTING)
+def test_agnostic_kept_set_does_not_depend_on_question(tiny_llama, name):
+    model, tok = tiny_llama
+    ctx, q1 = split(tok, seed=4)
+    q2 = random_prompt(QUESTION, len(tok), seed=99)
+    kept = []
+    for q in (q1, q2):
+        contexts = ContextCache()
+        generate(model, ctx, method(name), max_new_tokens=2, question_ids=q, contexts=contexts)
+        kept.append(contexts.current.prefilled.cache.kept_positions())
+    assert kept[0] == kept[1]
+    # Control: in aware mode the question is in the observation window and changes what is kept.
+    aware = [prefill(model, torch.cat([ctx, q], 1), method(name)).cache.kept_positions() for q in (q1, q2)]
+    assert aware[0] != aware[1]
+
+
+# ---- compress once, ask many --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(METHODS))
+def test_ask_many_equals_fresh_compression(tiny, name):
+    model, tok = tiny
+    ctx, _ = split(tok, seed=5)
+    questions = [random_prompt(QUESTION + i, len(tok), seed=50 + i) for i in range(3)]
+    contexts = ContextCache()
+    m = method(name)
+    many = [generate(model, ctx, m, max_new_tokens=NEW, question_ids=q, contexts=contexts) for q in questions]
+    fresh = [generate_agnostic(model, ctx, q, method(name), max_new_tokens=NEW) for q in questions]
+    assert [o.token_ids for o in many] == [o.token_ids for o in fresh]
+    assert [o.context_reused for o in many] == [False, True, True]
+    assert many[1].prefill_s == 0.0 and many[0].prefill_s > 0
+    assert contexts.stats()["context_prefills"] == 1 and contexts.stats()["context_prefills_avoided"] == 2
+    # After the last answer the cache holds exactly the compressed context again.
+    assert [layer.get_seq_length() for layer in contexts.current.prefilled.cache.layers] == contexts.current.lengths
+
+
+def test_context_cache_misses_on_other_context_or_method(tiny_llama):
+    model, tok = tiny_llama
+    ctx, q = split(tok, seed=6)
+    other = ctx.clone()
+    other[0, 5] = (other[0, 5] + 1) % len(tok)
+    contexts = ContextCache()
+    m1, m2 = method("snapkv"), method("snapkv")
+    reused = [generate(model, c, m, max_new_tokens=2, question_ids=q, contexts=contexts).context_reused
+              for c, m in ((ctx, m1), (ctx, m1), (other, m1), (other, m2))]
+    assert reused == [False, True, False, False]
+
+
+def test_restore_cache_trims_each_layer_with_crop(tiny_llama):
+    model, tok = tiny_llama
+    ctx, q = split(tok, seed=7)
+    c = compress_context(model, ctx, method("pyramidkv"))
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in c.prefilled.cache.layers]
+    question_forward(model, q, CONTEXT, c.prefilled.cache)
+    assert all(layer.get_seq_length() == n + QUESTION for layer, n in zip(c.prefilled.cache.layers, c.lengths))
+    restore_cache(c.prefilled.cache, c.lengths)
+    for layer, (k, v) in zip(c.prefilled.cache.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    with pytest.raises(RuntimeError):
+        restore_cache(c.prefilled.cache, [n + 1 for n in c.lengths])
