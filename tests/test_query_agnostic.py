@@ -2,6 +2,8 @@
 positions), compress-once-ask-many with cache restore, and the context/question split of every prompt."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,3 +144,106 @@ def test_restore_cache_trims_each_layer_with_crop(tiny_llama):
         assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
     with pytest.raises(RuntimeError):
         restore_cache(c.prefilled.cache, [n + 1 for n in c.lengths])
+
+
+# ---- the split: context + question ids == the aware prompt's ids --------------------------------------------------
+from kvbench.longbench.protocol import (PROMPTS, build_prompt, build_split_prompt, get_protocol,  # noqa: E402
+                                        question_kind, split_template)
+from kvbench.models import EMBEDDED, load_tokenizer  # noqa: E402
+from kvbench.needle.prompt import (build_context_ids, build_multi_context_ids, build_prompt_ids,  # noqa: E402
+                                   build_split_prompt_ids, needle_question)
+
+CUES = {"trec": "Type:", "triviaqa": "Answer:", "samsum": "Summary:"}
+WORDS = ("The committee met on Tuesday. It discussed the budget, the new library and the river bridge. "
+         "Several members asked questions about costs.\n")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(EMBEDDED)
+
+
+def example(task: str, words: int = 3, question_words: int = 1):
+    body = WORDS * words
+    question = "What did the committee discuss about the library and its opening hours? " * question_words
+    if task in CUES:
+        question = f"{question}\n{CUES[task]}"
+    return {"context": body, "input": question, "length": 0}
+
+
+def test_template_split_covers_every_task():
+    assert set(PROMPTS) == set(split_template.__globals__["QUESTION_STARTS"])
+    for task in PROMPTS:
+        ctx, q = split_template(task)
+        assert ctx + q == PROMPTS[task] and "{context}" in ctx and "{context}" not in q
+        assert ("{input}" in q) == (question_kind(task) == "input")
+    assert question_kind("gov_report") == "fixed_instruction" and question_kind("lcc") == "answer_cue_only"
+    assert split_template("narrativeqa")[0].endswith("Do not provide any explanation.\n\n")
+    assert split_template("passage_retrieval_en")[1].startswith("{input}\n\nPlease enter the number")
+
+
+@pytest.mark.parametrize("protocol", ["dynamickv", "official"])
+@pytest.mark.parametrize("task", sorted(PROMPTS))
+def test_longbench_split_equals_aware_tokens(tok, task, protocol):
+    proto = get_protocol(protocol)
+    for words, max_len in ((3, None), (40, 400)):  # untruncated, and middle-truncated (question kept whole)
+        ex = example(task, words)
+        split, aware = build_split_prompt(task, ex, tok, proto, max_len)
+        assert split.input_ids == build_prompt(task, ex, tok, proto, max_len).input_ids == aware.input_ids
+        assert split.context_ids and split.question_ids
+        q_text = tok.decode(split.question_ids)
+        if question_kind(task) == "input":
+            assert "library and its opening hours" in q_text
+            assert "library and its opening hours" not in tok.decode(split.context_ids)
+        assert aware.truncated == (max_len is not None)
+        assert split.info["split_truncation"] == ("whole_prompt" if max_len else None)
+
+
+def test_long_question_truncates_the_context_part_only(tok):
+    proto = get_protocol("dynamickv")
+    ex = example("repobench-p", words=40, question_words=30)  # the question alone is > max_len / 2
+    split, aware = build_split_prompt("repobench-p", ex, tok, proto, 600)
+    assert split.info["split_truncation"] == "context_only"
+    assert len(split.input_ids) <= 600 + 2
+    assert tok.decode(split.question_ids) == ex["input"] + "Next line of code:\n"
+    assert tok.decode(split.context_ids, skip_special_tokens=True).startswith("Please complete the code")
+
+
+def test_longbench_split_on_shared_files(tok):
+    from conftest import SHARED_LONGBENCH
+    from kvbench.longbench.data import DataSource, load_task
+    if not SHARED_LONGBENCH.is_dir():  # a worktree outside /work/main: the shared folder by its absolute path
+        SHARED_LONGBENCH = Path("/work/shared/data/longbench")
+    if not SHARED_LONGBENCH.is_dir():
+        pytest.skip("shared LongBench files not present")
+    for task in ("multi_news", "multifieldqa_zh", "passage_retrieval_zh"):
+        for ex in load_task(task, DataSource(path=str(SHARED_LONGBENCH), limit=3)):
+            for protocol in ("dynamickv", "official"):
+                proto = get_protocol(protocol)
+                split, aware = build_split_prompt(task, ex, tok, proto, 2048)
+                assert split.input_ids == aware.input_ids
+
+
+@pytest.mark.parametrize("preset", ["raw", "chat"])
+def test_needle_split_equals_aware_tokens(tok, preset):
+    haystack = tok.encode(WORDS * 60, add_special_tokens=False)
+    for needle in (0, 3):
+        for depth in (0, 50, 100):
+            ctx = build_context_ids(tok, haystack, 900, depth)[0]
+            split = build_split_prompt_ids(tok, ctx, preset, needle=needle)
+            assert split.input_ids == build_prompt_ids(tok, ctx, preset, needle=needle)
+            question = needle_question(needle)[1 if preset == "raw" else 2]
+            assert question.strip() in tok.decode(split.question_ids)
+            assert tok.decode(split.context_ids).rstrip().endswith("</book>." if preset == "raw" else "")
+            assert "Question" not in tok.decode(split.context_ids)[-80:]
+
+
+def test_multi_needle_context(tok):
+    haystack = tok.encode(WORDS * 80, add_special_tokens=False)
+    depths = [0, 33, 67, 100]
+    ids, starts = build_multi_context_ids(tok, haystack, 1200, depths)
+    assert len(ids) <= 1200 - 200 and starts == sorted(starts)
+    for i, start in enumerate(starts):
+        needle = tok.encode(needle_question(i)[0], add_special_tokens=False)
+        assert ids[start:start + len(needle)] == needle
+    assert starts[-1] + len(tok.encode(needle_question(3)[0], add_special_tokens=False)) == len(ids)

@@ -292,6 +292,95 @@ def build_prompt(
     return PromptResult(input_ids=ids, truncated=truncated, original_tokens=original_tokens, text=text)
 
 
+# ---- query-agnostic split (benchmark.query=agnostic) -------------------------------------------------------------
+# Where the question part of each official template starts (reference Part C, kvpress's rule): the context part is
+# the template up to and including the fixed instruction after {context}; the question part is the question marker,
+# {input} and the answer cue. Templates without {input} get their fixed trailing instruction (gov_report,
+# multi_news, passage_count) or only their answer cue (vcsum, lcc) as the question part. In every template
+# {context} precedes {input}; trec/triviaqa/samsum/lsht/repobench-p have no text between them.
+QUESTION_STARTS: dict[str, str] = {
+    "narrativeqa": "Question: {input}", "qasper": "Question: {input}", "multifieldqa_en": "Question: {input}",
+    "multifieldqa_zh": "问题：{input}", "hotpotqa": "Question: {input}", "2wikimqa": "Question: {input}",
+    "musique": "Question: {input}", "dureader": "问题：{input}",
+    "gov_report": "Now, write a one-page summary of the report.", "qmsum": "Query: {input}",
+    "multi_news": "Now, write a one-page summary of all the news.", "vcsum": "会议总结：",
+    "trec": "{input}", "triviaqa": "{input}", "samsum": "{input}", "lsht": "{input}",
+    "passage_count": "Please enter the final count", "passage_retrieval_en": "{input}",
+    "passage_retrieval_zh": "{input}", "lcc": "Next line of code:\n", "repobench-p": "{input}",
+}
+
+
+def question_kind(task: str) -> str:
+    """How the task's question part is made: "input" (the sample's question), "fixed_instruction" (no {input}: the
+    trailing instruction) or "answer_cue_only" (no {input} and no instruction after the context)."""
+    name = task_spec(task).name
+    if "{input}" in QUESTION_STARTS[name]:
+        return "input"
+    return "answer_cue_only" if name in ("vcsum", "lcc") else "fixed_instruction"
+
+
+def split_template(task: str) -> tuple[str, str]:
+    """The official template cut into its context part and its question part (their concatenation is the template)."""
+    name = task_spec(task).name
+    template, marker = PROMPTS[name], QUESTION_STARTS[name]
+    at = template.find(marker)
+    if at < 0 or template.rfind(marker) != at:
+        raise ProtocolError(f"the question marker of {name!r} is not found exactly once in its template")
+    return template[:at], template[at:]
+
+
+def build_split_prompt(
+    task: str, example: Mapping[str, Any], tokenizer: Any, protocol: Protocol, max_input_len: int | None
+):
+    """The prompt of `build_prompt`, cut into context ids (compressed before the question is known) and question
+    ids (fed afterwards). Unless the question itself would be truncated, context + question ids are exactly
+    `build_prompt(...).input_ids`: the same text is truncated, rendered and tokenised once, then cut where the
+    question part starts. If middle truncation would cut into the question (a question longer than half of
+    max_input_len), only the context part is middle-truncated, to max_input_len minus the question's tokens
+    (recorded as split_truncation="context_only")."""
+    from kvbench.query import question_start, split_ids
+
+    spec = task_spec(task)
+    context_template, question_template = split_template(task)
+    try:
+        context_text, question_text = context_template.format(**example), question_template.format(**example)
+    except KeyError as error:
+        raise ProtocolError(f"LongBench sample for {task!r} has no field {error}; samples need 'context' and "
+                            f"'input' (is this a LongBench jsonl file?)") from None
+    chat = protocol.chat_template == "model" and spec.chat
+    aware = build_prompt(task, example, tokenizer, protocol, max_input_len)
+    info = {"question_kind": question_kind(task), "split_truncation": None}
+    text, ids = aware.text, aware.input_ids
+    if aware.truncated:
+        cut = truncate_middle(tokenizer, _tokenize(tokenizer, context_text + question_text,
+                                                   protocol.add_special_tokens), max_input_len)
+        info["split_truncation"] = "whole_prompt"
+        if not cut.endswith(question_text):  # the question would be cut: truncate the context part only
+            question_len = len(_tokenize(tokenizer, question_text, False))
+            budget = max_input_len - question_len
+            if budget < 2:
+                raise ProtocolError(f"{task}: the question part alone has {question_len} tokens, more than "
+                                    f"max_input_len={max_input_len}; raise model.max_input_len")
+            context_ids = _tokenize(tokenizer, context_text, protocol.add_special_tokens)
+            if len(context_ids) > budget:
+                context_text = truncate_middle(tokenizer, context_ids, budget)
+            text = context_text + question_text
+            if chat:
+                text = _wrap_in_chat(tokenizer, text)
+            ids = _tokenize(tokenizer, text, False if chat else protocol.add_special_tokens)
+            info["split_truncation"] = "context_only"
+    if chat:
+        boundary = question_start(text, question_text, task)
+    else:
+        if not text.endswith(question_text):
+            raise ProtocolError(f"{task}: the prompt does not end with its question part; cannot split it")
+        boundary = len(text) - len(question_text)
+    prefix = _tokenize(tokenizer, text[:boundary], False if chat else protocol.add_special_tokens)
+    split = split_ids(ids, prefix, task)
+    split.info.update(info)
+    return split, aware
+
+
 @dataclass(frozen=True)
 class GenSettings:
     """Decoding settings for one task: greedy, at most max_new_tokens, at least min_new_tokens (0 = no minimum)."""

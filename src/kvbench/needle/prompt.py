@@ -109,19 +109,22 @@ def _raw_prompt(context: str, question: str) -> str:
     )
 
 
-def _chat_prompt_ids(tokenizer, context: str) -> list[int]:
+def _chat_text(tokenizer, context: str, question: str = CHAT_QUESTION) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise KvbenchError(
             "Needle preset 'chat' needs a tokenizer with a chat template, and this one has none. "
             "Fix: use the 'raw' preset for base models."
         )
-    messages = [{"role": "user", "content": f"{context}\n\n{CHAT_QUESTION}"}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    messages = [{"role": "user", "content": f"{context}\n\n{question}"}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _chat_prompt_ids(tokenizer, context: str, question: str = CHAT_QUESTION) -> list[int]:
     # The template writes any BOS itself, so the tokenizer must not add another.
-    return _encode(tokenizer, text)
+    return _encode(tokenizer, _chat_text(tokenizer, context, question))
 
 
-def build_prompt_ids(tokenizer, context_ids: list[int], preset: str = "raw") -> list[int]:
+def build_prompt_ids(tokenizer, context_ids: list[int], preset: str = "raw", needle: int = 0) -> list[int]:
     """The model input for one cell: the decoded context wrapped in the preset's prompt.
 
     ``"raw"``: the papers' plain-string prompt, tokenised with special tokens (BOS if the tokenizer
@@ -130,10 +133,92 @@ def build_prompt_ids(tokenizer, context_ids: list[int], preset: str = "raw") -> 
     """
     if preset not in PROMPT_PRESETS:
         raise KvbenchError(f"Unknown needle prompt preset {preset!r}. Fix: use one of {PROMPT_PRESETS}.")
+    _, raw_question, chat_question, _ = needle_question(needle)
     context = tokenizer.decode(list(context_ids), skip_special_tokens=True)
     if preset == "chat":
-        return _chat_prompt_ids(tokenizer, context)
-    return list(tokenizer(_raw_prompt(context, RETRIEVAL_QUESTION))["input_ids"])
+        return _chat_prompt_ids(tokenizer, context, chat_question)
+    return list(tokenizer(_raw_prompt(context, raw_question))["input_ids"])
+
+
+# ---- query-agnostic split and the K-needle variant -------------------------------------------------------------
+RAW_QUESTION_START = " Based on the content of the book, Question: "
+
+# Needle i of the K-needle variant (one per grid depth, asked one at a time from one compressed haystack). Needle 0
+# is the papers' needle, so one needle is the standard test.
+CITY_NEEDLES: tuple[tuple[str, str], ...] = (
+    ("San Francisco", "eat a sandwich and sit in Dolores Park on a sunny day."),
+    ("Lisbon", "ride the old yellow tram up to the castle at sunset."),
+    ("Kyoto", "walk through the bamboo forest early in the morning."),
+    ("Chicago", "take an architecture boat tour along the river."),
+    ("Cairo", "watch the sun rise over the pyramids of Giza."),
+    ("Buenos Aires", "dance the tango in a small club in San Telmo."),
+    ("Reykjavik", "soak in a hot spring under the northern lights."),
+    ("Istanbul", "drink black tea on a ferry across the Bosphorus."),
+    ("Sydney", "swim in the ocean pool at Bondi Beach in winter."),
+    ("Montreal", "eat warm bagels from a wood oven on Saint-Viateur Street."),
+)
+
+
+def needle_question(i: int) -> tuple[str, str, str, str]:
+    """(needle text, raw-prompt question, chat-prompt question, expected answer) of needle ``i``."""
+    if not 0 <= i < len(CITY_NEEDLES):
+        raise KvbenchError(f"the K-needle variant has {len(CITY_NEEDLES)} distinct needles; use at most "
+                           f"{len(CITY_NEEDLES)} depths (benchmark.grid.depths)")
+    if i == 0:
+        return NEEDLE, RETRIEVAL_QUESTION, CHAT_QUESTION, EXPECTED_ANSWER
+    city, answer = CITY_NEEDLES[i]
+    return (f"\nThe best thing to do in {city} is {answer}\n", f"The best thing to do in {city} is: ",
+            f"Based on the text above, what is the best thing to do in {city}?", answer)
+
+
+def build_multi_context_ids(tokenizer, haystack_ids: list[int], context_length: int, depths: list[int],
+                            buffer: int = FINAL_CONTEXT_LENGTH_BUFFER) -> tuple[list[int], list[int]]:
+    """One haystack holding needle i at depth ``depths[i]`` (each moved back to a sentence start as in
+    ``build_context_ids``); returns the ids and the index where each needle starts. The haystack is cut so that
+    haystack + all needles fit ``context_length - buffer``."""
+    needles = [_encode(tokenizer, needle_question(i)[0]) for i in range(len(depths))]
+    total = sum(len(n) for n in needles)
+    _validate_cell(context_length, 0, total, buffer)
+    for depth in depths:
+        _validate_cell(context_length, depth, total, buffer)
+    if len(haystack_ids) > context_length:
+        context = _encode(tokenizer, tokenizer.decode(list(haystack_ids[:context_length]), skip_special_tokens=True))
+    else:
+        context = list(haystack_ids)
+    context = context[: context_length - buffer - total]
+    periods = period_token_ids(tokenizer)
+    spots = [len(context) if d == 100 else _sentence_start_before(context, int(len(context) * d / 100), periods)
+             for d in depths]
+    order = sorted(range(len(depths)), key=lambda i: (spots[i], i))
+    out, starts, last = [], [0] * len(depths), 0
+    for i in order:
+        out += context[last:spots[i]]
+        starts[i] = len(out)
+        out += needles[i]
+        last = spots[i]
+    return out + context[last:], starts
+
+
+def build_split_prompt_ids(tokenizer, context_ids: list[int], preset: str = "raw", needle: int = 0):
+    """The prompt of ``build_prompt_ids`` (asking about needle ``needle``), cut after the haystack into the context
+    part (compressed before the question is known) and the question part. ``"raw"``: the context part ends with
+    ``</book>.\n``; ``"chat"``: with the haystack and the ``\n\n`` before the question, the question part holds
+    the question, the end of the user turn and the assistant header. context + question ids == the aware ids."""
+    from kvbench.query import question_start, split_ids
+
+    if preset not in PROMPT_PRESETS:
+        raise KvbenchError(f"Unknown needle prompt preset {preset!r}. Fix: use one of {PROMPT_PRESETS}.")
+    _, raw_question, chat_question, _ = needle_question(needle)
+    context = tokenizer.decode(list(context_ids), skip_special_tokens=True)
+    if preset == "chat":
+        text = _chat_text(tokenizer, context, chat_question)  # rendered once, cut where the question starts
+        full = _encode(tokenizer, text)
+        prefix = _encode(tokenizer, text[: question_start(text, chat_question, "needle")])
+    else:
+        text = _raw_prompt(context, raw_question)
+        full = list(tokenizer(text)["input_ids"])
+        prefix = list(tokenizer(text[: text.rindex(RAW_QUESTION_START)])["input_ids"])
+    return split_ids(full, prefix, "needle")
 
 
 def stop_token_ids(tokenizer) -> list[int]:

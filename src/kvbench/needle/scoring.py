@@ -30,7 +30,7 @@ def rouge_score_x10(response: str, needle: str = NEEDLE) -> float:
     return float(_rouge_scorer().score(needle, response)["rouge1"].fmeasure * 10)
 
 
-def heatmap_score(response: str, divisor: str = "distinct") -> float:
+def heatmap_score(response: str, divisor: str = "distinct", expected: str = EXPECTED_ANSWER) -> float:
     """Share of the expected answer's words found in ``response`` (lower-cased, split on spaces).
 
     ``divisor="distinct"`` divides by the 11 distinct words (current ``visualize.py``; a perfect
@@ -39,6 +39,7 @@ def heatmap_score(response: str, divisor: str = "distinct") -> float:
     """
     if divisor not in DIVISORS:
         raise KvbenchError(f"Unknown heatmap divisor {divisor!r}. Fix: use one of {DIVISORS}.")
-    found = set(response.lower().split()) & set(_EXPECTED_WORDS)
-    total = len(set(_EXPECTED_WORDS)) if divisor == "distinct" else len(_EXPECTED_WORDS)
+    words = _EXPECTED_WORDS if expected == EXPECTED_ANSWER else expected.lower().split()  # other: K-needle variant
+    found = set(response.lower().split()) & set(words)
+    total = len(set(words)) if divisor == "distinct" else len(words)
     return len(found) / total
