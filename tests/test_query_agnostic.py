@@ -247,3 +247,77 @@ def test_multi_needle_context(tok):
         needle = tok.encode(needle_question(i)[0], add_special_tokens=False)
         assert ids[start:start + len(needle)] == needle
     assert starts[-1] + len(tok.encode(needle_question(3)[0], add_special_tokens=False)) == len(ids)
+
+
+# ---- end to end: config, run folders, records ---------------------------------------------------------------------
+import json  # noqa: E402
+
+from kvbench.config import compose, output_dir  # noqa: E402
+from kvbench.errors import KvbenchError  # noqa: E402
+from kvbench.pipeline import evaluate, prepare  # noqa: E402
+from kvbench.results import read_predictions  # noqa: E402
+
+SHARED = Path("/work/shared/data/longbench")
+LB_TASK = "passage_retrieval_zh"
+
+
+def lb_overrides(tmp_path, *extra):
+    return ["model=tiny_llama", f"benchmark.data_dir={SHARED}", f"benchmark.tasks=[{LB_TASK}]",
+            f"results_root={tmp_path}", "progress=false", "benchmark.limit=2", *extra]
+
+
+def test_query_setting_names_the_folder_and_is_validated(tmp_path):
+    assert compose([]).benchmark.query == "aware" and compose(["benchmark=needle"]).benchmark.query == "aware"
+    cfg = compose(lb_overrides(tmp_path, "method=snapkv", "budget=64", "benchmark.query=agnostic"))
+    assert output_dir(cfg).name == "snapkv_64_agnostic"
+    assert output_dir(compose(lb_overrides(tmp_path, "method=snapkv", "budget=64"))).name == "snapkv_64"
+    needle = compose(["benchmark=needle", "benchmark.query=agnostic", "benchmark.multi_needle=true",
+                      "method=fullkv"])
+    assert output_dir(needle).name == "fullkv_agnostic_multineedle"
+    with pytest.raises(KvbenchError, match="benchmark.query"):
+        prepare(compose(lb_overrides(tmp_path, "benchmark.query=blind")))
+    with pytest.raises(KvbenchError, match="distinct needles"):
+        prepare(compose(["benchmark=needle", "benchmark.multi_needle=true", "benchmark.grid.depths=11"]))
+
+
+def test_longbench_agnostic_run_fullkv_equals_aware(tmp_path):
+    if not SHARED.is_dir():
+        pytest.skip("shared LongBench files not present")
+    preds = {}
+    for query in ("aware", "agnostic"):
+        cfg = compose(lb_overrides(tmp_path, "method=fullkv", f"benchmark.query={query}"))
+        evaluate(cfg)
+        preds[query] = read_predictions(output_dir(cfg) / "predictions" / f"{LB_TASK}.jsonl")
+    run = json.loads((output_dir(cfg) / "run.json").read_text())
+    assert run["settings"]["benchmark"]["query"] == "agnostic" and run["config"]["benchmark"]["query"] == "agnostic"
+    aware, agnostic = ({r["_id"]: r for r in preds[q]} for q in ("aware", "agnostic"))
+    assert aware.keys() == agnostic.keys()
+    for key, r in agnostic.items():
+        assert r["pred"] == aware[key]["pred"] and r["prompt_tokens"] == aware[key]["prompt_tokens"]
+        assert r["query"] == "agnostic" and r["context_part_tokens"] + r["question_tokens"] == r["prompt_tokens"]
+        assert r["split"]["question_kind"] == "input" and r["question_prefill_s"] >= 0
+        assert "query" not in aware[key]
+
+
+def test_needle_multi_needle_agnostic_compresses_each_haystack_once(tmp_path):
+    hay = tmp_path / "hay"
+    hay.mkdir()
+    (hay / "a.txt").write_text("The sky was grey over the harbour. Boats came in slowly. " * 80)
+    base = ["model=tiny_llama", "benchmark=needle", f"benchmark.haystack_dir={hay}", "method=snapkv", "budget=64",
+            f"results_root={tmp_path}", "progress=false", "benchmark.grid.start=500", "benchmark.grid.end=700",
+            "benchmark.grid.step=200", "benchmark.grid.depths=3", "benchmark.multi_needle=true"]
+    runs = {}
+    for query in ("aware", "agnostic"):
+        cfg = compose(base + [f"benchmark.query={query}"])
+        evaluate(cfg)
+        runs[query] = read_predictions(output_dir(cfg) / "predictions" / "needle.jsonl")
+    agnostic = runs["agnostic"]
+    assert [r["needle"] for r in agnostic] == [0, 1, 2] * 2
+    assert [r["context_reused"] for r in agnostic] == [False, True, True] * 2
+    assert len({r["needle_index"] for r in agnostic[:3]}) == 3
+    timing = json.loads((output_dir(cfg) / "run.json").read_text())
+    text = json.dumps(timing)
+    assert '"context_prefills": 2' in text and '"context_prefills_avoided": 4' in text
+    # Same prompts in both modes; the aware run compresses haystack + question anew for every needle.
+    assert [r["input_tokens"] for r in agnostic] == [r["input_tokens"] for r in runs["aware"]]
+    assert all(r["layer_kept"] == [64] * 4 for r in agnostic)

@@ -28,13 +28,17 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_
 
 
 def run_name(cfg: DictConfig) -> str:
-    """`<method>_<budget>[_<protocol>][_<tag>]`: the budget is left out when the method ignores it (FullKV), the
+    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_<tag>]`: the budget is left out when the method ignores it (FullKV), the
     protocol when it is the default preset."""
     name = cfg.method.name
     if not cfg.method.get("budget_agnostic", False):
         name += f"_{cfg.budget:g}" if isinstance(cfg.budget, float) else f"_{cfg.budget}"
     if cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a folder with the default
         name += f"_{cfg.protocol.name}"
+    if cfg.benchmark.get("query", "aware") != "aware":  # query-agnostic runs never share a folder with aware ones
+        name += f"_{cfg.benchmark.query}"
+    if cfg.benchmark.get("multi_needle", False):
+        name += "_multineedle"
     return f"{name}_{cfg.tag}" if cfg.get("tag") else name
 
 

@@ -52,7 +52,7 @@ class GenerationOutput:
             "new_tokens": len(self.token_ids),
             "stopped": self.stopped,
             **({"method": self.method_record} if self.method_record else {}),
-            **({"query": "agnostic", "context_tokens": self.context_tokens,
+            **({"query": "agnostic", "context_part_tokens": self.context_tokens,
                 "question_tokens": self.prompt_tokens - self.context_tokens,
                 "question_prefill_s": round(self.question_prefill_s, 4), "context_reused": self.context_reused}
                if self.context_tokens is not None else {}),

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kvbench
 from kvbench.config import output_dir, run_name
-from kvbench.engine import GenerationOutput, generate
+from kvbench.engine import ContextCache, GenerationOutput, generate
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
@@ -173,11 +173,16 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     log.info("results: %s", job.out)
     model, tokenizer = load_model_once(job.spec, job.device)
     timer = Timer()
+    contexts = ContextCache()  # query-agnostic runs: samples sharing a context reuse its compressed cache
 
-    def run_one(input_ids: list[int], max_new_tokens: int, stop_token_ids, min_new_tokens: int = 0):
+    def run_one(input_ids: list[int], max_new_tokens: int, stop_token_ids, min_new_tokens: int = 0,
+                question_ids: list[int] | None = None):
+        """`question_ids` given: query-agnostic, `input_ids` is the context alone (compressed before the question)."""
         ids = torch.tensor([input_ids], device=job.device)
+        question = None if question_ids is None else torch.tensor([question_ids], device=job.device)
         out = generate(model, ids, job.method, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                       min_new_tokens=min_new_tokens, repetition_penalty=job.spec.repetition_penalty)
+                       min_new_tokens=min_new_tokens, repetition_penalty=job.spec.repetition_penalty,
+                       question_ids=question, contexts=contexts)
         timer.add(out)
         return out, tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
@@ -185,6 +190,8 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     with PeakMemory(job.device, interval_s=0.02) as memory:
         scores = job.benchmark.run(store, model, tokenizer, run_one, cfg.progress, on_sample)
     timing = timer.summary()
+    if contexts.prefills:
+        timing.update(contexts.stats())
     all_records = [r for task in store.tasks_done() for r in store.records(task)]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
     store.finish(scores, timing=timing, peak_memory_bytes=int(memory.peak), kv_bytes_mean=kv_mean)

@@ -7,10 +7,12 @@ from omegaconf import DictConfig
 
 from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
-from kvbench.needle.prompt import (PROMPT_PRESETS, build_context_ids, build_prompt_ids, context_lengths,
-                                   depth_percents, stop_token_ids)
+from kvbench.needle.prompt import (PROMPT_PRESETS, build_context_ids, build_multi_context_ids, build_prompt_ids,
+                                   build_split_prompt_ids, context_lengths, depth_percents, needle_question,
+                                   stop_token_ids)
 from kvbench.needle.scoring import heatmap_score, rouge_score_x10
 from kvbench.progress import progress
+from kvbench.query import check_query_mode
 
 TASK = "needle"
 
@@ -27,6 +29,8 @@ class NeedlePlan:
     prompt: str
     buffer: int
     max_new_tokens: int
+    query: str = "aware"
+    multi_needle: bool = False
 
     def protocol_name(self) -> str:
         return f"needle_{self.prompt}"
@@ -34,7 +38,9 @@ class NeedlePlan:
     def settings(self) -> dict:
         # The grid is not a setting: a larger grid continues the same run, cells already done are kept.
         return {"name": "needle", "prompt": self.prompt, "buffer": self.buffer, "max_new_tokens": self.max_new_tokens,
-                "haystack_files": len(self.haystack.files), "haystack_order_sha256": self.haystack.order_sha256}
+                "haystack_files": len(self.haystack.files), "haystack_order_sha256": self.haystack.order_sha256,
+                **({"query": self.query} if self.query != "aware" else {}),  # aware: the fingerprint of old runs
+                **({"multi_needle": True, "depths": self.depths} if self.multi_needle else {})}
 
     def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
         done = store.done(TASK, key="cell")
@@ -42,17 +48,33 @@ class NeedlePlan:
                  if cell_key(length, depth) not in done]
         haystack_ids = haystack_token_ids(tokenizer, self.haystack, max(self.lengths)) if cells else []
         stops = stop_token_ids(tokenizer)
+        multi: dict[int, tuple[list[int], list[int]]] = {}  # length -> the K-needle haystack and needle starts
         for length, depth in progress(cells, len(cells), f"needle ({len(done)} done)" if done else "needle",
                                       show_progress):
-            context_ids, needle_index = build_context_ids(tokenizer, haystack_ids, length, depth, buffer=self.buffer)
-            input_ids = build_prompt_ids(tokenizer, context_ids, self.prompt)
-            out, text = run_one(input_ids, self.max_new_tokens, stops)
+            needle = self.depths.index(depth) if self.multi_needle else 0
+            if self.multi_needle:
+                if length not in multi:
+                    multi.clear()
+                    multi[length] = build_multi_context_ids(tokenizer, haystack_ids, length, self.depths, self.buffer)
+                context_ids, needle_index = multi[length][0], multi[length][1][needle]
+            else:
+                context_ids, needle_index = build_context_ids(tokenizer, haystack_ids, length, depth,
+                                                              buffer=self.buffer)
+            if self.query == "agnostic":  # the cells of one multi-needle haystack share its compressed cache
+                split = build_split_prompt_ids(tokenizer, context_ids, self.prompt, needle=needle)
+                input_ids = split.input_ids
+                out, text = run_one(split.context_ids, self.max_new_tokens, stops, question_ids=split.question_ids)
+            else:
+                input_ids = build_prompt_ids(tokenizer, context_ids, self.prompt, needle=needle)
+                out, text = run_one(input_ids, self.max_new_tokens, stops)
             response = text.strip()
+            needle_text, _, _, expected = needle_question(needle)
             record = {"cell": cell_key(length, depth), "context_length": length, "depth_percent": depth,
                       "input_tokens": len(input_ids), "context_tokens": len(context_ids),
                       "needle_index": needle_index, "response": response,
-                      "score_rouge": rouge_score_x10(response), "score": heatmap_score(response),
-                      **out.log_fields()}
+                      "score_rouge": rouge_score_x10(response, needle_text),
+                      "score": heatmap_score(response, expected=expected), **out.log_fields(),
+                      **({"needle": needle} if self.multi_needle else {})}
             store.append(TASK, record)
             if on_sample:
                 on_sample(TASK, record)
@@ -75,5 +97,10 @@ def plan_needle(cfg: DictConfig) -> NeedlePlan:
     lengths = context_lengths(int(grid.start), int(grid.end), int(grid.step))
     if not lengths:
         raise KvbenchError(f"the needle grid {grid.start}..{grid.end} step {grid.step} has no context length")
-    return NeedlePlan(lengths, depth_percents(int(grid.depths)), load_haystack(bench.haystack_dir), bench.prompt,
-                      int(bench.buffer), int(bench.max_new_tokens))
+    depths = depth_percents(int(grid.depths))
+    multi_needle = bool(bench.get("multi_needle", False))
+    if multi_needle:
+        needle_question(len(depths) - 1)  # a clear error when the grid has more depths than distinct needles
+    return NeedlePlan(lengths, depths, load_haystack(bench.haystack_dir), bench.prompt,
+                      int(bench.buffer), int(bench.max_new_tokens), check_query_mode(bench.get("query", "aware")),
+                      multi_needle)
