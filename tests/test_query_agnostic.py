@@ -321,3 +321,52 @@ def test_needle_multi_needle_agnostic_compresses_each_haystack_once(tmp_path):
     # Same prompts in both modes; the aware run compresses haystack + question anew for every needle.
     assert [r["input_tokens"] for r in agnostic] == [r["input_tokens"] for r in runs["aware"]]
     assert all(r["layer_kept"] == [64] * 4 for r in agnostic)
+
+
+# ---- the embedded SmolLM2 (slow) ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_fullkv_agnostic_equals_aware_and_ask_many(smollm2):
+    from kvbench.needle.haystack import haystack_token_ids, load_haystack
+    model, tok = smollm2
+    haystack = haystack_token_ids(tok, load_haystack(), 2000)
+    depths = [0, 50, 100]
+    ctx_ids, _ = build_multi_context_ids(tok, haystack, 2000, depths)
+    splits = [build_split_prompt_ids(tok, ctx_ids, "chat", needle=i) for i in range(len(depths))]
+    assert len({tuple(s.context_ids) for s in splits}) == 1  # one context for the three questions
+    ctx = torch.tensor([splits[0].context_ids])
+    questions = [torch.tensor([s.question_ids]) for s in splits]
+    # FullKV: two-pass prefill gives the one-pass tokens, and the logits agree to float precision.
+    for s, q in zip(splits, questions):
+        aware = generate(model, torch.tensor([s.input_ids]), None, max_new_tokens=16)
+        agnostic = generate(model, ctx, None, max_new_tokens=16, question_ids=q)
+        assert agnostic.token_ids == aware.token_ids, tok.decode(aware.token_ids)
+    one = prefill(model, torch.tensor([splits[0].input_ids])).logits
+    two = compress_context(model, ctx)
+    gap = (one - question_forward(model, questions[0], ctx.shape[1], two.prefilled.cache)).abs().max().item()
+    assert gap < 1e-3, gap
+    # Ask many from one compressed cache == compressing anew for each question (SnapKV, DynamicKV).
+    for name in ("snapkv", "dynamickv"):
+        contexts = ContextCache()
+        m = build_method(name, budget=128)
+        many = [generate(model, ctx, m, max_new_tokens=16, question_ids=q, contexts=contexts).token_ids
+                for q in questions]
+        fresh = [generate_agnostic(model, ctx, q, build_method(name, budget=128), max_new_tokens=16).token_ids
+                 for q in questions]
+        assert many == fresh and contexts.stats()["context_prefills"] == 1
+
+
+# ---- reports: the query mode is shown, and the gap view ----------------------------------------------------------
+def test_query_gap_view():
+    import pandas as pd
+    from kvbench.report.query_gap import query_gap, query_gap_markdown
+    rows = []
+    for method, query, task, score in [("SnapKV", "aware", "a", 50), ("SnapKV", "aware", "b", 30),
+                                       ("SnapKV (agnostic)", "agnostic", "a", 40),  # b not run agnostic
+                                       ("SnapKV", "aware", "needle", 90), ("SnapKV (agnostic)", "agnostic", "needle", 60),
+                                       ("H2O", "aware", "a", 10)]:
+        rows.append({"model": "m", "method": method, "budget": 128.0, "query": query, "task": task, "score": score,
+                     "benchmark": "needle" if task == "needle" else "longbench"})
+    gap = query_gap(pd.DataFrame(rows))
+    assert gap[["benchmark", "method", "tasks", "aware", "agnostic", "gap"]].values.tolist() == [
+        ["longbench", "SnapKV", 1, 50.0, 40.0, 10.0], ["needle", "SnapKV", 1, 90.0, 60.0, 30.0]]
+    assert "| m | needle | SnapKV | 128 | 1 | 90.00 | 60.00 | +30.00 |" in query_gap_markdown(pd.DataFrame(rows))

@@ -15,6 +15,7 @@ import pandas as pd
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write
 from kvbench.report.collect import collect, layer_allocations, method_sort_key
+from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
 from kvbench.report.tables import budget_label, markdown_frame, longbench_table, paper_comparison
 
@@ -113,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         written = [atomic_write(out / "results.csv", df.to_csv(index=False))]
         written += _write_longbench_tables(df, out, args.formats)
         written += _needle_summary(df, out)
+        gap = query_gap_markdown(df)  # per method: aware minus agnostic (LongBench average, needle)
+        if gap:
+            print(f"## Query-aware gap\n\n{gap}")
+            written.append(atomic_write(out / "query_gap.md", gap))
         comparison = paper_comparison(df)
         print(f"## Paper vs ours\n\n{comparison}")
         written.append(atomic_write(out / "paper_comparison.md", comparison))

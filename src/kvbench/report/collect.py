@@ -29,7 +29,7 @@ _METHOD_ALIASES.update({"full": "FullKV", "streaming_llm": "StreamingLLM", "stre
 
 RESULT_COLUMNS = [
     "model", "hub_id", "benchmark", "method", "budget", "task", "score", "n", "protocol",
-    "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir",
+    "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query",
 ]
 ALLOCATION_COLUMNS = ["model", "benchmark", "method", "budget", "task", "layer", "kept_mean"]
 
@@ -45,9 +45,10 @@ def display_method(name: str) -> str:
 
 def method_sort_key(name: str) -> tuple[int, str]:
     """Sort key putting the papers' methods first, in the papers' order, and any others after, alphabetically."""
+    name, agnostic = name.removesuffix(" (agnostic)"), name.endswith(" (agnostic)")
     if name in METHOD_ORDER:
-        return (METHOD_ORDER.index(name), "")
-    return (len(METHOD_ORDER), name.lower())
+        return (METHOD_ORDER.index(name), "", agnostic)
+    return (len(METHOD_ORDER), name.lower(), agnostic)
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -120,6 +121,8 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
     if not isinstance(model, dict) or not isinstance(method, dict) or "name" not in method:
         raise KvbenchError(f"{run_dir / 'run.json'} lacks 'model'/'method.name'; rerun that run")
     name = display_method(method["name"])
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+    query = str((config.get("benchmark") or {}).get("query") or "aware")
     return {
         "model": str(model.get("name", run_dir.parts[-3] if len(run_dir.parts) >= 3 else "?")),
         "hub_id": str(model.get("hub_id", "")),
@@ -128,6 +131,9 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "budget": math.nan if name == "FullKV" else _budget(method.get("budget")),
         "protocol": str(run.get("protocol", "")),
         "run_dir": str(run_dir),
+        "query": query,
+        # Query-agnostic runs are labelled in every table and figure, and never share a cell with aware ones.
+        **({"method": f"{name} (agnostic)"} if query != "aware" else {}),
     }
 
 

@@ -1,0 +1,62 @@
+"""The query-aware gap: per method and budget, the score with the question compressed along with the context
+(aware, the 2024 papers' protocol) minus the score with the context compressed before the question (agnostic).
+
+Inputs are the rows of `collect` (one per run and task, with the `query` column). LongBench: the mean over the tasks
+both modes have (so a partial agnostic run is compared on its own tasks only); needle: the mean heatmap score.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from kvbench.report.collect import method_sort_key
+
+GAP_COLUMNS = ["model", "method", "budget", "benchmark", "tasks", "aware", "agnostic", "gap"]
+
+
+def base_method(label: str) -> str:
+    """`SnapKV (agnostic)` -> `SnapKV` (collect labels agnostic runs so that no table mixes the two modes)."""
+    return str(label).removesuffix(" (agnostic)")
+
+
+def query_gap(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, method, budget, benchmark) that has both modes: aware, agnostic, gap = aware - agnostic."""
+    if "query" not in df.columns or df.empty:
+        return pd.DataFrame(columns=GAP_COLUMNS)
+    frame = df.assign(base=df["method"].map(base_method), budget_key=df["budget"].fillna(-1.0))
+    frame = frame[frame["benchmark"].isin(["longbench", "longbench_e", "needle"])]
+    rows = []
+    for (model, method, budget, bench), group in frame.groupby(["model", "base", "budget_key", "benchmark"]):
+        by_mode = {mode: g.groupby("task")["score"].mean() for mode, g in group.groupby("query")}
+        if set(by_mode) != {"aware", "agnostic"}:
+            continue
+        tasks = sorted(set(by_mode["aware"].dropna().index) & set(by_mode["agnostic"].dropna().index))
+        if not tasks:
+            continue
+        aware = float(by_mode["aware"][tasks].mean())
+        agnostic = float(by_mode["agnostic"][tasks].mean())
+        rows.append({"model": model, "method": method, "budget": math.nan if budget == -1.0 else budget,
+                     "benchmark": bench, "tasks": len(tasks), "aware": aware, "agnostic": agnostic,
+                     "gap": aware - agnostic})
+    out = pd.DataFrame(rows, columns=GAP_COLUMNS)
+    if out.empty:
+        return out
+    order = sorted(out.index, key=lambda i: (out.at[i, "model"], out.at[i, "benchmark"],
+                                             method_sort_key(out.at[i, "method"]),
+                                             -1 if pd.isna(out.at[i, "budget"]) else out.at[i, "budget"]))
+    return out.loc[order].reset_index(drop=True)
+
+
+def query_gap_markdown(df: pd.DataFrame) -> str:
+    """The gap view as a Markdown table ("" when no method was run in both modes)."""
+    gap = query_gap(df)
+    if gap.empty:
+        return ""
+    lines = ["| Model | Benchmark | Method | Budget | Tasks | Aware | Agnostic | Gap (aware - agnostic) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in gap.itertuples():
+        budget = "Full" if pd.isna(r.budget) else f"{r.budget:g}"
+        lines.append(f"| {r.model} | {r.benchmark} | {r.method} | {budget} | {r.tasks} | {r.aware:.2f} | "
+                     f"{r.agnostic:.2f} | {r.gap:+.2f} |")
+    return "\n".join(lines) + "\n"
