@@ -256,15 +256,16 @@ class ContextCache:
 
     def __init__(self) -> None:
         self.current: CompressedContext | None = None
-        self._owner: tuple[int, int] | None = None
+        self._owner: tuple | None = None  # (model, method) objects the cached context was compressed with
         self.prefills = 0
         self.reuses = 0
         self.prefill_s_avoided = 0.0
 
     def get(self, model, context_ids: torch.Tensor, method: Method) -> tuple[CompressedContext, bool]:
-        owner = (id(model), id(method))
+        owner = (model, method)
         current = self.current
-        if (current is not None and self._owner == owner and current.context_ids.shape == context_ids.shape
+        if (current is not None and self._owner is not None and self._owner[0] is model
+                and self._owner[1] is method and current.context_ids.shape == context_ids.shape
                 and torch.equal(current.context_ids, context_ids)):
             self.reuses += 1
             self.prefill_s_avoided += current.prefilled.prefill_s
