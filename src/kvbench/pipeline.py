@@ -27,6 +27,7 @@ from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
 from kvbench.models import ModelSpec, load_model, resolve_attention, resolve_dtype
 from kvbench.results import RunStore
+from kvbench.sample_scores import pop_and_write
 
 log = logging.getLogger("kvbench")
 BENCHMARKS = ("longbench", "longbench_e", "needle")
@@ -184,6 +185,7 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     # Peak memory of this run's generation (model weights included), sampled every 20 ms.
     with PeakMemory(job.device, interval_s=0.02) as memory:
         scores = job.benchmark.run(store, model, tokenizer, run_one, cfg.progress, on_sample)
+    pop_and_write(job.out, scores)  # per-sample scores -> sample_scores.jsonl (kept out of scores.json)
     timing = timer.summary()
     all_records = [r for task in store.tasks_done() for r in store.records(task)]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
