@@ -124,6 +124,8 @@ def paired_comparison(a_groups: Sequence, b_groups: Sequence, confidence: float 
     n = total pairs}}. CI: paired percentile bootstrap (pairs resampled within each group); p-value: two-sided
     paired sign-flip permutation test of "no difference", flipping within each group.
     """
+    if n_resamples < 1 or n_permutations < 1:
+        raise KvbenchError(f"n_resamples and n_permutations must be positive, not {n_resamples}, {n_permutations}")
     a_arrays, b_arrays = _as_groups(a_groups), _as_groups(b_groups)
     if len(a_arrays) != len(b_arrays) or any(a.size != b.size for a, b in zip(a_arrays, b_arrays)):
         raise KvbenchError("paired comparison needs the same samples in both runs (group sizes differ)")
