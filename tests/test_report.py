@@ -391,3 +391,17 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
 def test_paper_model_names_match_config_names_and_hub_ids(name, hub_id, expected):
     from kvbench.report.tables import paper_model_name
     assert paper_model_name(name, hub_id) == expected
+
+
+def test_figures_carry_ci_bands_and_error_bars(tmp_path):
+    from kvbench.report.figures import _run_averages
+    rng = np.random.default_rng(1)
+    for method, budget, p in (("fullkv", None, 0.7), ("snapkv", 64, 0.4), ("snapkv", 128, 0.5)):
+        write_run(tmp_path / "r", MODEL, method, budget, {},
+                  samples={t: list((rng.random(50) < p).astype(float)) for t in TASKS})
+    df = collect([tmp_path / "r"])
+    runs, _ = _run_averages(df, "longbench", "en")
+    assert (runs["ci_low"] < runs["score"]).all() and (runs["score"] < runs["ci_high"]).all()
+    assert ((runs["ci_high"] - runs["ci_low"]) < 20).all()               # 150 samples per run: a few points wide
+    paths = budget_curve(df, tmp_path / "curve") + score_vs_bytes(df, tmp_path / "bytes")
+    assert all(p.stat().st_size > 1000 for p in paths)
