@@ -107,3 +107,35 @@ def test_compare_cli_prints_and_writes_json(tmp_path, capsys):
     assert "A = snapkv 128" in printed and "| Avg." in printed and "+37.50" in printed
     saved = json.loads(out.read_text())
     assert saved["average"]["mean_diff"] == 37.5 and saved["n_permutations"] == 500 and saved["a"]["method"] == "snapkv"
+
+
+def test_pipeline_writes_sample_scores_that_compare_and_report_read(tmp_path):
+    import torch
+    from kvbench.config import compose, output_dir
+    from kvbench.pipeline import evaluate
+    from kvbench.report import collect
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    data.mkdir()
+    examples = [{"input": f"段落{i}?", "context": "段落1：天空。段落2：大海。" * 40, "answers": [f"段落{i}"], "length": 300,
+                 "all_classes": None, "_id": f"id{i}", "dataset": "passage_retrieval_zh", "language": "zh"}
+                for i in (1, 2)]
+    (data / "passage_retrieval_zh.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n"
+                                                             for e in examples), encoding="utf-8")
+    dirs = []
+    for method in ("snapkv", "h2o"):
+        cfg = compose(["model=tiny_llama", f"benchmark.data_dir={data}", "benchmark.verify_checksums=false",
+                       "benchmark.tasks=[passage_retrieval_zh]", f"results_root={tmp_path / 'results'}",
+                       "progress=false", f"method={method}", "budget=64"])
+        scores = evaluate(cfg)
+        dirs.append(output_dir(cfg))
+        assert "sample_scores" not in scores
+        assert "sample_scores" not in json.loads((dirs[-1] / "scores.json").read_text())
+        samples = read_sample_scores(dirs[-1])
+        assert len(samples) == 2 and set(samples["task"]) == {"passage_retrieval_zh"}
+        assert round(100 * samples["score"].mean(), 2) == scores["tasks"]["passage_retrieval_zh"]
+    result = compare_runs(*dirs)
+    assert result["tasks"]["passage_retrieval_zh"]["n"] == 2
+    assert set(read_sample_scores(dirs[0])["id"]) == {"id1", "id2"}
+    df = collect([tmp_path / "results"])
+    assert df["ci_low"].notna().all() and (df["ci_low"] <= df["score"]).all()
