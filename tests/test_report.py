@@ -235,7 +235,8 @@ def test_incomplete_runs_are_marked_in_every_table(results, tmp_path, capsys):
     assert [r[3] for r in rows[2:] if r[2] == "PyramidKV"] == ["interrupted"]
     assert [r[3] for r in rows[2:] if r[2] != "PyramidKV"] == [""] * 6
     assert "status,n" in longbench_table(df, fmt="csv").splitlines()[0]
-    assert main([str(results), str(tmp_path / "s"), "--out", str(tmp_path / "rep"), "--format", "md"]) == 0
+    from kvbench.report.__main__ import _needle_summary
+    _needle_summary(df, tmp_path / "rep")
     needle = table_rows((tmp_path / "rep" / "needle.md").read_text())
     assert needle[0] == ["Model", "Method", "Budget", "Score", "95% CI", "n", "Status"]
     assert [r[6] for r in needle[1:]] == ["running", ""]          # SnapKV 64 is still running
@@ -284,8 +285,9 @@ def test_ci_views_and_sample_mismatch(tmp_path):
 
 
 def test_longbench_e_table_by_length_bucket(tmp_path):
-    run_dir = write_run(tmp_path, MODEL, "snapkv", 128, {"qasper_e": 50.0}, benchmark="longbench_e",
-                        samples={"qasper_e": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]})
+    # scores.json of a LongBench-E run keys tasks by their base name, as score_folder does.
+    run_dir = write_run(tmp_path, MODEL, "snapkv", 128, {}, benchmark="longbench_e",
+                        samples={"qasper": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]})
     buckets = ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
     write_sample_scores(run_dir, [sample_row("qasper", f"q{i}", s, length=1000, bucket=b)
                                   for i, (s, b) in enumerate(zip([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], buckets))])

@@ -27,7 +27,8 @@ from kvbench.sample_scores import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 
 RESULT_COLUMNS = [
-    "model", "hub_id", "benchmark", "method", "budget", "task", "score", "ci_low", "ci_high", "n", "protocol", "tag",
+    "model", "hub_id", "benchmark", "method", "budget", "task", "score", "ci_low", "ci_high", "samples_ok", "n",
+    "protocol", "tag",
     "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir",
 ]
 ALLOCATION_COLUMNS = ["model", "benchmark", "method", "budget", "task", "layer", "kept_mean"]
@@ -215,7 +216,7 @@ def _with_ci(row: dict, run_dir: Path, strict: bool) -> dict:
     """Add ci_low/ci_high (score points) from the run's per-sample scores; NaN without them."""
     values = _check_samples(run_dir, row["task"], row["score"], row["n"], strict)
     low, high = bootstrap_ci(values.to_numpy()) if values is not None else (math.nan, math.nan)
-    return {**row, "ci_low": low, "ci_high": high}
+    return {**row, "ci_low": low, "ci_high": high, "samples_ok": values is not None}
 
 
 def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
@@ -247,7 +248,8 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
 
     Columns: model, hub_id, benchmark, method (papers' spelling), budget (NaN for FullKV), task, score (0..100;
     needle runs: task "needle", score = 100 * mean_score), ci_low/ci_high (95% percentile bootstrap CI of the score
-    from the run's sample_scores.jsonl; NaN without it), n, protocol, tag (run.json config.tag, "" if none), status
+    from the run's sample_scores.jsonl; NaN without it), samples_ok (the task's per-sample scores exist and match
+    scores.json, so CIs and paired tests may use them), n, protocol, tag (run.json config.tag, "" if none), status
     (run.json status: "complete", "running", "interrupted", "unknown"), kv_bytes_mean, prefill_s_mean,
     decode_s_mean, run_dir. Broken runs are skipped with a `ReportWarning` (or raise with `strict=True`).
     """

@@ -101,7 +101,7 @@ def _run_averages(df: pd.DataFrame, benchmark: str, language: str) -> tuple[pd.D
 def _average_ci(run_dir: str, run: pd.DataFrame) -> tuple[float, float]:
     """95% CI of a run's average over these tasks (resampled within each task), from its sample_scores.jsonl;
     NaN when a task's samples are missing or did not match scores.json (collect left its CI out)."""
-    if "ci_low" not in run or run["ci_low"].isna().any():
+    if "samples_ok" not in run or not run["samples_ok"].fillna(False).astype(bool).all():
         return math.nan, math.nan
     groups = [task_samples(run_dir, task) for task in run["task"]]
     if any(g is None for g in groups):

@@ -11,6 +11,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENG
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
 from kvbench.report.collect import ReportWarning, method_sort_key, run_samples, task_samples
+from kvbench.sample_scores import SAMPLE_SCORES_FILE
 from kvbench.stats import confidence_intervals
 
 ABBREVIATIONS = {
@@ -96,7 +98,7 @@ def _select(df: pd.DataFrame, language: str, benchmark: str) -> tuple[pd.DataFra
 def _normalised(data: pd.DataFrame) -> pd.DataFrame:
     """Key columns filled (budget_key: -1 for FullKV), optional columns defaulted for hand-built frames."""
     defaults = {"protocol": "", "tag": "", "status": "complete", "n": pd.NA, "ci_low": math.nan,
-                "ci_high": math.nan, "run_dir": ""}
+                "ci_high": math.nan, "samples_ok": False, "run_dir": ""}
     data = data.assign(**{col: value for col, value in defaults.items() if col not in data})
     return data.assign(budget_key=data["budget"].astype(float).fillna(-1.0), protocol=data["protocol"].fillna(""),
                        tag=data["tag"].fillna("").astype(str), status=data["status"].fillna("unknown").astype(str))
@@ -199,15 +201,29 @@ def _bold_mask(values: pd.DataFrame) -> pd.DataFrame:
 
 def _paired_p(run_dirs: pd.DataFrame, best, second, tasks: list[str]) -> float | None:
     """p-value of the paired test best vs second on these tasks; None when they cannot be paired."""
-    samples = [_samples_of(run_dirs.loc[key], tasks) for key in (best, second)]
-    if any(s is None for s in samples):
-        return None
-    frames = [pd.DataFrame({"task": np.repeat(tasks, [len(g) for g in groups]),
-                            "id": np.concatenate([g.index.to_numpy() for g in groups]),
-                            "score": np.concatenate([g.to_numpy() for g in groups]) / 100.0})
-              for groups in samples]
-    try:
-        return compare_samples(frames[0], frames[1], tasks=tasks)["average"]["p_value"]
+    dirs = [tuple(str(run_dirs.loc[key].get(t, "")) for t in tasks) for key in (best, second)]
+    stamps = tuple(_mtime(d) for d in dirs[0] + dirs[1])  # a rewritten sample file is read again
+    return _cached_p(dirs[0], dirs[1], tuple(tasks), stamps)
+
+
+def _mtime(run_dir: str) -> int:
+    path = Path(run_dir) / SAMPLE_SCORES_FILE
+    return path.stat().st_mtime_ns if run_dir and path.is_file() else 0
+
+
+@lru_cache(maxsize=4096)
+def _cached_p(dirs_a: tuple[str, ...], dirs_b: tuple[str, ...], tasks: tuple[str, ...], _stamps) -> float | None:
+    """Same pair, same tasks: the same p (the absolute and percent tables ask twice)."""
+    frames = []
+    for dirs in (dirs_a, dirs_b):
+        groups = _samples_of(pd.Series(dirs, index=list(tasks)), list(tasks))
+        if groups is None:
+            return None
+        frames.append(pd.DataFrame({"task": np.repeat(list(tasks), [len(g) for g in groups]),
+                                    "id": np.concatenate([g.index.to_numpy() for g in groups]),
+                                    "score": np.concatenate([g.to_numpy() for g in groups]) / 100.0}))
+    try:  # only the p-value is used: one bootstrap resample is enough
+        return compare_samples(frames[0], frames[1], tasks=list(tasks), n_resamples=1)["average"]["p_value"]
     except KvbenchError:
         return None
 
@@ -241,7 +257,9 @@ def _build(df: pd.DataFrame, language: str, relative: bool, benchmark: str, ci: 
     scores = _wide(data, "score", tasks)
     order = _row_order(scores.index)
     scores = scores.loc[order]
-    run_dirs = _wide(data, "run_dir", tasks).loc[order]
+    # Pair and resample only samples that match scores.json (collect checked them): others count as missing.
+    run_dirs = _wide(data.assign(run_dir=data["run_dir"].where(data["samples_ok"].fillna(False).astype(bool), "")),
+                     "run_dir", tasks).loc[order]
     values = scores.assign(**{AVG: scores.mean(axis=1).where(scores.notna().all(axis=1))})
     avg_low, avg_high = _average_ci(run_dirs, tasks, scores)
     low = _wide(data, "ci_low", tasks).loc[order].assign(**{AVG: avg_low})
@@ -434,7 +452,7 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
     rows, missing = [], []
     for run_dir, run in _normalised(data).groupby("run_dir", sort=False):
         first = run.iloc[0]
-        samples = run_samples(run_dir)
+        samples = run_samples(run_dir) if run["samples_ok"].fillna(False).astype(bool).all() else None
         if samples is None or "bucket" not in samples:
             missing.append(run_dir)
             continue
@@ -461,7 +479,8 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
     if not rows:
         raise KvbenchError(f"no LongBench-E run has per-sample scores with length buckets; write them with "
                            f"`python -m kvbench.sample_scores RUN_DIR` ({len(missing)} run(s) without)")
-    frame = pd.DataFrame(rows).sort_values("_order", key=lambda s: s.map(lambda k: k)).drop(columns="_order")
+    frame = pd.DataFrame(rows)
+    frame = frame.iloc[sorted(range(len(frame)), key=lambda i: frame["_order"].iloc[i])].drop(columns="_order")
     labels = (["Model"] + (["Protocol"] if frame["Protocol"].nunique() > 1 else [])
               + (["Tag"] if (frame["Tag"] != "").any() else []) + ["Budget", "Method"]
               + (["Status"] if (frame["Status"] != "").any() else []) + ["Tasks"])
@@ -536,8 +555,8 @@ def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
             continue
         english = run[run["task"].isin(ENGLISH_16)].dropna(subset=["score"])
         ours = float(english["score"].mean()) if len(english) == 16 else math.nan
-        groups = _samples_of(pd.Series(run_dir, index=list(english["task"])), list(english["task"])) \
-            if len(english) == 16 else None
+        usable = len(english) == 16 and english.get("samples_ok", pd.Series(False)).fillna(False).astype(bool).all()
+        groups = _samples_of(pd.Series(run_dir, index=list(english["task"])), list(english["task"])) if usable else None
         low, high = confidence_intervals([g.to_numpy() for g in groups])["average_ci"] if groups else (math.nan,) * 2
         rows.append({"Model": name, "Method": first["method"], "Paper": paper_score, "Ours": ours,
                      "Tasks": f"{len(english)}/16", "Protocol": first.get("protocol", ""), "95% CI": _ci_text(low, high),
