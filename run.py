@@ -8,17 +8,25 @@ from omegaconf import DictConfig
 
 import kvbench.config  # noqa: F401  (registers the config resolvers)
 from kvbench.errors import KvbenchError
-from kvbench.pipeline import evaluate
+from kvbench.pipeline import Interrupted, evaluate
 from kvbench.summary import print_summary
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         scores = evaluate(cfg)
+    except Interrupted as err:
+        logging.getLogger("kvbench").error("%s", err)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        logging.getLogger("kvbench").error("interrupted before the first sample; rerun the same command to start")
+        sys.exit(EXIT_INTERRUPTED)
     except KvbenchError as err:
         logging.getLogger("kvbench").error("%s", err)
-        sys.exit(2)
+        sys.exit(EXIT_ERROR)
     return print_summary(cfg, scores)
 
 
