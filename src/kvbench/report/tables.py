@@ -2,7 +2,10 @@
 
 Layout (PyramidKV / SnapKV / DynamicKV tables): rows grouped by model, then budget (FullKV once, at the top), then
 method in the papers' order; columns are the tasks grouped by LongBench category, then the average. The best
-compressed method of each budget is bold in every column. Renders as Markdown, LaTeX (booktabs) or CSV.
+compressed method of each budget is bold in every column, with a dagger where a paired test on the same samples
+does not show it better than the second best. Cells can carry 95% bootstrap CIs (from sample_scores.jsonl); every
+table has an n column, a Status column for runs that did not complete and a Tag column for colliding runs.
+Rendered by pandas (`to_markdown` via tabulate, `Styler.to_latex` via jinja2, `to_csv`).
 """
 from __future__ import annotations
 
