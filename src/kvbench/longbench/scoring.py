@@ -22,7 +22,7 @@ from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, ENGLISH_16, ta
 
 __all__ = [
     "BUCKETS", "score_sample", "score_task", "score_task_e", "summarize", "read_predictions",
-    "prediction_files", "score_folder",
+    "prediction_files", "score_folder", "score_records",
 ]
 
 BUCKETS = ("0-4k", "4-8k", "8k+")
