@@ -273,7 +273,8 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
     all_records = [r for task in store.tasks_done() for r in store.records(task, _key_of(task))]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
     store.write_scores(scores)
-    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": job.benchmark.selection()},
+    selection = getattr(job.benchmark, "selection", None)
+    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": selection() if selection else None},
                       timing=timer.summary(), peak_memory_bytes=int(memory.peak))
     return scores
 
