@@ -275,7 +275,8 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
     pop_and_write(job.out, scores)  # per-sample scores -> sample_scores.jsonl (kept out of scores.json)
     store.write_scores(scores)
-    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": job.benchmark.selection()},
+    selection = getattr(job.benchmark, "selection", None)
+    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": selection() if selection else None},
                       timing=timer.summary(), peak_memory_bytes=int(memory.peak))
     return scores
 

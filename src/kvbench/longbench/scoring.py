@@ -26,7 +26,7 @@ from kvbench.sample_scores import SAMPLES_KEY, sample_row
 
 __all__ = [
     "BUCKETS", "score_sample", "score_task", "score_task_e", "summarize", "read_predictions",
-    "prediction_files", "score_folder", "sample_scores",
+    "prediction_files", "score_folder", "score_records", "sample_scores",
 ]
 
 BUCKETS = ("0-4k", "4-8k", "8k+")
