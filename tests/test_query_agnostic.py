@@ -365,7 +365,11 @@ def test_query_gap_view():
                                        ("SnapKV", "aware", "needle", 90), ("SnapKV (agnostic)", "agnostic", "needle", 60),
                                        ("H2O", "aware", "a", 10)]:
         rows.append({"model": "m", "method": method, "budget": 128.0, "query": query, "task": task, "score": score,
-                     "benchmark": "needle" if task == "needle" else "longbench"})
+                     "benchmark": "needle" if task == "needle" else "longbench",
+                     "run_dir": f"/r/m/x/{method.split()[0].lower()}_128{'_agnostic' if query == 'agnostic' else ''}"})
+    # A variant (the K-needle haystack) pairs only with its own variant, never with the single-needle runs.
+    rows.append({"model": "m", "method": "SnapKV (agnostic)", "budget": 128.0, "query": "agnostic", "task": "needle",
+                 "score": 0, "benchmark": "needle", "run_dir": "/r/m/needle/snapkv_128_agnostic_multineedle"})
     gap = query_gap(pd.DataFrame(rows))
     assert gap[["benchmark", "method", "tasks", "aware", "agnostic", "gap"]].values.tolist() == [
         ["longbench", "SnapKV", 1, 50.0, 40.0, 10.0], ["needle", "SnapKV", 1, 90.0, 60.0, 30.0]]

@@ -7,6 +7,7 @@ both modes have (so a partial agnostic run is compared on its own tasks only); n
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 
@@ -24,10 +25,14 @@ def query_gap(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, method, budget, benchmark) that has both modes: aware, agnostic, gap = aware - agnostic."""
     if "query" not in df.columns or df.empty:
         return pd.DataFrame(columns=GAP_COLUMNS)
-    frame = df.assign(base=df["method"].map(base_method), budget_key=df["budget"].fillna(-1.0))
+    # Runs pair by their folder name without "_agnostic": same method, budget, protocol, variant and tag.
+    pair = [Path(d).name.replace("_agnostic", "", 1) if q == "agnostic" else Path(d).name
+            for d, q in zip(df["run_dir"], df["query"])] if "run_dir" in df.columns else [""] * len(df)
+    frame = df.assign(base=df["method"].map(base_method), budget_key=df["budget"].fillna(-1.0), pair=pair)
     frame = frame[frame["benchmark"].isin(["longbench", "longbench_e", "needle"])]
     rows = []
-    for (model, method, budget, bench), group in frame.groupby(["model", "base", "budget_key", "benchmark"]):
+    for (model, method, budget, bench, pair_key), group in frame.groupby(["model", "base", "budget_key", "benchmark",
+                                                                   "pair"]):
         by_mode = {mode: g.groupby("task")["score"].mean() for mode, g in group.groupby("query")}
         if set(by_mode) != {"aware", "agnostic"}:
             continue
@@ -36,7 +41,8 @@ def query_gap(df: pd.DataFrame) -> pd.DataFrame:
             continue
         aware = float(by_mode["aware"][tasks].mean())
         agnostic = float(by_mode["agnostic"][tasks].mean())
-        rows.append({"model": model, "method": method, "budget": math.nan if budget == -1.0 else budget,
+        variant = " (multi-needle)" if "_multineedle" in pair_key else ""
+        rows.append({"model": model, "method": method + variant, "budget": math.nan if budget == -1.0 else budget,
                      "benchmark": bench, "tasks": len(tasks), "aware": aware, "agnostic": agnostic,
                      "gap": aware - agnostic})
     out = pd.DataFrame(rows, columns=GAP_COLUMNS)
