@@ -311,7 +311,7 @@ def assert_finished(folder: Path) -> None:
 def run_multirun(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers on two cores: no oversubscription
     return subprocess.run([sys.executable, str(REPO / "run.py"), "-m", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=150)
+                          cwd=REPO, env=env, timeout=400)  # a loaded 2-core machine needs minutes
 
 
 @pytest.mark.launcher
