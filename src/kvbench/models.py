@@ -17,7 +17,8 @@ from kvbench.attention import register
 from kvbench.errors import KvbenchError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_ARCHS = ("llama", "mistral", "qwen2")
+# Architectures the tests build as tiny random models (configs/model/tiny_*.yaml): transformers model types.
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt_oss", "llama4_text")
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,25 @@ def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
     return DTYPES[spec.dtype]
 
 
-def resolve_attention(spec: ModelSpec, device: str) -> str:
-    """flash_attention_2 only where it is installed and a GPU is used; sdpa otherwise (never eager by default)."""
+def resolve_attention(spec: ModelSpec, device: str, config=None) -> str:
+    """flash_attention_2 only where it is installed and a GPU is used; sdpa otherwise. Eager only for a model whose
+    attention sdpa cannot compute (Gemma 2's logit soft-cap, gpt-oss's sinks: `_supports_sdpa = False`)."""
     impl = spec.attn_implementation
     if impl == "flash_attention_2" and not (device.startswith("cuda") and importlib.util.find_spec("flash_attn")):
         impl = "sdpa"
+    if impl == "sdpa" and config is not None and not _supports_sdpa(config):
+        impl = "eager"
     return impl
+
+
+def _supports_sdpa(config) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote code: transformers checks it at load
+        return True
+    return bool(getattr(model_class, "_supports_sdpa", True))
 
 
 def package_file(package: str, filename: str) -> str:
@@ -106,38 +120,47 @@ def _cached_tokenizer(source: str, gguf_file: str | None, trust_remote_code: boo
         raise _hub_error(source, err) from err
 
 
-def _tiny_model(spec: ModelSpec, vocab_size: int, dtype: torch.dtype, attn: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(spec: ModelSpec, vocab_size: int):
+    from transformers import AutoConfig
 
     params = dict(spec.tiny)
-    arch, seed = params.pop("arch"), params.pop("seed", 0)
+    arch = params.pop("arch")
+    params.pop("seed", None)
     if arch not in TINY_ARCHS:
         raise KvbenchError(f"tiny model arch {arch!r}: choose one of {', '.join(TINY_ARCHS)}")
-    config = AutoConfig.for_model(arch, vocab_size=vocab_size, **params)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
-    return model
+    return AutoConfig.for_model(arch, vocab_size=vocab_size, **params)
+
+
+def _tiny_model(spec: ModelSpec, config, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.tiny.get("seed", 0))
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
 
 
 def load_model(spec: ModelSpec, device: str = "cpu"):
     """(model, tokenizer) ready for `engine.generate`, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(spec, device)
-    attn = register(resolve_attention(spec, device))
     tokenizer = load_tokenizer(spec)
     if spec.tiny is not None:
-        model = _tiny_model(spec, len(tokenizer), dtype, attn)
+        config = tiny_config(spec, len(tokenizer))
+        model = _tiny_model(spec, config, dtype, register(resolve_attention(spec, device, config)))
     elif spec.gguf_package:
         folder = package_file(spec.gguf_package, spec.gguf_file)
+        config = AutoConfig.from_pretrained(folder, gguf_file=spec.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype,
-                                                     attn_implementation=attn)
+                                                     attn_implementation=register(resolve_attention(spec, device,
+                                                                                                    config)))
     else:
         if not spec.hub_id:
             raise KvbenchError(f"model {spec.name} has no hub_id: set model.hub_id=<hub id or local folder>")
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, attn_implementation=attn,
-                                                         trust_remote_code=spec.trust_remote_code)
+            config = AutoConfig.from_pretrained(spec.hub_id, trust_remote_code=spec.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                         attn_implementation=register(resolve_attention(spec, device,
+                                                                                                        config)))
         except (OSError, ValueError) as err:
             raise _hub_error(spec.hub_id, err) from err
     return model.to(device).eval(), tokenizer
