@@ -199,3 +199,50 @@ def test_all_full_cache_matches_the_old_constructor():
         CompressedCache(3, local_layers="some")
     with pytest.raises(KvbenchError, match="local_layers"):
         build_method("snapkv", budget=64, local_layers="drop")
+
+
+# ---- Gemma 3 270M (slow: `make test-slow` installs it) --------------------------------------------------------------
+GEMMA_WINDOW = 512
+GEMMA_SLIDING = [i % 6 != 5 for i in range(18)]  # 5 of every 6 layers slide
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return cached_model("gemma3_270m")
+
+
+def essay_prompt(tok, n: int) -> torch.Tensor:
+    from kvbench.needle.haystack import haystack_token_ids, load_haystack
+
+    return torch.tensor([haystack_token_ids(tok, load_haystack(), n)[:n]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1200, 4000])
+def test_gemma3_270m_fullkv_reproduces_generate_past_its_window(gemma, n):
+    """The issue's check: at 1200 tokens the old full-history cache decoded garbage on the sliding layers."""
+    model, tok = gemma
+    assert [k.local for k in layer_kinds(model.config)] == GEMMA_SLIDING
+    ids = essay_prompt(tok, n)
+    out = generate(model, ids, None, max_new_tokens=16)
+    assert out.token_ids == reference_tokens(model, ids, 16)
+    assert out.layer_kept == [GEMMA_WINDOW - 1 if s else n for s in GEMMA_SLIDING]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_runs_every_method_on_its_global_layers(gemma):
+    model, tok = gemma
+    ids = essay_prompt(tok, 1200)
+    for name in METHODS:
+        out = generate(model, ids, build_method(name, budget=128) if name != "fullkv" else None, max_new_tokens=4)
+        sliding = [k for k, s in zip(out.layer_kept, GEMMA_SLIDING) if s]
+        full = [k for k, s in zip(out.layer_kept, GEMMA_SLIDING) if not s]
+        assert sliding == [GEMMA_WINDOW - 1] * 15 and len(out.token_ids) == 4, name
+        if name == "fullkv":
+            assert full == [1200] * 3
+        elif name in ("streamingllm", "h2o", "snapkv"):
+            assert full == [128] * 3, name
+        elif name == "pyramidkv":  # the schedule runs over the 3 global layers: 234, 120, 6 prefix tokens + window
+            assert full == [242, 128, 14]
+        else:  # dynamickv, official: 3 compressed layers < update_interval 4, so never re-budgeted (warned)
+            assert full == [1200] * 3
