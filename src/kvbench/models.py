@@ -167,10 +167,15 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
         model = _tiny_model(spec, config, dtype, register(resolve_attention(spec, device, config)))
     elif spec.gguf_package:
         folder, gguf_file = gguf_location(spec)
-        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
-                                                     attn_implementation=register(resolve_attention(spec, device,
-                                                                                                    config)))
+        # No separate config read: parsing a GGUF's metadata (a 262k-token vocabulary for Gemma) is slow.
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
+                                                         attn_implementation=register(resolve_attention(spec, device)))
+        except ValueError as err:
+            if "scaled_dot_product_attention" not in str(err):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
+                                                         attn_implementation=register("eager"))
     else:
         if not spec.hub_id:
             raise KvbenchError(f"model {spec.name} has no hub_id: set model.hub_id=<hub id or local folder>")
