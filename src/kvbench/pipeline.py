@@ -29,7 +29,7 @@ from kvbench.models import ModelSpec, load_model, resolve_attention, resolve_dty
 from kvbench.results import RunStore
 
 log = logging.getLogger("kvbench")
-BENCHMARKS = ("longbench", "longbench_e", "needle")
+BENCHMARKS = ("longbench", "longbench_e", "needle", "ruler")
 VERSIONED_PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "rouge", "rouge-score", "fuzzywuzzy",
                       "python-Levenshtein", "jieba", "gguf", "numpy", "flash-attn")
 
@@ -105,6 +105,9 @@ def prepare(cfg: DictConfig) -> Job:
     if name == "needle":
         from kvbench.needle.runner import plan_needle
         plan = plan_needle(cfg)
+    elif name == "ruler":
+        from kvbench.ruler.runner import plan_ruler
+        plan = plan_ruler(cfg, spec)
     else:
         from kvbench.longbench.runner import plan_longbench
         plan = plan_longbench(cfg, spec)
