@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## Paper vs ours\n\n{comparison}")
         written.append(atomic_write(out / "paper_comparison.md", comparison))
         written += _write_figures(df, args.results, out)
+        from kvbench.ruler.report import write_ruler_report  # RULER's own tables and figures
+        written += write_ruler_report(args.results, out, args.formats)
     except KvbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
