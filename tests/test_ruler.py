@@ -304,3 +304,58 @@ def test_run_scores_resumes_and_query_modes(tmp_path, tok):
     sample = agnostic.datasets[("niah_single_1", 1024)][0]
     assert calls[0][2] == {"context_tokens": len(render(sample, tok, agnostic.template).context_ids)}
     assert agnostic.settings() != plan.settings() and agnostic.protocol_name().endswith("_agnostic")
+
+
+# ----------------------------------------------------------------------------------------------- qa, e2e
+def _write_qa(folder):
+    folder.mkdir()
+    paragraphs = [{"context": f"Paragraph {i} says the capital of land {i} is city{i}.",
+                   "qas": [{"question": f"What is the capital of land {i}?", "is_impossible": False,
+                            "answers": [{"text": f"city{i}"}, {"text": f"City{i}"}]},
+                           {"question": "Unanswerable?", "is_impossible": True, "answers": []}]}
+                  for i in range(40)]
+    squad = {"data": [{"paragraphs": paragraphs[:20]}, {"paragraphs": paragraphs[20:]}]}
+    (folder / "squad.json").write_text(json.dumps(squad))
+    hotpot = [{"question": f"Which film did director {i} make?", "answer": f"film{i}",
+               "context": [[f"Title {i}-{j}", [f"Director {i} made film{i}. ", f"Note {j}."]] for j in range(10)]}
+              for i in range(10)]
+    (folder / "hotpotqa.json").write_text(json.dumps(hotpot))
+
+
+def test_qa_tasks_from_a_local_folder(tmp_path, tok):
+    _write_qa(tmp_path / "qa")
+    for task, answer in (("qa_1", "city0"), ("qa_2", "film0")):
+        ctx = Context(task, 42, 1024, count(tok), ModelTemplate("base"), qa_dir=str(tmp_path / "qa"))
+        samples = generate_task(ctx, 2)
+        first = samples[0]
+        assert answer in first["outputs"] and answer in first["context"]
+        assert first["question"].startswith("Answer the question based on the given documents.")
+        assert first["context"].count("Answer the question based on the given documents.") == 1
+        assert first["answer_prefix"] == " Answer:" and "Document 1:\n" in first["context"]
+        assert all(s["ruler_tokens"] <= 1024 for s in samples)
+    assert sample_score("qa_1", "It is CITY0.", ["city0", "City0"]) == 1.0
+
+
+def test_too_long_kvpress_sample_fails_at_start(tmp_path):
+    folder = tmp_path / "data" / "1024"
+    folder.mkdir(parents=True)
+    row = {**_kvpress_rows()[0], "context": "word " * 3000}
+    (folder / "test.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = _cfg(tmp_path, f"benchmark.data_dir={tmp_path / 'data'}", "benchmark.tasks=[niah_single_1]")
+    with pytest.raises(KvbenchError, match="more than tiny_llama's 2048"):
+        plan_ruler(cfg, _spec(cfg))
+
+
+def test_pipeline_runs_ruler_end_to_end(tmp_path):
+    import torch
+
+    from kvbench.pipeline import evaluate
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, "benchmark.samples=1", "benchmark.tasks=[vt]", "method=snapkv", "budget=64",
+               "progress=false")
+    scores = evaluate(cfg)
+    assert scores["benchmark"] == "ruler" and scores["n"] == {"vt": 1}
+    run = json.loads(next(tmp_path.rglob("run.json")).read_text())
+    assert run["settings"]["benchmark"]["source"]["kind"] == "generated" and run["protocol"] == "ruler_chat"
+    line = json.loads(next(tmp_path.rglob("vt.jsonl")).read_text().splitlines()[0])
+    assert line["_id"] == "1024_0" and line["new_tokens"] <= 30 and line["score"] in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
