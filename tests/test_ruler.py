@@ -153,9 +153,10 @@ def test_chat_template_wraps_and_splits(tok):
     assert s["question"].endswith(template.suffix)
     assert s["answer_prefix"].startswith(" The special magic number for ")
     assert "You are" in template.prefix and "You are" in s["context"]  # the singular rewrite spares the template
-    rendered = render(s, tok, template)
+    rendered = render(s, tok, template)  # context + question ids == the one-prompt tokenisation
     assert rendered.input_ids == list(tok.encode(s["context"] + s["question"] + s["answer_prefix"],
                                                  add_special_tokens=False))
+    assert tok.decode(rendered.context_ids) == s["context"]
 
 
 def test_pair_words_equal_rulers_sorted_set():
@@ -302,7 +303,8 @@ def test_run_scores_resumes_and_query_modes(tmp_path, tok):
     calls.clear()
     agnostic.run(store2, _Model(), tok, _fake_engine(lambda i: "", calls), False)
     sample = agnostic.datasets[("niah_single_1", 1024)][0]
-    assert calls[0][2] == {"context_tokens": len(render(sample, tok, agnostic.template).context_ids)}
+    rendered = render(sample, tok, agnostic.template)
+    assert calls[0][0] == len(rendered.context_ids) and calls[0][2] == {"question_ids": rendered.question_ids}
     assert agnostic.settings() != plan.settings() and agnostic.protocol_name().endswith("_agnostic")
 
 

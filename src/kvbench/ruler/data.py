@@ -178,14 +178,27 @@ class Rendered:
         return self.context_ids + self.question_ids
 
 
-def render(sample: dict, tokenizer, template: ModelTemplate) -> Rendered:
-    """Token ids of context | question (+ answer prefix), tokenised separately so that the boundary is a token
-    boundary in both query modes.
+def _split_ids(full_ids: list[int], context_ids: list[int]) -> Rendered:
+    """Cut the prompt's ids after the longest prefix they share with the context tokenised alone, so that context +
+    question is exactly the one-prompt tokenisation (a token merging across the boundary goes to the question)."""
+    k = 0
+    for a, b in zip(full_ids, context_ids):
+        if a != b:
+            break
+        k += 1
+    if k == 0 or k == len(full_ids):
+        raise KvbenchError(f"cannot split a RULER prompt into context and question ({k} of {len(full_ids)} tokens)")
+    return Rendered(list(full_ids[:k]), list(full_ids[k:]))
 
-    Generated samples already hold RULER's full text (model template included): `base` tokenises the context with
-    the tokenizer's own special tokens (BOS where it adds one, as RULER's HF pipeline does). kvpress-format samples
-    are rendered as kvpress's pipeline does: chat: template prefix + context | question + template suffix + answer
-    prefix; base: BOS + context | question + "\\n" + answer prefix."""
+
+def render(sample: dict, tokenizer, template: ModelTemplate) -> Rendered:
+    """Token ids of context | question (+ answer prefix).
+
+    Generated samples already hold RULER's full text (model template included); it is tokenised as one string, as
+    RULER's HF path does (`base`: with the tokenizer's own special tokens, BOS where it adds one; `chat`: the
+    template writes them), and cut where the context ends. kvpress-format samples are rendered as kvpress's
+    pipeline does, each part tokenised on its own: chat: template prefix + context | question + template suffix +
+    answer prefix; base: BOS + context | question + "\n" + answer prefix."""
     encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     if sample.get("source") == "kvpress":
         if template.name == "chat":
@@ -195,10 +208,10 @@ def render(sample: dict, tokenizer, template: ModelTemplate) -> Rendered:
             context = (tokenizer.bos_token or "") + sample["context"]
             question = sample["question"] + "\n" + sample["answer_prefix"]
         return Rendered(encode(context), encode(question))
-    question = encode(sample["question"] + sample["answer_prefix"])
+    full = sample["context"] + sample["question"] + sample["answer_prefix"]
     if template.name == "base":
-        return Rendered(list(tokenizer(sample["context"])["input_ids"]), question)
-    return Rendered(encode(sample["context"]), question)
+        return _split_ids(list(tokenizer(full)["input_ids"]), list(tokenizer(sample["context"])["input_ids"]))
+    return _split_ids(encode(full), encode(sample["context"]))
 
 
 def qa_note(task: str) -> str:

@@ -65,11 +65,11 @@ class RulerPlan:
 
     def _call(self, run_one, rendered, max_new_tokens: int, stops: list[int]):
         if self.query == "agnostic":
-            return run_one(rendered.input_ids, max_new_tokens, stops, context_tokens=len(rendered.context_ids))
+            return run_one(rendered.context_ids, max_new_tokens, stops, question_ids=rendered.question_ids)
         return run_one(rendered.input_ids, max_new_tokens, stops)
 
     def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
-        if self.query == "agnostic" and not _accepts(run_one, "context_tokens"):
+        if self.query == "agnostic" and not _accepts(run_one, "question_ids"):
             raise KvbenchError("benchmark.query=agnostic needs the engine's two-phase prefill (context, then "
                                "question), which this kvbench does not have yet; use benchmark.query=aware")
         stops = stop_token_ids(model, tokenizer)
