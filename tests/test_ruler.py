@@ -291,7 +291,8 @@ def test_run_scores_resumes_and_query_modes(tmp_path, tok):
     scores = plan.run(store, _Model(), tok, _fake_engine(lambda i: preds[i], calls), False)
     assert [c[1] for c in calls] == [128, 128, 30, 30]
     assert scores["lengths"]["1024"]["tasks"] == {"niah_single_1": 50.0, "vt": 70.0}
-    assert scores["samples"]["vt"]["1024"] == [1.0, 0.4] and scores["avg"] == 60.0
+    vt = [(r["id"], r["score"]) for r in scores["sample_scores"] if r["task"] == "vt"]
+    assert vt == [("1024_0", 1.0), ("1024_1", 0.4)] and scores["avg"] == 60.0
     assert scores["avg_label"] == "2-task average" and set(scores["data_sha256"]) == {"niah_single_1@1024", "vt@1024"}
     assert plan.run(store, _Model(), tok, _fake_engine(lambda i: "", calls), False) == scores and len(calls) == 4
 

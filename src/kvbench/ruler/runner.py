@@ -103,7 +103,7 @@ class RulerPlan:
     def summarize(self, store) -> dict:
         """Scores of exactly this selection (records of other lengths / samples on disk are left out)."""
         by_length: dict[str, dict] = {}
-        vectors: dict[str, dict[str, list[float]]] = {}
+        rows: list[dict] = []  # per-sample scores, the rows of sample_scores.jsonl
         for length in self.lengths:
             tasks, counts = {}, {}
             for task in self.tasks:
@@ -112,7 +112,8 @@ class RulerPlan:
                     if store.prediction_file(task).exists() else {}
                 ordered = [records[sid] for sid in sorted(records, key=lambda s: int(s.split("_")[1]))]
                 scores = [sample_score(task, r["pred"], r["outputs"]) for r in ordered]
-                vectors.setdefault(task, {})[str(length)] = scores
+                rows += [{"task": task, "id": r["_id"], "score": score, "context_length": length}
+                         for r, score in zip(ordered, scores)]
                 tasks[task], counts[task] = task_score(scores), len(scores)
             present = [t for t in self.tasks if tasks[t] is not None]
             by_length[str(length)] = {
@@ -132,7 +133,7 @@ class RulerPlan:
             "n": {t: sum(by_length[str(length)]["n"][t] for length in self.lengths) for t in self.tasks},
             "avg": round(sum(averages) / len(averages), 2) if averages else None,
             "avg_label": average_label([t for t in self.tasks if per_task[t] is not None]),
-            "samples": vectors,
+            "sample_scores": rows,  # the pipeline moves these to sample_scores.jsonl (kept in scores.json before)
             "data_sha256": self.data_sha256(),
             "skipped": self.skipped,
             "generation_s": round(self.generation_s, 2),
