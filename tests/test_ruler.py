@@ -15,7 +15,7 @@ from kvbench.errors import KvbenchError
 from kvbench.models import ModelSpec, load_tokenizer
 from kvbench.results import RunStore
 from kvbench.ruler import constants as C
-from kvbench.ruler.data import Generator, read_kvpress, render, set_sha256
+from kvbench.ruler.data import read_kvpress, render, set_sha256
 from kvbench.ruler.generate import Context, PairWords, generate_task
 from kvbench.ruler.metrics import (match_all, match_part, postprocess, sample_score, string_match_all,
                                    string_match_part, task_score)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench.errors import KvbenchError
-from kvbench.ruler.constants import ALL_TASKS, QA_FILES, TASKS, tokens_to_generate
+from kvbench.ruler.constants import ALL_TASKS, QA_FILES, TASKS
 from kvbench.ruler.generate import Context, generate_task, qa_file
 from kvbench.ruler.resources import essay_words, punkt_record, wonderwords_record
 from kvbench.ruler.template import ModelTemplate
@@ -221,5 +221,4 @@ def qa_note(task: str) -> str:
         "benchmark.qa_dir=<folder> (RULER's scripts/data/synthetic/json/download_qa_dataset.sh downloads both)"
 
 
-__all__ = ["Generator", "Rendered", "render", "read_kvpress", "kvpress_folder", "set_sha256", "qa_note",
-           "tokens_to_generate"]
+__all__ = ["Generator", "Rendered", "render", "read_kvpress", "kvpress_folder", "set_sha256", "qa_note"]

@@ -15,11 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvbench.errors import KvbenchError
 from kvbench.progress import progress
-from kvbench.ruler.constants import ALL_TASKS, QA_TASKS, SYNTHETIC_TASKS, TASKS, tokens_to_generate
+from kvbench.ruler.constants import ALL_TASKS, QA_TASKS, SYNTHETIC_TASKS, TASKS
 from kvbench.ruler.data import (Generator, canonical, kvpress_folder, qa_note, read_kvpress, render, set_sha256,
                                 sha256_text)
 from kvbench.ruler.generate import qa_file
-from kvbench.ruler.metrics import postprocess, sample_score, task_score
+from kvbench.ruler.metrics import sample_score, task_score
 from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
 
 log = logging.getLogger("kvbench")
@@ -254,4 +254,4 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s)
 
 
-__all__ = ["RulerPlan", "plan_ruler", "stop_token_ids", "tokens_to_generate"]
+__all__ = ["RulerPlan", "plan_ruler", "stop_token_ids"]
