@@ -68,3 +68,9 @@ def test_write_report_tables_and_figures(results, tmp_path):
             "ruler_score_vs_budget.pdf"} <= names
     assert all(p.stat().st_size > 0 for p in written)
     assert write_ruler_report(results / "needle_run", tmp_path / "other", echo=False) == []
+
+
+def test_single_compressed_row_is_not_bold(tmp_path):
+    _run(tmp_path, "fullkv", 128, {1024: {"niah_single_1": 100.0}})
+    _run(tmp_path, "snapkv", 128, {1024: {"niah_single_1": 0.0}})
+    assert "**" not in ruler_table(collect_ruler(tmp_path), 1024)

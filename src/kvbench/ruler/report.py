@@ -70,7 +70,7 @@ def _budget_label(budget: float) -> str:
 def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdown") -> str:
     """Methods (rows: model, query, budget, method) x tasks and the average, at one length (None: mean over the
     lengths each run has). The best score of each column among compressed methods is bold (all rows if no
-    compressed method)."""
+    compressed method; nothing when a single row competes)."""
     data = df if length is None else df[df["length"] == length]
     if data.empty:
         raise KvbenchError(f"no RULER results{'' if length is None else f' at length {length}'}")
@@ -86,7 +86,7 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
     value_cols = tasks + ["Avg."]
     compressed = wide["method"] != "FullKV"
     pool = wide[compressed] if compressed.any() else wide
-    best = {c: pool[c].max() for c in value_cols}
+    best = {c: pool[c].max() for c in value_cols} if len(pool) > 1 else {}  # one row: nothing to rank
     header = ["Model", "Query", "Budget", "Method"] + [SHORT[t] for t in tasks] + ["Avg."]
     body = []
     for i, row in wide.iterrows():
@@ -95,7 +95,7 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
         for c in value_cols:
             v = row[c]
             text = "-" if pd.isna(v) else f"{v:.2f}"
-            if fmt != "csv" and not pd.isna(v) and (compressed[i] or not compressed.any()) and v == best[c]:
+            if fmt != "csv" and not pd.isna(v) and (compressed[i] or not compressed.any()) and v == best.get(c):
                 text = f"**{text}**" if fmt == "markdown" else f"\\textbf{{{text}}}"
             cells.append(text)
         body.append(cells)
