@@ -9,9 +9,9 @@ TORCH  ?= torch==2.13.0
 .PHONY: setup test test-slow test-all demo bench golden clean help
 
 help:
-	@echo "make test       fast tests (tiny models, SmolLM2 equivalence, goldens, scorers): < 10 min on 2 CPU cores"
+	@echo "make test       fast tests (tiny models, goldens, scorers, launchers): < 5 min on 2 CPU cores"
 	@echo "make demo       SmolLM2 on CPU: 6 methods on 3 LongBench tasks and a needle grid, then tables/figures"
-	@echo "make test-slow  real-model checks that take longer (SmolLM2 needle and LongBench scores)"
+	@echo "make test-slow  real-model checks that take longer (SmolLM2 equivalence, needle and LongBench scores)"
 	@echo "make bench      performance benchmarks -> results/bench/*.json"
 	@echo "make golden     check the methods against the official implementations' golden cases"
 

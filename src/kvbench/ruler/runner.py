@@ -60,6 +60,10 @@ class RulerPlan:
     def settings(self) -> dict:
         return {"name": "ruler", "template": self.template.name, "query": self.query, "source": self.source}
 
+    def selection(self) -> dict:
+        return {"tasks": list(self.tasks), "lengths": list(self.lengths), "samples": self.samples,
+                "skipped": sorted(self.skipped)}
+
     def data_sha256(self) -> dict[str, str]:
         return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
 
