@@ -109,6 +109,7 @@ BENCHMARKS = {
     "longbench": "kvbench.longbench.runner:plan_longbench",
     "longbench_e": "kvbench.longbench.runner:plan_longbench",
     "needle": "kvbench.needle.runner:plan_needle",
+    "ruler": "kvbench.ruler.runner:plan_ruler",
 }
 
 
