@@ -69,6 +69,9 @@ def _make_wrapper(impl: str):
         if active is not None and key.shape[2] == query.shape[2]:  # a prefill: the cache holds exactly the prompt
             with torch.no_grad():
                 active.method.compress_layer(module.layer_idx, query, key, value, active.cache)
+        elif active is not None:  # a multi-token pass over a filled cache (KVzip's reconstruction passes)
+            with torch.no_grad():
+                active.method.observe_layer(module.layer_idx, query, key)
         return output
 
     kvbench_attention.__name__ = f"{PREFIX}{impl}"

@@ -172,6 +172,7 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     store.open()
     log.info("results: %s", job.out)
     model, tokenizer = load_model_once(job.spec, job.device)
+    job.method.bind(model, tokenizer)  # methods that need the model (Expected Attention, KVzip)
     timer = Timer()
 
     def run_one(input_ids: list[int], max_new_tokens: int, stop_token_ids, min_new_tokens: int = 0):
