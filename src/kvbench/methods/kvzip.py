@@ -60,19 +60,31 @@ def chunk_passes(prompt_ids: torch.Tensor, first: torch.Tensor, nxt: torch.Tenso
     return passes
 
 
-def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, start: int, end: int, n_sink: int):
-    """kvpress `score_kvzip`: queries [1,H,m,d] of a pass, keys [1,H_kv,N,d] (the prompt then the pass) ->
-    [H_kv, end - start] max attention to the chunk's tokens."""
+def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, start: int, end: int, n_sink: int,
+                          block: int = 512) -> torch.Tensor:
+    """kvpress `score_kvzip`: queries [1,H,m,d] of a pass, keys [1,H_kv,N,d] (the prompt, then the pass) ->
+    [H_kv, end - start]: the max over the group's heads and the pass's queries of the softmax over the keys of the
+    first `min(n_sink, start)` tokens, the chunk `start:end` and the pass itself (causal), at the chunk's columns.
+    Computed over blocks of `block` queries with a float32 log-normaliser, never the [H, m, N] matrix at once."""
     heads, m, d = queries.shape[1], queries.shape[2], queries.shape[3]
     kv_heads = keys.shape[1]
+    group = heads // kv_heads
     sink = min(n_sink, start)
-    sub = torch.cat([keys[:, :, :sink], keys[:, :, start:end], keys[:, :, -m:]], dim=2)[0]  # [H_kv, s+c+m, d]
-    q = queries[0].reshape(kv_heads, (heads // kv_heads) * m, d)
-    logits = (q @ sub.transpose(-1, -2) / math.sqrt(d)).view(kv_heads, heads // kv_heads, m, -1)
-    causal = torch.ones(m, m, dtype=torch.bool, device=keys.device).triu(1)
-    logits[..., -m:] = logits[..., -m:].masked_fill(causal, torch.finfo(logits.dtype).min)
-    attn = torch.softmax(logits, dim=-1)[..., sink:sink + end - start]
-    return attn.amax(dim=(1, 2))
+    context = torch.cat([keys[0, :, :sink], keys[0, :, start:end]], dim=1).transpose(-1, -2)  # [H_kv, d, s+c]
+    own = keys[0, :, -m:].transpose(-1, -2)  # [H_kv, d, m]
+    q = queries[0].view(kv_heads, group, m, d)
+    best = torch.zeros(kv_heads, end - start, dtype=torch.float32, device=keys.device)
+    for b0 in range(0, m, block):
+        rows = torch.arange(b0, min(b0 + block, m), device=keys.device)
+        qb = q[:, :, b0:b0 + len(rows)].reshape(kv_heads, group * len(rows), d)
+        ctx_logits = (qb @ context).float() / math.sqrt(d)  # [H_kv, g*b, s+c]
+        own_logits = ((qb @ own).float() / math.sqrt(d)).view(kv_heads, group, len(rows), m)
+        future = torch.arange(m, device=keys.device)[None, :] > rows[:, None]
+        own_lse = own_logits.masked_fill(future, float("-inf")).logsumexp(-1).view(kv_heads, -1)
+        lse = torch.logaddexp(ctx_logits.logsumexp(-1), own_lse)
+        probs = (ctx_logits[..., sink:] - lse[..., None]).exp()
+        best = torch.maximum(best, probs.amax(dim=1))
+    return best
 
 
 def prune_counts(scores: torch.Tensor, kept_total: int, layerwise: bool) -> list[int]:
@@ -91,8 +103,8 @@ def prune_counts(scores: torch.Tensor, kept_total: int, layerwise: bool) -> list
 class KVzip(Method):
     name = "kvzip"
     min_window: ClassVar[int] = 0
-    window_size: int = 0
-    cache_heads: str = "per_kv_head"
+    window_size: int = 0  # kvpress: none; > 0 keeps the last tokens and ranks the rest
+    cache_heads: str = "per_kv_head"  # per_query_head repeats each KV head's selection to its query heads
     n_sink: int = 4
     layerwise: bool = False
     chunk_size: int = 2048
@@ -101,9 +113,6 @@ class KVzip(Method):
 
     def validate(self) -> None:
         super().validate()
-        if self.window_size != 0 or self.cache_heads != "per_kv_head":
-            raise KvbenchError("kvzip keeps one list per KV head and no window: method.window_size=0, "
-                               "method.cache_heads=per_kv_head")
         if self.head_budgets not in HEAD_BUDGETS:
             raise KvbenchError(f"method.head_budgets={self.head_budgets!r}: only 'uniform' (each KV head keeps "
                                f"the layer's count / H_kv) until the per-head cache lands")
@@ -140,16 +149,20 @@ class KVzip(Method):
             for layer in cache.layers:
                 layer.crop(n - layer.get_seq_length())
         self.recording = None
-        counts = prune_counts(self.scores, self.num_layers * self.scores.shape[1] * self.tokens_budget,
+        prefix = n - self.window_size  # the window (kvbench's extension; kvpress has none) is always kept
+        scores = self.scores[..., :prefix]
+        counts = prune_counts(scores, self.num_layers * scores.shape[1] * (self.tokens_budget - self.window_size),
                               self.layerwise)
         for layer_idx, count in enumerate(counts):
             layer = cache.layers[layer_idx]
-            per_head = count // layer.keys.shape[1]
-            order = self.scores[layer_idx].topk(per_head, dim=-1).indices
+            order = scores[layer_idx].topk(count // scores.shape[1], dim=-1).indices
+            if self.cache_heads == "per_query_head":
+                order = order.repeat_interleave(self.group, dim=0)
             self.keep_tokens(cache, layer_idx, order, layer.keys, layer.values)
         self.allocations = [counts]
 
     def observe_layer(self, layer_idx, queries, keys) -> None:
         if self.recording is not None:
             start, end = self.recording
+            self.group = queries.shape[1] // keys.shape[1]
             self.scores[layer_idx, :, start:end] = reconstruction_scores(queries, keys, start, end, self.n_sink)
