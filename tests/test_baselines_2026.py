@@ -274,3 +274,14 @@ def test_new_methods_generate_within_budget(tiny_llama, name):
     out = generate(model, random_prompt(400, len(tok), seed=2), method, max_new_tokens=3)
     assert len(out.token_ids) == 3
     assert 48 * 4 - 4 <= sum(out.layer_kept) <= 48 * 4
+
+
+def test_kvzip_refuses_reconstruction_passes_it_did_not_see(tiny_llama, monkeypatch):
+    """If the attention wrapper stopped showing multi-token passes to `observe_layer`, KVzip would rank by its
+    initial zeros: an error, not a silently wrong selection."""
+    model, tok = tiny_llama
+    method = build_method("kvzip", budget=64)
+    method.bind(model, tok)
+    monkeypatch.setattr(method, "observe_layer", lambda *args: None)
+    with pytest.raises(KvbenchError, match="showed 0 of 4 layers"):
+        generate(model, random_prompt(200, len(tok)), method, max_new_tokens=1)

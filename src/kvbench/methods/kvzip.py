@@ -143,11 +143,15 @@ class KVzip(Method):
         self.scores[..., : self.n_sink] = 1.0
         first, nxt, suffix = (ids.to(input_ids.device) for ids in self.prompt_ids)
         for start, end, ids in chunk_passes(input_ids, first, nxt, suffix, self.chunk_size, self.prev_postfix_size):
-            self.recording = (start, end)
+            self.recording, self.observed = (start, end), set()
             model(input_ids=ids, position_ids=torch.arange(n, n + ids.shape[1], device=ids.device)[None],
                   past_key_values=cache, use_cache=True, logits_to_keep=1)
             for layer in cache.layers:
                 layer.crop(n - layer.get_seq_length())
+            if len(self.observed) != self.num_layers:
+                raise KvbenchError(f"kvzip: the attention wrapper showed {len(self.observed)} of {self.num_layers} "
+                                   f"layers of the reconstruction pass (attention.py must call "
+                                   f"method.observe_layer on multi-token passes over a filled cache)")
         self.recording = None
         prefix = n - self.window_size  # the window (kvbench's extension; kvpress has none) is always kept
         scores = self.scores[..., :prefix]
@@ -165,4 +169,5 @@ class KVzip(Method):
         if self.recording is not None:
             start, end = self.recording
             self.group = queries.shape[1] // keys.shape[1]
+            self.observed.add(layer_idx)
             self.scores[layer_idx, :, start:end] = reconstruction_scores(queries, keys, start, end, self.n_sink)
