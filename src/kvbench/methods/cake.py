@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ MODEL2TAU = {
 @dataclass
 class CAKE(Method):
     name = "cake"
+    equal_length_layers: ClassVar[bool] = True  # one total split over layers that all hold the prompt
     window_size: int = 32
     cache_heads: str = "per_kv_head"
     cascading: bool = True

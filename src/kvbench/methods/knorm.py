@@ -3,6 +3,7 @@ the whole prompt (no window, queries unused)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kvbench.methods.kvpress import KvpressScored
 
@@ -10,6 +11,7 @@ from kvbench.methods.kvpress import KvpressScored
 @dataclass
 class KNorm(KvpressScored):
     name = "knorm"
+    attention_free: ClassVar[bool] = True  # key norms only: fine on soft-capped or sink attention
 
     def kv_scores(self, layer_idx, queries, keys, values):
         return -keys[0].norm(dim=-1)

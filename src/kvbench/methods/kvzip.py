@@ -102,6 +102,7 @@ def prune_counts(scores: torch.Tensor, kept_total: int, layerwise: bool) -> list
 @dataclass
 class KVzip(Method):
     name = "kvzip"
+    equal_length_layers: ClassVar[bool] = True  # one global ranking over all layers
     min_window: ClassVar[int] = 0
     window_size: int = 0  # kvpress: none; > 0 keeps the last tokens and ranks the rest
     cache_heads: str = "per_kv_head"  # per_query_head repeats each KV head's selection to its query heads
@@ -137,6 +138,11 @@ class KVzip(Method):
         if getattr(self, "prompt_ids", None) is None:
             raise KvbenchError("kvzip needs the tokenizer: call method.bind(model, tokenizer) before prefill "
                                "(kvbench's pipeline does)")
+        from kvbench.engine import cache_kwargs  # the model's name for the cache argument
+
+        if len(getattr(cache, "compressed_layers", cache.layers)) != len(cache.layers):
+            raise KvbenchError("kvzip compresses every layer: models with sliding-window or chunked layers are not "
+                               "supported (kvpress refuses Gemma 3 too); use another method on this model")
         layer0 = cache.layers[0]
         self.scores = torch.zeros(self.num_layers, layer0.keys.shape[1], n, dtype=layer0.keys.dtype,
                                   device=input_ids.device)
@@ -145,7 +151,7 @@ class KVzip(Method):
         for start, end, ids in chunk_passes(input_ids, first, nxt, suffix, self.chunk_size, self.prev_postfix_size):
             self.recording, self.observed = (start, end), set()
             model(input_ids=ids, position_ids=torch.arange(n, n + ids.shape[1], device=ids.device)[None],
-                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+                  use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             for layer in cache.layers:
                 layer.crop(n - layer.get_seq_length())
             if len(self.observed) != self.num_layers:

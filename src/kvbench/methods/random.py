@@ -7,6 +7,7 @@ float32 on the CPU (kvpress draws in the model dtype, which makes ties in half p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,7 @@ from kvbench.methods.kvpress import KvpressScored
 @dataclass
 class Random(KvpressScored):
     name = "random"
+    attention_free: ClassVar[bool] = True
     seed: int = 0
 
     def kv_scores(self, layer_idx, queries, keys, values):
