@@ -17,8 +17,11 @@ CONTEXT, QUESTION, NEW = 300, 20, 10
 SELECTING = ["snapkv", "pyramidkv", "dynamickv", "h2o"]
 
 
-def method(name: str, budget: int = 64):
-    return build_method(name) if name == "fullkv" else build_method(name, budget=budget, window_size=8)
+def method(name: str, budget: int = 64, model=None, tok=None):
+    m = build_method(name) if name == "fullkv" else build_method(name, budget=budget, window_size=8)
+    if model is not None:
+        m.bind(model, tok)  # methods that need the model (Expected Attention, KVzip), as the pipeline does
+    return m
 
 
 def split(tok, seed=0, context=CONTEXT, question=QUESTION):
@@ -46,7 +49,7 @@ def test_fullkv_agnostic_equals_aware_tokens_and_logits(tiny):
 def test_every_method_runs_agnostic_and_keeps_context_only(tiny_llama, name):
     model, tok = tiny_llama
     ctx, q = split(tok, seed=1)
-    out = generate(model, ctx, method(name), max_new_tokens=NEW, question_ids=q)
+    out = generate(model, ctx, method(name, model=model, tok=tok), max_new_tokens=NEW, question_ids=q)
     assert len(out.token_ids) == NEW or out.stopped == "stop_token"
     layers = model.config.num_hidden_layers
     if name == "fullkv":
@@ -109,9 +112,10 @@ def test_ask_many_equals_fresh_compression(tiny, name):
     ctx, _ = split(tok, seed=5)
     questions = [random_prompt(QUESTION + i, len(tok), seed=50 + i) for i in range(3)]
     contexts = ContextCache()
-    m = method(name)
+    m = method(name, model=model, tok=tok)
     many = [generate(model, ctx, m, max_new_tokens=NEW, question_ids=q, contexts=contexts) for q in questions]
-    fresh = [generate_agnostic(model, ctx, q, method(name), max_new_tokens=NEW) for q in questions]
+    fresh = [generate_agnostic(model, ctx, q, method(name, model=model, tok=tok), max_new_tokens=NEW)
+             for q in questions]
     assert [o.token_ids for o in many] == [o.token_ids for o in fresh]
     assert [o.context_reused for o in many] == [False, True, True]
     assert many[1].prefill_s == 0.0 and many[0].prefill_s > 0

@@ -109,6 +109,7 @@ BENCHMARKS = {
     "longbench": "kvbench.longbench.runner:plan_longbench",
     "longbench_e": "kvbench.longbench.runner:plan_longbench",
     "needle": "kvbench.needle.runner:plan_needle",
+    "ruler": "kvbench.ruler.runner:plan_ruler",
 }
 
 
@@ -234,6 +235,7 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         if check is not None:
             check(tokenizer)
         model, tokenizer = load_model_once(job.spec, job.device)
+        job.method.bind(model, tokenizer)  # methods that need the model (Expected Attention, KVzip)
         store.open()
         log.info("results: %s", job.out)
         try:

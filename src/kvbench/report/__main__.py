@@ -155,6 +155,8 @@ def _report(args, out: Path, ci: str | None) -> int:
     print(f"## Paper vs ours\n\n{comparison}")
     written.append(atomic_write(out / "paper_comparison.md", comparison))
     written += _write_figures(df, args.results, out)
+    from kvbench.ruler.report import write_ruler_report  # RULER's own tables and figures
+    written += write_ruler_report(args.results, out, args.formats)
     print(f"wrote {len(written)} files to {out}/")
     return 0
 
