@@ -378,3 +378,11 @@ def test_query_gap_view():
     assert gap[["benchmark", "method", "tasks", "aware", "agnostic", "gap"]].values.tolist() == [
         ["longbench", "SnapKV", 1, 50.0, 40.0, 10.0], ["needle", "SnapKV", 1, 90.0, 60.0, 30.0]]
     assert "| m | needle | SnapKV | 128 | 1 | 90.00 | 60.00 | +30.00 |" in query_gap_markdown(pd.DataFrame(rows))
+
+
+def test_agnostic_refuses_hybrid_models_clearly():
+    from conftest import cached_model
+    model, tok = cached_model("tiny_gemma3")
+    ctx, q = split(tok, seed=8)
+    with pytest.raises(KvbenchError, match="benchmark.query=aware"):
+        generate(model, ctx, None, max_new_tokens=2, question_ids=q)

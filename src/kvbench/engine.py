@@ -246,6 +246,10 @@ def restore_cache(cache: CompressedCache, lengths: Sequence[int]) -> None:
 def compress_context(model, context_ids: torch.Tensor, method: Method | None = None) -> CompressedContext:
     """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known)."""
     method = method or FullKV()
+    if new_cache(model, method).hybrid:
+        raise KvbenchError("benchmark.query=agnostic does not support models with sliding-window or chunked layers "
+                           "yet (their cache cannot be trimmed back after a question once the window is full); use "
+                           "benchmark.query=aware on this model")
     state = prefill(model, context_ids, method)
     record = {"allocations": method.allocations} if hasattr(method, "allocations") else {}
     return CompressedContext(context_ids, state, cache_lengths(state.cache), state.cache.nbytes(), record)
