@@ -1,13 +1,10 @@
 #!/usr/bin/env python
 """kvbench entry point: `python run.py method=dynamickv budget=128` (see README)."""
-import logging
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 import kvbench.config  # noqa: F401  (registers the config resolvers)
-from kvbench.errors import KvbenchError
+from kvbench.multirun import job_error
 from kvbench.pipeline import evaluate
 from kvbench.summary import print_summary
 
@@ -16,9 +13,8 @@ from kvbench.summary import print_summary
 def main(cfg: DictConfig) -> float | None:
     try:
         scores = evaluate(cfg)
-    except KvbenchError as err:
-        logging.getLogger("kvbench").error("%s", err)
-        sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - one line + exit 2; a multirun job returns it (kvbench.multirun)
+        return job_error(err)
     return print_summary(cfg, scores)
 
 
