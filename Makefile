@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.kvbench-installed
 # torch is pinned where none is installed: an unpinned torch pulls GBs of CUDA wheels on CPU machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test test-slow test-all demo bench golden clean help
+.PHONY: setup test test-slow test-all test-slurm demo bench golden clean help
 
 help:
 	@echo "make test       fast tests (tiny models, SmolLM2 equivalence, goldens, scorers): < 10 min on 2 CPU cores"
 	@echo "make demo       SmolLM2 on CPU: 6 methods on 3 LongBench tasks and a needle grid, then tables/figures"
 	@echo "make test-slow  real-model checks that take longer (SmolLM2 needle and LongBench scores)"
+	@echo "make test-slurm as root on Debian: install SLURM, run sweeps on a real single-node cluster (~15 min)"
 	@echo "make bench      performance benchmarks -> results/bench/*.json"
 	@echo "make golden     check the methods against the official implementations' golden cases"
 
@@ -34,6 +35,10 @@ test-slow: setup
 
 test-all: setup
 	$(BIN)/python -m pytest
+
+# Not part of `make test`: installs SLURM (apt) and starts/stops its daemons; see scripts/slurm/test_slurm.py.
+test-slurm: setup
+	$(BIN)/python scripts/slurm/test_slurm.py
 
 demo: setup
 	PYTHON=$(BIN)/python scripts/demo.sh
