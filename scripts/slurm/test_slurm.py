@@ -12,6 +12,7 @@ tiny-model sweeps through `+launcher=slurm_cpu` and checks:
   concurrent  the same sweep submitted twice at once: the planner skips the folder a live job holds; no duplicate
   scancel     a job cancelled mid-run, then the same command again: it resumes, each sample once
   requeue     a job signalled as timed out (what SLURM sends before the time limit) is requeued and resumes
+  noacct      on a second cluster without accounting (no sacct), a failing job's sweep still ends, naming it
 
 then stops every daemon it started, by PID. Exit status: 0 all passed, 1 a check failed, 3 SLURM could not be
 installed or started (the message says why).
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster import Cluster, ClusterError, install  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKS = ("results", "rerun", "command", "failure", "concurrent", "scancel", "requeue")
+CHECKS = ("results", "rerun", "command", "failure", "concurrent", "scancel", "requeue", "noacct")
 # Checks that rely on issue 17's items 1, 3, 4 (folder lock and planner, run records, command): see the report.
 NEEDS = {"rerun": "17.3", "command": "17.4", "concurrent": "17.1", "scancel": "17.3"}
 
@@ -124,11 +125,14 @@ class Harness:
                                 "JobID,JobName,State,ExitCode"]).stdout
         return [line.split("|") for line in out.splitlines() if line.strip()]
 
-    def wait_for_lines(self, path: Path, lines: int = 1, timeout: float = 300) -> None:
+    def wait_for_lines(self, path: Path, proc: subprocess.Popen, lines: int = 1, timeout: float = 300) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if path.exists() and len(path.read_text().splitlines()) >= lines:
                 return
+            if proc.poll() is not None:
+                code, out = self.finish(proc)
+                raise Failed(f"the sweep ended (exit {code}) before its first prediction:\n{tail(out)}")
             time.sleep(0.2)
         raise Failed(f"no prediction in {path} after {timeout:.0f} s; queue: {self.jobs()}")
 
@@ -198,11 +202,19 @@ class Harness:
         assert_complete(self.folder("snapkv_48"), {"passage_retrieval_zh": 1})
         return f"ended in {took:.0f} s, exit {code}: {line.group(0).strip()}"
 
+    def check_noacct(self) -> str:
+        expect(not self.cluster.accounting, "runs on the cluster without accounting")
+        started = time.time()
+        code, out = self.sweep(self.overrides("method=snapkv", "budget=0"), timeout=300)
+        expect(code == 2 and re.search(r"job 0: budget=0 must be positive", out) is not None,
+               f"exit {code}, output:\n{tail(out)}")
+        return f"ended in {time.time() - started:.0f} s without sacct, exit {code}, the job's error named"
+
     def check_concurrent(self, samples: int = 16) -> str:
         args = self.overrides("method=h2o", "budget=64", f"benchmark.limit={samples}")
         first, second = self.start(args), self.start(args)
         predictions = self.folder("h2o_64") / "predictions" / "passage_retrieval_zh.jsonl"
-        self.wait_for_lines(predictions)
+        self.wait_for_lines(predictions, first)
         plan_code, plan = self.sweep(["plan", "--dry-run", *args], module="kvbench.sweep")
         (code1, out1), (code2, out2) = self.finish(first), self.finish(second)
         lines = predictions.read_text().splitlines()
@@ -230,7 +242,7 @@ class Harness:
         args = self.overrides("method=pyramidkv", "budget=64", f"benchmark.limit={samples}")
         predictions = self.folder("pyramidkv_64") / "predictions" / "passage_retrieval_zh.jsonl"
         proc = self.start(args)
-        self.wait_for_lines(predictions)
+        self.wait_for_lines(predictions, proc)
         running = [j.split()[0] for j in self.jobs() if j.endswith("RUNNING")]
         expect(len(running) == 1, f"expected one running job, queue: {self.jobs()}")
         self.cluster.run(["scancel", running[0].split("_")[0]])
@@ -250,11 +262,11 @@ class Harness:
 
     def check_requeue(self, samples: int = 20) -> str:
         # timeout_min <= 10: submitit counts any USR2 as a time-out (as SLURM's --signal before the limit)
-        args = self.overrides("method=streamingllm", "budget=32", f"benchmark.limit={samples}",
+        args = self.overrides("method=streamingllm", "budget=48", f"benchmark.limit={samples}",
                               "hydra.launcher.timeout_min=5")
-        predictions = self.folder("streamingllm_32") / "predictions" / "passage_retrieval_zh.jsonl"
+        predictions = self.folder("streamingllm_48") / "predictions" / "passage_retrieval_zh.jsonl"
         proc = self.start(args)
-        self.wait_for_lines(predictions)
+        self.wait_for_lines(predictions, proc)
         running = [j.split()[0] for j in self.jobs() if j.endswith("RUNNING")]
         expect(len(running) == 1, f"expected one running job, queue: {self.jobs()}")
         self.cluster.run(["scancel", "--signal=USR2", running[0]])
@@ -263,7 +275,7 @@ class Harness:
         logs = "".join(p.read_text(errors="replace")
                        for p in (self.work / "multirun" / str(self.sweeps) / ".submitit").rglob("*_log.*"))
         expect("Requeued job" in logs, "submitit did not requeue the job (max_num_timeout?)")
-        assert_complete(self.folder("streamingllm_32"), {"passage_retrieval_zh": samples})
+        assert_complete(self.folder("streamingllm_48"), {"passage_retrieval_zh": samples})
         return f"job {running[0]} requeued after USR2 and resumed: {samples} unique samples"
 
 
@@ -331,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             f"work folder {work}")
         harness = Harness(cluster, data, work)
         for name in wanted:
+            if name == "noacct":  # its own cluster, after this one stops
+                continue
             t0 = time.time()
             try:
                 detail = getattr(harness, f"check_{name}")()
@@ -343,6 +357,17 @@ def main(argv: list[str] | None = None) -> int:
             say(f"{'PASS' if ok else 'FAIL'} {name} ({time.time() - t0:.0f} s): {detail}")
             for job in harness.jobs():  # a failed check must not leave jobs for the next one
                 cluster.run(["scancel", job.split()[0]], check=False)
+        if "noacct" in wanted:
+            cluster.stop()
+            cluster = Cluster(accounting=False, keep=args.keep, log=say)
+            t0 = time.time()
+            try:
+                cluster.start()
+                detail, ok = Harness(cluster, data, work).check_noacct(), True
+            except (Failed, ClusterError) as err:
+                detail, ok = str(err), False
+            outcomes.append(("noacct", ok, detail, time.time() - t0))
+            say(f"{'PASS' if ok else 'FAIL'} noacct ({time.time() - t0:.0f} s): {detail}")
     finally:
         cluster.stop()
         left = cluster.alive()

@@ -142,8 +142,9 @@ class FailureReport(Callback):
         swept = _swept_keys(list(config.hydra.overrides.task))  # a job is named by its values on the swept keys
         lines = [f"kvbench: {len(failed)} of {len(records)} jobs failed:"]
         for rec in failed:
-            own = [o for o in rec["overrides"] if o.split("=", 1)[0] in swept] or rec["overrides"]
-            lines.append(f"  job {rec['num']} [{' '.join(own)}]: {rec['error']}")
+            own = [o for o in rec["overrides"] if o.split("=", 1)[0] in swept]
+            name = f"job {rec['num']} [{' '.join(own)}]" if own else f"job {rec['num']}"  # nothing swept: the command
+            lines.append(f"  {name}: {rec['error']}")
             if rec.get("log"):
                 lines.append(f"      log: {rec['log']}")
         lines.append("Fix the cause and rerun the same command: finished runs are skipped, partial ones resume.")
