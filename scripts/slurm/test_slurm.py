@@ -363,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             try:
                 cluster.start()
-                detail, ok = Harness(cluster, data, work).check_noacct(), True
+                # its own folders: the new cluster numbers its jobs from 1 again (submitit's folders are per id)
+                (work / "noacct").mkdir()
+                detail, ok = Harness(cluster, data, work / "noacct").check_noacct(), True
             except (Failed, ClusterError) as err:
                 detail, ok = str(err), False
             outcomes.append(("noacct", ok, detail, time.time() - t0))
