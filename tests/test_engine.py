@@ -123,6 +123,7 @@ def test_fraction_budget_resolves_per_prompt(tiny_llama):
     assert out.layer_kept == [round(0.2 * PROMPT)] * model.config.num_hidden_layers
 
 
+@pytest.mark.slow  # loads the 135M GGUF (~1 min on 2 cores): make test-slow; tiny models cover every arch fast
 def test_smollm2_fullkv_reproduces_generate(smollm2):
     model, tok = smollm2
     story = "The quick brown fox jumps over the lazy dog while the farmer sleeps. " * 30

@@ -78,11 +78,52 @@ def package_file(package: str, filename: str) -> str:
 
 def _hub_error(source: str, err: Exception) -> KvbenchError:
     return KvbenchError(
-        f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
         f"It is neither a local folder nor a model in the Hugging Face cache. Download it first "
         f"(`huggingface-cli download {source}` on a machine with hub access, then set HF_HOME or "
         f"model.hub_id=/path/to/folder), or use the offline default model=smollm2_135m."
     )
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout_s: float = 2.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub_source(source: str) -> None:
+    """Fail in a second, naming the fix, when a hub id is neither a local folder nor in the local cache and the hub
+    cannot be used (HF_HUB_OFFLINE, or no connection): transformers would otherwise retry for most of a minute."""
+    if os.path.isdir(os.path.expanduser(source)):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return
+    for filename in ("config.json", "tokenizer_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(source, filename), str):
+                return
+        except ValueError:  # not a valid repo id: transformers gives its own message
+            return
+    if _hub_offline():
+        raise _hub_error(source, OSError("not in the local cache and HF_HUB_OFFLINE is set"))
+    if not _hub_reachable():
+        raise _hub_error(source, OSError("not in the local cache and the hub is unreachable"))
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -98,6 +139,8 @@ def load_tokenizer(spec: ModelSpec):
 def _cached_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    if not gguf_file:
+        check_hub_source(source)
     try:
         if gguf_file:
             return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
@@ -135,6 +178,7 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
     else:
         if not spec.hub_id:
             raise KvbenchError(f"model {spec.name} has no hub_id: set model.hub_id=<hub id or local folder>")
+        check_hub_source(spec.hub_id)
         try:
             model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, attn_implementation=attn,
                                                          trust_remote_code=spec.trust_remote_code)

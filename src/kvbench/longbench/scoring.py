@@ -44,6 +44,9 @@ def _check_record(record: object, where: str, need_length: bool = False) -> None
     """Raise a KvbenchError if one prediction record could not be scored or would be scored wrongly."""
     if not isinstance(record, dict):
         raise KvbenchError(f"{where}: expected a JSON object with 'pred' and 'answers', got {type(record).__name__}")
+    if "pred" not in record:
+        raise KvbenchError(f"{where}: the 'pred' key (the model output) is missing; each line needs 'pred' and "
+                           f"'answers'")
     if not isinstance(record.get("pred"), str):
         raise KvbenchError(f"{where}: 'pred' must be a string (the model output), got {record.get('pred')!r:.60}")
     answers = record.get("answers")
@@ -175,7 +178,8 @@ def read_predictions(path: str | Path) -> list[dict]:
     path = Path(path)
     records = []
     with open(path, encoding="utf-8-sig") as handle:  # universal newlines turn CRLF into LF
-        for line_number, line in enumerate(handle, start=1):
+        lines = _decoded_lines(path, handle)
+        for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -189,6 +193,14 @@ def read_predictions(path: str | Path) -> list[dict]:
             records.append(record)
     _warn_on_duplicate_ids(path, records)
     return records
+
+
+def _decoded_lines(path: Path, handle) -> list[str]:
+    try:
+        return handle.readlines()
+    except UnicodeDecodeError as error:
+        raise KvbenchError(f"{path}: not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} at offset "
+                           f"{error.start}); prediction files are UTF-8 JSON lines") from None
 
 
 def _warn_on_duplicate_ids(path: Path, records: list[dict]) -> None:
@@ -242,13 +254,22 @@ def score_folder(path: str | Path, e: bool = False) -> dict:
             f"{path} mixes LongBench and LongBench-E (*_e.jsonl) prediction files; score them in separate folders"
         )
     is_e = e_flags.pop()
-    tasks, counts, result, buckets = {}, {}, {}, {}
+    records = {}
     for file in files:
         file_task = _task_of_file(file)
+        if any(task_spec(t).name == task_spec(file_task).name for t in records):
+            raise KvbenchError(f"{path} has two prediction files for task {task_spec(file_task).name!r}; keep one")
+        records[file_task] = read_predictions(file)
+    return score_records(records, e=is_e)
+
+
+def score_records(records_by_task: dict[str, list[dict]], e: bool = False) -> dict:
+    """Score prediction records grouped by task (file task names, `<task>_e` for LongBench-E); the same summary as
+    `score_folder` (which reads the records from files)."""
+    is_e = e or any(task.endswith("_e") for task in records_by_task)
+    tasks, counts, result, buckets = {}, {}, {}, {}
+    for file_task, records in records_by_task.items():
         base = task_spec(file_task).name
-        if base in tasks:
-            raise KvbenchError(f"{path} has two prediction files for task {base!r}; keep one")
-        records = read_predictions(file)
         scores = _sample_scores(base, records, need_length=is_e)
         tasks[base] = _official_mean(scores)
         counts[base] = len(records)
