@@ -12,7 +12,7 @@ help:
 	@echo "make test       fast tests (tiny models, SmolLM2 equivalence, goldens, scorers): < 10 min on 2 CPU cores"
 	@echo "make demo       SmolLM2 on CPU: 6 methods on 3 LongBench tasks and a needle grid, then tables/figures"
 	@echo "make test-slow  real-model checks that take longer (SmolLM2 needle and LongBench scores)"
-	@echo "make test-slurm as root on Debian: install SLURM, run sweeps on a real single-node cluster (~15 min)"
+	@echo "make test-slurm as root on Debian: install SLURM, run sweeps on a real single-node cluster (~20 min)"
 	@echo "make bench      performance benchmarks -> results/bench/*.json"
 	@echo "make golden     check the methods against the official implementations' golden cases"
 
