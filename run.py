@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """kvbench entry point: `python run.py method=dynamickv budget=128` (see README)."""
 import logging
+import os
 import sys
 
 import hydra
@@ -30,4 +31,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `python run.py --help | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

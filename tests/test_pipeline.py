@@ -248,6 +248,23 @@ def test_uncached_hub_model_is_a_clear_error(tmp_path, monkeypatch):
         load_model(ModelSpec(name="x", hub_id="nobody/no-such-model-kvbench"))
 
 
+def test_unreachable_hub_fails_at_once_without_retrying(monkeypatch):
+    # Item 7: not cached and no connection (no HF_HUB_OFFLINE set): fail before transformers starts its retries.
+    import transformers
+
+    from kvbench.models import ModelSpec, load_model
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(
+        lambda cls, *a, **k: (_ for _ in ()).throw(AssertionError("transformers was asked to download"))))
+    with pytest.raises(KvbenchError, match="not in the local cache and the hub is unreachable.*huggingface-cli "
+                                           "download nobody/no-such-model-kvbench") as caught:
+        load_model(ModelSpec(name="x", hub_id="nobody/no-such-model-kvbench"))
+    assert "\n" not in str(caught.value)
+
+
 def test_longbench_e_run_scores_length_buckets(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -353,6 +370,7 @@ def test_a_smaller_selection_scores_only_itself_and_reports_the_rest(tmp_path):
     assert len(read_predictions(out / "predictions" / f"{TASK}.jsonl")) == 3
     assert (out / "run.json").read_bytes() == record  # a rerun that generates nothing leaves the record
     assert evaluate(cfg3)["tasks"] == full["tasks"]
+    assert (out / "run.json").read_bytes() == record  # also the identical rerun of a finished job (17.3)
 
 
 def test_dropping_a_task_removes_it_from_the_scores_and_the_average(tmp_path):

@@ -31,6 +31,7 @@ from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
 from kvbench.models import ModelSpec, load_model, load_tokenizer, resolve_attention, resolve_dtype
 from kvbench.results import RunStore
+from kvbench.sample_scores import pop_and_write
 
 log = logging.getLogger("kvbench")
 VERSIONED_PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "rouge", "rouge-score", "fuzzywuzzy",
@@ -108,6 +109,7 @@ BENCHMARKS = {
     "longbench": "kvbench.longbench.runner:plan_longbench",
     "longbench_e": "kvbench.longbench.runner:plan_longbench",
     "needle": "kvbench.needle.runner:plan_needle",
+    "ruler": "kvbench.ruler.runner:plan_ruler",
 }
 
 
@@ -272,8 +274,10 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
         scores = job.benchmark.run(store, model, tokenizer, run_one, job.cfg.progress, on_sample)
     all_records = [r for task in store.tasks_done() for r in store.records(task, _key_of(task))]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
+    pop_and_write(job.out, scores)  # per-sample scores -> sample_scores.jsonl (kept out of scores.json)
     store.write_scores(scores)
-    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": job.benchmark.selection()},
+    selection = getattr(job.benchmark, "selection", None)
+    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": selection() if selection else None},
                       timing=timer.summary(), peak_memory_bytes=int(memory.peak))
     return scores
 

@@ -198,7 +198,9 @@ class RunStore:
         holder = folder_locked(self.root)
         if holder:
             raise busy_error(self.root, holder)
-        previous = self._read_previous()
+        self._refuse_other_settings(self._read_previous())
+
+    def _refuse_other_settings(self, previous: dict | None) -> None:
         if previous is not None and previous.get("fingerprint") != self.fingerprint and self.has_predictions():
             changed = _changed_keys(previous.get("settings", {}), self.settings)
             raise KvbenchError(
@@ -222,8 +224,7 @@ class RunStore:
 
     def check_locked(self) -> None:
         previous = self._read_previous()
-        if previous is not None and previous.get("fingerprint") != self.fingerprint and self.has_predictions():
-            self.check()  # raises the "different settings" error
+        self._refuse_other_settings(previous)  # a run of other settings may have written it since check()
         if previous is not None and previous.get("fingerprint") == self.fingerprint:
             self._previous = previous
             return

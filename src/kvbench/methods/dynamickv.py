@@ -27,6 +27,7 @@ DYNAMICKV_MODES = ("official", "fixed")
 @dataclass
 class DynamicKV(PooledWindowMethod):
     name = "dynamickv"
+    equal_length_layers = True  # its global top-k stacks the scores of every compressed layer
     radio_max: float = 10.0  # "radio" is the official code's spelling of ratio
     update_interval: int = 4
     mode: str = "official"

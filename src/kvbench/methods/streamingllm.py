@@ -12,6 +12,7 @@ from kvbench.methods.base import ScoredMethod
 @dataclass
 class StreamingLLM(ScoredMethod):
     name = "streamingllm"
+    attention_free = True  # selects by position: valid whatever the model's attention (soft-caps, sinks)
     window_size: int = 32
 
     def score(self, layer_idx, queries, keys):

@@ -9,7 +9,7 @@ from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
 from kvbench.needle.prompt import (NEEDLE, PROMPT_PRESETS, _validate_cell, build_context_ids, build_prompt_ids,
                                    context_lengths, depth_percents, stop_token_ids)
-from kvbench.needle.scoring import heatmap_score, rouge_score_x10
+from kvbench.needle.scoring import heatmap_score, needle_sample_scores, rouge_score_x10
 from kvbench.progress import progress
 
 TASK = "needle"
@@ -89,7 +89,8 @@ def summarize_needle(records: list[dict]) -> dict:
     n = len(records)
     mean = sum(r["score"] for r in records) / n if n else None
     mean_rouge = sum(r["score_rouge"] for r in records) / n if n else None
-    return {"benchmark": "needle", "mean_score": mean, "mean_score_rouge": mean_rouge, "n": n}
+    return {"benchmark": "needle", "mean_score": mean, "mean_score_rouge": mean_rouge, "n": n,
+            "sample_scores": needle_sample_scores(records)}
 
 
 def plan_needle(cfg: DictConfig, spec=None) -> NeedlePlan:
