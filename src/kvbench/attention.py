@@ -27,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvbench.cache import CompressedCache
 from kvbench.methods.base import Method
+from kvbench.ragged import layer_of
 
 PREFIX = "kvbench_"
 
@@ -59,6 +60,9 @@ def _ungrouped(module) -> SimpleNamespace:
 def _make_wrapper(impl: str):
     def kvbench_attention(module, query, key, value, attention_mask, **kwargs):
         backend = ALL_ATTENTION_FUNCTIONS[impl]
+        ragged = layer_of(key)  # a per-head variable-length layer (kvbench.ragged): its own attention
+        if ragged is not None:
+            return ragged.attend(query, kwargs.get("scaling")), None
         if query.shape[2] == 1:
             attention_mask = None
             if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:

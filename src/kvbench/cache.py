@@ -43,9 +43,10 @@ class CompressedCache(Cache):
     def __init__(self, num_layers: int) -> None:
         super().__init__(layers=[CompressibleLayer() for _ in range(num_layers)])
 
-    def tokens_per_head(self) -> list[int]:
-        """Tokens each layer holds per head (layers may differ)."""
-        return [layer.get_seq_length() for layer in self.layers]
+    def tokens_per_head(self) -> list[int | float]:
+        """Tokens each layer holds per head (layers may differ; a ragged layer gives its mean over heads)."""
+        return [layer.tokens_per_head() if hasattr(layer, "tokens_per_head") else layer.get_seq_length()
+                for layer in self.layers]
 
     def nbytes(self) -> int:
         """Bytes of keys and values held by the cache."""
@@ -55,7 +56,9 @@ class CompressedCache(Cache):
         """Original prompt positions kept, as [layer][head] lists (every position where a layer was not compressed)."""
         out = []
         for layer in self.layers:
-            if layer.positions is None:
+            if hasattr(layer, "kept_positions"):  # kvbench.ragged.RaggedLayer: one list per head, lengths differ
+                out.append(layer.kept_positions())
+            elif layer.positions is None:
                 heads, n = layer.keys.shape[1], layer.keys.shape[2]
                 out.append([list(range(n)) for _ in range(heads)])
             else:

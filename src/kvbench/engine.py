@@ -141,5 +141,5 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
         logits = decode_step(model, next_id, n + step, cache)
     _sync(device)
     decode_s = time.perf_counter() - start
-    record = {"allocations": method.allocations} if hasattr(method, "allocations") else {}
+    record = method.record()
     return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, record)
