@@ -17,15 +17,14 @@ from kvbench.methods.pyramidkv import PyramidKV
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 
+# The method classes (every registered name, configurations included: `registry.names()`).
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV)
 }
 for _cls in METHODS.values():
     registry.register(_cls)
 
-from kvbench.methods import adakv  # noqa: E402  (registers adakv, adakv_pyramid and their GQA variants)
-
-METHODS.update({name: registry.get(name).cls for name in adakv.CONFIGURATIONS})
+from kvbench.methods import adakv  # noqa: E402,F401  (registers adakv, adakv_pyramid and their GQA variants)
 
 
 def build_method(name: str, **params: Any) -> Method:

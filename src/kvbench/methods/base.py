@@ -243,7 +243,7 @@ class ScoredMethod(Method):
     def record(self) -> dict:
         if self.allocation != "adaptive":
             return super().record()
-        return {**super().record(), "head_budgets": self.head_budgets}
+        return {**super().record(), "head_budgets": getattr(self, "head_budgets", [])}
 
     # ---- score ---------------------------------------------------------------------------------------------
     def score(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

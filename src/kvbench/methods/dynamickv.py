@@ -46,9 +46,6 @@ class DynamicKV(PooledWindowMethod):
             raise KvbenchError("method.allocation=adaptive does not apply to dynamickv: it allocates across layers "
                                "itself; use adakv or adakv_pyramid for head-adaptive budgets")
 
-    def record(self) -> dict:
-        return {"allocations": self.allocations}
-
     def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
         """The whole-model prefix budget over the layers re-allocated so far, the temporary maximum in the layers
         after the last update, a window everywhere; for prompts so short that allotments are clipped to the
