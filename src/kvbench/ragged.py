@@ -16,9 +16,9 @@ group per head for the official `per_query_head` layout, `H / H_kv` query heads 
 - CUDA with flash-attn installed, fp16/bf16: `flash_attn_varlen_func` over the prefix with the stored heads as the
   varlen batch (each "sequence" is one head's kept tokens; its query heads are the varlen heads), merged with the
   tail's attention through the log-sum-exp.
-- Elsewhere, pure PyTorch: logits of every flat prefix token against its own head's queries, a segmented softmax
-  (per-head max with `scatter_reduce`, sums with `index_add_`), combined with the tail's dense logits under the
-  same per-head normaliser. Exact against a dense masked reference (tested).
+- Elsewhere, pure PyTorch: one GEMM of the flat prefix keys against all heads' queries, other heads' tokens
+  masked (a temporary [T, S] mask; nothing padded is stored), a per-head softmax and a second GEMM, combined with
+  the tail's dense attention through the log-sum-exp. Exact against a dense masked reference (tested).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class RaggedLayer(DynamicLayer):
         self.heads_stored = int(self.lengths.numel())
         self.prefix_keys, self.prefix_values = keys.contiguous(), values.contiguous()
         self.cu_seqlens = torch.cat([self.lengths.new_zeros(1), self.lengths.cumsum(0)]).to(torch.int32)
-        self.segment = torch.repeat_interleave(torch.arange(self.heads_stored, device=device), self.lengths)
+        self._foreign: torch.Tensor | None = None  # [S, T] bool, built on first use by the PyTorch path
         self.max_length = int(self.lengths.max()) if self.heads_stored else 0
         self.positions = [p.tolist() if torch.is_tensor(p) else list(p) for p in positions]
         d = keys.shape[-1]
@@ -93,10 +93,20 @@ class RaggedLayer(DynamicLayer):
     def kept_positions(self) -> list[list[int]]:
         return [list(p) for p in self.positions]
 
+    def foreign(self) -> torch.Tensor:
+        """[S, T] bool: flat prefix token t belongs to another head than s. Index metadata for the PyTorch path
+        (S x T bytes, not counted in `nbytes`: e.g. 1.8% of SmolLM2's float32 KV bytes), built once per layer."""
+        if self._foreign is None:
+            segment = torch.repeat_interleave(torch.arange(self.heads_stored, device=self.device), self.lengths)
+            self._foreign = segment[None, :] != torch.arange(self.heads_stored, device=self.device)[:, None]
+        return self._foreign
+
     def attend(self, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
         """Attention of `query` [1, H, m, d] (the last m tokens appended) -> [1, m, H, d], as the backends return."""
-        return ragged_attention(query, self.prefix_keys, self.prefix_values, self.segment, self.cu_seqlens,
-                                self.max_length, self.tail_keys, self.tail_values, scaling)
+        flash = (_HAS_FLASH and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+                 and self.prefix_keys.shape[0] > 0)
+        return ragged_attention(query, self.prefix_keys, self.prefix_values, None if flash else self.foreign(),
+                                self.cu_seqlens, self.max_length, self.tail_keys, self.tail_values, scaling)
 
 
 def layer_of(key: torch.Tensor) -> RaggedLayer | None:
@@ -119,52 +129,60 @@ def store_ragged(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------
-def ragged_attention(query, prefix_keys, prefix_values, segment, cu_seqlens, max_length, tail_keys, tail_values,
+def ragged_attention(query, prefix_keys, prefix_values, foreign, cu_seqlens, max_length, tail_keys, tail_values,
                      scaling: float | None = None) -> torch.Tensor:
-    """query [1, H, m, d]; prefix [T, d] in S segments; tail [1, S, t, d] whose last m tokens are the queries'
-    own (causal among them). Returns [1, m, H, d]."""
+    """query [1, H, m, d]; prefix [T, d] in S segments (`cu_seqlens`; `foreign` [S, T] marks the tokens of other
+    heads, None for the FlashAttention path); tail [1, S, t, d] whose last m tokens are the queries' own (causal
+    among them). Returns [1, m, H, d]."""
     _, heads, m, d = query.shape
     stored = tail_keys.shape[1]
+    group = heads // stored
     scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
-    q = query[0].reshape(stored, heads // stored, m, d).reshape(stored, -1, d)  # [S, g*m, d]: rows (group, step)
-    use_flash = (_HAS_FLASH and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
-                 and prefix_keys.shape[0] > 0)
-    if use_flash:
-        out_p, lse_p = _flash_prefix(q, prefix_keys, prefix_values, cu_seqlens, max_length, scale, heads // stored, m)
+    q = query[0].reshape(stored, group * m, d)  # [S, R, d], rows R = (query head in group, step)
+    if foreign is None:
+        tail_logits = _tail_logits(q, tail_keys[0], scale, group, m)  # [S, R, t]
+        out_p, lse_p = _flash_prefix(q, prefix_keys, prefix_values, cu_seqlens, max_length, scale, group, m)
+        peak = tail_logits.amax(-1, keepdim=True)
+        weights = (tail_logits - peak).exp()
+        total = weights.sum(-1, keepdim=True)
+        lse_t = (peak + total.log()).squeeze(-1)
+        out_t = torch.bmm(weights / total, tail_values[0].float())
+        lse = torch.logaddexp(lse_p, lse_t)
+        out = out_p * (lse_p - lse).exp().unsqueeze(-1) + out_t * (lse_t - lse).exp().unsqueeze(-1)
     else:
-        out_p, lse_p = _segmented_prefix(q, prefix_keys, prefix_values, segment, stored, scale)
-    out_t, lse_t = _dense_tail(q, tail_keys[0], tail_values[0], scale, heads // stored, m)
-    lse = torch.logaddexp(lse_p, lse_t)
-    out = out_p * (lse_p - lse).exp().unsqueeze(-1) + out_t * (lse_t - lse).exp().unsqueeze(-1)
+        q = q.float() * scale
+        tail_logits = _tail_logits(q, tail_keys[0], 1.0, group, m)
+        out = _torch_attention(q, prefix_keys, prefix_values, foreign, tail_logits, tail_values[0])
     return out.to(query.dtype).view(heads, m, d).transpose(0, 1).unsqueeze(0)
 
 
-def _segmented_prefix(q, keys, values, segment, stored, scale):
-    """Normalised attention over each head's flat prefix segment and its log-sum-exp: [S, R, d], [S, R]."""
-    rows = q.shape[1]
-    logits = torch.einsum("td,trd->tr", keys.float(), q.float()[segment]) * scale  # [T, R]
-    index = segment[:, None].expand(-1, rows)
-    peak = torch.full((stored, rows), float("-inf"), device=q.device).scatter_reduce(0, index, logits, "amax")
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))  # an empty head
-    weights = (logits - peak[segment]).exp()
-    total = torch.zeros(stored, rows, device=q.device).index_add_(0, segment, weights)
-    out = torch.zeros(stored, rows, keys.shape[-1], device=q.device)
-    out.index_add_(0, segment, weights.unsqueeze(-1) * values.float().unsqueeze(1))
-    lse = total.log() + peak  # -inf for an empty head
-    return out / total.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1), lse
-
-
-def _dense_tail(q, keys, values, scale, group, m):
-    """Attention over the tail [S, t, d]; the last m tail tokens are the queries' own (causal)."""
+def _tail_logits(q, keys, scale, group, m):
+    """Logits [S, R, t] of the queries against the dense tail [S, t, d]; the last m tail tokens are the
+    queries' own (causal among them)."""
     t = keys.shape[1]
-    logits = torch.bmm(q.float(), keys.float().transpose(1, 2)) * scale  # [S, g*m, t]
+    logits = torch.bmm(q.float(), keys.float().transpose(1, 2))
+    if scale != 1.0:
+        logits = logits * scale
     if m > 1:
         step = torch.arange(m, device=q.device).repeat(group)  # row r = (head in group, step)
         future = torch.arange(t, device=q.device)[None, :] > (t - m + step)[:, None]
         logits = logits.masked_fill(future, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    out = torch.bmm(torch.softmax(logits, dim=-1), values.float())
-    return out, lse
+    return logits
+
+
+def _torch_attention(q, prefix_keys, prefix_values, foreign, tail_logits, tail_values):
+    """Pure PyTorch, `q` already scaled: one GEMM of all heads' queries against the flat prefix ([S*R, T]: S*R
+    rows, tiny next to the keys), other heads' tokens masked out (nothing padded is stored), one softmax per head
+    over its own prefix tokens and its tail, then a GEMM for the prefix values added to a batched one for the
+    tail."""
+    stored, rows, d = q.shape
+    total = prefix_keys.shape[0]
+    prefix_logits = torch.mm(q.reshape(stored * rows, d), prefix_keys.float().T).view(stored, rows, total)
+    prefix_logits = prefix_logits.masked_fill_(foreign.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(torch.cat([tail_logits, prefix_logits], dim=-1), dim=-1)  # every row has its own query
+    out = torch.bmm(probs[..., :tail_logits.shape[-1]], tail_values.float()).view(stored * rows, d)
+    out = out.addmm_(probs[..., tail_logits.shape[-1]:].reshape(stored * rows, total), prefix_values.float())
+    return out.view(stored, rows, d)
 
 
 def _flash_prefix(q, keys, values, cu_seqlens, max_length, scale, group, m):
