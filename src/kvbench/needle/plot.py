@@ -25,18 +25,12 @@ from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
+from kvbench.methods.registry import display_names
 
 # The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
 CMAP = LinearSegmentedColormap.from_list("custom_cmap", ["#F0496E", "#EBB839", "#0CD79F"])
 REQUIRED_FIELDS = ("context_length", "depth_percent", "score")
-METHOD_NAMES = {
-    "fullkv": "FullKV",
-    "streamingllm": "StreamingLLM",
-    "h2o": "H2O",
-    "snapkv": "SnapKV",
-    "pyramidkv": "PyramidKV",
-    "dynamickv": "DynamicKV",
-}
+METHOD_NAMES = display_names()  # from the method registry (kvbench.methods.registry)
 FIGURE_NAME = "needle_heatmap"
 DPI = 150
 

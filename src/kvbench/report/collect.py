@@ -21,10 +21,11 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
+from kvbench.methods.registry import display_names, method_order
 
 # Display names; the table and figure code order methods by this list (others follow alphabetically).
-METHOD_ORDER = ["FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV"]
-_METHOD_ALIASES = {name.lower(): name for name in METHOD_ORDER}
+METHOD_ORDER = method_order()  # from the method registry (kvbench.methods.registry)
+_METHOD_ALIASES = {name.lower(): name for name in METHOD_ORDER} | display_names()
 _METHOD_ALIASES.update({"full": "FullKV", "streaming_llm": "StreamingLLM", "streaming": "StreamingLLM"})
 
 RESULT_COLUMNS = [
