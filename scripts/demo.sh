@@ -15,10 +15,9 @@ start=$(date +%s)
 
 echo "== LongBench: ${METHODS} at budget ${BUDGET}, ${LIMIT} samples per task from ${LONGBENCH_DIR}"
 $PY run.py -m experiment=demo_longbench method=$METHODS budget=$BUDGET benchmark.limit=$LIMIT \
-    benchmark.data_dir="$LONGBENCH_DIR" results_root="$OUT" hydra.sweep.dir=outputs/demo/longbench
+    benchmark.data_dir="$LONGBENCH_DIR" results_root="$OUT"
 echo "== Needle-in-a-Haystack: ${METHODS} at budget ${BUDGET}"
-$PY run.py -m experiment=demo_needle method=$METHODS budget=$BUDGET results_root="$OUT" \
-    hydra.sweep.dir=outputs/demo/needle
+$PY run.py -m experiment=demo_needle method=$METHODS budget=$BUDGET results_root="$OUT"
 
 echo "== Report"
 $PY -m kvbench.report "$OUT" --out "$OUT/report"

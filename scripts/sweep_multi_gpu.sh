@@ -25,12 +25,11 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     exec "$PYTHON" -m kvbench.sweep plan --dry-run --shards "$NUM_GPUS" ${args[@]+"${args[@]}"}
 fi
 
-# Separate Hydra log folders per GPU: processes started in the same second would share one otherwise.
-stamp=$(date +%Y-%m-%d_%H-%M-%S)
+# Hydra's multirun folders (<results_root>/.multirun/<time to the microsecond>) are separate per process.
 pids=()
 for ((gpu = 0; gpu < NUM_GPUS; gpu++)); do
     CUDA_VISIBLE_DEVICES=$gpu "$PYTHON" -m kvbench.sweep run --shards "$NUM_GPUS" --shard-index "$gpu" \
-        --default "hydra.sweep.dir=outputs/multiruns/${stamp}_gpu${gpu}" ${args[@]+"${args[@]}"} \
+        ${args[@]+"${args[@]}"} \
         > >(sed "s/^/[gpu$gpu] /") 2>&1 &
     pids+=($!)
 done

@@ -8,7 +8,7 @@ import torch
 from conftest import random_prompt
 from kvbench.attention import compression
 from kvbench.cache import CompressedCache
-from kvbench.engine import generate
+from kvbench.engine import cache_kwargs, generate
 from kvbench.errors import KvbenchError
 from kvbench.methods import METHODS, build_method
 
@@ -102,7 +102,7 @@ def test_methods_never_change_prefill_logits(tiny_llama, name):
         cache = CompressedCache(model.config.num_hidden_layers)
         method.begin(PROMPT, len(cache.layers))
         with compression(method, cache):
-            compressed = model(ids, past_key_values=cache, use_cache=True).logits
+            compressed = model(ids, use_cache=True, **cache_kwargs(model, cache)).logits
     assert cache.tokens_per_head()[0] < PROMPT  # it did compress
     assert torch.equal(plain, compressed)
 
@@ -123,6 +123,7 @@ def test_fraction_budget_resolves_per_prompt(tiny_llama):
     assert out.layer_kept == [round(0.2 * PROMPT)] * model.config.num_hidden_layers
 
 
+@pytest.mark.slow  # loads the 135M GGUF (~1 min on 2 cores): make test-slow; tiny models cover every arch fast
 def test_smollm2_fullkv_reproduces_generate(smollm2):
     model, tok = smollm2
     story = "The quick brown fox jumps over the lazy dog while the farmer sleeps. " * 30

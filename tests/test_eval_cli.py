@@ -84,3 +84,14 @@ def test_module_runs_as_a_script(tmp_path):
     done = subprocess.run([sys.executable, "-m", "kvbench.eval", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2
     assert "trec.jsonl, line 1: not valid JSON" in done.stderr
+
+
+def test_missing_pred_key_and_non_utf8_bytes_are_one_line_errors(tmp_path, capsys):
+    # Issue 10 items 6 and 10: name the missing key; a non-UTF-8 byte is an error, not a traceback.
+    _write_jsonl(tmp_path / "trec.jsonl", [{"answers": ["City"], "all_classes": TREC_CLASSES, "length": 9}])
+    assert main([str(tmp_path)]) == 2
+    assert "the 'pred' key (the model output) is missing" in capsys.readouterr().err
+    (tmp_path / "trec.jsonl").write_bytes(b'{"pred": "Cit\xff", "answers": ["City"], "all_classes": null}\n')
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "trec.jsonl: not UTF-8 text" in err and len(err.strip().splitlines()) == 1

@@ -5,14 +5,16 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.report import (ReportWarning, budget_curve, collect, layer_allocation, layer_allocations,
-                            longbench_table, paper_comparison, score_vs_bytes)
+                            longbench_e_table, longbench_table, paper_comparison, score_vs_bytes)
 from kvbench.report.__main__ import main
+from kvbench.sample_scores import sample_row, write_sample_scores
 
 MODEL = {"name": "llama3-8b-instruct", "hub_id": "meta-llama/Meta-Llama-3-8B-Instruct"}
 TASKS = ["narrativeqa", "hotpotqa", "lcc"]
@@ -28,26 +30,38 @@ SCORES = {
 
 
 def write_run(root: Path, model: dict, method: str, budget, scores: dict[str, float], layer_kept=(8, 6, 4, 2),
-              kv_bytes=(1000, 3000), benchmark: str = "longbench", protocol: str = "dynamickv") -> Path:
-    """A run folder in the pipeline's format, with two predictions per task."""
-    run_dir = root / model["name"] / benchmark / (method if budget is None else f"{method}_{budget}")
+              kv_bytes=(1000, 3000), benchmark: str = "longbench", protocol: str = "dynamickv",
+              samples: dict[str, list[float]] | None = None, status: str = "complete", tag: str | None = None,
+              folder: str | None = None) -> Path:
+    """A run folder in the pipeline's format, with two predictions per task and sample_scores.jsonl.
+
+    Without `samples`, each task's two samples both score the task score (a consistent, zero-width case);
+    with `samples` ({task: per-sample scores 0..1}), scores.json gets their mean and count.
+    """
+    name = folder or (method if budget is None else f"{method}_{budget}") + (f"_{tag}" if tag else "")
+    run_dir = root / model["name"] / benchmark / name
     (run_dir / "predictions").mkdir(parents=True)
     run = {"model": model, "method": {"name": method, "budget": budget}, "benchmark": benchmark,
-           "protocol": protocol, "timing": {"total_s": 1.0}}
+           "protocol": protocol, "timing": {"total_s": 1.0}, "status": status, "config": {"tag": tag}}
     (run_dir / "run.json").write_text(json.dumps(run))
+    samples = samples or {task: [score / 100.0] * 2 for task, score in scores.items()}
+    scores = {task: round(100 * sum(v) / len(v), 2) for task, v in samples.items()}
+    write_sample_scores(run_dir, [sample_row(task, f"{task}-{i}", v) for task, values in samples.items()
+                                  for i, v in enumerate(values)])
     for task in scores:
         lines = [{"pred": "x", "answers": ["x"], "kv_bytes": b, "layer_kept": list(layer_kept), "prefill_s": 0.5 * i,
                   "decode_s": 1.0 * i} for i, b in enumerate(kv_bytes, 1)]
         (run_dir / "predictions" / f"{task}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (run_dir / "scores.json").write_text(json.dumps({"benchmark": benchmark, "tasks": scores,
-                                                     "n": {t: 2 for t in scores}}))
+                                                     "n": {t: len(samples[t]) for t in scores}}))
     return run_dir
 
 
-def write_needle(root: Path, model: dict, method: str, budget, mean_score: float) -> Path:
+def write_needle(root: Path, model: dict, method: str, budget, mean_score: float, status: str = "complete") -> Path:
     run_dir = root / model["name"] / "needle" / (method if budget is None else f"{method}_{budget}")
     (run_dir / "predictions").mkdir(parents=True)
-    run = {"model": model, "method": {"name": method, "budget": budget}, "benchmark": "needle", "protocol": "needle"}
+    run = {"model": model, "method": {"name": method, "budget": budget}, "benchmark": "needle", "protocol": "needle",
+           "status": status}
     (run_dir / "run.json").write_text(json.dumps(run))
     line = {"context_length": 1000, "depth_percent": 50, "score": mean_score, "kv_bytes": 4096,
             "layer_kept": [64, 64, 64, 64], "prefill_s": 0.1, "decode_s": 0.2}
@@ -122,26 +136,30 @@ def test_layer_allocations_average_the_layer_kept_lists(results):
 def test_markdown_table_layout_averages_and_bold(results):
     text = longbench_table(collect([results]))
     rows = table_rows(text)
-    assert rows[0][3:] == ["Single-Doc QA", "Multi-Doc QA", "Code", ""]
-    assert rows[1] == ["Model", "Budget", "Method", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
+    assert rows[0][4:] == ["Single-Doc QA", "Multi-Doc QA", "Code", ""]
+    assert rows[1] == ["Model", "Budget", "Method", "n", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
     body = rows[2:]
     assert [r[2] for r in body] == ["FullKV", "H2O", "SnapKV", "DynamicKV", "SnapKV", "DynamicKV"]
     assert [r[1] for r in body] == ["Full", "128", "", "", "512", ""]
+    assert [r[3] for r in body] == ["2"] * 6
     assert body[0][0] == "llama3-8b-instruct" and all(r[0] == "" for r in body[1:])
-    assert body[0][3:] == ["20.00", "40.00", "60.00", "40.00"]          # FullKV is never bold
-    assert body[1][3:] == ["10.00", "30.00", "50.00", "30.00"]
-    assert body[2][3:] == ["18.00", "**36.00**", "**57.00**", "**37.00**"]  # ties with DynamicKV are both bold
-    assert body[3][3:] == ["**19.00**", "35.00", "**57.00**", "**37.00**"]
-    assert body[4][3:] == ["20.00", "**39.00**", "59.00", "39.33"]
-    assert body[5][3:] == ["**20.50**", "38.00", "**60.00**", "**39.50**"]
-    assert "mean over the 3 task(s) shown" in text
+    assert body[0][4:] == ["20.00", "40.00", "60.00", "40.00"]          # FullKV is never bold
+    assert body[1][4:] == ["10.00", "30.00", "50.00", "30.00"]
+    # Two samples per task: no difference is significant, so every bold cell carries the dagger.
+    assert body[2][4:] == ["18.00", "**36.00**†", "**57.00**†", "**37.00**†"]  # ties with DynamicKV are both bold
+    assert body[3][4:] == ["**19.00**†", "35.00", "**57.00**†", "**37.00**†"]
+    assert body[4][4:] == ["20.00", "**39.00**†", "59.00", "39.33"]
+    assert body[5][4:] == ["**20.50**†", "38.00", "**60.00**†", "**39.50**†"]
+    assert "mean over the 3 task(s) shown" in text and "†: not significantly better than the second best" in text
+    plain = table_rows(longbench_table(collect([results]), significance=False))
+    assert plain[4][4:] == ["18.00", "**36.00**", "**57.00**", "**37.00**"]
 
 
 def test_relative_table_is_percent_of_fullkv(results):
-    body = table_rows(longbench_table(collect([results]), relative=True))[2:]
-    assert body[0][3:] == ["100.0", "100.0", "100.0", "100.0"]
-    assert body[3][3:] == ["**95.0**", "87.5", "**95.0**", "**92.5**"]      # DynamicKV 128: 19/20, 35/40, 57/60, 37/40
-    assert body[1][3:] == ["50.0", "75.0", "83.3", "75.0"]                  # H2O 128
+    body = table_rows(longbench_table(collect([results]), relative=True, ci="pm"))[2:]
+    assert body[0][4:] == ["100.0", "100.0", "100.0", "100.0"]
+    assert body[3][4:] == ["**95.0**†", "87.5", "**95.0**†", "**92.5**†"]   # DynamicKV 128: 19/20, 35/40, 57/60, 37/40
+    assert body[1][4:] == ["50.0", "75.0", "83.3", "75.0"]                  # H2O 128 (no CI on a ratio)
 
 
 def test_relative_needs_fullkv(results):
@@ -152,16 +170,18 @@ def test_relative_needs_fullkv(results):
 
 def test_latex_table_uses_booktabs_and_textbf(results):
     tex = longbench_table(collect([results]), fmt="latex")
-    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule(lr){3-3}", r"\multicolumn{1}{c}{Single-Doc QA}"):
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{4}{c}{}", "Single-Doc QA"):
         assert rule in tex
-    assert r"DynamicKV & \textbf{19.00} & 35.00 & \textbf{57.00} & \textbf{37.00} \\" in tex
-    assert r"\textit{llama3-8b-instruct}" in tex and r"Full & FullKV & 20.00" in tex
+    assert r" &  & DynamicKV & 2 & \textbf{19.00}$^\dagger$ & 35.00 & \textbf{57.00}$^\dagger$ & " in tex
+    assert r"llama3-8b-instruct & Full & FullKV & 2 & 20.00" in tex
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
+    assert tex.count(r"\midrule") == 3                       # header, then one rule before each new budget
+    assert r"{\footnotesize Note: Bold" in tex and r"$\geq$ 0.05" in tex
 
 
 def test_csv_table_parses_back_to_the_same_numbers(results):
     parsed = pd.read_csv(io.StringIO(longbench_table(collect([results]), fmt="csv")))
-    assert list(parsed.columns) == ["model", "budget", "method", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
+    assert list(parsed.columns) == ["model", "budget", "method", "n", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
     assert list(parsed["budget"].astype(str)) == ["Full", "128", "128", "128", "512", "512"]
     assert list(parsed["Avg."]) == [40.0, 30.0, 37.0, 37.0, 39.33, 39.5]
     assert parsed.loc[3, "NrtvQA"] == 19.0 and parsed.loc[5, "Lcc"] == 60.0
@@ -175,26 +195,122 @@ def test_chinese_table_and_language_errors(results, tmp_path):
         longbench_table(df, language="fr")
     with pytest.raises(KvbenchError, match="fmt must be one of"):
         longbench_table(df, fmt="html")
+    with pytest.raises(KvbenchError, match="ci must be one of"):
+        longbench_table(df, ci="sd")
     write_run(tmp_path / "zh", MODEL, "fullkv", None, {"dureader": 30.0, "lsht": 20.0, "narrativeqa": 5.0})
     rows = table_rows(longbench_table(collect([tmp_path / "zh"]), language="zh"))
-    assert rows[1][3:] == ["DuReader", "LSHT", "Avg."] and rows[2][3:] == ["30.00", "20.00", "25.00"]
+    assert rows[1][4:] == ["DuReader", "LSHT", "Avg."] and rows[2][4:] == ["30.00", "20.00", "25.00"]
 
 
-def test_row_missing_a_task_gets_no_average_and_duplicates_are_refused(results, tmp_path):
+def test_row_missing_a_task_gets_no_average(results, tmp_path):
     write_run(tmp_path / "r", MODEL, "pyramidkv", 128, {"narrativeqa": 17.0, "hotpotqa": 33.0})
     text = longbench_table(collect([results, tmp_path / "r"]))
     pyramid = [r for r in table_rows(text) if r[2] == "PyramidKV"][0]
-    assert pyramid[3:] == ["17.00", "33.00", "-", "-"] and "left empty for rows missing a task" in text
-    write_run(tmp_path / "dup", MODEL, "snapkv", 128, {"narrativeqa": 1.0})
-    with pytest.raises(KvbenchError, match="several runs give SnapKV budget 128 narrativeqa"):
-        longbench_table(collect([results, tmp_path / "dup"]))
+    assert pyramid[4:] == ["17.00", "33.00", "-", "-"] and "left empty for rows missing a task" in text
+
+
+def test_colliding_runs_are_reported_and_kept_apart_by_tag(results, tmp_path):
+    """Issue 10 item 11: a tag= variant used to make the report drop the whole LongBench table."""
+    write_run(tmp_path / "t", MODEL, "snapkv", 128, dict(zip(TASKS, [1.0, 2.0, 3.0])), tag="perkv")
+    with pytest.warns(ReportWarning, match=r"collision: 2 runs give SnapKV budget 128 for llama3-8b-instruct: "
+                                           r".*snapkv_128, .*snapkv_128_perkv"):
+        rows = table_rows(longbench_table(collect([results, tmp_path / "t"])))
+    assert rows[1][:5] == ["Model", "Tag", "Budget", "Method", "n"]
+    snap = [r for r in rows if r[3] == "SnapKV"]
+    assert [(r[1], r[5:]) for r in snap[:2]] == [("", ["18.00", "**36.00**†", "**57.00**†", "**37.00**†"]),
+                                                 ("perkv", ["1.00", "2.00", "3.00", "2.00"])]
+    # Same tag (e.g. two output_dir= copies): the run folders' names tell them apart.
+    write_run(tmp_path / "u", MODEL, "snapkv", 128, dict(zip(TASKS, [4.0, 5.0, 6.0])), folder="copy")
+    with pytest.warns(ReportWarning, match="collision"):
+        rows = table_rows(longbench_table(collect([results, tmp_path / "u"])))
+    assert [r[1] for r in rows if r[3] == "SnapKV"][:2] == ["copy", "snapkv_128"]
+
+
+def test_incomplete_runs_are_marked_in_every_table(results, tmp_path, capsys):
+    write_run(tmp_path / "s", MODEL, "pyramidkv", 128, dict(zip(TASKS, [1.0, 2.0, 3.0])), status="interrupted")
+    write_needle(tmp_path / "s", MODEL, "snapkv", 64, 0.5, status="running")
+    df = collect([results, tmp_path / "s"])
+    rows = table_rows(longbench_table(df))
+    assert rows[1][:5] == ["Model", "Budget", "Method", "Status", "n"]
+    assert [r[3] for r in rows[2:] if r[2] == "PyramidKV"] == ["interrupted"]
+    assert [r[3] for r in rows[2:] if r[2] != "PyramidKV"] == [""] * 6
+    assert "status,n" in longbench_table(df, fmt="csv").splitlines()[0]
+    from kvbench.report.__main__ import _needle_summary
+    _needle_summary(df, tmp_path / "rep")
+    needle = table_rows((tmp_path / "rep" / "needle.md").read_text())
+    assert needle[0] == ["Model", "Method", "Budget", "Score", "95% CI", "n", "Status"]
+    assert [r[6] for r in needle[1:]] == ["running", ""]          # SnapKV 64 is still running
+
+
+def test_significance_bold_without_dagger_only_when_the_paired_test_says_so(tmp_path):
+    rng = np.random.default_rng(0)
+    base = (rng.random(80) < 0.5).astype(float)
+    strong = np.where(rng.random(80) < 0.6, 1.0, base)           # clearly better on the same samples
+    close = np.where(rng.random(80) < 0.03, 1.0, base)           # barely better
+    write_run(tmp_path, MODEL, "h2o", 128, {}, samples={"qasper": list(base), "lcc": list(base)})
+    write_run(tmp_path, MODEL, "snapkv", 128, {}, samples={"qasper": list(strong), "lcc": list(close)})
+    rows = table_rows(longbench_table(collect([tmp_path]), ci="range"))
+    snap = [r for r in rows if r[2] == "SnapKV"][0]
+    qasper, lcc = snap[4], snap[5]
+    assert qasper.startswith("**") and not qasper.endswith("†")          # significant: bold, no dagger
+    assert lcc.startswith("**") and lcc.endswith("†")                      # not significant: dagger
+    low, high = map(float, qasper.strip("*").split("[")[1].rstrip("]").split(","))
+    assert low < 100 * strong.mean() < high and high - low > 10           # n=80 binary: a wide interval
+    # Different samples cannot be paired: no claim of significance.
+    write_run(tmp_path / "other", MODEL, "pyramidkv", 128, {}, samples={"qasper": [1.0] * 80, "lcc": [1.0] * 80})
+    (tmp_path / "other" / MODEL["name"] / "longbench" / "pyramidkv_128" / "sample_scores.jsonl").write_text(
+        "".join(json.dumps(sample_row(t, f"other-{i}", 1.0)) + "\n" for t in ("qasper", "lcc") for i in range(80)))
+    rows = table_rows(longbench_table(collect([tmp_path, tmp_path / "other"])))
+    pyramid = [r for r in rows if r[2] == "PyramidKV"][0]
+    assert pyramid[4:] == ["**100.00**†", "**100.00**†", "**100.00**†"]
+
+
+def test_ci_views_and_sample_mismatch(tmp_path):
+    write_run(tmp_path, MODEL, "snapkv", 128, {}, samples={"qasper": [0.0, 1.0] * 20, "lcc": [0.5] * 40})
+    df = collect([tmp_path])
+    row = df.set_index("task").loc["lcc"]
+    assert row["ci_low"] == row["ci_high"] == pytest.approx(50.0)                 # all equal: zero width
+    body = table_rows(longbench_table(df, ci="pm"))[2]
+    assert body[5] == "50.00 ± 0.00" and body[4].startswith("50.00 ± 1")      # 0/1 x 40: half-width ~15
+    csv = pd.read_csv(io.StringIO(longbench_table(df, fmt="csv", ci="range")))
+    assert {"Qasper lo", "Qasper hi", "Avg. lo", "Avg. hi"} <= set(csv.columns)
+    assert csv.loc[0, "Avg. lo"] < 50.0 < csv.loc[0, "Avg. hi"]
+    scores = tmp_path / MODEL["name"] / "longbench" / "snapkv_128" / "scores.json"
+    scores.write_text(json.dumps({"benchmark": "longbench", "tasks": {"qasper": 50.0, "lcc": 60.0},
+                                  "n": {"qasper": 40, "lcc": 40}}))
+    with pytest.warns(ReportWarning, match="task lcc has 40 samples averaging 50.00, but scores.json says n=40, "
+                                           "60.00; its CI is left out"):
+        df = collect([tmp_path])
+    assert df.set_index("task")["ci_low"].isna().tolist() == [False, True]
+
+
+def test_longbench_e_table_by_length_bucket(tmp_path):
+    # scores.json of a LongBench-E run keys tasks by their base name, as score_folder does.
+    run_dir = write_run(tmp_path, MODEL, "snapkv", 128, {}, benchmark="longbench_e",
+                        samples={"qasper": [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]})
+    buckets = ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
+    write_sample_scores(run_dir, [sample_row("qasper", f"q{i}", s, length=1000, bucket=b)
+                                  for i, (s, b) in enumerate(zip([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], buckets))])
+    text = longbench_e_table(collect([tmp_path]))
+    rows = table_rows(text)
+    assert rows[0] == ["Model", "Budget", "Method", "Tasks", "0-4k", "n 0-4k", "4-8k", "n 4-8k", "8k+", "n 8k+"]
+    assert rows[1][4:] == ["50.00 ± 50.00", "2", "100.00 ± 0.00", "2", "0.00 ± 0.00", "2"]
+    assert "resampled within each task's bucket" in text
+    assert "\\toprule" in longbench_e_table(collect([tmp_path]), fmt="latex")
 
 
 def test_two_protocols_get_their_own_column(results, tmp_path):
     write_run(tmp_path / "p", MODEL, "snapkv", 128, dict(zip(TASKS, [1.0, 2.0, 3.0])), protocol="official")
     rows = table_rows(longbench_table(collect([results, tmp_path / "p"])))
-    assert rows[1][:4] == ["Model", "Protocol", "Budget", "Method"]
-    assert ["llama3-8b-instruct", "official", "128", "SnapKV", "1.00", "2.00", "3.00", "2.00"] in rows
+    assert rows[1][:5] == ["Model", "Protocol", "Budget", "Method", "n"]
+    assert ["llama3-8b-instruct", "official", "128", "SnapKV", "2", "1.00", "2.00", "3.00", "2.00"] in rows
+
+
+def test_tables_use_pandas_renderers():
+    import inspect
+    from kvbench.report import tables
+    source = inspect.getsource(tables)
+    assert "to_markdown(" in source and "to_latex(" in source and ".ljust(" not in source
 
 
 # -------------------------------------------------------------------------------------------------- paper vs ours
@@ -248,7 +364,7 @@ def test_cli_prints_tables_and_writes_everything(results, tmp_path, capsys):
     out = tmp_path / "report"
     assert main([str(results), "--out", str(out), "--format", "md,csv"]) == 0
     printed = capsys.readouterr().out
-    assert "## longbench (English), scores" in printed and "**39.50**" in printed and "83.00" in printed
+    assert "## longbench (English), scores" in printed and "**39.50 ± 0.00**†" in printed and "83.00" in printed
     names = {p.name for p in out.iterdir()}
     expected = {"results.csv", "longbench_en.md", "longbench_en.csv", "longbench_en_relative.md",
                 "paper_comparison.md", "needle.md", "budget_curve.png", "score_vs_bytes.pdf",
@@ -277,3 +393,17 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
 def test_paper_model_names_match_config_names_and_hub_ids(name, hub_id, expected):
     from kvbench.report.tables import paper_model_name
     assert paper_model_name(name, hub_id) == expected
+
+
+def test_figures_carry_ci_bands_and_error_bars(tmp_path):
+    from kvbench.report.figures import _run_averages
+    rng = np.random.default_rng(1)
+    for method, budget, p in (("fullkv", None, 0.7), ("snapkv", 64, 0.4), ("snapkv", 128, 0.5)):
+        write_run(tmp_path / "r", MODEL, method, budget, {},
+                  samples={t: list((rng.random(50) < p).astype(float)) for t in TASKS})
+    df = collect([tmp_path / "r"])
+    runs, _ = _run_averages(df, "longbench", "en")
+    assert (runs["ci_low"] < runs["score"]).all() and (runs["score"] < runs["ci_high"]).all()
+    assert ((runs["ci_high"] - runs["ci_low"]) < 20).all()               # 150 samples per run: a few points wide
+    paths = budget_curve(df, tmp_path / "curve") + score_vs_bytes(df, tmp_path / "bytes")
+    assert all(p.stat().st_size > 1000 for p in paths)

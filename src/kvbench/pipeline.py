@@ -5,9 +5,13 @@ folder, protocol), so a typo fails in a second with a message, not after minutes
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import os
 import platform
+import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -20,16 +24,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import kvbench
-from kvbench.config import output_dir, run_name
+from kvbench.config import LONGBENCH_KINDS, output_dir, run_name, validate
 from kvbench.engine import GenerationOutput, generate
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
-from kvbench.models import ModelSpec, load_model, resolve_attention, resolve_dtype
+from kvbench.models import ModelSpec, load_model, load_tokenizer, resolve_attention, resolve_dtype
 from kvbench.results import RunStore
+from kvbench.sample_scores import pop_and_write
 
 log = logging.getLogger("kvbench")
-BENCHMARKS = ("longbench", "longbench_e", "needle")
 VERSIONED_PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "rouge", "rouge-score", "fuzzywuzzy",
                       "python-Levenshtein", "jieba", "gguf", "numpy", "flash-attn")
 
@@ -43,7 +47,11 @@ class Job:
     method: Method
     device: str
     out: Path
-    benchmark: Any  # LongBenchPlan or NeedlePlan
+    benchmark: Any  # LongBenchPlan or NeedlePlan (see BENCHMARKS)
+
+    @property
+    def method_is_full(self) -> bool:
+        return bool(self.cfg.method.get("budget_agnostic", False))
 
 
 def resolve_device(name: str) -> str:
@@ -94,20 +102,36 @@ def load_model_once(spec: ModelSpec, device: str):
     return _LOADED[key]
 
 
-def prepare(cfg: DictConfig) -> Job:
-    """Resolve and validate everything that does not need the model."""
+# The benchmark kinds: name -> "module:planner". A planner takes (cfg, spec) and returns a plan with
+# `protocol_name()`, `settings()` (the fingerprint part), `selection()` (what this command selects, for the record)
+# and `run(store, model, tokenizer, run_one, show_progress, on_sample) -> scores` (scores of exactly the selection).
+BENCHMARKS = {
+    "longbench": "kvbench.longbench.runner:plan_longbench",
+    "longbench_e": "kvbench.longbench.runner:plan_longbench",
+    "needle": "kvbench.needle.runner:plan_needle",
+    "ruler": "kvbench.ruler.runner:plan_ruler",
+}
+
+
+def plan_benchmark(cfg: DictConfig, spec: ModelSpec):
     name = cfg.benchmark.name
     if name not in BENCHMARKS:
         raise KvbenchError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
+    module, function = BENCHMARKS[name].split(":")
+    return getattr(importlib.import_module(module), function)(cfg, spec)
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Resolve and validate everything that does not need the model (types, method, data files, grid)."""
+    validate(cfg)
     method = method_from_config(cfg.method, cfg.budget)
     spec = ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True))
     device = resolve_device(cfg.device)
-    if name == "needle":
-        from kvbench.needle.runner import plan_needle
-        plan = plan_needle(cfg)
-    else:
-        from kvbench.longbench.runner import plan_longbench
-        plan = plan_longbench(cfg, spec)
+    resolve_dtype(spec, device)
+    plan = plan_benchmark(cfg, spec)
+    if cfg.get("output_dir") and cfg.get("tag"):
+        log.warning("tag=%s is not used: output_dir=%s names the folder (tag= only names default folders)",
+                    cfg.tag, cfg.output_dir)
     return Job(cfg, spec, method, device, output_dir(cfg), plan)
 
 
@@ -123,26 +147,41 @@ def settings_of(job: Job) -> dict:
     }
 
 
+def user_command() -> str:
+    """The command that reproduces this run: `python run.py <overrides>` as Hydra parsed them (in a multirun, this
+    job's overrides, never the launcher's worker command line); outside Hydra, the process's command line."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return " ".join(shlex.quote(a) for a in sys.argv)
+    return " ".join(["python", "run.py"] + [shlex.quote(o) for o in overrides])
+
+
 def run_record(job: Job) -> dict:
+    config = OmegaConf.to_container(job.cfg, resolve=True)
+    if job.cfg.benchmark.name not in LONGBENCH_KINDS:
+        config.pop("protocol", None)  # the LongBench prompt protocol does not affect other benchmarks
     return {
         "model": job.spec.record(),
         "method": job.method.params(),
         "benchmark": job.cfg.benchmark.name,
         "protocol": job.benchmark.protocol_name(),
         "run_name": run_name(job.cfg),
-        "config": OmegaConf.to_container(job.cfg, resolve=True),
+        "config": config,
         "versions": package_versions(),
         "git_commit": git_commit(),
         "device": device_description(job.device),
-        "command": " ".join(sys.argv),
+        "command": user_command(),
     }
 
 
 class Timer:
-    """Aggregates per-sample timings and KV bytes for run.json."""
+    """Aggregates per-sample timings of one session for run.json."""
 
     def __init__(self) -> None:
-        self.prefill, self.decode, self.new_tokens, self.kv_bytes, self.samples = 0.0, 0.0, 0, 0, 0
+        self.prefill, self.decode, self.new_tokens, self.samples = 0.0, 0.0, 0, 0
         self.start = time.perf_counter()
 
     def add(self, out: GenerationOutput) -> None:
@@ -150,42 +189,98 @@ class Timer:
         self.prefill += out.prefill_s
         self.decode += out.decode_s
         self.new_tokens += len(out.token_ids)
-        self.kv_bytes += out.kv_bytes
 
     def summary(self) -> dict:
         n = max(self.samples, 1)
         return {
             "total_s": round(time.perf_counter() - self.start, 2),
-            "samples_this_session": self.samples,
+            "samples": self.samples,
+            "prefill_s": round(self.prefill, 4),
+            "decode_s": round(self.decode, 4),
+            "new_tokens": self.new_tokens,
             "prefill_s_mean": round(self.prefill / n, 4),
             "decode_ms_per_token": round(1000 * self.decode / max(self.new_tokens, 1), 3),
             "s_per_sample": round((self.prefill + self.decode) / n, 3),
-            "kv_bytes_mean_this_session": int(self.kv_bytes / n),
         }
 
 
+class Generated:
+    """A generation's output plus the per-sample fields the pipeline adds (the budget in tokens actually used)."""
+
+    def __init__(self, out: GenerationOutput, extra: dict) -> None:
+        self._out, self._extra = out, extra
+
+    def __getattr__(self, name: str):
+        return getattr(self._out, name)
+
+    def log_fields(self) -> dict:
+        return {**self._out.log_fields(), **self._extra}
+
+
+class Interrupted(KvbenchError):
+    """Ctrl-C: the run stopped cleanly; its record says "interrupted" and a rerun resumes it."""
+
+
 def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = None) -> dict:
-    """Run the configured benchmark; returns the scores (also written to `<output_dir>/scores.json`)."""
+    """Run the configured benchmark; returns the scores of what this command selected (also written to
+    `<output_dir>/scores.json`)."""
     job = prepare(cfg)
     torch.manual_seed(cfg.seed)
     store = RunStore(job.out, settings_of(job), run_record(job))
-    store.open()
-    log.info("results: %s", job.out)
-    model, tokenizer = load_model_once(job.spec, job.device)
+    store.check()  # other settings' predictions, or a live run: refused before any model loads
     timer = Timer()
+    try:
+        tokenizer = load_tokenizer(job.spec)  # a missing tokenizer or hub model fails here, before the weights
+        check = getattr(job.benchmark, "check_tokenizer", None)
+        if check is not None:
+            check(tokenizer)
+        model, tokenizer = load_model_once(job.spec, job.device)
+        store.open()
+        log.info("results: %s", job.out)
+        try:
+            scores = _run(job, store, model, tokenizer, timer, on_sample)
+        except KeyboardInterrupt:
+            if store.session is not None:
+                store.end_session("interrupted", timing=timer.summary())
+            raise
+        except BaseException as err:
+            if store.session is not None:
+                store.end_session("failed", timing=timer.summary(), error=f"{type(err).__name__}: {err}"[:500])
+            raise
+        finally:
+            store.close()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {timer.samples} samples; rerun the same command to resume "
+                          f"({job.out})") from None
+    return scores
+
+
+def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -> dict:
+    timer.start = time.perf_counter()  # the session's time counts from here (model loading excluded)
+    session = {"command": user_command(), "device": device_description(job.device), "host": socket.gethostname(),
+               "pid": os.getpid()}
 
     def run_one(input_ids: list[int], max_new_tokens: int, stop_token_ids, min_new_tokens: int = 0):
+        store.begin_session(session)  # the first sample of this session marks the record "running"
         ids = torch.tensor([input_ids], device=job.device)
         out = generate(model, ids, job.method, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
                        min_new_tokens=min_new_tokens, repetition_penalty=job.spec.repetition_penalty)
         timer.add(out)
-        return out, tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}
+        return Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
     # Peak memory of this run's generation (model weights included), sampled every 20 ms.
     with PeakMemory(job.device, interval_s=0.02) as memory:
-        scores = job.benchmark.run(store, model, tokenizer, run_one, cfg.progress, on_sample)
-    timing = timer.summary()
-    all_records = [r for task in store.tasks_done() for r in store.records(task)]
+        scores = job.benchmark.run(store, model, tokenizer, run_one, job.cfg.progress, on_sample)
+    all_records = [r for task in store.tasks_done() for r in store.records(task, _key_of(task))]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
-    store.finish(scores, timing=timing, peak_memory_bytes=int(memory.peak), kv_bytes_mean=kv_mean)
+    pop_and_write(job.out, scores)  # per-sample scores -> sample_scores.jsonl (kept out of scores.json)
+    store.write_scores(scores)
+    selection = getattr(job.benchmark, "selection", None)
+    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": selection() if selection else None},
+                      timing=timer.summary(), peak_memory_bytes=int(memory.peak))
     return scores
+
+
+def _key_of(task: str) -> str:
+    return "cell" if task == "needle" else "_id"

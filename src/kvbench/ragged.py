@@ -36,8 +36,10 @@ _LIVE: "weakref.WeakValueDictionary[int, RaggedLayer]" = weakref.WeakValueDictio
 class RaggedLayer(DynamicLayer):
     """One decoder layer's cache with `lengths[s]` kept prompt tokens in stored head `s`, plus a dense tail."""
 
+    compressed = True
+
     def __init__(self, keys: list[torch.Tensor] | torch.Tensor, values, positions: list[torch.Tensor],
-                 lengths: torch.Tensor | None = None) -> None:
+                 lengths: torch.Tensor | None = None, offset: int = 0) -> None:
         """`keys`/`values`: per stored head [c_h, d] tensors (or the flat [T, d] with `lengths`); `positions`: per
         head the original prompt positions of those tokens."""
         super().__init__()
@@ -52,6 +54,7 @@ class RaggedLayer(DynamicLayer):
         self._foreign: torch.Tensor | None = None  # [S, T] bool, built on first use by the PyTorch path
         self.max_length = int(self.lengths.max()) if self.heads_stored else 0
         self.positions = [p.tolist() if torch.is_tensor(p) else list(p) for p in positions]
+        self.offset = offset  # prompt position of the first token the method was given
         d = keys.shape[-1]
         self.tail_keys = keys.new_zeros(1, self.heads_stored, 0, d)
         self.tail_values = values.new_zeros(1, self.heads_stored, 0, d)
@@ -86,12 +89,16 @@ class RaggedLayer(DynamicLayer):
     def tokens_per_head(self) -> float:
         return self.tokens() / max(self.heads_stored, 1)
 
+    def held(self) -> float:
+        """Tokens per head, the mean over heads (heads hold different counts)."""
+        return self.tokens_per_head()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for t in (self.prefix_keys, self.prefix_values, self.tail_keys, self.tail_values))
 
     def kept_positions(self) -> list[list[int]]:
-        return [list(p) for p in self.positions]
+        return [[q + self.offset for q in p] for p in self.positions]
 
     def foreign(self) -> torch.Tensor:
         """[S, T] bool: flat prefix token t belongs to another head than s. Index metadata for the PyTorch path
@@ -120,10 +127,17 @@ def store_ragged(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
     """Replace layer `layer_idx` of `cache` by a ragged layer holding, for stored head s, the prompt tokens at
     `positions[s]` of keys/values [1, H_kv, n, d] (head s reads KV head s // (S / H_kv))."""
     heads, kv_heads = len(positions), keys.shape[1]
+    previous = cache.layers[layer_idx]
+    if getattr(getattr(previous, "kind", None), "local", False):
+        from kvbench.errors import KvbenchError
+
+        raise KvbenchError("head-adaptive allocation (allocation=adaptive) keeps full-attention layers only; with "
+                           "method.local_layers=compress on a sliding-window model use method.allocation=uniform")
     lengths = torch.tensor([len(p) for p in positions], dtype=torch.long, device=keys.device)
     flat_pos = torch.cat(list(positions)).to(keys.device)
     kv_of_token = torch.repeat_interleave(torch.arange(heads, device=keys.device) // (heads // kv_heads), lengths)
-    layer = RaggedLayer(keys[0, kv_of_token, flat_pos], values[0, kv_of_token, flat_pos], positions, lengths)
+    layer = RaggedLayer(keys[0, kv_of_token, flat_pos], values[0, kv_of_token, flat_pos], positions, lengths,
+                        offset=getattr(previous, "offset", 0))
     cache.layers[layer_idx] = layer
     return layer
 

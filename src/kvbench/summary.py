@@ -1,9 +1,9 @@
-"""What a finished run prints: the scores and where the files are."""
+"""What a finished run prints: the scores of what the command selected, with their n, and where the files are."""
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from kvbench.config import output_dir
+from kvbench.config import LONGBENCH_KINDS, output_dir
 
 
 def headline(scores: dict) -> float | None:
@@ -14,13 +14,20 @@ def headline(scores: dict) -> float | None:
 
 
 def print_summary(cfg: DictConfig, scores: dict) -> float | None:
+    protocol = f" | protocol={cfg.protocol.name}" if cfg.benchmark.name in LONGBENCH_KINDS else ""
     print(f"\n{cfg.model.name} | {cfg.benchmark.name} | {cfg.method.name}"
-          f"{'' if cfg.method.get('budget_agnostic') else f' budget={cfg.budget}'} | protocol={cfg.protocol.name}")
+          f"{'' if cfg.method.get('budget_agnostic') else f' budget={cfg.budget}'}{protocol}")
     for task, value in scores.get("tasks", {}).items():
         print(f"  {task:24s} {value:6.2f}  (n={scores['n'][task]})")
     value = headline(scores)
     if value is not None:
-        label = "mean needle score" if scores.get("benchmark") == "needle" else "average"
-        print(f"  {label:24s} {value:6.2f}" if label == "average" else f"  {label:24s} {value:6.3f}")
+        if scores.get("benchmark") == "needle":
+            print(f"  {'mean needle score':24s} {value:6.3f}  (n={scores.get('n')})")
+        else:
+            print(f"  {'average':24s} {value:6.2f}  (n={sum(scores.get('n', {}).values())})")
+    also = scores.get("also_on_disk") or {}
+    if also:
+        listed = ", ".join(f"{task}: {count}" for task, count in sorted(also.items()))
+        print(f"  also on disk, not in these scores: {listed} (samples outside this selection)")
     print(f"  results: {output_dir(cfg)}")
     return value

@@ -34,11 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from kvbench.config import CONFIG_DIR, compose, output_dir, run_name
 from kvbench.errors import KvbenchError
-from kvbench.results import RUN_FILE, PREDICTIONS
+from kvbench.results import PREDICTIONS, RUN_FILE, folder_locked
 
 RUN_PY = CONFIG_DIR.parent / "run.py"
 BYTES_PER_TOKEN = 4.0
-STATUSES = ("done", "partial", "todo", "conflict")
+STATUSES = ("done", "partial", "todo", "running", "conflict")
 
 
 class SweepError(KvbenchError):
@@ -243,49 +243,69 @@ def _prediction_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def samples_done(out: Path, unit: str) -> int:
-    """Prediction lines already in a (partial) result folder for one unit; the needle counts every file."""
+def _needle_cells_done(path: Path) -> set[str]:
+    cells = set()
+    if path.exists():
+        with open(path, "rb") as handle:
+            for line in handle:
+                try:
+                    cells.add(json.loads(line)["cell"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn or foreign line: the run redoes that cell
+    return cells
+
+
+def samples_done(out: Path, unit: str, cfg: DictConfig | None = None) -> int:
+    """Samples of this job's selection already in a result folder, for one unit. LongBench: lines of the task's
+    file (the store selects the first `limit` samples in file order, so a folder holds a prefix); needle: the cells
+    of this grid found in the folder (with no cfg: every line)."""
     folder = out / PREDICTIONS
     if unit == "needle":
-        return sum(_prediction_lines(p) for p in folder.glob("*.jsonl"))
+        if cfg is None:
+            return sum(_prediction_lines(p) for p in folder.glob("*.jsonl"))
+        from kvbench.needle.prompt import context_lengths, depth_percents
+        from kvbench.needle.runner import cell_key
+
+        grid = cfg.benchmark.grid
+        wanted = {cell_key(length, depth) for length in context_lengths(grid.start, grid.end, grid.step)
+                  for depth in depth_percents(grid.depths)}
+        return len(wanted & _needle_cells_done(folder / "needle.jsonl"))
     return _prediction_lines(folder / f"{unit}.jsonl")
 
 
 def classify(out: Path, cfg: DictConfig) -> tuple[str, str]:
-    """(status, note): done (run.json says complete), partial (folder exists: the run resumes), todo, or
-    conflict (complete, but for other tasks/limit/grid: the run would refuse to mix them into this folder)."""
-    run_file = out / RUN_FILE
+    """(status, note) before counting samples: todo (no folder), running (a live run holds the folder's lock:
+    never submitted again), conflict (unreadable run.json), or "exists" (the samples left decide done/partial)."""
     if not out.exists():
         return "todo", ""
+    holder = folder_locked(out)
+    if holder:
+        return "running", f"a live run holds it: {holder}"
+    run_file = out / RUN_FILE
     if not run_file.exists():
-        return "partial", ""
+        return "exists", ""
     try:
         record = json.loads(run_file.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return "conflict", f"{run_file} is corrupt; delete {out} to redo it"
-    if record.get("status") != "complete":
-        return "partial", ""
-    changed = _changed_scope(record.get("config", {}).get("benchmark", {}), cfg)
-    if changed:
-        return "conflict", f"done with other {', '.join(changed)}; delete {out} or set tag=... to keep both"
-    return "done", ""
-
-
-def _changed_scope(recorded: dict, cfg: DictConfig) -> list[str]:
-    """Benchmark settings that decide which samples a run holds, where the finished run differs from the plan."""
-    wanted = OmegaConf.to_container(cfg.benchmark, resolve=True)
-    keys = ("grid",) if cfg.benchmark.name == "needle" else ("tasks", "limit")
-    return [f"benchmark.{k}" for k in keys if k in recorded and recorded.get(k) != wanted.get(k)]
+    return "exists", "" if record.get("status") == "complete" else f"last run {record.get('status', 'unknown')}"
 
 
 def _fill_costs(job: PlannedJob, cost: CostModel) -> None:
+    """Samples total/left and the cost of what is left. A folder that holds every selected sample of a complete
+    run is done, whatever larger selection it also holds (the run would score this selection and generate
+    nothing); one that lacks some is partial (the run adds them), as the result store does."""
     work = job_work(job.cfg)
     job.samples_total = sum(w.samples for w in work)
-    if not job.remaining:
+    if job.status in ("running", "conflict"):
         return
-    left = [w.scaled(max(w.samples - samples_done(job.out, w.name), 0)) for w in work]
+    left = [w.scaled(max(w.samples - samples_done(job.out, w.name, job.cfg), 0)) for w in work]
     job.samples_left = sum(w.samples for w in left)
     job.seconds_left = sum(cost.seconds(w.prompt_tokens, w.new_tokens) for w in left)
+    if job.status == "exists":
+        job.status = "done" if job.samples_left == 0 and not job.note else "partial"
+        if job.status == "done":
+            job.note = ""
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -399,7 +419,7 @@ def format_totals(jobs: list[PlannedJob], cost: CostModel, shards: int = 1) -> s
     count = {status: sum(j.status == status for j in jobs) for status in STATUSES}
     hours = sum(j.seconds_left for j in jobs) / 3600
     text = (f"jobs: {len(jobs)}  done: {count['done']}  to do: {count['todo'] + count['partial']} "
-            f"(partial: {count['partial']})  conflicts: {count['conflict']}  "
+            f"(partial: {count['partial']})  running elsewhere: {count['running']}  conflicts: {count['conflict']}  "
             f"samples left: {sum(j.samples_left for j in jobs)}  est. GPU hours: {hours:.2f}\n"
             f"cost model: {cost.seconds_per_ktoken:g} s per 1k prompt tokens + {cost.seconds_per_token:g} s per "
             f"new token (upper bound; --seconds-per-ktoken / --seconds-per-token)")
@@ -471,8 +491,8 @@ def _main(args: argparse.Namespace) -> int:
         print("\n".join(["would run:"] + [shell_command(c) for c in cmds]) if cmds else "nothing to run")
         return 0
     for job in jobs:
-        if job.status == "conflict":
-            print(f"skipped (conflict): {job.label}: {job.note}", file=sys.stderr)
+        if job.status in ("conflict", "running"):
+            print(f"skipped ({job.status}): {job.label}: {job.note}", file=sys.stderr)
     if args.mode == "plan":
         print(f"# {len(todo)} of {len(jobs)} jobs to run, est. {sum(j.seconds_left for j in todo) / 3600:.2f} "
               f"GPU hours", file=sys.stderr)

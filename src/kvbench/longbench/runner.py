@@ -1,18 +1,27 @@
-"""LongBench / LongBench-E runs: data -> prompts -> generation -> prediction files -> scores."""
+"""LongBench / LongBench-E runs: data -> prompts -> generation -> prediction files -> scores.
+
+What a command selects (`benchmark.tasks`, `benchmark.limit`) is what it scores: a folder may hold more (a larger
+limit or other tasks from earlier runs with the same settings); those stay on disk, untouched, and are reported
+as `also_on_disk` in scores.json, never mixed into this command's numbers.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench.errors import KvbenchError
-from kvbench.longbench.data import DataSource, load_task
-from kvbench.longbench.protocol import Protocol, build_prompt, generation_settings
-from kvbench.longbench.scoring import score_folder
+from kvbench.longbench.data import DataSource, load_task, local_task_file, verify_file
+from kvbench.longbench.protocol import (Protocol, ProtocolError, _check_max_input_len, build_prompt,
+                                        generation_settings)
+from kvbench.longbench.scoring import score_records
 from kvbench.longbench.tasks import task_spec
 from kvbench.models import ModelSpec
 from kvbench.progress import progress
+
+log = logging.getLogger("kvbench")
 
 
 @dataclass
@@ -22,53 +31,108 @@ class LongBenchPlan:
     protocol: Protocol
     max_input_len: int | None
     longbench_e: bool
+    context_len: int | None = None  # the model's context (trained_len): longer final prompts get a warning
 
     def protocol_name(self) -> str:
         return self.protocol.name
 
     def settings(self) -> dict:
-        # `limit` is not a setting: a larger limit continues the same run.
+        # `limit` and `tasks` are not settings: a larger selection continues the same run.
+        data = str(Path(self.source.path).expanduser().resolve()) if self.source.path else self.source.hub_id
         return {"name": "longbench_e" if self.longbench_e else "longbench", "protocol": self.protocol.to_dict(),
-                "max_input_len": self.max_input_len, "data": str(self.source.path or self.source.hub_id)}
+                "max_input_len": self.max_input_len, "data": data}
+
+    def selection(self) -> dict:
+        return {"tasks": list(self.tasks), "limit": self.source.limit}
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Checks that need the tokenizer, run before the model weights load."""
+        if self.protocol.chat_template == "model" and not getattr(tokenizer, "chat_template", None) \
+                and any(task_spec(t).chat for t in self.tasks):
+            raise ProtocolError(f"protocol={self.protocol.name} wraps chat tasks in the model's chat template, and "
+                                f"this tokenizer has none; use protocol=dynamickv (raw prompts) for a base model")
 
     def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
         generation_config = getattr(model, "generation_config", None)
+        selected: dict[str, list] = {}
+        warned = False
         for task in self.tasks:
             examples = load_task(task, self.source)
+            selected[task] = [ex.get("_id") for ex in examples]
             done = store.done(task)
             todo = [ex for ex in examples if ex.get("_id") not in done]
             base = task_spec(task).name
             settings = generation_settings(base, tokenizer, generation_config, self.protocol)
-            bar_desc = f"{task} ({len(done)} done)" if done else task
+            bar_desc = f"{task} ({len(examples) - len(todo)} done)" if len(todo) < len(examples) else task
             for example in progress(todo, len(todo), bar_desc, show_progress):
                 prompt = build_prompt(base, example, tokenizer, self.protocol, self.max_input_len)
+                final = len(prompt.input_ids)
+                if self.context_len and final > self.context_len and not warned:
+                    warned = True
+                    log.warning("%s: a final prompt has %d tokens, more than the model's context (%d): the chat "
+                                "template is added after truncation to max_input_len=%s, as LongBench's pred.py "
+                                "does (recorded per sample as prompt_tokens)", task, final, self.context_len,
+                                self.max_input_len)
                 out, text = run_one(prompt.input_ids, settings.max_new_tokens, settings.stop_token_ids,
                                     settings.min_new_tokens)
                 record = {"pred": text, "answers": example["answers"], "all_classes": example.get("all_classes"),
                           "length": example["length"], "_id": example.get("_id"), "truncated": prompt.truncated,
-                          "original_tokens": prompt.original_tokens, **out.log_fields()}
+                          "original_tokens": prompt.original_tokens,
+                          "over_max_input_len": self.max_input_len is not None and final > self.max_input_len,
+                          **out.log_fields()}
                 store.append(task, record)
                 if on_sample:
                     on_sample(task, record)
-        return score_folder(store.predictions_dir, e=self.longbench_e)
+        return self.score(store, selected)
+
+    def score(self, store, selected: dict[str, list]) -> dict:
+        """Scores of exactly the selected samples; the other records in the folder are counted as also on disk."""
+        chosen, also = {}, {}
+        for task, ids in selected.items():
+            wanted = set(ids)
+            records = store.records(task)  # each _id once
+            chosen[task] = [r for r in records if r.get("_id") in wanted]
+            if len(chosen[task]) < len(wanted):
+                raise KvbenchError(f"{store.prediction_file(task)} lacks {len(wanted) - len(chosen[task])} of the "
+                                   f"selected samples; rerun the same command to complete it")
+            if len(records) > len(chosen[task]):
+                also[task] = len(records) - len(chosen[task])
+        for task in store.tasks_done():
+            if task not in selected:
+                also[task] = len(store.records(task))
+        scores = score_records(chosen, e=self.longbench_e)
+        scores["selection"] = self.selection()
+        scores["also_on_disk"] = also
+        return scores
 
 
 def plan_longbench(cfg: DictConfig, spec: ModelSpec) -> LongBenchPlan:
+    """Check everything that does not need the model: task names, the data folder, every selected task file (present
+    and verified), max_input_len and the protocol."""
     bench = cfg.benchmark
     is_e = bench.name == "longbench_e"
     tasks = list(bench.tasks)
     if not tasks:
         raise KvbenchError("benchmark.tasks is empty; list tasks, e.g. benchmark.tasks=[qasper,multi_news]")
+    if len(set(tasks)) < len(tasks):
+        raise KvbenchError(f"benchmark.tasks lists a task twice: {tasks}; list each task once")
     for task in tasks:
         task_spec(task)  # unknown names fail here, before any model is loaded
         if is_e != task.endswith("_e"):
             kind = "LongBench-E tasks end with _e" if is_e else "use benchmark=longbench_e for *_e tasks"
             raise KvbenchError(f"task {task!r} does not fit benchmark={bench.name}: {kind}")
-    if bench.data_dir is not None and not Path(bench.data_dir).is_dir():
-        raise KvbenchError(f"benchmark.data_dir={bench.data_dir} is not a folder; point it at the unzipped "
-                           f"LongBench data (the <task>.jsonl files of data.zip)")
+    if bench.data_dir is not None:
+        if not Path(bench.data_dir).expanduser().is_dir():
+            raise KvbenchError(f"benchmark.data_dir={bench.data_dir} is not a folder; point it at the unzipped "
+                               f"LongBench data (the <task>.jsonl files of data.zip)")
+        for task in tasks:
+            path = local_task_file(task, bench.data_dir)
+            if bench.verify_checksums:
+                verify_file(path)
+    _check_max_input_len(spec.max_input_len)
     protocol_cfg = OmegaConf.to_container(cfg.protocol, resolve=True)
     protocol_cfg.pop("methods", None)
     source = DataSource(path=bench.data_dir, hub_id=bench.hub_id, verify=bench.verify_checksums,
                         limit=bench.limit)
-    return LongBenchPlan(tasks, source, Protocol.from_dict(protocol_cfg), spec.max_input_len, is_e)
+    return LongBenchPlan(tasks, source, Protocol.from_dict(protocol_cfg), spec.max_input_len, is_e,
+                         spec.trained_len)

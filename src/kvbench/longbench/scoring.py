@@ -6,6 +6,9 @@ Official rules reproduced here:
 * per task: `round(100 * sum / n, 2)`, with `all_classes` taken from the LAST line of the file;
 * LongBench-E: buckets by the `length` field (<4000, <8000, else), `round(100 * np.mean(bucket), 2)`;
   an empty bucket is NaN (numpy would say NaN too, plus a RuntimeWarning we avoid).
+
+`score_folder` also returns the per-sample scores its task scores average (key `sample_scores`, rows of
+`kvbench.sample_scores`): the pipeline writes them to `sample_scores.jsonl` for confidence intervals and paired tests.
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ import numpy as np
 from kvbench.errors import KvbenchError
 from kvbench.longbench import metrics
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, ENGLISH_16, task_spec
+from kvbench.sample_scores import SAMPLES_KEY, sample_row
 
 __all__ = [
     "BUCKETS", "score_sample", "score_task", "score_task_e", "summarize", "read_predictions",
-    "prediction_files", "score_folder",
+    "prediction_files", "score_folder", "score_records", "sample_scores",
 ]
 
 BUCKETS = ("0-4k", "4-8k", "8k+")
@@ -44,6 +48,9 @@ def _check_record(record: object, where: str, need_length: bool = False) -> None
     """Raise a KvbenchError if one prediction record could not be scored or would be scored wrongly."""
     if not isinstance(record, dict):
         raise KvbenchError(f"{where}: expected a JSON object with 'pred' and 'answers', got {type(record).__name__}")
+    if "pred" not in record:
+        raise KvbenchError(f"{where}: the 'pred' key (the model output) is missing; each line needs 'pred' and "
+                           f"'answers'")
     if not isinstance(record.get("pred"), str):
         raise KvbenchError(f"{where}: 'pred' must be a string (the model output), got {record.get('pred')!r:.60}")
     answers = record.get("answers")
@@ -86,6 +93,21 @@ def _sample_scores(task: str, predictions: list[dict], need_length: bool = False
     _checked_predictions(task, predictions, need_length)
     all_classes = _last_all_classes(task, predictions)
     return [score_sample(task, record["pred"], record["answers"], all_classes) for record in predictions]
+
+
+def sample_scores(task: str, predictions: list[dict], need_length: bool = False) -> list[float]:
+    """The per-sample scores (0..1) whose mean x 100 is the task score; all_classes from the last record."""
+    return _sample_scores(task, predictions, need_length)
+
+
+def _sample_rows(file_task: str, records: list[dict], scores: list[float], is_e: bool) -> list[dict]:
+    """`sample_scores.jsonl` rows of one task: id = the record's `_id` (`#<line>` for files without one)."""
+    rows = []
+    for index, (record, score) in enumerate(zip(records, scores), 1):
+        sample_id = record.get("_id") if record.get("_id") is not None else f"#{index}"
+        extra = {"length": record["length"], "bucket": _bucket_of(record["length"])} if is_e else {}
+        rows.append(sample_row(file_task, sample_id, score, **extra))
+    return rows
 
 
 def _official_mean(scores: list[float]) -> float:
@@ -175,7 +197,8 @@ def read_predictions(path: str | Path) -> list[dict]:
     path = Path(path)
     records = []
     with open(path, encoding="utf-8-sig") as handle:  # universal newlines turn CRLF into LF
-        for line_number, line in enumerate(handle, start=1):
+        lines = _decoded_lines(path, handle)
+        for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -189,6 +212,14 @@ def read_predictions(path: str | Path) -> list[dict]:
             records.append(record)
     _warn_on_duplicate_ids(path, records)
     return records
+
+
+def _decoded_lines(path: Path, handle) -> list[str]:
+    try:
+        return handle.readlines()
+    except UnicodeDecodeError as error:
+        raise KvbenchError(f"{path}: not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} at offset "
+                           f"{error.start}); prediction files are UTF-8 JSON lines") from None
 
 
 def _warn_on_duplicate_ids(path: Path, records: list[dict]) -> None:
@@ -233,7 +264,8 @@ def score_folder(path: str | Path, e: bool = False) -> dict:
     `e=True` treats every file as LongBench-E (official `eval.py --e`); otherwise `<task>_e.jsonl` files are.
     Returns {"benchmark": "longbench" | "longbench_e", "tasks": {task: score}, "n": {task: lines},
     "result": {file task name: score or bucket dict} (the official result.json), "longbench_e": {task: buckets}
-    (LongBench-E only)} plus the averages of `summarize` over "tasks" (base task names).
+    (LongBench-E only), "sample_scores": per-sample rows (task = base task name)} plus the averages of `summarize`
+    over "tasks" (base task names).
     """
     files = prediction_files(path)
     e_flags = {_is_e_file(file, e) for file in files}
@@ -242,16 +274,26 @@ def score_folder(path: str | Path, e: bool = False) -> dict:
             f"{path} mixes LongBench and LongBench-E (*_e.jsonl) prediction files; score them in separate folders"
         )
     is_e = e_flags.pop()
-    tasks, counts, result, buckets = {}, {}, {}, {}
+    records = {}
     for file in files:
         file_task = _task_of_file(file)
+        if any(task_spec(t).name == task_spec(file_task).name for t in records):
+            raise KvbenchError(f"{path} has two prediction files for task {task_spec(file_task).name!r}; keep one")
+        records[file_task] = read_predictions(file)
+    return score_records(records, e=is_e)
+
+
+def score_records(records_by_task: dict[str, list[dict]], e: bool = False) -> dict:
+    """Score prediction records grouped by task (file task names, `<task>_e` for LongBench-E); the same summary as
+    `score_folder` (which reads the records from files)."""
+    is_e = e or any(task.endswith("_e") for task in records_by_task)
+    tasks, counts, result, buckets, samples = {}, {}, {}, {}, []
+    for file_task, records in records_by_task.items():
         base = task_spec(file_task).name
-        if base in tasks:
-            raise KvbenchError(f"{path} has two prediction files for task {base!r}; keep one")
-        records = read_predictions(file)
         scores = _sample_scores(base, records, need_length=is_e)
         tasks[base] = _official_mean(scores)
         counts[base] = len(records)
+        samples += _sample_rows(base, records, scores, is_e)
         if is_e:
             buckets[base] = _bucket_means(scores, [record["length"] for record in records])
         result[file_task] = buckets[base] if is_e else tasks[base]
@@ -259,4 +301,5 @@ def score_folder(path: str | Path, e: bool = False) -> dict:
     summary.update(summarize(tasks))
     if is_e:
         summary["longbench_e"] = buckets
+    summary[SAMPLES_KEY] = samples
     return summary

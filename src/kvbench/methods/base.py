@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from kvbench.cache import CompressedCache
+from kvbench.cache import LOCAL_LAYERS, CompressedCache
 from kvbench.errors import KvbenchError
 
 CACHE_HEADS = ("per_query_head", "per_kv_head")
@@ -52,6 +52,9 @@ class Method:
     budget: float | None = None  # tokens per head per layer incl. window; 0 < budget < 1: fraction of the prompt
     window_size: int = 8
     cache_heads: str = "per_query_head"
+    # Sliding-window/chunked layers of hybrid models: "keep" leaves them as the model defines them (bounded) and
+    # the budget applies to the full-attention layers; "compress" compresses the tokens they hold too.
+    local_layers: str = "keep"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,6 +67,8 @@ class Method:
         """Reject settings that cannot work, at start-up rather than mid-run."""
         if self.cache_heads not in CACHE_HEADS:
             raise KvbenchError(f"method.cache_heads={self.cache_heads!r}: choose one of {', '.join(CACHE_HEADS)}")
+        if self.local_layers not in LOCAL_LAYERS:
+            raise KvbenchError(f"method.local_layers={self.local_layers!r}: choose one of {', '.join(LOCAL_LAYERS)}")
         if self.budget is None:
             raise KvbenchError(f"method {self.name} needs a budget: add budget=<tokens> (e.g. budget=128)")
         if self.budget <= 0:

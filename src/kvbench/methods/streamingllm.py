@@ -15,6 +15,7 @@ class StreamingLLM(ScoredMethod):
     display_name = "StreamingLLM"
     order = 10
     paper_defaults = {"window_size": 32}
+    attention_free = True  # selects by position: valid whatever the model's attention (soft-caps, sinks)
     window_size: int = 32
 
     def score(self, layer_idx, queries, keys):

@@ -25,12 +25,11 @@ from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
-from kvbench.methods.registry import display_names
+from kvbench.report.collect import display_method
 
 # The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
 CMAP = LinearSegmentedColormap.from_list("custom_cmap", ["#F0496E", "#EBB839", "#0CD79F"])
 REQUIRED_FIELDS = ("context_length", "depth_percent", "score")
-METHOD_NAMES = display_names()  # from the method registry (kvbench.methods.registry)
 FIGURE_NAME = "needle_heatmap"
 DPI = 150
 
@@ -188,7 +187,7 @@ def read_needle_records(path: str | Path) -> pd.DataFrame:
 def method_label(method: dict) -> str:
     """"SnapKV, KV size 64" from a run.json ``method`` entry ("FullKV" has no size)."""
     name = str(method.get("name", "?"))
-    pretty = METHOD_NAMES.get(name.lower(), name)
+    pretty = display_method(name)  # the report's one source of method display names
     budget = method.get("budget")
     if budget is None or name.lower() == "fullkv":
         return pretty

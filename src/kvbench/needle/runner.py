@@ -7,9 +7,9 @@ from omegaconf import DictConfig
 
 from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
-from kvbench.needle.prompt import (PROMPT_PRESETS, build_context_ids, build_prompt_ids, context_lengths,
-                                   depth_percents, stop_token_ids)
-from kvbench.needle.scoring import heatmap_score, rouge_score_x10
+from kvbench.needle.prompt import (NEEDLE, PROMPT_PRESETS, _validate_cell, build_context_ids, build_prompt_ids,
+                                   context_lengths, depth_percents, stop_token_ids)
+from kvbench.needle.scoring import heatmap_score, needle_sample_scores, rouge_score_x10
 from kvbench.progress import progress
 
 TASK = "needle"
@@ -30,6 +30,20 @@ class NeedlePlan:
 
     def protocol_name(self) -> str:
         return f"needle_{self.prompt}"
+
+    def cells(self) -> list[str]:
+        return [cell_key(length, depth) for length in self.lengths for depth in self.depths]
+
+    def selection(self) -> dict:
+        return {"lengths": list(self.lengths), "depths": list(self.depths)}
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Checks that need the tokenizer, run before the model weights load: every length has room for the
+        needle, and the chat preset has a chat template."""
+        _validate_cell(min(self.lengths), 0, len(tokenizer.encode(NEEDLE, add_special_tokens=False)), self.buffer)
+        if self.prompt == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise KvbenchError("benchmark.prompt=chat needs a tokenizer with a chat template, and this one has "
+                               "none; use benchmark.prompt=raw for base models")
 
     def settings(self) -> dict:
         # The grid is not a setting: a larger grid continues the same run, cells already done are kept.
@@ -56,7 +70,18 @@ class NeedlePlan:
             store.append(TASK, record)
             if on_sample:
                 on_sample(TASK, record)
-        return summarize_needle(store.records(TASK))
+        return self.score(store)
+
+    def score(self, store) -> dict:
+        """The summary of exactly this grid's cells; cells of other grids in the folder are counted as also on
+        disk."""
+        wanted = set(self.cells())
+        records = store.records(TASK, key="cell")  # each cell once
+        chosen = [r for r in records if r["cell"] in wanted]
+        summary = summarize_needle(chosen)
+        summary["selection"] = self.selection()
+        summary["also_on_disk"] = {TASK: len(records) - len(chosen)} if len(records) > len(chosen) else {}
+        return summary
 
 
 def summarize_needle(records: list[dict]) -> dict:
@@ -64,10 +89,11 @@ def summarize_needle(records: list[dict]) -> dict:
     n = len(records)
     mean = sum(r["score"] for r in records) / n if n else None
     mean_rouge = sum(r["score_rouge"] for r in records) / n if n else None
-    return {"benchmark": "needle", "mean_score": mean, "mean_score_rouge": mean_rouge, "n": n}
+    return {"benchmark": "needle", "mean_score": mean, "mean_score_rouge": mean_rouge, "n": n,
+            "sample_scores": needle_sample_scores(records)}
 
 
-def plan_needle(cfg: DictConfig) -> NeedlePlan:
+def plan_needle(cfg: DictConfig, spec=None) -> NeedlePlan:
     bench = cfg.benchmark
     if bench.prompt not in PROMPT_PRESETS:
         raise KvbenchError(f"benchmark.prompt={bench.prompt!r}: choose one of {', '.join(PROMPT_PRESETS)}")

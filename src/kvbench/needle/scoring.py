@@ -42,3 +42,14 @@ def heatmap_score(response: str, divisor: str = "distinct") -> float:
     found = set(response.lower().split()) & set(_EXPECTED_WORDS)
     total = len(set(_EXPECTED_WORDS)) if divisor == "distinct" else len(_EXPECTED_WORDS)
     return len(found) / total
+
+
+def needle_sample_scores(records: list[dict]) -> list[dict]:
+    """`sample_scores.jsonl` rows of a needle run: one per cell (id `<length>_<depth>`), its heatmap score (0..1).
+
+    The records' stored `score` is used as is (the run scored each cell once when it generated it).
+    """
+    from kvbench.sample_scores import sample_row
+
+    return [sample_row("needle", r.get("cell", f"{r['context_length']}_{r['depth_percent']}"), r["score"],
+                       context_length=r["context_length"], depth_percent=r["depth_percent"]) for r in records]

@@ -1,6 +1,8 @@
-"""`python -m kvbench.report RESULTS... [--out DIR] [--format md,latex,csv]`.
+"""`python -m kvbench.report RESULTS... [--out DIR] [--format md,latex,csv] [--ci pm|range|none]`.
 
 Prints the Markdown tables and writes every table (in the chosen formats) and figure (PNG + PDF) into --out.
+Scores carry 95% bootstrap CIs from each run's sample_scores.jsonl; warnings (skipped runs, collisions) are
+printed as one line each on stderr.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write
 from kvbench.report.collect import collect, layer_allocations, method_sort_key
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
-from kvbench.report.tables import budget_label, markdown_frame, longbench_table, paper_comparison
+from kvbench.report.tables import (budget_label, longbench_e_table, longbench_table, markdown_frame,
+                                   paper_comparison)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -41,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                 "(default: results/report)")
     parser.add_argument("--format", dest="formats", type=_formats, default=_formats("md,latex,csv"),
                         help="table formats to write, comma separated: md, latex, csv (default: all)")
+    parser.add_argument("--ci", choices=["pm", "range", "none"], default="pm",
+                        help="show 95%% CIs as score ± half-width (pm, default), as [low, high] (range), or not")
     return parser
 
 
@@ -48,16 +53,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", str(text)).strip("_")
 
 
-def _write_longbench_tables(df: pd.DataFrame, out: Path, formats: list[str]) -> list[Path]:
-    """Every LongBench table that the results support (benchmark x language x absolute/relative)."""
+def _write_longbench_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | None) -> list[Path]:
+    """Every LongBench table that the results support (benchmark x language x absolute/relative), and the
+    LongBench-E tables by length bucket."""
     written = []
     for benchmark in ("longbench", "longbench_e"):
         for language in ("en", "zh"):
             for relative in (False, True):
                 name = f"{benchmark}_{language}{'_relative' if relative else ''}"
                 try:
-                    tables = {fmt: longbench_table(df, language, fmt, relative, benchmark) for fmt in formats}
-                    markdown = tables.get("markdown") or longbench_table(df, language, "markdown", relative, benchmark)
+                    tables = {fmt: longbench_table(df, language, fmt, relative, benchmark, ci) for fmt in formats}
+                    markdown = tables.get("markdown") or longbench_table(df, language, "markdown", relative,
+                                                                         benchmark, ci)
                 except KvbenchError as exc:
                     if relative and "FullKV" in str(exc):  # say why the percent view is missing
                         print(f"(skipped {name}: {exc})\n", file=sys.stderr)
@@ -65,6 +72,17 @@ def _write_longbench_tables(df: pd.DataFrame, out: Path, formats: list[str]) -> 
                 view = "percent of FullKV" if relative else "scores"
                 print(f"## {benchmark} ({_LANGUAGE_NAMES[language]}), {view}\n\n{markdown}")
                 written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
+    for language in ("en", "zh"):
+        name = f"longbench_e_{language}_by_length"
+        try:
+            tables = {fmt: longbench_e_table(df, language, fmt, ci) for fmt in formats}
+            markdown = tables.get("markdown") or longbench_e_table(df, language, "markdown", ci)
+        except KvbenchError as exc:
+            if "LongBench-E run" in str(exc):
+                print(f"(skipped {name}: {exc})\n", file=sys.stderr)
+            continue
+        print(f"## longbench_e ({_LANGUAGE_NAMES[language]}) by input length\n\n{markdown}")
+        written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
     return written
 
 
@@ -78,9 +96,11 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
                                                  needle.at[i, "budget"] if not pd.isna(needle.at[i, "budget"]) else 0,
                                                  method_sort_key(needle.at[i, "method"])))
     needle = needle.loc[order]
+    ci = [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle["ci_low"], needle["ci_high"])]
     frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"],
                           "Budget": needle["budget"].map(budget_label), "Score": needle["score"].astype(float),
-                          "n": needle["n"].astype(str)})
+                          "95% CI": ci, "n": needle["n"].astype(str),
+                          "Status": needle["status"].map(lambda s: "" if s == "complete" else s)})
     text = markdown_frame(frame) + "\n"
     print(f"## Needle-in-a-Haystack (score in percent)\n\n{text}")
     return [atomic_write(out / "needle.md", text)]
@@ -106,20 +126,32 @@ def main(argv: list[str] | None = None) -> int:
     """Run the report; returns 0 on success, 2 on a user error (message on stderr)."""
     args = _parser().parse_args(argv)
     out = Path(args.out)
+    ci = None if args.ci == "none" else args.ci
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            df = collect(args.results)
-        written = [atomic_write(out / "results.csv", df.to_csv(index=False))]
-        written += _write_longbench_tables(df, out, args.formats)
-        written += _needle_summary(df, out)
-        comparison = paper_comparison(df)
-        print(f"## Paper vs ours\n\n{comparison}")
-        written.append(atomic_write(out / "paper_comparison.md", comparison))
-        written += _write_figures(df, args.results, out)
+            try:
+                return _report(args, out, ci)
+            finally:
+                for warning in caught:
+                    print(f"warning: {warning.message}", file=sys.stderr)
     except KvbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _report(args, out: Path, ci: str | None) -> int:
+    """Collect, print and write every table and figure; returns the exit status."""
+    df = collect(args.results)
+    written = [atomic_write(out / "results.csv", df.to_csv(index=False))]
+    written += _write_longbench_tables(df, out, args.formats, ci)
+    written += _needle_summary(df, out)
+    comparison = paper_comparison(df)
+    print(f"## Paper vs ours\n\n{comparison}")
+    written.append(atomic_write(out / "paper_comparison.md", comparison))
+    written += _write_figures(df, args.results, out)
+    from kvbench.ruler.report import write_ruler_report  # RULER's own tables and figures
+    written += write_ruler_report(args.results, out, args.formats)
     print(f"wrote {len(written)} files to {out}/")
     return 0
 

@@ -7,7 +7,8 @@ Error policy: a path that does not exist, or a set of paths with no run in it, i
 A run whose `run.json`/`scores.json` is missing or corrupt (typically a run still in progress or killed)
 is **skipped with a `ReportWarning` naming the file**, so one broken run does not block a report of fifty.
 Pass `strict=True` to turn those warnings into `KvbenchError`s. A missing or corrupt predictions file keeps the
-run's scores but leaves its bytes/timing columns empty (NaN), again with a warning.
+run's scores but leaves its bytes/timing columns empty (NaN), again with a warning. Confidence intervals come from
+the run's `sample_scores.jsonl` (never from rescoring); a run without it gets NaN intervals.
 """
 from __future__ import annotations
 
@@ -15,24 +16,31 @@ import json
 import math
 import warnings
 from pathlib import Path
+from functools import lru_cache
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.registry import display_names, method_order
-
-# Display names; the table and figure code order methods by this list (others follow alphabetically).
-METHOD_ORDER = method_order()  # from the method registry (kvbench.methods.registry)
-_METHOD_ALIASES = {name.lower(): name for name in METHOD_ORDER} | display_names()
-_METHOD_ALIASES.update({"full": "FullKV", "streaming_llm": "StreamingLLM", "streaming": "StreamingLLM"})
+from kvbench.sample_scores import SAMPLE_SCORES_FILE, read_sample_scores
+from kvbench.stats import bootstrap_ci
 
 RESULT_COLUMNS = [
-    "model", "hub_id", "benchmark", "method", "budget", "task", "score", "n", "protocol",
-    "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir",
+    "model", "hub_id", "benchmark", "method", "budget", "task", "score", "ci_low", "ci_high", "samples_ok", "n",
+    "protocol", "tag",
+    "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir",
 ]
 ALLOCATION_COLUMNS = ["model", "benchmark", "method", "budget", "task", "layer", "kept_mean"]
+_SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
+
+
+def method_display_names() -> dict[str, str]:
+    """{config name: display name}, in the papers' display order: the one place the report and the needle plot
+    learn method names and order (point it at the method registry to add methods)."""
+    from kvbench.methods.registry import display_names  # the method registry (imported on first use)
+
+    return display_names()
 
 
 class ReportWarning(UserWarning):
@@ -41,14 +49,22 @@ class ReportWarning(UserWarning):
 
 def display_method(name: str) -> str:
     """The papers' spelling of a method name (`snapkv` -> `SnapKV`); unknown names are kept as given."""
-    return _METHOD_ALIASES.get(str(name).lower(), str(name))
+    names = method_display_names()
+    key = str(name).lower()
+    aliases = {"full": "fullkv", "streaming_llm": "streamingllm", "streaming": "streamingllm"}
+    key = aliases.get(key, key)
+    if key in names:
+        return names[key]
+    by_display = {display.lower(): display for display in names.values()}
+    return by_display.get(key, str(name))
 
 
 def method_sort_key(name: str) -> tuple[int, str]:
-    """Sort key putting the papers' methods first, in the papers' order, and any others after, alphabetically."""
-    if name in METHOD_ORDER:
-        return (METHOD_ORDER.index(name), "")
-    return (len(METHOD_ORDER), name.lower())
+    """Sort key putting the known methods first, in display order, and any others after, alphabetically."""
+    order = list(method_display_names().values())
+    if name in order:
+        return (order.index(name), "")
+    return (len(order), str(name).lower())
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -128,6 +144,8 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "method": name,
         "budget": math.nan if name == "FullKV" else _budget(method.get("budget")),
         "protocol": str(run.get("protocol", "")),
+        "tag": str((run.get("config") or {}).get("tag") or ""),
+        "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),
     }
 
@@ -155,6 +173,53 @@ def _prediction_stats(pred_file: Path, strict: bool) -> dict:
     }
 
 
+def run_samples(run_dir: str | Path) -> pd.DataFrame | None:
+    """The run's `sample_scores.jsonl` (task, id, score in 0..1, extras), or None when the run has none."""
+    path = Path(run_dir) / SAMPLE_SCORES_FILE
+    if not path.is_file():
+        return None
+    return _cached_samples(str(path.parent), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _cached_samples(run_dir: str, _mtime: int) -> pd.DataFrame:
+    return read_sample_scores(run_dir)
+
+
+def task_samples(run_dir: str, task: str) -> pd.Series | None:
+    """Per-sample scores of one task in score points (0..100), indexed by sample id; None when not available."""
+    samples = run_samples(run_dir)
+    if samples is None:
+        return None
+    block = samples[samples["task"] == task]
+    return None if block.empty else block.set_index("id")["score"] * 100.0
+
+
+def _check_samples(run_dir: Path, task: str, score: float, n, strict: bool) -> pd.Series | None:
+    """The task's samples if they match scores.json (count and mean), else None with a warning naming the file."""
+    try:
+        values = task_samples(str(run_dir), task)
+    except KvbenchError as exc:
+        _problem(f"{exc}; that run's confidence intervals are left out", strict)
+        return None
+    if values is None:
+        return None
+    mean = float(values.mean())
+    if (n is not None and len(values) != n) or (not math.isnan(score) and abs(mean - score) > _SCORE_TOLERANCE):
+        _problem(f"{run_dir / SAMPLE_SCORES_FILE}: task {task} has {len(values)} samples averaging {mean:.2f}, but "
+                 f"scores.json says n={n}, {score:.2f}; its CI is left out - rewrite the file with "
+                 f"`python -m kvbench.sample_scores {run_dir}`", strict)
+        return None
+    return values
+
+
+def _with_ci(row: dict, run_dir: Path, strict: bool) -> dict:
+    """Add ci_low/ci_high (score points) from the run's per-sample scores; NaN without them."""
+    values = _check_samples(run_dir, row["task"], row["score"], row["n"], strict)
+    low, high = bootstrap_ci(values.to_numpy()) if values is not None else (math.nan, math.nan)
+    return {**row, "ci_low": low, "ci_high": high, "samples_ok": values is not None}
+
+
 def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
     """One row per task of a run (needle: one row, task 'needle', score in percent)."""
     identity = _run_identity(_read_json(run_dir / "run.json"), run_dir)
@@ -163,8 +228,9 @@ def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
         if "mean_score" not in scores:
             raise KvbenchError(f"{run_dir / 'scores.json'} lacks 'mean_score'; rescore the needle run")
         stats = _prediction_stats(run_dir / "predictions" / "needle.jsonl", strict)
-        return [{**identity, "benchmark": "needle", "task": "needle", "score": 100.0 * float(scores["mean_score"]),
-                 "n": scores.get("n"), **stats}]
+        row = {**identity, "benchmark": "needle", "task": "needle", "score": 100.0 * float(scores["mean_score"]),
+               "n": scores.get("n"), **stats}
+        return [_with_ci(row, run_dir, strict)]
     tasks = scores.get("tasks")
     if not isinstance(tasks, dict):
         raise KvbenchError(f"{run_dir / 'scores.json'} lacks the 'tasks' mapping; rescore the run")
@@ -173,7 +239,8 @@ def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
     for task, score in tasks.items():
         stats = _prediction_stats(run_dir / "predictions" / f"{task}.jsonl", strict)
         score = math.nan if score is None else float(score)
-        rows.append({**identity, "task": task, "score": score, "n": counts.get(task), **stats})
+        rows.append(_with_ci({**identity, "task": task, "score": score, "n": counts.get(task), **stats}, run_dir,
+                             strict))
     return rows
 
 
@@ -181,7 +248,10 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
     """One DataFrame row per (run, task) for every run folder at or below `paths`.
 
     Columns: model, hub_id, benchmark, method (papers' spelling), budget (NaN for FullKV), task, score (0..100;
-    needle runs: task "needle", score = 100 * mean_score), n, protocol, kv_bytes_mean, prefill_s_mean,
+    needle runs: task "needle", score = 100 * mean_score), ci_low/ci_high (95% percentile bootstrap CI of the score
+    from the run's sample_scores.jsonl; NaN without it), samples_ok (the task's per-sample scores exist and match
+    scores.json, so CIs and paired tests may use them), n, protocol, tag (run.json config.tag, "" if none), status
+    (run.json status: "complete", "running", "interrupted", "unknown"), kv_bytes_mean, prefill_s_mean,
     decode_s_mean, run_dir. Broken runs are skipped with a `ReportWarning` (or raise with `strict=True`).
     """
     rows: list[dict] = []

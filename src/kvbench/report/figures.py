@@ -1,5 +1,7 @@
 """Figures: budget curve, score vs KV-cache bytes, and per-layer budget allocation.
 
+Budget curves carry 95% CI bands and score-vs-bytes points CI error bars, from the runs' sample_scores.jsonl.
+
 Every function writes `<out>.png` (150 dpi) and `<out>.pdf` atomically and returns both paths. `out` may be
 given with or without a `.png`/`.pdf` suffix. Figures are drawn on `matplotlib.figure.Figure` objects
 directly (no pyplot), so they work headless and leave no global state behind.
@@ -17,7 +19,8 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import method_sort_key
+from kvbench.report.collect import method_sort_key, task_samples
+from kvbench.stats import confidence_intervals
 from kvbench.report.tables import ABBREVIATIONS, budget_label
 
 METHOD_STYLE = {  # colour-blind-safe palette (Okabe-Ito); DynamicKV is the emphasised method
@@ -88,9 +91,30 @@ def _run_averages(df: pd.DataFrame, benchmark: str, language: str) -> tuple[pd.D
         task_counts[model] = len(common)
         for run_dir, run in block[block["task"].isin(common)].groupby("run_dir"):
             first = run.iloc[0]
+            low, high = _average_ci(run_dir, run)
             rows.append({"model": model, "method": first["method"], "budget": first["budget"],
-                         "score": run["score"].mean(), "kv_bytes": run["kv_bytes_mean"].mean()})
+                         "score": run["score"].mean(), "kv_bytes": run["kv_bytes_mean"].mean(),
+                         "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows), task_counts
+
+
+def _average_ci(run_dir: str, run: pd.DataFrame) -> tuple[float, float]:
+    """95% CI of a run's average over these tasks (resampled within each task), from its sample_scores.jsonl;
+    NaN when a task's samples are missing or did not match scores.json (collect left its CI out)."""
+    if "samples_ok" not in run or not run["samples_ok"].fillna(False).astype(bool).all():
+        return math.nan, math.nan
+    groups = [task_samples(run_dir, task) for task in run["task"]]
+    if any(g is None for g in groups):
+        return math.nan, math.nan
+    return confidence_intervals([g.to_numpy() for g in groups])["average_ci"]
+
+
+def _band(ax, x, low, high, method: str) -> None:
+    """The CI of a line as a light band in the method's colour (skipped where no CI is known)."""
+    known = ~(pd.isna(low) | pd.isna(high))
+    if known.any():
+        ax.fill_between(x[known], low[known], high[known], color=_style(method)["color"], alpha=0.15, linewidth=0,
+                        zorder=1)
 
 
 def _finish_legend(fig: Figure, axes, ncol_max: int = 7, location: str = "outside upper center") -> None:
@@ -127,16 +151,26 @@ def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench"
         for method, line in sorted(block[block["method"] != "FullKV"].groupby("method"), key=lambda m: method_sort_key(m[0])):
             line = line.sort_values("budget")
             ax.plot(line["budget"], line["score"], label=method, **_style(method), **_emphasis(method))
+            _band(ax, line["budget"].to_numpy(), line["ci_low"].to_numpy(), line["ci_high"].to_numpy(), method)
         full = block[block["method"] == "FullKV"]
         if not full.empty:
             ax.axhline(full["score"].iloc[0], color="black", linestyle="--", linewidth=1.2, label="FullKV", zorder=2)
+            if pd.notna(full["ci_low"].iloc[0]):
+                ax.axhspan(full["ci_low"].iloc[0], full["ci_high"].iloc[0], color="black", alpha=0.07, zorder=1)
         _budget_axis(ax, block["budget"].dropna().unique())
         ax.set_title(model, fontsize=12)
         ax.set_xlabel("KV budget (tokens per head per layer)", fontsize=10)
         ax.set_ylabel(f"Average score ({task_counts[model]} tasks)", fontsize=10)
         ax.grid(True, alpha=0.3)
     _finish_legend(fig, axes)
+    _ci_caption(fig, runs, "Bands")
     return _save(fig, out)
+
+
+def _ci_caption(fig: Figure, runs: pd.DataFrame, what: str) -> None:
+    if runs["ci_low"].notna().any():
+        fig.text(0.5, -0.01, f"{what}: 95% bootstrap CI of the average (resampled within each task)",
+                 ha="center", va="top", fontsize=8, color="#555555")
 
 
 def _bytes_label(ax, x, y, text) -> None:
@@ -164,6 +198,12 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
             if method == "FullKV":  # a single reference point: a big star, no line
                 style.update(markersize=12, linestyle="none")
             ax.plot(line["kv_bytes"] / _MIB, line["score"], label=method, **style)
+            known = line["ci_low"].notna()
+            if known.any():
+                ax.errorbar(line["kv_bytes"][known] / _MIB, line["score"][known],
+                            yerr=[(line["score"] - line["ci_low"])[known], (line["ci_high"] - line["score"])[known]],
+                            fmt="none", ecolor=style["color"], elinewidth=1.0, capsize=3, alpha=0.8,
+                            zorder=style["zorder"])
             if method == "DynamicKV":  # every method ran the same budgets: labelling one line is enough
                 for _, point in line.iterrows():
                     _bytes_label(ax, point["kv_bytes"] / _MIB, point["score"], f"b={budget_label(point['budget'])}")
@@ -174,6 +214,7 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
         ax.set_ylabel(f"Average score ({task_counts[model]} tasks)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     _finish_legend(fig, axes)
+    _ci_caption(fig, runs, "Error bars")
     return _save(fig, out)
 
 

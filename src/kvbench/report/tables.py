@@ -2,23 +2,32 @@
 
 Layout (PyramidKV / SnapKV / DynamicKV tables): rows grouped by model, then budget (FullKV once, at the top), then
 method in the papers' order; columns are the tasks grouped by LongBench category, then the average. The best
-compressed method of each budget is bold in every column. Renders as Markdown, LaTeX (booktabs) or CSV.
+compressed method of each budget is bold in every column, with a dagger where a paired test on the same samples
+does not show it better than the second best. Cells can carry 95% bootstrap CIs (from sample_scores.jsonl); every
+table has an n column, a Status column for runs that did not complete and a Tag column for colliding runs.
+Rendered by pandas (`to_markdown` via tabulate, `Styler.to_latex` via jinja2, `to_csv`).
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16
-from kvbench.report.collect import method_sort_key
+from kvbench.compare import compare_samples
+from kvbench.longbench.scoring import BUCKETS
+from kvbench.report.collect import ReportWarning, method_sort_key, run_samples, task_samples
+from kvbench.sample_scores import SAMPLE_SCORES_FILE
+from kvbench.stats import confidence_intervals
 
 ABBREVIATIONS = {
     "narrativeqa": "NrtvQA", "qasper": "Qasper", "multifieldqa_en": "MF-en", "hotpotqa": "HotpotQA",
@@ -32,23 +41,36 @@ CATEGORY_LABELS = {"Code Completion": "Code"}  # the papers' short header
 AVG = "Avg."
 FORMATS = ("markdown", "latex", "csv")
 _LANGUAGES = {"en": (ENGLISH_16, CATEGORIES_EN), "zh": (CHINESE_5, CATEGORIES_ZH)}
-_KEYS = ["model", "protocol", "budget_key", "method"]
+CI_VIEWS = (None, "pm", "range")
+ALPHA = 0.05  # significance level of the bold/dagger marks
+_KEYS = ["model", "protocol", "tag", "budget_key", "method"]
+_GROUP = ["model", "protocol", "budget_key"]  # the methods of one budget compete for bold
 
 
 @dataclass
 class _Table:
-    """A table ready to render: column groups, row labels, values and bold flags."""
+    """A table ready to render: column groups, row labels, values, CIs, bold and dagger flags, n and status."""
 
     groups: list[tuple[str, list[str]]]          # (category, [task, ...]) in column order
     rows: pd.DataFrame                            # index = _KEYS, columns = tasks + [AVG], display-rounded
+    low: pd.DataFrame                             # CI ends, same shape (NaN: no interval)
+    high: pd.DataFrame
     bold: pd.DataFrame                            # same shape, True where the cell is bold
+    dagger: pd.DataFrame                          # bold but not significantly better than the second
+    n: pd.Series                                  # index = _KEYS: samples per task ("200" or "150-500")
+    status: pd.Series                             # index = _KEYS: "" when complete
     decimals: int
-    show_protocol: bool
+    ci: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def columns(self) -> list[str]:
         return [task for _, tasks in self.groups for task in tasks] + [AVG]
+
+    def shows(self, level: str) -> bool:
+        """Protocol / tag columns appear only when they tell rows apart."""
+        return self.rows.index.get_level_values(level).nunique() > 1 or \
+            (level == "tag" and (self.rows.index.get_level_values("tag") != "").any())
 
 
 def _base_task(name: str) -> str:
@@ -76,14 +98,33 @@ def _select(df: pd.DataFrame, language: str, benchmark: str) -> tuple[pd.DataFra
     return data, [(cat, tasks) for cat, tasks in groups if tasks]
 
 
-def _check_unique(data: pd.DataFrame) -> None:
-    """Two runs for the same table cell would make the cell ambiguous: name them and stop."""
-    dup = data[data.duplicated(_KEYS + ["task"], keep=False)]
-    if not dup.empty:
-        first = dup.iloc[0]
-        dirs = sorted(set(dup[(dup[_KEYS + ["task"]] == first[_KEYS + ["task"]]).all(axis=1)].get("run_dir", [])))
-        raise KvbenchError(f"several runs give {first['method']} budget {budget_label(first['budget'])} "
-                           f"{first['task']} for {first['model']}: {dirs}; pass only one of them to the report")
+def _normalised(data: pd.DataFrame) -> pd.DataFrame:
+    """Key columns filled (budget_key: -1 for FullKV), optional columns defaulted for hand-built frames."""
+    defaults = {"protocol": "", "tag": "", "status": "complete", "n": pd.NA, "ci_low": math.nan,
+                "ci_high": math.nan, "samples_ok": False, "run_dir": ""}
+    data = data.assign(**{col: value for col, value in defaults.items() if col not in data})
+    return data.assign(budget_key=data["budget"].astype(float).fillna(-1.0), protocol=data["protocol"].fillna(""),
+                       tag=data["tag"].fillna("").astype(str), status=data["status"].fillna("unknown").astype(str))
+
+
+def _resolve_collisions(data: pd.DataFrame) -> pd.DataFrame:
+    """Two runs for one cell (e.g. a `tag=` variant): warn, naming them, and tell them apart in the Tag column."""
+    cell = ["model", "protocol", "budget_key", "method", "task"]
+    colliding = data[data.duplicated(cell, keep=False)]
+    for (model, _, budget_key, method), block in colliding.groupby(cell[:-1], sort=False):
+        dirs = sorted(set(block["run_dir"]))
+        warnings.warn(f"collision: {len(dirs)} runs give {method} budget {budget_label(budget_key)} for {model}: "
+                      f"{', '.join(dirs)}; the tables keep them apart in a Tag column", ReportWarning, stacklevel=4)
+    same_tag = data.duplicated(cell + ["tag"], keep=False)
+    if same_tag.any():  # no tag (or one tag) tells them apart: the run folder's name does
+        data = data.copy()
+        data.loc[same_tag, "tag"] = [Path(d).name for d in data.loc[same_tag, "run_dir"]]
+    if data.duplicated(cell + ["tag"]).any():
+        first = data[data.duplicated(cell + ["tag"], keep=False)].iloc[0]
+        raise KvbenchError(f"several runs in folders named {first['tag']!r} give {first['method']} budget "
+                           f"{budget_label(first['budget'])} {first['task']} for {first['model']}; pass only one "
+                           f"of them to the report")
+    return data
 
 
 def budget_label(budget) -> str:
@@ -93,21 +134,44 @@ def budget_label(budget) -> str:
     return str(int(budget)) if float(budget).is_integer() else f"{budget:g}"
 
 
-def _ordered_wide(data: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    """Scores as rows (model, protocol, budget, method) x task columns, in the papers' row order."""
-    data = data.assign(budget_key=data["budget"].astype(float).fillna(-1.0),
-                       protocol=data["protocol"].fillna("") if "protocol" in data else "")
-    _check_unique(data)
-    wide = data.set_index(_KEYS + ["task"])["score"].unstack("task").reindex(columns=tasks)
-    order = sorted(wide.index, key=lambda k: (k[0], k[1], k[2], method_sort_key(k[3])))
-    return wide.loc[order]
+def _wide(data: pd.DataFrame, column: str, tasks: list[str]) -> pd.DataFrame:
+    return data.set_index(_KEYS + ["task"])[column].unstack("task").reindex(columns=tasks)
 
 
-def _with_average(wide: pd.DataFrame) -> pd.DataFrame:
-    """Append Avg.: mean over the table's tasks, left empty for rows that miss one (never a partial mean)."""
-    out = wide.copy()
-    out[AVG] = wide.mean(axis=1).where(wide.notna().all(axis=1))
+def _row_order(index: pd.Index) -> list:
+    return sorted(index, key=lambda k: (k[0], k[1], k[3], method_sort_key(k[4]), k[2]))
+
+
+def _n_label(counts: pd.Series) -> str:
+    values = sorted({int(v) for v in counts.dropna()})
+    if not values:
+        return "?"
+    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+
+def _samples_of(run_dirs: pd.Series, tasks: list[str]) -> list[pd.Series] | None:
+    """Per-sample scores (score points) of each task of one row, or None if any is missing."""
+    out = []
+    for task in tasks:
+        run_dir = run_dirs.get(task)
+        values = task_samples(run_dir, task) if isinstance(run_dir, str) and run_dir else None
+        if values is None:
+            return None
+        out.append(values)
     return out
+
+
+def _average_ci(run_dirs: pd.DataFrame, tasks: list[str], scores: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """CI of each row's Avg. (resampling within each task, then averaging), where every task has samples
+    that match the table's score (the per-task CI columns are NaN otherwise)."""
+    low, high = pd.Series(math.nan, index=run_dirs.index), pd.Series(math.nan, index=run_dirs.index)
+    for key in run_dirs.index:
+        if scores.loc[key].isna().any():
+            continue
+        groups = _samples_of(run_dirs.loc[key], tasks)
+        if groups is not None:
+            low[key], high[key] = confidence_intervals([g.to_numpy() for g in groups])["average_ci"]
+    return low, high
 
 
 def _relative(values: pd.DataFrame) -> pd.DataFrame:
@@ -130,7 +194,7 @@ def _bold_mask(values: pd.DataFrame) -> pd.DataFrame:
     """
     bold = pd.DataFrame(False, index=values.index, columns=values.columns)
     compressed = values[values.index.get_level_values("method") != "FullKV"]
-    for _, block in compressed.groupby(level=["model", "protocol", "budget_key"], sort=False):
+    for _, block in compressed.groupby(level=_GROUP, sort=False):
         if len(block) < 2:
             continue
         best = block.max(axis=0)
@@ -138,21 +202,88 @@ def _bold_mask(values: pd.DataFrame) -> pd.DataFrame:
     return bold
 
 
-def _build(df: pd.DataFrame, language: str, relative: bool, benchmark: str) -> _Table:
+def _paired_p(run_dirs: pd.DataFrame, best, second, tasks: list[str]) -> float | None:
+    """p-value of the paired test best vs second on these tasks; None when they cannot be paired."""
+    dirs = [tuple(str(run_dirs.loc[key].get(t, "")) for t in tasks) for key in (best, second)]
+    stamps = tuple(_mtime(d) for d in dirs[0] + dirs[1])  # a rewritten sample file is read again
+    return _cached_p(dirs[0], dirs[1], tuple(tasks), stamps)
+
+
+def _mtime(run_dir: str) -> int:
+    path = Path(run_dir) / SAMPLE_SCORES_FILE
+    return path.stat().st_mtime_ns if run_dir and path.is_file() else 0
+
+
+@lru_cache(maxsize=4096)
+def _cached_p(dirs_a: tuple[str, ...], dirs_b: tuple[str, ...], tasks: tuple[str, ...], _stamps) -> float | None:
+    """Same pair, same tasks: the same p (the absolute and percent tables ask twice)."""
+    frames = []
+    for dirs in (dirs_a, dirs_b):
+        groups = _samples_of(pd.Series(dirs, index=list(tasks)), list(tasks))
+        if groups is None:
+            return None
+        frames.append(pd.DataFrame({"task": np.repeat(list(tasks), [len(g) for g in groups]),
+                                    "id": np.concatenate([g.index.to_numpy() for g in groups]),
+                                    "score": np.concatenate([g.to_numpy() for g in groups]) / 100.0}))
+    try:  # only the p-value is used: one bootstrap resample is enough
+        return compare_samples(frames[0], frames[1], tasks=list(tasks), n_resamples=1)["average"]["p_value"]
+    except KvbenchError:
+        return None
+
+
+def _dagger_mask(values: pd.DataFrame, bold: pd.DataFrame, run_dirs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """True on bold cells whose method is not significantly better than the second best of its budget
+    (a tie, p >= ALPHA in the paired test, or no per-sample scores to pair)."""
+    dagger = pd.DataFrame(False, index=values.index, columns=values.columns)
+    for column in values.columns:
+        for key in bold.index[bold[column]]:
+            group = [k for k in values.index if k[0] == key[0] and k[1] == key[1] and k[3] == key[3]
+                     and k[4] != "FullKV" and k != key and pd.notna(values.loc[k, column])]
+            if not group:
+                continue
+            second = max(group, key=lambda k: values.loc[k, column])
+            if values.loc[second, column] == values.loc[key, column]:
+                dagger.loc[key, column] = True
+                continue
+            p = _paired_p(run_dirs, key, second, tasks if column == AVG else [column])
+            dagger.loc[key, column] = p is None or p >= ALPHA
+    return dagger
+
+
+def _build(df: pd.DataFrame, language: str, relative: bool, benchmark: str, ci: str | None = None,
+           significance: bool = True) -> _Table:
+    if ci not in CI_VIEWS:
+        raise KvbenchError(f"ci must be one of None, 'pm' (± half-width) or 'range' ([lo, hi]), not {ci!r}")
     data, groups = _select(df, language, benchmark)
+    data = _resolve_collisions(_normalised(data))
     tasks = [t for _, ts in groups for t in ts]
-    values = _with_average(_ordered_wide(data, tasks))
+    scores = _wide(data, "score", tasks)
+    order = _row_order(scores.index)
+    scores = scores.loc[order]
+    # Pair and resample only samples that match scores.json (collect checked them): others count as missing.
+    run_dirs = _wide(data.assign(run_dir=data["run_dir"].where(data["samples_ok"].fillna(False).astype(bool), "")),
+                     "run_dir", tasks).loc[order]
+    values = scores.assign(**{AVG: scores.mean(axis=1).where(scores.notna().all(axis=1))})
+    avg_low, avg_high = _average_ci(run_dirs, tasks, scores)
+    low = _wide(data, "ci_low", tasks).loc[order].assign(**{AVG: avg_low})
+    high = _wide(data, "ci_high", tasks).loc[order].assign(**{AVG: avg_high})
     decimals = 1 if relative else 2
     if relative:
         values = _relative(values)
-    values = values.round(decimals)  # bold is decided on the numbers as shown, so displayed ties are all bold
-    table = _Table(groups, values, _bold_mask(values), decimals,
-                   show_protocol=values.index.get_level_values("protocol").nunique() > 1)
-    table.notes = _notes(table, language, relative)
+        low[:], high[:] = math.nan, math.nan  # a CI of a ratio to FullKV is not the CI of either run
+    values, low, high = values.round(decimals), low.round(decimals), high.round(decimals)
+    bold = _bold_mask(values)  # decided on the numbers as shown, so displayed ties are all bold
+    dagger = _dagger_mask(values, bold, run_dirs, tasks) if significance else bold & False
+    per_row = data.set_index(_KEYS)
+    n = per_row.groupby(level=_KEYS)["n"].apply(_n_label).reindex(order)
+    status = per_row.groupby(level=_KEYS)["status"].agg(lambda s: ", ".join(sorted(set(s) - {"complete"})))
+    table = _Table(groups, values, low, high, bold, dagger, n, status.reindex(order), decimals,
+                   ci if not relative else None)
+    table.notes = _notes(table, language, relative, significance)
     return table
 
 
-def _notes(table: _Table, language: str, relative: bool) -> list[str]:
+def _notes(table: _Table, language: str, relative: bool, significance: bool) -> list[str]:
     full_count = 16 if language == "en" else 5
     n_tasks = len(table.columns) - 1
     notes = []
@@ -163,8 +294,18 @@ def _notes(table: _Table, language: str, relative: bool) -> list[str]:
     if relative:
         notes.append(f"Percent of FullKV (same model): score / FullKV score x 100; {AVG} = method average / "
                      f"FullKV average x 100.")
+    if table.ci:
+        view = "± half-width of" if table.ci == "pm" else "[low, high]:"
+        notes.append(f"{view} the 95% percentile bootstrap CI (2000 resamples of the samples of each task; {AVG}: "
+                     f"resampled within each task, then averaged); none where a run has no sample_scores.jsonl.")
     if table.bold.any().any():
-        notes.append("Bold: best compressed method of each budget (ties all bold).")
+        text = "Bold: best compressed method of each budget (ties all bold)."
+        if significance:
+            text += (f" †: not significantly better than the second best (tie, paired sign-flip permutation test "
+                     f"p ≥ {ALPHA}, or no per-sample scores to pair); bold without † is significant at {ALPHA}.")
+        notes.append(text)
+    if (table.status != "").any():
+        notes.append("Status: the run did not complete (its scores cover the samples done so far).")
     return notes
 
 
@@ -172,103 +313,212 @@ def _cell(value: float, decimals: int) -> str:
     return "-" if pd.isna(value) else f"{value:.{decimals}f}"
 
 
-def _row_labels(table: _Table) -> list[dict]:
-    """Per row: model/budget labels shown only where a group starts (the papers' layout), plus method."""
-    labels, previous = [], (None, None, None)
-    for model, protocol, budget_key, method in table.rows.index:
-        new_model = (model, protocol) != previous[:2]
-        new_budget = new_model or budget_key != previous[2]
-        labels.append({"model": model if new_model else "", "protocol": protocol if new_model else "",
-                       "budget": budget_label(budget_key) if new_budget else "", "method": method,
-                       "new_model": new_model, "new_budget": new_budget})
-        previous = (model, protocol, budget_key)
-    return labels
+_MARKUP = {"markdown": ("**{}**", "†", " ± "), "latex": (r"\textbf{{{}}}", r"$^\dagger$", r" $\pm$ "),
+           "csv": ("{}", "", " ± ")}
+
+
+def _cell_text(table: _Table, key, column: str, fmt: str) -> str:
+    """One data cell: value, CI (as chosen), bold and dagger marks in the format's markup."""
+    value = table.rows.loc[key, column]
+    text = _cell(value, table.decimals)
+    low, high = table.low.loc[key, column], table.high.loc[key, column]
+    bold_fmt, dagger, pm = _MARKUP[fmt]
+    if table.ci and pd.notna(value) and pd.notna(low):
+        d = table.decimals
+        text += f"{pm}{(high - low) / 2:.{d}f}" if table.ci == "pm" else f" [{low:.{d}f}, {high:.{d}f}]"
+    if table.bold.loc[key, column]:
+        text = bold_fmt.format(text) + (dagger if table.dagger.loc[key, column] else "")
+    return text
+
+
+def _label_columns(table: _Table) -> list[str]:
+    return (["Model"] + (["Protocol"] if table.shows("protocol") else []) + (["Tag"] if table.shows("tag") else [])
+            + ["Budget", "Method"] + (["Status"] if (table.status != "").any() else []) + ["n"])
+
+
+def _labels(table: _Table, sparse: bool) -> list[list[str]]:
+    """Per row, the label cells; with `sparse`, model/protocol and budget only where a group starts (papers' layout)."""
+    names = _label_columns(table)
+    out, previous = [], None
+    for key in table.rows.index:
+        model, protocol, tag, budget_key, method = key
+        full = {"Model": model, "Protocol": protocol, "Tag": tag, "Budget": budget_label(budget_key),
+                "Method": method, "Status": table.status[key], "n": table.n[key]}
+        if sparse and previous is not None:
+            if (model, protocol) == previous[:2]:
+                full["Model"] = full["Protocol"] = ""
+                if budget_key == previous[3]:
+                    full["Budget"] = ""
+        out.append([full[name] for name in names])
+        previous = key
+    return out
+
+
+def _header(table: _Table) -> tuple[list[str], list[str]]:
+    """(category row, abbreviation row) over all columns, labels included."""
+    n_labels = len(_label_columns(table))
+    category_row = [""] * n_labels
+    for category, tasks in table.groups:
+        category_row += [category] + [""] * (len(tasks) - 1)
+    return category_row + [""], _label_columns(table) + [ABBREVIATIONS[t] for t in table.columns[:-1]] + [AVG]
+
+
+def _body(table: _Table, fmt: str, sparse: bool) -> list[list[str]]:
+    return [labels + [_cell_text(table, key, column, fmt) for column in table.columns]
+            for labels, key in zip(_labels(table, sparse), table.rows.index)]
+
+
+def _note_lines(table: _Table) -> list[str]:
+    return [f"Note: {note}" for note in table.notes]
 
 
 def _markdown(table: _Table) -> str:
-    label_cols = ["Model"] + (["Protocol"] if table.show_protocol else []) + ["Budget", "Method"]
-    category_row = [""] * len(label_cols)
-    for category, tasks in table.groups:
-        category_row += [category] + [""] * (len(tasks) - 1)
-    category_row.append("")
-    abbrev_row = label_cols + [ABBREVIATIONS[t] for t in table.columns[:-1]] + [AVG]
-    body = []
-    for labels, (key, values) in zip(_row_labels(table), table.rows.iterrows()):
-        left = [labels["model"]] + ([labels["protocol"]] if table.show_protocol else []) + \
-               [labels["budget"], labels["method"]]
-        cells = [f"**{_cell(v, table.decimals)}**" if table.bold.loc[key, col] else _cell(v, table.decimals)
-                 for col, v in values.items()]
-        body.append(left + cells)
-    grid = [category_row, abbrev_row] + body
-    widths = [max(len(row[i]) for row in grid) for i in range(len(abbrev_row))]
-    n_left = len(label_cols)
-
-    def line(row):
-        return "| " + " | ".join(c.ljust(w) if i < n_left else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= n_left else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
-    lines = [line(category_row), rule, line(abbrev_row)] + [line(r) for r in body]
-    return "\n".join(lines + ([""] + [f"Note: {n}" for n in table.notes] if table.notes else [])) + "\n"
-
-
-_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
-
-
-def _tex(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+    """Two header lines (categories, then task abbreviations) in the papers' layout, via pandas/tabulate."""
+    category_row, abbrev_row = _header(table)
+    n_labels = len(_label_columns(table))
+    frame = pd.DataFrame([abbrev_row] + _body(table, "markdown", sparse=True))
+    text = frame.to_markdown(index=False, headers=category_row, disable_numparse=True,
+                             colalign=["left"] * n_labels + ["right"] * len(table.columns))
+    return text + ("\n\n" + "\n".join(_note_lines(table)) if table.notes else "") + "\n"
 
 
 def _latex(table: _Table) -> str:
-    n_cols = 2 + len(table.columns)
-    header = [r"% LongBench table (kvbench); needs \usepackage{booktabs}",
-              r"\begin{tabular}{ll" + "r" * len(table.columns) + "}", r"\toprule"]
-    spans, rules, start = [" ", " "], [], 3
-    for category, tasks in table.groups:
-        spans.append(rf"\multicolumn{{{len(tasks)}}}{{c}}{{{_tex(category)}}}")
-        rules.append(rf"\cmidrule(lr){{{start}-{start + len(tasks) - 1}}}")
-        start += len(tasks)
-    spans.append(" ")
-    header += [" & ".join(spans) + r" \\", " ".join(rules),
-               " & ".join(["Budget", "Method"] + [ABBREVIATIONS[t] for t in table.columns[:-1]] + [AVG]) + r" \\"]
-    body = []
-    for labels, (key, values) in zip(_row_labels(table), table.rows.iterrows()):
-        if labels["new_model"]:
-            title = labels["model"] + (f" ({labels['protocol']})" if table.show_protocol else "")
-            body += [r"\midrule", rf"\multicolumn{{{n_cols}}}{{c}}{{\textit{{{_tex(title)}}}}} \\", r"\midrule"]
-        elif labels["new_budget"]:
-            body.append(r"\midrule")
-        cells = [rf"\textbf{{{_cell(v, table.decimals)}}}" if table.bold.loc[key, col] else _cell(v, table.decimals)
-                 for col, v in values.items()]
-        body.append(" & ".join([_tex(labels["budget"]), _tex(labels["method"])] + cells) + r" \\")
-    footer = [r"\bottomrule"]
-    footer += [rf"\multicolumn{{{n_cols}}}{{l}}{{\footnotesize {_tex(n)}}} \\" for n in table.notes]
-    return "\n".join(header + body + footer + [r"\end{tabular}"]) + "\n"
+    """booktabs tabular via pandas' Styler (jinja2): category spans over the task columns, a rule per budget."""
+    category_row, abbrev_row = _header(table)
+    n_labels = len(_label_columns(table))
+    columns = pd.MultiIndex.from_arrays([category_row, abbrev_row])
+    frame = pd.DataFrame(_body(table, "latex", sparse=True), columns=columns)
+    styler = (frame.style.hide(axis="index").format_index(escape="latex", axis=1)
+              .format(escape="latex", subset=list(columns[:n_labels])))
+    lines = styler.to_latex(hrules=True, multicol_align="c",
+                            column_format="l" * n_labels + "r" * len(table.columns)).splitlines()
+    body_start = lines.index(r"\midrule") + 1
+    labels, budget_col = _labels(table, sparse=True), _label_columns(table).index("Budget")
+    group_starts = [i for i, row in enumerate(labels) if i and (row[0] or row[budget_col])]
+    for offset, i in enumerate(group_starts):  # a rule between budgets (and models), as in the papers
+        lines.insert(body_start + i + offset, r"\midrule")
+    notes = [r"{\footnotesize " + _latex_text(note) + r"}\par" for note in _note_lines(table)]
+    return "\n".join([r"% LongBench table (kvbench); needs \usepackage{booktabs}"] + lines + notes) + "\n"
+
+
+_LATEX_TEXT = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+               "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
+               "†": r"$^\dagger$", "±": r"$\pm$", "≥": r"$\geq$", ">": r"$>$", "<": r"$<$"}
+
+
+def _latex_text(text: str) -> str:
+    """A note as LaTeX text (special characters escaped, † and ± as math symbols)."""
+    return "".join(_LATEX_TEXT.get(ch, ch) for ch in text)
 
 
 def _csv(table: _Table) -> str:
-    out = table.rows.reset_index()
-    out["budget"] = out["budget_key"].map(budget_label)
-    columns = ["model"] + (["protocol"] if table.show_protocol else []) + ["budget", "method"]
-    out = out[columns + table.columns].rename(columns={t: ABBREVIATIONS[t] for t in table.columns[:-1]})
-    buffer = io.StringIO()
-    out.to_csv(buffer, index=False, float_format=f"%.{table.decimals}f", lineterminator="\n")
-    return buffer.getvalue()
+    """Flat CSV: label columns, one column per task (plain numbers) and, with a CI view, <task> lo / <task> hi."""
+    frame = pd.DataFrame(_labels(table, sparse=False), columns=[c.lower() for c in _label_columns(table)])
+    for column in table.columns:
+        name = ABBREVIATIONS.get(column, column)
+        frame[name] = table.rows[column].to_numpy()
+        if table.ci:
+            frame[f"{name} lo"] = table.low[column].to_numpy()
+            frame[f"{name} hi"] = table.high[column].to_numpy()
+    if not table.shows("tag") and "tag" in frame:
+        frame = frame.drop(columns="tag")
+    return frame.to_csv(index=False, float_format=f"%.{table.decimals}f", lineterminator="\n")
 
 
 def longbench_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", relative: bool = False,
-                    benchmark: str = "longbench") -> str:
+                    benchmark: str = "longbench", ci: str | None = None, significance: bool = True) -> str:
     """A LongBench table in the papers' layout from `collect()` output.
 
     language: "en" (the 16 English tasks) or "zh" (the 5 Chinese tasks); only tasks present get columns.
-    fmt: "markdown", "latex" (booktabs) or "csv". relative=True shows percent of FullKV (1 decimal).
+    fmt: "markdown", "latex" (booktabs) or "csv". relative=True shows percent of FullKV (1 decimal, no CI).
     benchmark: "longbench" or "longbench_e" (its `<task>_e` names map onto the same columns).
+    ci: None, "pm" (score ± CI half-width) or "range" (score [low, high]); CSV gets `<task> lo`/`<task> hi` columns.
+    significance: mark bold cells whose method is not significantly better than the second best with a dagger.
+    Every table has an n column (samples per task) and, when a run did not complete, a Status column.
     """
     if fmt not in FORMATS:
         raise KvbenchError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    table = _build(df, language, relative, benchmark)
+    table = _build(df, language, relative, benchmark, ci, significance)
     return {"markdown": _markdown, "latex": _latex, "csv": _csv}[fmt](table)
+
+
+def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", ci: str | None = "pm") -> str:
+    """LongBench-E by input length: per run, the mean over its tasks of each length bucket's score (0-4k, 4-8k,
+    8k+), with the bucket's 95% CI (resampled within each task's bucket, then averaged) and n (samples in the
+    bucket). Reads the runs' sample_scores.jsonl; runs without it are listed as missing in the note."""
+    if fmt not in FORMATS:
+        raise KvbenchError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if ci not in CI_VIEWS:
+        raise KvbenchError(f"ci must be one of None, 'pm' or 'range', not {ci!r}")
+    data, groups = _select(df, language, "longbench_e")
+    tasks = {t for _, ts in groups for t in ts}
+    rows, missing = [], []
+    for run_dir, run in _normalised(data).groupby("run_dir", sort=False):
+        first = run.iloc[0]
+        samples = run_samples(run_dir) if run["samples_ok"].fillna(False).astype(bool).all() else None
+        if samples is None or "bucket" not in samples:
+            missing.append(run_dir)
+            continue
+        samples = samples.assign(task=samples["task"].map(_base_task))
+        samples = samples[samples["task"].isin(tasks & set(run["task"]))]
+        row = {"Model": first["model"], "Protocol": first["protocol"], "Tag": first["tag"],
+               "Budget": budget_label(first["budget"]), "Method": first["method"],
+               "Status": "" if first["status"] == "complete" else first["status"],
+               "Tasks": str(samples["task"].nunique()), "_order": (first["model"], first["protocol"],
+                                                                   float(pd.Series([first["budget"]]).fillna(-1)[0]),
+                                                                   method_sort_key(first["method"]), first["tag"])}
+        for bucket in BUCKETS:
+            block = samples[samples["bucket"] == bucket]
+            groups_b = [g["score"].to_numpy() * 100 for _, g in block.groupby("task")]
+            if not groups_b:
+                row[bucket], row[f"{bucket} lo"], row[f"{bucket} hi"], row[f"n {bucket}"] = math.nan, math.nan, \
+                    math.nan, 0
+                continue
+            result = confidence_intervals(groups_b)
+            row[bucket] = result["average"]
+            row[f"{bucket} lo"], row[f"{bucket} hi"] = result["average_ci"]
+            row[f"n {bucket}"] = len(block)
+        rows.append(row)
+    if not rows:
+        raise KvbenchError(f"no LongBench-E run has per-sample scores with length buckets; write them with "
+                           f"`python -m kvbench.sample_scores RUN_DIR` ({len(missing)} run(s) without)")
+    frame = pd.DataFrame(rows)
+    frame = frame.iloc[sorted(range(len(frame)), key=lambda i: frame["_order"].iloc[i])].drop(columns="_order")
+    labels = (["Model"] + (["Protocol"] if frame["Protocol"].nunique() > 1 else [])
+              + (["Tag"] if (frame["Tag"] != "").any() else []) + ["Budget", "Method"]
+              + (["Status"] if (frame["Status"] != "").any() else []) + ["Tasks"])
+    if fmt == "csv":
+        keep = labels + [c for b in BUCKETS for c in (b, f"{b} lo", f"{b} hi", f"n {b}")
+                         if ci or not c.endswith((" lo", " hi"))]
+        return frame[keep].to_csv(index=False, float_format="%.2f", lineterminator="\n")
+    pm = _MARKUP[fmt][2]
+    out = frame[labels].copy()
+    for bucket in BUCKETS:
+        def show(r, b=bucket):
+            if pd.isna(r[b]):
+                return "-"
+            if not ci or pd.isna(r[f"{b} lo"]):
+                return f"{r[b]:.2f}"
+            if ci == "pm":
+                return f"{r[b]:.2f}{pm}{(r[f'{b} hi'] - r[f'{b} lo']) / 2:.2f}"
+            return f"{r[b]:.2f} [{r[f'{b} lo']:.2f}, {r[f'{b} hi']:.2f}]"
+        out[bucket] = frame.apply(show, axis=1)
+        out[f"n {bucket}"] = frame[f"n {bucket}"].astype(int).astype(str)
+    notes = [f"Mean over the run's {'English' if language == 'en' else 'Chinese'} LongBench-E tasks of each length "
+             f"bucket's score (0-100); n: samples in the bucket."]
+    if ci:
+        notes.append("± half-width of / [low, high]: the 95% percentile bootstrap CI, resampled within each task's "
+                     "bucket, then averaged." if ci == "pm" else
+                     "[low, high]: the 95% percentile bootstrap CI, resampled within each task's bucket, then averaged.")
+    if missing:
+        notes.append(f"Left out (no sample_scores.jsonl with buckets): {', '.join(missing)}.")
+    if fmt == "markdown":
+        text = out.to_markdown(index=False, disable_numparse=True,
+                               colalign=["left"] * len(labels) + ["right"] * (2 * len(BUCKETS)))
+        return text + "\n\n" + "\n".join(f"Note: {n}" for n in notes) + "\n"
+    styler = out.style.hide(axis="index").format(escape="latex", subset=labels).format_index(escape="latex", axis=1)
+    text = styler.to_latex(hrules=True, column_format="l" * len(labels) + "r" * (2 * len(BUCKETS)))
+    return text.replace(" ± ", r" $\pm$ ")
 
 
 # ----------------------------------------------------------------------------------------------- paper vs ours
@@ -306,11 +556,27 @@ def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
         paper_score = published["scores"].get(name, {}).get(first["method"]) if name else None
         if paper_score is None or not at_budget:
             continue
-        scores = run[run["task"].isin(ENGLISH_16)].set_index("task")["score"].dropna()
-        ours = float(scores.mean()) if len(scores) == 16 else math.nan
+        english = run[run["task"].isin(ENGLISH_16)].dropna(subset=["score"])
+        ours = float(english["score"].mean()) if len(english) == 16 else math.nan
+        usable = len(english) == 16 and english.get("samples_ok", pd.Series(False)).fillna(False).astype(bool).all()
+        groups = _samples_of(pd.Series(run_dir, index=list(english["task"])), list(english["task"])) if usable else None
+        low, high = confidence_intervals([g.to_numpy() for g in groups])["average_ci"] if groups else (math.nan,) * 2
         rows.append({"Model": name, "Method": first["method"], "Paper": paper_score, "Ours": ours,
-                     "Tasks": f"{len(scores)}/16", "Protocol": first.get("protocol", "")})
+                     "Tasks": f"{len(english)}/16", "Protocol": first.get("protocol", ""), "95% CI": _ci_text(low, high),
+                     "n": _n_sum(english["n"]), "Status": _status_text(first.get("status", "complete"))})
     return rows
+
+
+def _ci_text(low: float, high: float) -> str:
+    return "-" if pd.isna(low) or pd.isna(high) else f"[{low:.2f}, {high:.2f}]"
+
+
+def _n_sum(counts: pd.Series) -> str:
+    return "?" if counts.isna().any() or counts.empty else str(int(counts.sum()))
+
+
+def _status_text(status) -> str:
+    return "" if status == "complete" or pd.isna(status) else str(status)
 
 
 def _needle_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
@@ -325,18 +591,19 @@ def _needle_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
                 rows.append({"Model": name, "Method": run["method"], "Budget": budget_label(run["budget"]),
                              "Paper": entry["scores"][run["method"]], "Ours": float(run["score"]),
                              "Paper setting": f"{entry['contexts']} context, budget "
-                                              f"{entry['budget'] if entry['budget'] else 'not stated'}"})
+                                              f"{entry['budget'] if entry['budget'] else 'not stated'}",
+                             "95% CI": _ci_text(run.get("ci_low"), run.get("ci_high")),
+                             "n": _n_sum(pd.Series([run["n"]])), "Status": _status_text(run.get("status"))})
     return rows
 
 
 def markdown_frame(frame: pd.DataFrame) -> str:
-    """A small frame as an aligned Markdown table (numbers with 2 decimals, '-' for missing)."""
-    text = frame.map(lambda v: _cell(v, 2) if isinstance(v, float) else str(v))
-    widths = {c: max(len(c), *(len(v) for v in text[c])) for c in text.columns}
-    head = "| " + " | ".join(c.ljust(widths[c]) for c in text.columns) + " |"
-    rule = "|" + "|".join("-" * (widths[c] + 2) for c in text.columns) + "|"
-    body = ["| " + " | ".join(row[c].ljust(widths[c]) for c in text.columns) + " |" for _, row in text.iterrows()]
-    return "\n".join([head, rule] + body)
+    """A small frame as a Markdown table (numbers with 2 decimals, '-' for missing); an all-empty Status column
+    is left out."""
+    if "Status" in frame and (frame["Status"] == "").all():
+        frame = frame.drop(columns="Status")
+    frame = frame.astype(object).where(frame.notna(), None)  # tabulate writes missingval only for None
+    return frame.to_markdown(index=False, floatfmt=".2f", missingval="-")
 
 
 def _how_to_reproduce(paper: dict) -> str:

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Support matrix: build a tiny random model of each architecture family, check FullKV against transformers
+(`generate`, or for chunked attention the model's forward without a cache), run every method, and print the
+table (architecture x method: exact / compresses / refused, and why). `--readme README.md` writes it between the
+README's support-matrix markers.
+
+    python scripts/support_matrix.py [--readme README.md]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from kvbench.cache import layer_kinds  # noqa: E402
+from kvbench.config import compose  # noqa: E402
+from kvbench.engine import generate  # noqa: E402
+from kvbench.errors import KvbenchError  # noqa: E402
+from kvbench.methods import METHODS, build_method  # noqa: E402
+from kvbench.models import ModelSpec, load_model  # noqa: E402
+
+MODELS = {  # config name -> what it stands for
+    "tiny_llama": "Llama (full attention)",
+    "tiny_mistral": "Mistral v0.2 (full attention)",
+    "tiny_qwen2": "Qwen2 (full attention)",
+    "tiny_qwen3": "Qwen3 (q/k norms)",
+    "tiny_mistral_sliding": "Mistral v0.1 (sliding window, all layers)",
+    "tiny_qwen2_sliding": "Qwen2 `use_sliding_window`",
+    "tiny_phi3": "Phi-3 (sliding window, all layers)",
+    "tiny_gemma3": "Gemma 3 (sliding + global)",
+    "tiny_gemma2": "Gemma 2 (sliding + global, logit soft-cap)",
+    "tiny_gpt_oss": "gpt-oss (sliding + global, attention sinks)",
+    "tiny_llama4": "Llama 4 (chunked + global)",
+}
+PROMPT, NEW, BUDGET, WINDOW = 160, 40, 24, 8
+START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+
+
+def load(name: str):
+    spec = ModelSpec.from_config(OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True))
+    return load_model(spec, "cpu")
+
+
+def fullkv_cell(model, ids, chunked: bool) -> str:
+    out = generate(model, ids, None, max_new_tokens=NEW)
+    if chunked:  # transformers 5.24's generate departs from the model past a chunk boundary: compare the model
+        with torch.inference_mode():
+            full = model(torch.cat([ids, torch.tensor([out.token_ids])], dim=1)).logits
+        want = full[0, ids.shape[1] - 1:-1].argmax(-1).tolist()
+        return "exact (= forward without cache)" if out.token_ids == want else "MISMATCH"
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                         do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    return "exact (= generate)" if out.token_ids == ref else "MISMATCH"
+
+
+def short(err: KvbenchError) -> str:
+    text = str(err)
+    for key, label in (("soft-caps", "soft-capped logits"), ("sinks", "attention sinks"),
+                       ("no layer to compress", "no global layer"), ("different numbers", "unequal layer lengths")):
+        if key in text:
+            return label
+    return text.split(":")[0]
+
+
+def method_cell(model, ids, name: str) -> str:
+    cells = []
+    for local in ("keep", "compress"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # DynamicKV official mode's tail-layer notice
+                out = generate(model, ids, build_method(name, budget=BUDGET, window_size=WINDOW, local_layers=local),
+                               max_new_tokens=4)
+            cells.append(f"compresses ({'-'.join(map(str, out.layer_kept))})" if out.compressed else "keeps all")
+        except KvbenchError as err:
+            cells.append(f"refused: {short(err)}")
+    if cells[0] == cells[1]:
+        return cells[0]
+    return f"keep: {cells[0]}<br>compress: {cells[1]}"
+
+
+def table() -> str:
+    torch.set_num_threads(1)
+    methods = [m for m in METHODS if m != "fullkv"]
+    rows = ["| model | layers | FullKV | " + " | ".join(methods) + " |",
+            "|---|---|---|" + "---|" * len(methods)]
+    for name, label in MODELS.items():
+        model, tok = load(name)
+        kinds = layer_kinds(model.config)
+        ids = torch.randint(0, len(tok), (1, PROMPT), generator=torch.Generator().manual_seed(0))
+        layers = " ".join(k.short() for k in kinds)
+        chunked = any(k.type == "chunked_attention" for k in kinds)
+        cells = [fullkv_cell(model, ids, chunked)] + [method_cell(model, ids, m) for m in methods]
+        rows.append(f"| {label} `{name}` | {layers} | " + " | ".join(cells) + " |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    note = (f"Tiny random-weight models (`configs/model/tiny_*.yaml`), prompt {PROMPT} tokens, windows of 64, "
+            f"budget {BUDGET}, method window {WINDOW}. Cells give tokens per head per layer after prefill. "
+            f"`keep`/`compress`: `method.local_layers`. Generated by `make support-matrix` "
+            f"(scripts/support_matrix.py).")
+    return note + "\n\n" + "\n".join(rows)
+
+
+def write_readme(path: Path, text: str) -> None:
+    readme = path.read_text()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"{path} has no {START} ... {END} markers")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    path.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", readme))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, help="write the table between the support-matrix markers")
+    args = parser.parse_args()
+    text = table()
+    print(text)
+    if args.readme:
+        write_readme(args.readme, text)
+
+
+if __name__ == "__main__":
+    main()

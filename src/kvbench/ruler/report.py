@@ -1,0 +1,243 @@
+"""RULER reports from result folders: the papers' table (methods x tasks + average, best in bold) per length, in
+Markdown / LaTeX / CSV, and figures of the average score against context length and against the KV budget.
+
+`python -m kvbench.ruler.report RESULTS... [--out DIR]`; `python -m kvbench.report` calls `write_ruler_report` too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from kvbench.errors import KvbenchError
+from kvbench.ruler.constants import ALL_TASKS
+
+SHORT = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1",
+         "niah_multikey_2": "MK2", "niah_multikey_3": "MK3", "niah_multivalue": "MV", "niah_multiquery": "MQ",
+         "vt": "VT", "cwe": "CWE", "fwe": "FWE", "qa_1": "QA1", "qa_2": "QA2"}
+_NAMES = {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
+          "dynamickv": "DynamicKV", "adakv": "AdaKV", "tova": "TOVA", "knorm": "KNorm", "cake": "CAKE",
+          "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "random": "Random"}
+COLUMNS = ["model", "method", "budget", "query", "template", "length", "task", "score", "n", "run_dir"]
+
+
+def _method_key(name: str) -> tuple[int, str]:
+    order = list(_NAMES.values())
+    return (order.index(name), "") if name in order else (len(order), name.lower())
+
+
+def collect_ruler(paths) -> pd.DataFrame:
+    """One row per (run, length, task) of every finished RULER run at or below `paths`."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    rows = []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise KvbenchError(f"{root} does not exist; pass result folders, e.g. results/")
+        for run_file in sorted([root / "run.json"] if (root / "run.json").exists() else root.rglob("run.json")):
+            scores_file = run_file.parent / "scores.json"
+            try:
+                run = json.loads(run_file.read_text())
+                scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+            except json.JSONDecodeError as err:
+                print(f"(skipped {run_file.parent}: corrupt JSON, {err.msg})", file=sys.stderr)
+                continue
+            if scores.get("benchmark") != "ruler":
+                continue
+            config = run.get("config") or {}
+            method_cfg = config.get("method") or {}
+            method = _NAMES.get(str(method_cfg.get("name", "?")).lower(), str(method_cfg.get("name", "?")))
+            budget = math.nan if method_cfg.get("budget_agnostic") else float(config.get("budget", math.nan))
+            for length, part in scores.get("lengths", {}).items():
+                for task, score in part.get("tasks", {}).items():
+                    if score is None:
+                        continue
+                    rows.append({"model": (config.get("model") or {}).get("name", "?"), "method": method,
+                                 "budget": budget, "query": scores.get("query", "aware"),
+                                 "template": scores.get("template", ""), "length": int(length), "task": task,
+                                 "score": float(score), "n": int(part.get("n", {}).get(task, 0)),
+                                 "run_dir": str(run_file.parent)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _budget_label(budget: float) -> str:
+    return "Full" if math.isnan(budget) else (str(int(budget)) if float(budget).is_integer() else f"{budget:g}")
+
+
+def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdown") -> str:
+    """Methods (rows: model, query, budget, method) x tasks and the average, at one length (None: mean over the
+    lengths each run has). The best score of each column among compressed methods is bold (all rows if no
+    compressed method; nothing when a single row competes)."""
+    data = df if length is None else df[df["length"] == length]
+    if data.empty:
+        raise KvbenchError(f"no RULER results{'' if length is None else f' at length {length}'}")
+    tasks = [t for t in ALL_TASKS if t in set(data["task"])]
+    keys = ["model", "query", "budget", "method"]
+    data = data.assign(budget=data["budget"].fillna(-1.0))
+    wide = data.groupby(keys + ["task"])["score"].mean().unstack("task").reindex(columns=tasks)
+    wide["Avg."] = wide[tasks].mean(axis=1, skipna=False)
+    wide = wide.reset_index()
+    wide = wide.iloc[sorted(range(len(wide)), key=lambda i: (wide.at[i, "model"], wide.at[i, "query"],
+                                                              wide.at[i, "budget"], _method_key(wide.at[i, "method"])))]
+    wide = wide.reset_index(drop=True)
+    value_cols = tasks + ["Avg."]
+    compressed = wide["method"] != "FullKV"
+    pool = wide[compressed] if compressed.any() else wide
+    best = {c: pool[c].max() for c in value_cols} if len(pool) > 1 else {}  # one row: nothing to rank
+    header = ["Model", "Query", "Budget", "Method"] + [SHORT[t] for t in tasks] + ["Avg."]
+    body = []
+    for i, row in wide.iterrows():
+        cells = [str(row["model"]), str(row["query"]), _budget_label(row["budget"] if row["budget"] >= 0 else math.nan),
+                 str(row["method"])]
+        for c in value_cols:
+            v = row[c]
+            text = "-" if pd.isna(v) else f"{v:.2f}"
+            if fmt != "csv" and not pd.isna(v) and (compressed[i] or not compressed.any()) and v == best.get(c):
+                text = f"**{text}**" if fmt == "markdown" else f"\\textbf{{{text}}}"
+            cells.append(text)
+        body.append(cells)
+    if fmt == "csv":
+        return pd.DataFrame(body, columns=header).to_csv(index=False)
+    if fmt == "latex":
+        lines = ["\\begin{tabular}{" + "l" * 4 + "r" * len(value_cols) + "}", "\\toprule",
+                 " & ".join(header) + " \\\\", "\\midrule"]
+        lines += [" & ".join(c.replace("_", "\\_") for c in cells) + " \\\\" for cells in body]
+        return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in body]) \
+        + "\n"
+
+
+def averages(df: pd.DataFrame) -> pd.DataFrame:
+    """Average over tasks per (model, query, method, budget, length), with how many tasks it averages."""
+    grouped = df.assign(budget=df["budget"].fillna(-1.0)).groupby(["model", "query", "method", "budget", "length"])
+    return grouped["score"].agg(["mean", "count"]).rename(columns={"mean": "avg", "count": "tasks"}).reset_index()
+
+
+def _figure(plot, stem: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plot(plt)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for path in out:
+        fig.savefig(path, bbox_inches="tight", dpi=150)
+    plt.close(fig)
+    return out
+
+
+def score_vs_length(df: pd.DataFrame, stem: Path) -> list[Path]:
+    """Average RULER score against context length, one line per method (and budget), one panel per query mode."""
+    avg = averages(df)
+    if avg["length"].nunique() < 2:
+        raise KvbenchError("score vs length needs runs at two or more lengths")
+    modes = sorted(avg["query"].unique())
+
+    def plot(plt):
+        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
+        for ax, mode in zip(axes[0], modes):
+            part = avg[avg["query"] == mode]
+            for (method, budget), line in sorted(part.groupby(["method", "budget"]),
+                                                 key=lambda kv: (_method_key(kv[0][0]), kv[0][1])):
+                line = line.sort_values("length")
+                label = method if budget < 0 else f"{method} ({_budget_label(budget)})"
+                ax.plot(line["length"], line["avg"], marker="o", label=label,
+                        linestyle="--" if method == "FullKV" else "-")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(part["length"].unique()))
+            ax.set_xticklabels([f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in sorted(part["length"].unique())])
+            ax.set_title(f"RULER, query {mode}")
+            ax.set_xlabel("context length (tokens)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("average score")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        return fig
+
+    return _figure(plot, stem)
+
+
+def score_vs_budget(df: pd.DataFrame, stem: Path) -> list[Path]:
+    """Average RULER score (over tasks and lengths) against the KV budget, one line per method."""
+    avg = averages(df).groupby(["query", "method", "budget"])["avg"].mean().reset_index()
+    compressed = avg[avg["budget"] >= 0]
+    if compressed["budget"].nunique() < 2:
+        raise KvbenchError("score vs budget needs compressed runs at two or more budgets")
+    modes = sorted(avg["query"].unique())
+
+    def plot(plt):
+        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
+        for ax, mode in zip(axes[0], modes):
+            part = compressed[compressed["query"] == mode]
+            for method, line in sorted(part.groupby("method"), key=lambda kv: _method_key(kv[0])):
+                line = line.sort_values("budget")
+                ax.plot(line["budget"], line["avg"], marker="o", label=method)
+            full = avg[(avg["query"] == mode) & (avg["method"] == "FullKV")]
+            if not full.empty:
+                ax.axhline(float(full["avg"].iloc[0]), color="black", linestyle="--", label="FullKV")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"RULER, query {mode}")
+            ax.set_xlabel("KV budget (tokens per head)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("average score")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        return fig
+
+    return _figure(plot, stem)
+
+
+_SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
+
+
+def write_ruler_report(paths, out: Path, formats=("markdown", "latex", "csv"), echo: bool = True) -> list[Path]:
+    """Every RULER table and figure the results support, written under `out`; [] when there is no RULER run."""
+    df = collect_ruler(paths)
+    if df.empty:
+        return []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for length in sorted(df["length"].unique()) + [None]:
+        name = f"ruler_{length}" if length is not None else "ruler_mean"
+        for fmt in formats:
+            path = out / f"{name}.{_SUFFIX[fmt]}"
+            path.write_text(ruler_table(df, None if length is None else int(length), fmt))
+            written.append(path)
+        if echo:
+            title = f"length {length}" if length is not None else "mean over lengths"
+            print(f"## RULER, {title} (scores x100; best compressed method in bold)\n\n"
+                  f"{ruler_table(df, None if length is None else int(length))}")
+    for name, draw in (("ruler_score_vs_length", score_vs_length), ("ruler_score_vs_budget", score_vs_budget)):
+        try:
+            written += draw(df, out / name)
+        except KvbenchError as exc:
+            if echo:
+                print(f"(skipped {name}: {exc})", file=sys.stderr)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvbench.ruler.report",
+                                     description="RULER tables and figures from kvbench result folders")
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--out", default="results/report")
+    args = parser.parse_args(argv)
+    try:
+        written = write_ruler_report(args.results, Path(args.out))
+    except KvbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not written:
+        print("error: no finished RULER run found", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} files to {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

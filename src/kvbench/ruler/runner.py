@@ -1,0 +1,261 @@
+"""RULER runs: one prediction line per (length, sample) in `predictions/<task>.jsonl`, resumable.
+
+The plan generates (or reads, or loads from the cache) every selected sample and checks each fits the model before
+any model is loaded. Selection (tasks, lengths, samples) is not a setting: a larger selection continues the run.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kvbench.errors import KvbenchError
+from kvbench.progress import progress
+from kvbench.ruler.constants import ALL_TASKS, QA_TASKS, SYNTHETIC_TASKS, TASKS
+from kvbench.ruler.data import (Generator, canonical, kvpress_folder, qa_note, read_kvpress, render, set_sha256,
+                                sha256_text)
+from kvbench.ruler.generate import qa_file
+from kvbench.ruler.metrics import sample_score, task_score
+from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
+
+log = logging.getLogger("kvbench")
+QUERY_MODES = ("aware", "agnostic")
+
+
+def sample_id(length: int, index: int) -> str:
+    return f"{length}_{index}"
+
+
+def sample_sha(sample: dict) -> str:
+    return sha256_text(canonical(sample))[:16]
+
+
+def average_label(tasks: list[str]) -> str:
+    if set(tasks) == set(ALL_TASKS):
+        return "13-task average"
+    if set(tasks) == set(SYNTHETIC_TASKS):
+        return "11-task average (qa_1, qa_2 not run)"
+    return f"{len(tasks)}-task average"
+
+
+@dataclass
+class RulerPlan:
+    tasks: list[str]
+    lengths: list[int]
+    samples: int
+    template: ModelTemplate
+    query: str
+    source: dict                                   # what determines the samples (generator identity or data files)
+    datasets: dict[tuple[str, int], list[dict]]
+    skipped: dict[str, str] = field(default_factory=dict)
+    generation_s: float = 0.0
+
+    def protocol_name(self) -> str:
+        return f"ruler_{self.template.name}" + ("_agnostic" if self.query == "agnostic" else "")
+
+    def settings(self) -> dict:
+        return {"name": "ruler", "template": self.template.name, "query": self.query, "source": self.source}
+
+    def selection(self) -> dict:
+        return {"tasks": list(self.tasks), "lengths": list(self.lengths), "samples": self.samples,
+                "skipped": sorted(self.skipped)}
+
+    def data_sha256(self) -> dict[str, str]:
+        return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
+
+    def _call(self, run_one, rendered, max_new_tokens: int, stops: list[int]):
+        if self.query == "agnostic":
+            return run_one(rendered.context_ids, max_new_tokens, stops, question_ids=rendered.question_ids)
+        return run_one(rendered.input_ids, max_new_tokens, stops)
+
+    def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
+        if self.query == "agnostic" and not _accepts(run_one, "question_ids"):
+            raise KvbenchError("benchmark.query=agnostic needs the engine's two-phase prefill (context, then "
+                               "question), which this kvbench does not have yet; use benchmark.query=aware")
+        stops = stop_token_ids(model, tokenizer)
+        for task in self.tasks:
+            store.done(task)  # repairs a torn last line (an interrupted write) before reading
+            done = {r.get("_id"): r.get("sample_sha256") for r in store.records(task)}
+            todo = []
+            for length in self.lengths:
+                for sample in self.datasets[(task, length)]:
+                    sid, digest = sample_id(length, sample["index"]), sample_sha(sample)
+                    if sid in done:
+                        if done[sid] != digest:
+                            raise KvbenchError(f"{store.prediction_file(task)}: sample {sid} was predicted on other "
+                                               f"data; delete {store.root} or choose another output_dir")
+                        continue
+                    todo.append((length, sample, sid, digest))
+            label = f"ruler {task} ({len(done)} done)" if done else f"ruler {task}"
+            for length, sample, sid, digest in progress(todo, len(todo), label, show_progress):
+                rendered = render(sample, tokenizer, self.template)
+                out, text = self._call(run_one, rendered, sample["max_new_tokens"], stops)
+                record = {"_id": sid, "task": task, "length": length, "index": sample["index"], "pred": text,
+                          "outputs": sample["outputs"], "score": sample_score(task, text, sample["outputs"]),
+                          "query": self.query, "input_tokens": len(rendered.input_ids),
+                          "context_tokens": len(rendered.context_ids), "question_tokens": len(rendered.question_ids),
+                          "sample_sha256": digest, **out.log_fields()}
+                store.append(task, record)
+                if on_sample:
+                    on_sample(task, record)
+        return self.summarize(store)
+
+    def summarize(self, store) -> dict:
+        """Scores of exactly this selection (records of other lengths / samples on disk are left out)."""
+        by_length: dict[str, dict] = {}
+        rows: list[dict] = []  # per-sample scores, the rows of sample_scores.jsonl
+        for length in self.lengths:
+            tasks, counts = {}, {}
+            for task in self.tasks:
+                wanted = {sample_id(length, s["index"]) for s in self.datasets[(task, length)]}
+                records = {r["_id"]: r for r in store.records(task) if r.get("_id") in wanted} \
+                    if store.prediction_file(task).exists() else {}
+                ordered = [records[sid] for sid in sorted(records, key=lambda s: int(s.split("_")[1]))]
+                scores = [sample_score(task, r["pred"], r["outputs"]) for r in ordered]
+                rows += [{"task": task, "id": r["_id"], "score": score, "context_length": length}
+                         for r, score in zip(ordered, scores)]
+                tasks[task], counts[task] = task_score(scores), len(scores)
+            present = [t for t in self.tasks if tasks[t] is not None]
+            by_length[str(length)] = {
+                "tasks": tasks, "n": counts,
+                "avg": round(sum(tasks[t] for t in present) / len(present), 2) if present else None,
+                "avg_label": average_label(present)}
+        per_task = {}
+        for task in self.tasks:
+            values = [by_length[str(length)]["tasks"][task] for length in self.lengths]
+            values = [v for v in values if v is not None]
+            per_task[task] = round(sum(values) / len(values), 2) if values else None
+        averages = [v["avg"] for v in by_length.values() if v["avg"] is not None]
+        return {
+            "benchmark": "ruler", "query": self.query, "template": self.template.name,
+            "lengths": by_length,
+            "tasks": {t: v for t, v in per_task.items() if v is not None},
+            "n": {t: sum(by_length[str(length)]["n"][t] for length in self.lengths) for t in self.tasks},
+            "avg": round(sum(averages) / len(averages), 2) if averages else None,
+            "avg_label": average_label([t for t in self.tasks if per_task[t] is not None]),
+            "sample_scores": rows,  # the pipeline moves these to sample_scores.jsonl (kept in scores.json before)
+            "data_sha256": self.data_sha256(),
+            "skipped": self.skipped,
+            "generation_s": round(self.generation_s, 2),
+        }
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """RULER's HF path stops on the model's EOS ids only (no stop words)."""
+    ids = []
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    for value in ([eos] if isinstance(eos, int) else list(eos or [])) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def _int_list(value, name: str) -> list[int]:
+    items = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    if isinstance(items, (int, str)):
+        items = [items]
+    try:
+        out = [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise KvbenchError(f"{name}={value}: give a list of integers, e.g. {name}=[1024,2048]") from None
+    if not out or any(v <= 0 for v in out):
+        raise KvbenchError(f"{name}={value}: give positive integers, e.g. {name}=[1024,2048]")
+    return out
+
+
+def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
+    """Validate the RULER selection, then build every sample (cached) and check it fits the model."""
+    from kvbench.models import load_tokenizer
+
+    bench = cfg.benchmark
+    tasks = list(bench.tasks) if bench.get("tasks") is not None else list(ALL_TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise KvbenchError(f"benchmark.tasks: unknown RULER task(s) {', '.join(map(str, unknown)) or '(none given)'}; "
+                           f"choose from {', '.join(ALL_TASKS)}")
+    lengths = _int_list(bench.lengths, "benchmark.lengths")
+    try:
+        samples = int(bench.samples)
+    except (TypeError, ValueError):
+        raise KvbenchError(f"benchmark.samples={bench.samples!r}: give a positive integer (RULER uses 500)") from None
+    if samples < 1:
+        raise KvbenchError(f"benchmark.samples={samples}: give a positive integer (RULER uses 500)")
+    query = str(bench.get("query") or "aware")
+    if query not in QUERY_MODES:
+        raise KvbenchError(f"benchmark.query={query!r}: choose one of {', '.join(QUERY_MODES)}")
+    template_name = str(bench.template)
+    if template_name not in TEMPLATES:
+        raise KvbenchError(f"benchmark.template={template_name!r}: choose one of {', '.join(TEMPLATES)}")
+    limit = int(cfg.model.trained_len)
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise KvbenchError(f"benchmark.lengths {too_long} exceed {cfg.model.name}'s context of {limit} tokens. "
+                           f"Fix: benchmark.lengths=[...] up to {limit}")
+    data_dir = Path(bench.data_dir) if bench.get("data_dir") else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise KvbenchError(f"benchmark.data_dir={data_dir} is not a folder; point it at kvpress-format RULER data "
+                           f"(<data_dir>/<length>/*.parquet or *.jsonl)")
+    qa_dir = str(bench.qa_dir) if bench.get("qa_dir") else None
+    if qa_dir is not None and not Path(qa_dir).is_dir():
+        raise KvbenchError(f"benchmark.qa_dir={qa_dir} is not a folder (it should hold squad.json / hotpotqa.json)")
+
+    tokenizer = load_tokenizer(spec)
+    template = model_template(tokenizer, template_name)
+    skipped: dict[str, str] = {}
+    datasets: dict[tuple[str, int], list[dict]] = {}
+    start = time.perf_counter()
+    if data_dir is not None:
+        files = {}
+        for length in lengths:
+            folder = kvpress_folder(data_dir, length, single=len(lengths) == 1)
+            by_task, digest = read_kvpress(folder, length)
+            files[str(length)] = {"folder": str(folder.resolve()), "sha256": digest}
+            for task in tasks:
+                if task not in by_task:
+                    raise KvbenchError(f"{folder} has no rows of task {task}; it has {', '.join(sorted(by_task))}. "
+                                       f"Fix: benchmark.tasks=[...]")
+                datasets[(task, length)] = by_task[task][:samples]
+        source = {"kind": "kvpress", "files": files}
+    else:
+        gen = Generator(tokenizer, template, int(cfg.seed), bench.get("haystack_dir"), qa_dir)
+        for task in [t for t in tasks if t in QA_TASKS]:
+            if qa_file(qa_dir, TASKS[task]["args"]["dataset"]) is None:
+                skipped[task] = qa_note(task)
+                log.warning(skipped[task])
+        tasks = [t for t in tasks if t not in skipped]
+        if not tasks:
+            raise KvbenchError("no RULER task left to run: " + "; ".join(skipped.values()))
+        cache = bench.get("cache_dir") or str(Path(cfg.results_root) / ".cache" / "ruler")
+        cache_dir = Path(cache) if str(cache) not in ("", "none", "None") else None
+        for task in tasks:
+            for length in lengths:
+                datasets[(task, length)] = gen.samples(task, length, samples, cache_dir)
+        source = {"kind": "generated", **gen.identity(),
+                  "qa": {t: gen.qa_identity(t) for t in tasks if t in QA_TASKS}}
+    generation_s = time.perf_counter() - start
+    for (task, length), items in datasets.items():
+        for sample in items:
+            rendered = render(sample, tokenizer, template)
+            total = len(rendered.input_ids) + int(sample["max_new_tokens"])
+            if total > limit:
+                raise KvbenchError(f"RULER {task} sample {sample['index']} at length {length} needs {total} tokens "
+                                   f"(prompt + {sample['max_new_tokens']} to generate), more than {cfg.model.name}'s "
+                                   f"{limit}. Fix: smaller benchmark.lengths")
+    log.info("RULER data ready in %.1f s (%d sets)", generation_s, len(datasets))
+    return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s)
+
+
+__all__ = ["RulerPlan", "plan_ruler", "stop_token_ids"]
