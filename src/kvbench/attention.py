@@ -131,6 +131,18 @@ def _compress(session: Session, module, query, key, value, kwargs: dict) -> None
     method.compress_layer(rank, query, key, value, cache.compressed)
 
 
+def _observe(session: Session, module, query, key, kwargs: dict) -> None:
+    """Show a compressed layer's multi-token pass over its filled cache to the method (`Method.observe_layer`)."""
+    rank = session.cache.rank(module.layer_idx)
+    if rank is None:
+        return
+    scaling = kwargs.get("scaling")
+    dim = query.shape[-1]
+    if scaling is not None and not math.isclose(scaling * math.sqrt(dim), 1.0, rel_tol=1e-6):
+        query = query * (scaling * math.sqrt(dim))
+    session.method.observe_layer(rank, query, key)
+
+
 def _decode(impl: str, module, query, key, value, kwargs: dict):
     session = _ACTIVE.get()
     layer = session.cache.layers[module.layer_idx] if session is not None else None
@@ -170,6 +182,9 @@ def _make_wrapper(impl: str):
         if session is not None and session.method is not None and key.shape[2] == query.shape[2]:
             with torch.no_grad():  # a prefill: the layer's keys are exactly the prompt
                 _compress(session, module, query, key, value, kwargs)
+        elif session is not None and session.method is not None and key.shape[2] > query.shape[2]:
+            with torch.no_grad():  # a multi-token pass over a filled cache (KVzip's reconstruction passes)
+                _observe(session, module, query, key, kwargs)
         return output
 
     kvbench_attention.__name__ = f"{PREFIX}{impl}"

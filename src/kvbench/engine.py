@@ -128,6 +128,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
     with compression(method, cache) as session:
         out = model(input_ids=input_ids, position_ids=torch.arange(n, device=device)[None],
                     use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        method.after_prefill(model, input_ids, cache)  # extra passes of methods that need them (KVzip)
     logits = out.logits[:, -1].float()
     _sync(device)
     if not method.keeps_all(n) and session.compressed_calls == 0:

@@ -235,6 +235,7 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         if check is not None:
             check(tokenizer)
         model, tokenizer = load_model_once(job.spec, job.device)
+        job.method.bind(model, tokenizer)  # methods that need the model (Expected Attention, KVzip)
         store.open()
         log.info("results: %s", job.out)
         try:

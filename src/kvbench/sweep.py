@@ -208,7 +208,21 @@ def job_work(cfg: DictConfig) -> list[Work]:
     """What a job has to run: per LongBench task, or the needle grid, with token counts for the cost model."""
     if cfg.benchmark.name == "needle":
         return [_needle_work(cfg)]
+    if cfg.benchmark.name == "ruler":
+        return [_ruler_work(cfg, task) for task in cfg.benchmark.tasks]
     return [_longbench_work(cfg, task) for task in cfg.benchmark.tasks]
+
+
+def _ruler_work(cfg: DictConfig, task: str) -> Work:
+    """RULER: `samples` per task and length, each prompt as long as its length, RULER's tokens_to_generate."""
+    from kvbench.ruler.constants import FAMILIES, TASKS
+
+    if task not in TASKS:
+        raise SweepError(f"unknown RULER task {task!r} in benchmark.tasks; choose from {', '.join(TASKS)}")
+    lengths = list(cfg.benchmark.lengths)
+    samples = int(cfg.benchmark.samples) * len(lengths)
+    new_tokens = FAMILIES[TASKS[task]["family"]]["tokens_to_generate"]
+    return Work(task, samples, float(sum(lengths) * cfg.benchmark.samples), float(new_tokens * samples))
 
 
 def _longbench_work(cfg: DictConfig, task: str) -> Work:

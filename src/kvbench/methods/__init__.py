@@ -10,16 +10,23 @@ from typing import Any, Mapping
 
 from kvbench.methods import registry
 from kvbench.methods.base import Method, PooledWindowMethod, ScoredMethod
+from kvbench.methods.cake import CAKE
 from kvbench.methods.dynamickv import DynamicKV
+from kvbench.methods.expected_attention import ExpectedAttention
 from kvbench.methods.fullkv import FullKV
 from kvbench.methods.h2o import H2O
+from kvbench.methods.knorm import KNorm
+from kvbench.methods.kvzip import KVzip
 from kvbench.methods.pyramidkv import PyramidKV
+from kvbench.methods.random import Random
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
+from kvbench.methods.tova import TOVA
 
 # The method classes (every registered name, configurations included: `registry.names()`).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV)
+    cls.name: cls for cls in (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV,
+                              KNorm, TOVA, CAKE, ExpectedAttention, KVzip, Random)
 }
 for _cls in METHODS.values():
     registry.register(_cls)
@@ -41,4 +48,5 @@ def method_from_config(cfg: Mapping[str, Any], budget: Any = None) -> Method:
 
 
 __all__ = ["METHODS", "Method", "ScoredMethod", "PooledWindowMethod", "build_method", "method_from_config",
-           "registry", "FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV"]
+           "registry", "FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV",
+           "KNorm", "TOVA", "CAKE", "ExpectedAttention", "KVzip", "Random"]

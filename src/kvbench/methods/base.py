@@ -48,13 +48,13 @@ class Method:
     display_name: ClassVar[str | None] = None
     order: ClassVar[int] = 100
     paper_defaults: ClassVar[dict] = {}
-    min_window: ClassVar[int] = 0
     budget: float | None = None  # tokens per head per layer incl. window; 0 < budget < 1: fraction of the prompt
     window_size: int = 8
     cache_heads: str = "per_query_head"
     # Sliding-window/chunked layers of hybrid models: "keep" leaves them as the model defines them (bounded) and
     # the budget applies to the full-attention layers; "compress" compresses the tokens they hold too.
     local_layers: str = "keep"
+    min_window: ClassVar[int] = 1  # 0 for methods without an observation window (KNorm, the kvpress presses)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +120,19 @@ class Method:
     def compress_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        cache: CompressedCache) -> None:
         """Called once per layer at prefill with queries [1,H,n,d], keys/values [1,H_kv,n,d]."""
+
+    # ---- methods that need the model (Expected Attention: its rotary embedding; KVzip: extra passes) ----------
+    def bind(self, model, tokenizer=None) -> None:
+        """Called once per run with the loaded model and tokenizer, before any prefill. Default: not needed."""
+
+    def after_prefill(self, model, input_ids: torch.Tensor, cache: CompressedCache) -> None:
+        """Called by the engine right after the prefill forward pass, inside the compression context and the
+        prefill timer: a method that needs extra forward passes over the prompt runs them here."""
+
+    def observe_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        """Multi-token forward passes over an already filled cache inside the compression context (e.g. KVzip's
+        reconstruction passes from `after_prefill`) show each layer's post-RoPE queries [1,H,m,d] and all its keys
+        [1,H_kv,n+m,d] here."""
 
     # ---- helpers shared by the methods -----------------------------------------------------------------------
     def selection_heads(self, queries: torch.Tensor, keys: torch.Tensor) -> int:

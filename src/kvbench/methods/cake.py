@@ -1,0 +1,152 @@
+"""CAKE (Qin et al., ICLR 2025; antgroup/cakekv @c4675ce): layer budgets from each layer's attention preference,
+allocated in cascade during prefill, and an eviction indicator that adds the variance of the window attention.
+
+Per layer, from the attention of the last `window_size` queries (causal inside the window, fp32 softmax cast back):
+- preference `disp ** (1/tau1) * var ** (1/tau2)`: `disp` the entropy of the prefix columns, `var` their variance over
+  the window rows (unbiased) summed over heads and columns;
+- eviction indicator `mean + gamma * var` of the window rows, prefix columns, `avg_pool1d(5)`, mean over the query
+  group (`per_kv_head`, the reference) or per query head.
+The layers share `(budget - window) * L` prefix tokens. Cascading: after each layer l, the total is split over layers
+0..l in proportion to their preferences (`adjust_budgets`: cap at the prefix length, spread the excess and the
+rounding) and every layer seen so far is cut to its share by its indicator; a layer never grows back, so it ends with
+the least of its shares. Not cascading: one split at the last layer. A prompt no longer than `budget + window` is not
+compressed (the reference's test, although `budget` includes the window).
+
+tau1/tau2: set explicitly, or looked up in the official `model2tau.json` by `tau_model` and budget; no entry (or no
+`tau_model`) gives (1.0, 1.0), pred_cake.py's defaults. Not reproduced: CAKE's eviction during decoding (the reference
+keeps each layer's size fixed while generating); like the other methods here, CAKE compresses once at prefill.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import Method, grouped_logits, truncate_layer, window_causal_mask
+
+# experiments/LongBench/config/model2tau.json @c4675ce: (tau1, tau2) by model and cache size.
+MODEL2TAU = {
+    "llama3.1-8b-128k": {128: (1.6, 0.6), 1024: (1.6, 0.4)},
+    "llama2-7b-chat-4k": {128: (0.9, 2.3), 1024: (1.9, 1.8)},
+    "llama2-13b-chat-4k": {128: (1.8, 2.0), 1024: (0.5, 0.4)},
+    "mistral-0.3-7b-32k": {128: (1.0, 0.8), 1024: (0.8, 0.5)},
+    "qwen2.5-7b-instruct": {128: (0.4, 0.6), 1024: (1.5, 0.6)},
+}
+
+
+@dataclass
+class CAKE(Method):
+    name = "cake"
+    equal_length_layers: ClassVar[bool] = True  # one total split over layers that all hold the prompt
+    window_size: int = 32
+    cache_heads: str = "per_kv_head"
+    cascading: bool = True
+    gamma: float = 200.0
+    tau1: float | None = None
+    tau2: float | None = None
+    tau_model: str | None = None  # a model2tau.json key, for the official tau values
+    kernel_size: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        if self.tau_model is not None and self.tau_model not in MODEL2TAU:
+            raise KvbenchError(f"method.tau_model={self.tau_model!r}: choose one of {', '.join(MODEL2TAU)} or null")
+        if (self.tau1 is None) != (self.tau2 is None):
+            raise KvbenchError("method.tau1 and method.tau2 go together: set both, or neither (official table)")
+        if self.tau1 is not None and (self.tau1 <= 0 or self.tau2 <= 0):
+            raise KvbenchError(f"method.tau1={self.tau1}, tau2={self.tau2} must be positive")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise KvbenchError(f"method.kernel_size={self.kernel_size} must be odd (the reference uses 5)")
+
+    def taus(self, cache_size: int) -> tuple[float, float]:
+        if self.tau1 is not None:
+            return self.tau1, self.tau2
+        return MODEL2TAU.get(self.tau_model, {}).get(cache_size, (1.0, 1.0))
+
+    def keeps_all(self, prompt_len: int) -> bool:
+        return self.tokens_budget is None or prompt_len <= self.tokens_budget + self.window_size
+
+    def begin(self, prompt_len: int, num_layers: int) -> None:
+        super().begin(prompt_len, num_layers)
+        self.prefs: list[np.float32] = []
+        self.indicators: list[torch.Tensor] = []  # [heads, n - w] per layer
+        self.sizes: list[int | None] = []  # prefix tokens each layer holds (None: not cut yet)
+        self.allocations: list[list[int]] = []  # the layer budgets of every allocation, for the run record
+
+    def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+        n = keys.shape[2]
+        if self.keeps_all(n):
+            return
+        pref, indicator = self.layer_scores(queries, keys)
+        self.prefs.append(pref)
+        self.indicators.append(self.reduce_heads(indicator, keys.shape[1]))
+        self.sizes.append(None)
+        if self.cascading or layer_idx == self.num_layers - 1:
+            budgets = self.allocate(n)
+            self.allocations.append(budgets)
+            for j, budget in enumerate(budgets):
+                self.cut(cache, j, min(budget, n - self.window_size))
+
+    def layer_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[np.float32, torch.Tensor]:
+        """The layer's preference (float32 scalar) and eviction indicator [H, n - w]."""
+        n, w = keys.shape[2], self.window_size
+        tau1, tau2 = self.taus(self.tokens_budget)
+        logits = grouped_logits(queries[:, :, -w:], keys)
+        logits = logits + window_causal_mask(torch.arange(n - w, n, device=keys.device), n, w, logits.dtype)
+        attn = torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)[0]  # [H, w, n]
+        prefix = attn[:, :, : n - w]
+        p32 = prefix.float()
+        disp = -torch.sum(p32 * torch.log(p32 + 1e-10))
+        var = torch.var(prefix, dim=-2).sum()
+        pref = (disp ** (1 / tau1) * var ** (1 / tau2)).float().cpu().numpy()
+        indicator = (attn.mean(dim=-2) + self.gamma * attn.var(dim=-2))[:, : n - w]
+        indicator = F.avg_pool1d(indicator, self.kernel_size, stride=1, padding=self.kernel_size // 2)
+        return pref, indicator
+
+    def allocate(self, n: int) -> list[int]:
+        """Budgets of the layers seen so far: shares of the total by preference (numpy float32 as the reference),
+        truncated, then `adjust_budgets`."""
+        total = (self.tokens_budget - self.window_size) * self.num_layers
+        pref_sum = sum(self.prefs)  # left to right, as Python's sum in the reference
+        shares = [int(pref / pref_sum * total) for pref in self.prefs]
+        return adjust_budgets(shares, total, n - self.window_size)
+
+    def cut(self, cache, layer_idx: int, budget: int) -> None:
+        """Keep the `budget` best prefix tokens of a layer by its indicator (never more than it holds)."""
+        held = self.sizes[layer_idx]
+        if held is None:
+            layer = cache.layers[layer_idx]
+            order = self.indicators[layer_idx].topk(budget, dim=-1).indices
+            self.keep_tokens(cache, layer_idx, order, layer.keys, layer.values)  # stored in indicator order
+            self.sizes[layer_idx] = budget
+        elif budget < held:
+            truncate_layer(cache, layer_idx, budget, self.window_size)  # the first rows are the best ones
+            self.sizes[layer_idx] = budget
+
+
+def adjust_budgets(budgets: list[int], total: int, cap: int) -> list[int]:
+    """cakekv `utils.adjust_budgets`: cap every budget at `cap`, spread the excess evenly over the layers below the
+    cap (remainder +1 to the first), then spread `total - sum` the same way (adding: over layers below the cap;
+    removing: over layers above 1)."""
+    b = np.array(budgets, dtype=int)
+    excess = int(np.maximum(b - cap, 0).sum())
+    b = np.minimum(b, cap)
+    if excess > 0:
+        valid = b < cap
+        if valid.sum() > 0:
+            b[valid] += excess // int(valid.sum())
+            b[np.where(valid)[0][: excess % int(valid.sum())]] += 1
+    diff = total - int(b.sum())
+    if diff != 0:
+        valid = b < cap if diff > 0 else b > 1
+        count = int(valid.sum())
+        if count > 0:
+            step = int(math.copysign(1, diff))
+            b[valid] += step * (abs(diff) // count)
+            b[np.where(valid)[0][: abs(diff) % count]] += step
+    return b.tolist()
