@@ -17,6 +17,10 @@ from kvbench.golden import synthetic_layer
 from kvbench.methods import registry
 
 PROMPT = 300
+# Known gaps, listed rather than hidden (issue 14 merge): these need the model (bind) or finish their selection after
+# the prefill, which the synthetic driver does not do yet, and have no size formula of their own.
+SYNTHETIC_GAPS = {"expected_attention": "needs method.bind(model) (rotary embedding)",
+                  "cake": "per-layer budgets set after the prefill; no expected_kv_tokens formula yet"}
 SYNTH = dict(seq_len=400, heads=8, kv_heads=2, head_dim=16, layers=4)
 
 
@@ -67,6 +71,8 @@ def test_config_file_builds_the_method(method_name):
 
 @pytest.mark.parametrize("cache_heads", ["per_query_head", "per_kv_head"])
 def test_selection_keeps_distinct_positions_window_and_the_expected_size(method_name, cache_heads):
+    if method_name in SYNTHETIC_GAPS:
+        pytest.skip(f"known gap: {SYNTHETIC_GAPS[method_name]}")
     if method_name == "fullkv":
         method = paper(method_name)
     else:
