@@ -39,8 +39,12 @@ from kvbench.methods import Method, StreamingLLM, registry
 REPO = Path(__file__).resolve().parents[1]
 # Every registered configuration with its papers' settings (registry `paper_defaults`), in report order; the
 # per-KV-head configurations (adakv_gqa, ...) are covered by the GQA-mode rows of the KV-bytes check instead.
+# Left out for now: methods that need the tokenizer/model bound (the bench loads neither through the pipeline) or
+# whose KV size has no formula yet (per-layer budgets decided after the prefill).
+NOT_BENCHED = {"expected_attention": "needs method.bind(model)", "kvzip": "needs method.bind(model, tokenizer)",
+               "cake": "no expected_kv_tokens formula yet"}
 METHOD_ORDER = tuple(name for name in registry.names(builtin_only=True)
-                     if "cache_heads" not in registry.get(name).preset)
+                     if "cache_heads" not in registry.get(name).preset and name not in NOT_BENCHED)
 TARGETS = {"prefill_ratio_max": 1.05, "h2o_prefill_ratio_max": 1.5, "h2o_peak_memory_ratio_max": 1.2,
            "decode_speedup_min": 1.5, "gpu_overhead_max": 0.03,
            # Ada-SnapKV against SnapKV at the same budget (issue 14)
