@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench  # noqa: E402
 
 TINY_SETTINGS = dict(model="tiny_llama", prefill_lengths=[160], decode_lengths=[160], decode_budgets=[64],
-                     repeats=1, decode_steps=2, kv_check_length=160, kv_check_budgets=[64], scorer_seconds=0.01)
+                     repeats=1, decode_steps=2, kv_check_length=160, kv_check_budgets=[64], scorer_seconds=0.01,
+                     adaptive_budget=64)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,20 @@ def test_bench_json_has_every_section(quick_record):
     assert row["h2o"]["median_s"] > 0 and row["h2o"]["peak_bytes"] > 0
     assert row["snapkv"]["kv"]["measured_bytes"] == 2 * 128 * 4 * 4 * 16 * 4  # budget 128 x 4 layers x 4 heads
     decode = saved["decode"]["sdpa"]["160"]
-    assert set(decode) == {"fullkv", "budget_64"} and len(decode["fullkv"]["raw_ms"]) == 3
+    assert set(decode) == {"fullkv", "budget_64", "snapkv_64", "adakv_64"} and len(decode["fullkv"]["raw_ms"]) == 3
     assert set(saved["scorers"]) == set(METRICS)
     assert all(v["predictions_per_s"] > 0 for v in saved["scorers"].values())
     kv_target = [t for t in saved["targets"] if t["target"].startswith("KV bytes")]
-    assert kv_target[0]["passed"] and kv_target[0]["measured"] == "11/11"  # fullkv + 5 methods x 2 GQA modes
+    n_rows = 1 + 2 * (len(bench.METHOD_ORDER) - 1)  # fullkv + every other method x 2 GQA modes
+    assert kv_target[0]["passed"] and kv_target[0]["measured"] == f"{n_rows}/{n_rows}"
+    assert {"adakv", "adakv_pyramid"} <= set(bench.METHOD_ORDER)
+    ada = row["adakv"]
+    assert ada["base"] == "snapkv" and ada["ratio_to_base"] > 0
+    assert ada["kv"]["measured_bytes"] == ada["kv"]["kept_tokens_bytes"] < ada["kv"]["padded_bytes"]
+    assert decode["adakv_64"]["ratio_to_snapkv"] > 0
+    labels = [t["target"] for t in saved["targets"]]
+    assert "adakv prefill <= 1.05x snapkv" in labels and "adakv_64 decode <= 1.2x snapkv ms/token" in labels
+    assert "adakv KV bytes equal the kept tokens' bytes (not the padded size)" in labels
     assert "Targets:" in bench.summary_table(record)
 
 

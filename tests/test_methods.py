@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
@@ -70,3 +71,56 @@ def test_per_kv_head_mode_keeps_one_selection_per_kv_head():
 def test_invalid_method_settings_are_clear_errors(params, message):
     with pytest.raises(KvbenchError, match=message):
         build_method(**params)
+
+
+# ---- head-adaptive allocation (AdaKV) and the allocation step ------------------------------------------------
+def test_head_adaptive_counts_official_floor_arithmetic_and_exact_mode():
+    from kvbench.methods.base import head_adaptive_counts
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(8, 400, generator=gen) ** torch.linspace(0.2, 6, 8)[:, None]  # broad to focused heads
+    official = head_adaptive_counts(scores, 32, 0.2, "official")
+    exact = head_adaptive_counts(scores, 32, 0.2, "exact")
+    assert len(set(official.tolist())) > 1 and official.min() >= 6  # floor int(32 * 0.2) = 6
+    assert 8 * 32 - 8 <= int(official.sum()) <= 8 * 32  # the truncated floor keeps slightly fewer (official quirk)
+    assert int(exact.sum()) == 8 * 32 and exact.min() >= 6
+    assert head_adaptive_counts(scores, 401, 0.2).tolist() == [400] * 8  # a budget above the prefix keeps all
+    uniform = head_adaptive_counts(scores, 32, 1.0, "exact")  # alpha = 1: every head its floor = uniform
+    assert uniform.tolist() == [32] * 8
+
+
+def test_adaptive_allocation_composes_with_any_scorer():
+    cache = run_layers(build_method("h2o", budget=64, window_size=8, allocation="adaptive"), 2)
+    lengths = [len(head) for head in cache.kept_positions()[0]]
+    assert len(set(lengths)) > 1 and all(n >= 8 + int(56 * 0.2) for n in lengths)
+    record = build_method("snapkv", budget=64, allocation="adaptive").params()
+    assert record["allocation"] == "adaptive" and record["floor_alpha"] == 0.2
+    assert "allocation" not in build_method("snapkv", budget=64).params()  # uniform records stay as before
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"name": "snapkv", "budget": 64, "allocation": "adaptivee"}, "method.allocation='adaptivee'"),
+    ({"name": "adakv", "budget": 64, "floor_alpha": 1.5}, "floor_alpha=1.5"),
+    ({"name": "adakv", "budget": 64, "adaptive_mode": "nope"}, "adaptive_mode='nope'"),
+    ({"name": "adakv", "budget": 64, "allocation": "uniform"}, "use method=snapkv"),
+    ({"name": "adakv_gqa", "budget": 64, "cache_heads": "per_query_head"}, "contradicts"),
+    ({"name": "dynamickv", "budget": 64, "allocation": "adaptive"}, "does not apply to dynamickv"),
+    ({"name": "snapkv", "budget": 64, "window_size": 0}, "must be at least 1 for snapkv"),
+])
+def test_invalid_allocation_settings_are_clear_errors(params, message):
+    with pytest.raises(KvbenchError, match=message):
+        build_method(**params)
+
+
+def test_window_size_zero_is_allowed_for_scorers_without_a_window():
+    from kvbench.methods.base import ScoredMethod
+
+    class LastKeys(ScoredMethod):
+        name = "last_keys_test"
+
+        def score(self, layer_idx, queries, keys):
+            return torch.arange(keys.shape[2], dtype=torch.float32).expand(queries.shape[1], -1)
+
+    cache = run_layers(LastKeys(budget=40, window_size=0), 2, seq_len=300)
+    assert cache.tokens_per_head() == [40, 40]
+    assert sorted(cache.kept_positions()[0][0]) == list(range(260, 300))

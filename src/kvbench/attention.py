@@ -36,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
+from kvbench.ragged import layer_of
 
 PREFIX = "kvbench_"
 MODEL_EAGER = "eager"  # not in ALL_ATTENTION_FUNCTIONS: each modeling file has its own eager_attention_forward
@@ -184,6 +185,9 @@ def cached_prefix_mask(query: torch.Tensor, key: torch.Tensor, impl: str) -> tor
 
 def _make_wrapper(impl: str):
     def kvbench_attention(module, query, key, value, attention_mask, **kwargs):
+        ragged = layer_of(key)  # a per-head variable-length layer (kvbench.ragged) attends itself
+        if ragged is not None:
+            return ragged.attend(query, kwargs.get("scaling")), None
         if query.shape[2] == 1:
             return _decode(impl, module, query, key, value, kwargs)
         session = _ACTIVE.get()

@@ -178,7 +178,7 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
     tokens, stopped, decode_s = greedy_decode(model, state.logits, cache, input_ids, n, max_new_tokens=max_new_tokens,
                                               stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
                                               repetition_penalty=repetition_penalty)
-    record = {"allocations": method.allocations} if hasattr(method, "allocations") else {}
+    record = method.record()
     types = [kind.short() for kind in cache.kinds] if cache.hybrid else None
     return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, record,
                             cache.any_compressed(), types)
@@ -251,7 +251,7 @@ def compress_context(model, context_ids: torch.Tensor, method: Method | None = N
                            "yet (their cache cannot be trimmed back after a question once the window is full); use "
                            "benchmark.query=aware on this model")
     state = prefill(model, context_ids, method)
-    record = {"allocations": method.allocations} if hasattr(method, "allocations") else {}
+    record = method.record()
     return CompressedContext(context_ids, state, cache_lengths(state.cache), state.cache.nbytes(), record)
 
 

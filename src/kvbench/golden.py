@@ -16,7 +16,11 @@ import torch
 
 from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
-from kvbench.methods import build_method
+from kvbench.methods import build_method, registry
+
+
+class MethodNotImplemented(KvbenchError):
+    """A case names a method kvbench does not have (yet): reported as skipped, never as passed."""
 
 
 def synthetic_layer(seed: int, layer: int, num_heads: int, num_kv_heads: int, seq_len: int, head_dim: int):
@@ -48,10 +52,24 @@ def load_case(path: str | Path) -> dict:
         raise KvbenchError(f"cannot read golden case {path}: {err}") from err
 
 
+def method_for_case(case: dict):
+    """Our method configured as the case's official run: the registered name, the case's budget and head layout,
+    and its parameters (translated by the registry where the official code names them differently)."""
+    name = case["method"]
+    if not registry.is_registered(name):
+        raise MethodNotImplemented(f"method not implemented: {name}")
+    spec = registry.get(name)
+    params = dict(case.get("params", {}))
+    if spec.official_params is not None:
+        params = spec.official_params(params)
+    if spec.preset.get("cache_heads", case["cache_heads"]) != case["cache_heads"]:
+        raise KvbenchError(f"case stores {case['cache_heads']} but method {name} fixes {spec.preset['cache_heads']}")
+    return build_method(name, budget=case["budget"], **{"cache_heads": case["cache_heads"], **params})
+
+
 def run_case(case: dict) -> list[list[list[int]]]:
     """Kept original positions [layer][head] for the case, computed by our method on the regenerated inputs."""
-    params = dict(case.get("params", {}))
-    method = build_method(case["method"], budget=case["budget"], cache_heads=case["cache_heads"], **params)
+    method = method_for_case(case)
     num_layers, seq_len = case["num_layers"], case["seq_len"]
     cache = CompressedCache(num_layers)
     method.begin(seq_len, num_layers)

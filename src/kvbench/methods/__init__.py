@@ -1,11 +1,14 @@
-"""The compression methods and their registry. A new method is a subclass of `Method` (usually of
-`ScoredMethod`: a scoring function and a budget policy) added to METHODS; the engine needs no change."""
+"""The compression methods and their registry (`kvbench.methods.registry`).
+
+A new method is one file here with a subclass of `Method` (usually of `ScoredMethod`: a scoring function; budgets
+and selection are shared) listed in METHODS below, plus `configs/method/<name>.yaml`; the engine, the bench, the
+reports and the generic tests read the registry and need no change. Configurations of an existing class (e.g.
+`adakv` = SnapKV's scorer with head-adaptive allocation) are registered in `adakv.py`."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
-from kvbench.errors import KvbenchError
+from kvbench.methods import registry
 from kvbench.methods.base import Method, PooledWindowMethod, ScoredMethod
 from kvbench.methods.cake import CAKE
 from kvbench.methods.dynamickv import DynamicKV
@@ -20,22 +23,20 @@ from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.methods.tova import TOVA
 
+# The method classes (every registered name, configurations included: `registry.names()`).
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV,
                               KNorm, TOVA, CAKE, ExpectedAttention, KVzip, Random)
 }
+for _cls in METHODS.values():
+    registry.register(_cls)
+
+from kvbench.methods import adakv  # noqa: E402,F401  (registers adakv, adakv_pyramid and their GQA variants)
 
 
 def build_method(name: str, **params: Any) -> Method:
     """Create a method by name from config values; unknown names or settings are clear errors."""
-    if name not in METHODS:
-        raise KvbenchError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    cls = METHODS[name]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise KvbenchError(f"method {name} has no setting(s) {unknown}; its settings are: {sorted(fields)}")
-    return cls(**params)
+    return registry.build(name, **params)
 
 
 def method_from_config(cfg: Mapping[str, Any], budget: Any = None) -> Method:
@@ -47,5 +48,5 @@ def method_from_config(cfg: Mapping[str, Any], budget: Any = None) -> Method:
 
 
 __all__ = ["METHODS", "Method", "ScoredMethod", "PooledWindowMethod", "build_method", "method_from_config",
-           "FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV",
+           "registry", "FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV",
            "KNorm", "TOVA", "CAKE", "ExpectedAttention", "KVzip", "Random"]

@@ -1,8 +1,16 @@
-"""The shared compression mechanism: a method is a scoring function plus a budget policy.
+"""The shared compression mechanism: a method is score -> allocate -> select -> store.
 
 At prefill, every decoder layer hands its post-RoPE queries and keys (model KV heads) and its values to
 `Method.compress_layer` after the layer's attention output has been computed with the full keys and values.
-The method decides which prompt tokens each head keeps; `keep_tokens` gathers them into the cache.
+For a `ScoredMethod` that is four separate steps:
+- score: `head_scores` -> [S, n - window], one row per stored head (the scorer: SnapKV's window attention, H2O's
+  accumulated attention, ...);
+- allocate: `allocate` -> how many prefix tokens each head keeps. The layer's budget comes from `prefix_budget`
+  (uniform, or PyramidKV's per-layer schedule); `allocation=adaptive` then spreads the layer's budget over its
+  heads with AdaKV's head-adaptive rule (`head_adaptive_counts`), so "Ada" applies to any scorer;
+- select: the top `count` positions of each head;
+- store: one dense tensor when every head keeps the same count (`keep_tokens`), a per-head variable-length
+  `kvbench.ragged.RaggedLayer` otherwise (bytes held = tokens kept).
 
 Conventions (as the KV-compression papers): `budget` is tokens kept per head per layer, the observation window
 included; the window (last `window_size` prompt tokens) is always kept and placed after the selected tokens,
@@ -10,6 +18,7 @@ which are in descending score order as `torch.topk` returns them.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -23,13 +32,22 @@ from kvbench.errors import KvbenchError
 
 CACHE_HEADS = ("per_query_head", "per_kv_head")
 POOLINGS = ("avgpool", "maxpool")
+ALLOCATIONS = ("uniform", "adaptive")
+ADAPTIVE_MODES = ("official", "exact")
 
 
 @dataclass
 class Method:
-    """Base class: keeps everything. Subclasses override `compress_layer` (or, usually, `score`)."""
+    """Base class: keeps everything. Subclasses override `compress_layer` (or, usually, `score`).
+
+    Class-level facts the registry (`kvbench.methods.registry`) reads: `name` (config and results name),
+    `display_name` (tables, plots), `order` (position in reports), `paper_defaults` (settings of the papers'
+    experiments, used by the bench), `min_window` (smallest `window_size` the scorer works with)."""
 
     name: ClassVar[str] = "fullkv"
+    display_name: ClassVar[str | None] = None
+    order: ClassVar[int] = 100
+    paper_defaults: ClassVar[dict] = {}
     budget: float | None = None  # tokens per head per layer incl. window; 0 < budget < 1: fraction of the prompt
     window_size: int = 8
     cache_heads: str = "per_query_head"
@@ -56,7 +74,8 @@ class Method:
         if self.budget <= 0:
             raise KvbenchError(f"budget={self.budget} must be positive (tokens, or a fraction of the prompt < 1)")
         if self.window_size < self.min_window:
-            raise KvbenchError(f"method.window_size={self.window_size} must be at least {self.min_window}")
+            raise KvbenchError(f"method.window_size={self.window_size} must be at least {self.min_window} for "
+                               f"{self.name} (its scores come from the observation window)")
         if self.budget >= 1 and self.budget <= self.window_size:
             raise KvbenchError(
                 f"budget={self.budget:g} must be larger than method.window_size={self.window_size}: the window is "
@@ -64,8 +83,22 @@ class Method:
             )
 
     def params(self) -> dict:
-        """All settings of the method, for the run record."""
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """All settings of the method, for the run record (adaptive-allocation settings only when used)."""
+        out = {"name": self.name, **dataclasses.asdict(self)}
+        if out.get("allocation") == "uniform":
+            for key in ("allocation", "floor_alpha", "adaptive_mode"):
+                out.pop(key, None)
+        return out
+
+    def record(self) -> dict:
+        """What the method chose for the last sample (e.g. per-layer or per-head budgets), for the run record.
+        By default a method's `allocations` attribute, if it has one."""
+        return {"allocations": self.allocations} if hasattr(self, "allocations") else {}
+
+    def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
+        """Tokens held after prefill summed over layers and stored heads, from the method's budget rules
+        (`shape`: layers, heads, kv_heads). FullKV: every token in every KV head."""
+        return prompt_len * shape["layers"] * shape["kv_heads"]
 
     # ---- per-sample state ------------------------------------------------------------------------------------
     def begin(self, prompt_len: int, num_layers: int) -> None:
@@ -119,6 +152,16 @@ class Method:
         window = torch.arange(n - self.window_size, n, device=keys.device).expand(heads, -1)
         positions = torch.cat([prefix_idx, window], dim=1)
         cache.layers[layer_idx].replace(*gather_tokens(keys, values, positions), positions)
+
+    def keep_ragged(self, cache: CompressedCache, layer_idx: int, prefix_idx: list[torch.Tensor],
+                    keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store head s's own selection `prefix_idx[s]` (lengths may differ) followed by the window, in a
+        per-head variable-length layer."""
+        from kvbench.ragged import store_ragged
+
+        n = keys.shape[2]
+        window = torch.arange(n - self.window_size, n, device=keys.device)
+        store_ragged(cache, layer_idx, keys, values, [torch.cat([idx, window]) for idx in prefix_idx])
 
 
 def gather_tokens(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
@@ -194,29 +237,119 @@ def validate_pooling(kernel_size: int, pooling: str) -> None:
 
 @dataclass
 class ScoredMethod(Method):
-    """Score every prefix token per head, keep the top `prefix_budget` per head plus the window."""
+    """Score every prefix token per head, allocate each head a number of tokens, keep its top ones plus the
+    window. Subclasses provide `score` (and may change the layer budget with `prefix_budget`)."""
 
+    allocation: str = "uniform"  # uniform: every head keeps the layer's budget; adaptive: AdaKV across heads
+    floor_alpha: float = 0.2  # adaptive: share of the layer budget every head keeps at least (AdaKV's alpha)
+    adaptive_mode: str = "official"  # adaptive: official (FFY0/AdaKV arithmetic) or exact (sums to the budget)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.allocation not in ALLOCATIONS:
+            raise KvbenchError(f"method.allocation={self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if self.adaptive_mode not in ADAPTIVE_MODES:
+            raise KvbenchError(f"method.adaptive_mode={self.adaptive_mode!r}: choose one of "
+                               f"{', '.join(ADAPTIVE_MODES)}")
+        if not 0 <= self.floor_alpha <= 1:
+            raise KvbenchError(f"method.floor_alpha={self.floor_alpha} must be between 0 and 1 (AdaKV uses 0.2)")
+
+    def begin(self, prompt_len: int, num_layers: int) -> None:
+        super().begin(prompt_len, num_layers)
+        self.head_budgets: list[list[int] | None] = [None] * num_layers  # adaptive: prefix tokens per head
+
+    def record(self) -> dict:
+        if self.allocation != "adaptive":
+            return super().record()
+        return {**super().record(), "head_budgets": getattr(self, "head_budgets", [])}
+
+    # ---- score ---------------------------------------------------------------------------------------------
     def score(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[H, n - window] scores per query head (higher is kept)."""
         raise NotImplementedError
 
+    def head_scores(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[S, n - window]: the scores of the heads that select (S = H, or H_kv for `per_kv_head`)."""
+        return self.reduce_heads(self.score(layer_idx, queries, keys), keys.shape[1])
+
+    # ---- allocate ------------------------------------------------------------------------------------------
     def prefix_budget(self, layer_idx: int, prompt_len: int) -> int:
         """Budget policy: prefix tokens (outside the window) each head of this layer keeps. Uniform by default."""
         return self.tokens_budget - self.window_size
+
+    def allocate(self, layer_idx: int, scores: torch.Tensor, prompt_len: int) -> int | torch.Tensor:
+        """Prefix tokens to keep: one count for every head (uniform) or a count per head [S] (adaptive)."""
+        prefix = scores.shape[-1]
+        if self.allocation == "uniform":
+            return min(self.prefix_budget(layer_idx, prompt_len), prefix)
+        counts = head_adaptive_counts(scores, self.prefix_budget(layer_idx, prompt_len), self.floor_alpha,
+                                      self.adaptive_mode)
+        self.head_budgets[layer_idx] = counts.tolist()
+        return counts
+
+    # ---- select + store ------------------------------------------------------------------------------------
+    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+        if isinstance(counts, int) or bool((counts == counts[0]).all()):
+            keep = int(counts) if isinstance(counts, int) else int(counts[0])
+            self.keep_tokens(cache, layer_idx, scores.topk(keep, dim=-1).indices, keys, values)
+            return
+        order = scores.sort(dim=-1, descending=True).indices  # AdaKV: the first cap_h of a descending sort
+        self.keep_ragged(cache, layer_idx, [order[h, :c] for h, c in enumerate(counts.tolist())], keys, values)
 
     def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
         n = keys.shape[2]
         if self.keeps_all(n):
             return
-        scores = self.reduce_heads(self.score(layer_idx, queries, keys), keys.shape[1])
-        keep = min(self.prefix_budget(layer_idx, n), n - self.window_size)
-        self.keep_tokens(cache, layer_idx, scores.topk(keep, dim=-1).indices, keys, values)
+        scores = self.head_scores(layer_idx, queries, keys)
+        counts = self.allocate(layer_idx, scores, n)
+        self.select_and_store(cache, layer_idx, scores, counts, keys, values)
+
+    def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
+        """Uniform: (min(layer budget, prefix) + window) x stored heads per layer. Adaptive: the per-head counts
+        the last sample recorded (data-dependent), plus the window in every head."""
+        layers = shape["layers"]
+        probe = copy.copy(self)
+        probe.begin(prompt_len, layers)
+        if probe.keeps_all(prompt_len):
+            return prompt_len * layers * shape["kv_heads"]
+        heads = shape["heads"] if self.cache_heads == "per_query_head" else shape["kv_heads"]
+        prefix = prompt_len - self.window_size
+        if self.allocation == "adaptive" and getattr(self, "head_budgets", None) and None not in self.head_budgets:
+            return sum(sum(counts) + len(counts) * self.window_size for counts in self.head_budgets)
+        return sum((min(probe.prefix_budget(i, prompt_len), prefix) + self.window_size) * heads
+                   for i in range(layers))
+
+
+def head_adaptive_counts(scores: torch.Tensor, budget: int, floor_alpha: float, mode: str = "official"):
+    """AdaKV's allocation: how many of its prefix tokens each of the S heads of a layer keeps, for a layer
+    budget of `budget` prefix tokens per head on average. scores [S, P] -> counts [S] (long).
+
+    `official` (FFY0/AdaKV `AdaptiveSnapKVCluster`): one top-k of S x budget over all heads' scores together
+    counts c_h per head; cap_h = round(c_h * (1 - alpha) + int(budget * alpha)) in float32 (half to even). The
+    truncated floor makes a layer keep slightly fewer than S x budget tokens. A budget above the prefix keeps
+    everything.
+    `exact`: every head keeps its own top int(budget * alpha) (the floor), and one top-k over the remaining scores
+    of all heads fills the layer to exactly S x budget (kvpress's AdaKVPress safeguard)."""
+    heads, prefix = scores.shape
+    if budget > prefix:
+        return torch.full((heads,), prefix, dtype=torch.long, device=scores.device)
+    floor = int(budget * floor_alpha)
+    if mode == "official":
+        winners = scores.flatten().topk(heads * budget).indices
+        counts = torch.bincount(winners // prefix, minlength=heads)
+        return torch.round(counts.to(torch.float32) * (1 - floor_alpha) + floor).long()
+    boosted = scores.float().clone()
+    if floor:
+        boosted.scatter_(1, scores.topk(floor, dim=-1).indices, float("inf"))
+    winners = boosted.flatten().topk(heads * budget).indices
+    return torch.bincount(winners // prefix, minlength=heads)
 
 
 @dataclass
 class PooledWindowMethod(ScoredMethod):
     """Window scoring with 1-D pooling (SnapKV, PyramidKV)."""
 
+    min_window: ClassVar[int] = 1
     kernel_size: int = 7
     pooling: str = "avgpool"
 
@@ -226,4 +359,12 @@ class PooledWindowMethod(ScoredMethod):
 
     def score(self, layer_idx, queries, keys):
         raw = window_scores(queries, keys, self.window_size)
+        return pool(raw.unsqueeze(0), self.kernel_size, self.pooling)[0]
+
+    def head_scores(self, layer_idx, queries, keys):
+        if self.allocation != "adaptive":
+            return super().head_scores(layer_idx, queries, keys)
+        # AdaKV's order (`calcul_attn_sore`): mean over the window rows, the group mean (GQA support) *before*
+        # pooling. Scores are compared across heads, so the float rounding of that order matters at near-ties.
+        raw = self.reduce_heads(window_scores(queries, keys, self.window_size) / self.window_size, keys.shape[1])
         return pool(raw.unsqueeze(0), self.kernel_size, self.pooling)[0]

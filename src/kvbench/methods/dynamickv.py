@@ -27,6 +27,9 @@ DYNAMICKV_MODES = ("official", "fixed")
 @dataclass
 class DynamicKV(PooledWindowMethod):
     name = "dynamickv"
+    display_name = "DynamicKV"
+    order = 50
+    paper_defaults = {"window_size": 8, "kernel_size": 7, "pooling": "avgpool", "radio_max": 10}
     equal_length_layers = True  # its global top-k stacks the scores of every compressed layer
     radio_max: float = 10.0  # "radio" is the official code's spelling of ratio
     update_interval: int = 4
@@ -40,6 +43,31 @@ class DynamicKV(PooledWindowMethod):
             raise KvbenchError(f"method.radio_max={self.radio_max} must be at least 1 (the paper uses 10; Qwen2 5)")
         if self.update_interval < 1:
             raise KvbenchError(f"method.update_interval={self.update_interval} must be at least 1 (the paper uses 4)")
+        if self.allocation != "uniform":
+            raise KvbenchError("method.allocation=adaptive does not apply to dynamickv: it allocates across layers "
+                               "itself; use adakv or adakv_pyramid for head-adaptive budgets")
+
+    def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
+        """The whole-model prefix budget over the layers re-allocated so far, the temporary maximum in the layers
+        after the last update, a window everywhere; for prompts so short that allotments are clipped to the
+        prefix, the clipped allotments of the last update this method recorded (official quirk D)."""
+        layers = shape["layers"]
+        budget = self.resolve_budget(prompt_len)
+        if prompt_len <= budget:
+            return prompt_len * layers * shape["kv_heads"]
+        heads = shape["heads"] if self.cache_heads == "per_query_head" else shape["kv_heads"]
+        window = self.window_size
+        base, prefix = budget - window, prompt_len - window
+        temp_max = min(int(self.radio_max * base), prefix)
+        interval = self.update_interval
+        last_update = layers - 1 if self.mode == "fixed" else (layers // interval) * interval - 1
+        if last_update < 0:
+            return (temp_max + window) * layers * heads
+        tail = temp_max * (layers - 1 - last_update) + window * layers
+        final = getattr(self, "allocations", None)
+        if final and temp_max == prefix:
+            return (sum(min(size, prefix) for size in final[-1]) + tail) * heads
+        return (base * layers + tail) * heads
 
     def begin(self, prompt_len: int, num_layers: int) -> None:
         super().begin(prompt_len, num_layers)

@@ -9,6 +9,8 @@ from kvbench.methods.base import Method
 @dataclass
 class FullKV(Method):
     name = "fullkv"
+    display_name = "FullKV"
+    order = 0
 
     def validate(self) -> None:  # no budget to check: FullKV ignores it
         pass

@@ -27,6 +27,10 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 @dataclass
 class H2O(ScoredMethod):
     name = "h2o"
+    display_name = "H2O"
+    order = 20
+    paper_defaults = {"window_size": 32}
+    min_window = 1
     window_size: int = 32
     mode: str = "official"
     query_block: int = 512  # queries per block on the blocked path; memory is O(heads * query_block * n)

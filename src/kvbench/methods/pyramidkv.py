@@ -10,6 +10,9 @@ from kvbench.methods.base import PooledWindowMethod
 @dataclass
 class PyramidKV(PooledWindowMethod):
     name = "pyramidkv"
+    display_name = "PyramidKV"
+    order = 40
+    paper_defaults = {"window_size": 8, "kernel_size": 7, "pooling": "avgpool"}
     beta: int = 20
 
     def validate(self) -> None:
@@ -20,8 +23,8 @@ class PyramidKV(PooledWindowMethod):
     def prefix_budget(self, layer_idx: int, prompt_len: int) -> int:
         base = self.tokens_budget - self.window_size
         prefix = prompt_len - self.window_size
-        if prompt_len < 2 * base:  # the reference falls back to a uniform (SnapKV) budget for short prompts
-            return base
+        if prompt_len < 2 * base and self.allocation == "uniform":
+            return base  # KVCache-Factory falls back to a uniform (SnapKV) budget for short prompts; AdaKV does not
         min_num = base // self.beta
         max_num = 2 * base - min_num
         if max_num >= prefix:

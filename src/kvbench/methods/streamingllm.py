@@ -12,6 +12,9 @@ from kvbench.methods.base import ScoredMethod
 @dataclass
 class StreamingLLM(ScoredMethod):
     name = "streamingllm"
+    display_name = "StreamingLLM"
+    order = 10
+    paper_defaults = {"window_size": 32}
     attention_free = True  # selects by position: valid whatever the model's attention (soft-caps, sinks)
     window_size: int = 32
 

@@ -38,8 +38,9 @@ _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
 def method_display_names() -> dict[str, str]:
     """{config name: display name}, in the papers' display order: the one place the report and the needle plot
     learn method names and order (point it at the method registry to add methods)."""
-    return {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV",
-            "pyramidkv": "PyramidKV", "dynamickv": "DynamicKV"}
+    from kvbench.methods.registry import display_names  # the method registry (imported on first use)
+
+    return display_names()
 
 
 class ReportWarning(UserWarning):

@@ -1,0 +1,237 @@
+"""Cache layers that hold a different number of tokens per head, and attention over them.
+
+A head-adaptive method (AdaKV) keeps `c_h` prompt tokens in head `h` of a layer. `RaggedLayer` stores exactly
+those tokens and nothing else: the kept prompt tokens of every head back to back in one flat tensor
+(`prefix_keys` [T, d], T = sum of c_h; `cu_seqlens` [S+1] marks where each of the S stored heads starts, the
+FlashAttention varlen convention), plus the tokens appended after compression (decoding, or a question prefilled
+after the context) in a dense tail `[1, S, t, d]`, since every head receives every new token. Bytes held =
+(T + S * t) * d * element size * 2, exactly: no padding, no granularity.
+
+The prefix is written once and never copied again; appending costs what transformers' DynamicLayer costs (one
+`torch.cat` of the tail). The layer's `update` returns its flat prefix keys/values; the attention wrapper
+recognises them (`layer_of`) and calls `RaggedLayer.attend` instead of the backend.
+
+Attention over a ragged layer (`ragged_attention`): query heads are grouped by the stored head they read (one
+group per head for the official `per_query_head` layout, `H / H_kv` query heads per KV head for `per_kv_head`).
+- CUDA with flash-attn installed, fp16/bf16: `flash_attn_varlen_func` over the prefix with the stored heads as the
+  varlen batch (each "sequence" is one head's kept tokens; its query heads are the varlen heads), merged with the
+  tail's attention through the log-sum-exp.
+- Elsewhere, pure PyTorch: one GEMM of the flat prefix keys against all heads' queries, other heads' tokens
+  masked (a temporary [T, S] mask; nothing padded is stored), a per-head softmax and a second GEMM, combined with
+  the tail's dense attention through the log-sum-exp. Exact against a dense masked reference (tested).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import weakref
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+_HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
+_LIVE: "weakref.WeakValueDictionary[int, RaggedLayer]" = weakref.WeakValueDictionary()
+
+
+class RaggedLayer(DynamicLayer):
+    """One decoder layer's cache with `lengths[s]` kept prompt tokens in stored head `s`, plus a dense tail."""
+
+    compressed = True
+
+    def __init__(self, keys: list[torch.Tensor] | torch.Tensor, values, positions: list[torch.Tensor],
+                 lengths: torch.Tensor | None = None, offset: int = 0) -> None:
+        """`keys`/`values`: per stored head [c_h, d] tensors (or the flat [T, d] with `lengths`); `positions`: per
+        head the original prompt positions of those tokens."""
+        super().__init__()
+        if lengths is None:
+            lengths = torch.tensor([k.shape[0] for k in keys], dtype=torch.long)
+            keys, values = torch.cat(list(keys)), torch.cat(list(values))
+        device = keys.device
+        self.lengths = lengths.to(device=device, dtype=torch.long)
+        self.heads_stored = int(self.lengths.numel())
+        self.prefix_keys, self.prefix_values = keys.contiguous(), values.contiguous()
+        self.cu_seqlens = torch.cat([self.lengths.new_zeros(1), self.lengths.cumsum(0)]).to(torch.int32)
+        self._foreign: torch.Tensor | None = None  # [S, T] bool, built on first use by the PyTorch path
+        self.max_length = int(self.lengths.max()) if self.heads_stored else 0
+        self.positions = [p.tolist() if torch.is_tensor(p) else list(p) for p in positions]
+        self.offset = offset  # prompt position of the first token the method was given
+        d = keys.shape[-1]
+        self.tail_keys = keys.new_zeros(1, self.heads_stored, 0, d)
+        self.tail_values = values.new_zeros(1, self.heads_stored, 0, d)
+        self.keys, self.values = self.prefix_keys, self.prefix_values
+        self.dtype, self.device = keys.dtype, device
+        self.is_initialized = True
+        _LIVE[id(self.prefix_keys)] = self
+
+    # ---- the cache-layer interface ---------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append new tokens [1, H_in, m, d] to every stored head (expanded to the stored heads when the model
+        hands KV heads to a per-query-head layer); returns the flat prefix, which the wrapper recognises."""
+        if key_states.shape[1] != self.heads_stored:
+            groups = self.heads_stored // key_states.shape[1]
+            key_states = key_states.repeat_interleave(groups, dim=1)
+            value_states = value_states.repeat_interleave(groups, dim=1)
+        self.tail_keys = torch.cat([self.tail_keys, key_states], dim=-2)
+        self.tail_values = torch.cat([self.tail_values, value_states], dim=-2)
+        return self.prefix_keys, self.prefix_values
+
+    def get_seq_length(self) -> int:
+        """The longest head (what a mask would have to cover)."""
+        return self.max_length + self.tail_keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def tokens(self) -> int:
+        """Tokens held, summed over the stored heads."""
+        return int(self.prefix_keys.shape[0]) + self.heads_stored * self.tail_keys.shape[-2]
+
+    def tokens_per_head(self) -> float:
+        return self.tokens() / max(self.heads_stored, 1)
+
+    def held(self) -> float:
+        """Tokens per head, the mean over heads (heads hold different counts)."""
+        return self.tokens_per_head()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.prefix_keys, self.prefix_values, self.tail_keys, self.tail_values))
+
+    def kept_positions(self) -> list[list[int]]:
+        return [[q + self.offset for q in p] for p in self.positions]
+
+    def foreign(self) -> torch.Tensor:
+        """[S, T] bool: flat prefix token t belongs to another head than s. Index metadata for the PyTorch path
+        (S x T bytes, not counted in `nbytes`: e.g. 1.8% of SmolLM2's float32 KV bytes), built once per layer."""
+        if self._foreign is None:
+            segment = torch.repeat_interleave(torch.arange(self.heads_stored, device=self.device), self.lengths)
+            self._foreign = segment[None, :] != torch.arange(self.heads_stored, device=self.device)[:, None]
+        return self._foreign
+
+    def attend(self, query: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+        """Attention of `query` [1, H, m, d] (the last m tokens appended) -> [1, m, H, d], as the backends return."""
+        flash = (_HAS_FLASH and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+                 and self.prefix_keys.shape[0] > 0)
+        return ragged_attention(query, self.prefix_keys, self.prefix_values, None if flash else self.foreign(),
+                                self.cu_seqlens, self.max_length, self.tail_keys, self.tail_values, scaling)
+
+
+def layer_of(key: torch.Tensor) -> RaggedLayer | None:
+    """The ragged layer whose `update` returned `key`, if any (identity, not equality)."""
+    layer = _LIVE.get(id(key))
+    return layer if layer is not None and layer.prefix_keys is key else None
+
+
+def store_ragged(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
+                 positions: list[torch.Tensor]) -> RaggedLayer:
+    """Replace layer `layer_idx` of `cache` by a ragged layer holding, for stored head s, the prompt tokens at
+    `positions[s]` of keys/values [1, H_kv, n, d] (head s reads KV head s // (S / H_kv))."""
+    heads, kv_heads = len(positions), keys.shape[1]
+    previous = cache.layers[layer_idx]
+    if getattr(getattr(previous, "kind", None), "local", False):
+        from kvbench.errors import KvbenchError
+
+        raise KvbenchError("head-adaptive allocation (allocation=adaptive) keeps full-attention layers only; with "
+                           "method.local_layers=compress on a sliding-window model use method.allocation=uniform")
+    lengths = torch.tensor([len(p) for p in positions], dtype=torch.long, device=keys.device)
+    flat_pos = torch.cat(list(positions)).to(keys.device)
+    kv_of_token = torch.repeat_interleave(torch.arange(heads, device=keys.device) // (heads // kv_heads), lengths)
+    layer = RaggedLayer(keys[0, kv_of_token, flat_pos], values[0, kv_of_token, flat_pos], positions, lengths,
+                        offset=getattr(previous, "offset", 0))
+    cache.layers[layer_idx] = layer
+    return layer
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+def ragged_attention(query, prefix_keys, prefix_values, foreign, cu_seqlens, max_length, tail_keys, tail_values,
+                     scaling: float | None = None) -> torch.Tensor:
+    """query [1, H, m, d]; prefix [T, d] in S segments (`cu_seqlens`; `foreign` [S, T] marks the tokens of other
+    heads, None for the FlashAttention path); tail [1, S, t, d] whose last m tokens are the queries' own (causal
+    among them). Returns [1, m, H, d]."""
+    _, heads, m, d = query.shape
+    stored = tail_keys.shape[1]
+    group = heads // stored
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    q = query[0].reshape(stored, group * m, d)  # [S, R, d], rows R = (query head in group, step)
+    if foreign is None:
+        tail_logits = _tail_logits(q, tail_keys[0], scale, group, m)  # [S, R, t]
+        out_p, lse_p = _flash_prefix(q, prefix_keys, prefix_values, cu_seqlens, max_length, scale, group, m)
+        peak = tail_logits.amax(-1, keepdim=True)
+        weights = (tail_logits - peak).exp()
+        total = weights.sum(-1, keepdim=True)
+        lse_t = (peak + total.log()).squeeze(-1)
+        out_t = torch.bmm(weights / total, tail_values[0].float())
+        lse = torch.logaddexp(lse_p, lse_t)
+        out = out_p * (lse_p - lse).exp().unsqueeze(-1) + out_t * (lse_t - lse).exp().unsqueeze(-1)
+    else:
+        q = q.float() * scale
+        tail_logits = _tail_logits(q, tail_keys[0], 1.0, group, m)
+        out = _torch_attention(q, prefix_keys, prefix_values, foreign, tail_logits, tail_values[0])
+    return out.to(query.dtype).view(heads, m, d).transpose(0, 1).unsqueeze(0)
+
+
+def _tail_logits(q, keys, scale, group, m):
+    """Logits [S, R, t] of the queries against the dense tail [S, t, d]; the last m tail tokens are the
+    queries' own (causal among them)."""
+    t = keys.shape[1]
+    logits = torch.bmm(q.float(), keys.float().transpose(1, 2))
+    if scale != 1.0:
+        logits = logits * scale
+    if m > 1:
+        step = torch.arange(m, device=q.device).repeat(group)  # row r = (head in group, step)
+        future = torch.arange(t, device=q.device)[None, :] > (t - m + step)[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
+    return logits
+
+
+def _torch_attention(q, prefix_keys, prefix_values, foreign, tail_logits, tail_values):
+    """Pure PyTorch, `q` already scaled: one GEMM of all heads' queries against the flat prefix ([S*R, T]: S*R
+    rows, tiny next to the keys), other heads' tokens masked out (nothing padded is stored), one softmax per head
+    over its own prefix tokens and its tail, then a GEMM for the prefix values added to a batched one for the
+    tail."""
+    stored, rows, d = q.shape
+    total = prefix_keys.shape[0]
+    prefix_logits = torch.mm(q.reshape(stored * rows, d), prefix_keys.float().T).view(stored, rows, total)
+    prefix_logits = prefix_logits.masked_fill_(foreign.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(torch.cat([tail_logits, prefix_logits], dim=-1), dim=-1)  # every row has its own query
+    out = torch.bmm(probs[..., :tail_logits.shape[-1]], tail_values.float()).view(stored * rows, d)
+    out = out.addmm_(probs[..., tail_logits.shape[-1]:].reshape(stored * rows, total), prefix_values.float())
+    return out.view(stored, rows, d)
+
+
+def _flash_prefix(q, keys, values, cu_seqlens, max_length, scale, group, m):
+    """FlashAttention varlen over the prefix: stored heads are the batch, each head's g query heads the varlen
+    heads (one KV head each, MQA). Returns [S, g*m, d] and the log-sum-exp [S, g*m] (float32)."""
+    from flash_attn import flash_attn_varlen_func
+
+    stored, d = q.shape[0], q.shape[-1]
+    q_var = q.view(stored, group, m, d).transpose(1, 2).reshape(stored * m, group, d)  # token (s, step), heads g
+    cu_q = torch.arange(0, (stored + 1) * m, m, device=q.device, dtype=torch.int32)
+    out, lse, _ = flash_attn_varlen_func(q_var, keys.unsqueeze(1), values.unsqueeze(1), cu_q, cu_seqlens, m,
+                                         max_length, softmax_scale=scale, causal=False, return_attn_probs=True)
+    out = out.view(stored, m, group, d).transpose(1, 2).reshape(stored, group * m, d).float()
+    lse = lse.view(group, stored, m).permute(1, 0, 2).reshape(stored, group * m).float()  # lse: [heads, total_q]
+    return out, lse
+
+
+def dense_reference(query, per_head_keys, per_head_values, scaling=None) -> torch.Tensor:
+    """Reference for the tests: pad every head to the longest, mask the padding, one softmax. query [1,H,m,d];
+    per_head_keys: S tensors [len_s, d] whose last m rows are the queries' own tokens. Returns [1, m, H, d]."""
+    _, heads, m, d = query.shape
+    stored = len(per_head_keys)
+    longest = max(k.shape[0] for k in per_head_keys)
+    keys = torch.zeros(stored, longest, d, dtype=torch.float64)
+    values = torch.zeros(stored, longest, d, dtype=torch.float64)
+    allowed = torch.zeros(stored, m, longest, dtype=torch.bool)
+    for s, (k, v) in enumerate(zip(per_head_keys, per_head_values)):
+        n = k.shape[0]
+        keys[s, :n], values[s, :n] = k.double(), v.double()
+        for i in range(m):
+            allowed[s, i, : n - m + i + 1] = True
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
+    group = heads // stored
+    kv = torch.arange(heads) // group
+    logits = torch.einsum("hmd,hnd->hmn", query[0].double(), keys[kv]) * scale
+    logits = logits.masked_fill(~allowed[kv], float("-inf"))
+    out = torch.einsum("hmn,hnd->hmd", torch.softmax(logits, dim=-1), values[kv])
+    return out.transpose(0, 1).unsqueeze(0)
