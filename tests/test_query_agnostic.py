@@ -10,7 +10,7 @@ import torch
 from conftest import random_prompt
 from kvbench.engine import (ContextCache, compress_context, generate, generate_agnostic, prefill, question_forward,
                             restore_cache)
-from kvbench.methods import METHODS, build_method
+from kvbench.methods import build_method, registry
 
 torch.set_num_threads(1)
 CONTEXT, QUESTION, NEW = 300, 20, 10
@@ -45,7 +45,7 @@ def test_fullkv_agnostic_equals_aware_tokens_and_logits(tiny):
     assert torch.allclose(one, two_logits, atol=1e-4, rtol=1e-4), (one - two_logits).abs().max()
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", registry.names(builtin_only=True))
 def test_every_method_runs_agnostic_and_keeps_context_only(tiny_llama, name):
     model, tok = tiny_llama
     ctx, q = split(tok, seed=1)
@@ -106,7 +106,7 @@ def test_agnostic_kept_set_does_not_depend_on_question(tiny_llama, name):
 
 
 # ---- compress once, ask many --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", registry.names(builtin_only=True))
 def test_ask_many_equals_fresh_compression(tiny, name):
     model, tok = tiny
     ctx, _ = split(tok, seed=5)

@@ -79,6 +79,20 @@ class RaggedLayer(DynamicLayer):
         """The longest head (what a mask would have to cover)."""
         return self.max_length + self.tail_keys.shape[-2]
 
+    def crop(self, max_length: int) -> None:
+        """Drop the newest tokens of the tail (transformers' `crop` convention: a negative `max_length` removes
+        that many tokens, a positive one keeps that many in all). The compressed prefix is never cut: ask-many
+        (query-agnostic) restores a layer to its post-compression state this way."""
+        tail = self.tail_keys.shape[-2]
+        drop = -max_length if max_length < 0 else self.get_seq_length() - max_length
+        if drop <= 0:
+            return
+        if drop > tail:
+            raise ValueError(f"cannot crop {drop} tokens from a ragged layer whose tail holds {tail}: the "
+                             f"compressed prompt tokens are not croppable")
+        self.tail_keys = self.tail_keys[..., : tail - drop, :]
+        self.tail_values = self.tail_values[..., : tail - drop, :]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 

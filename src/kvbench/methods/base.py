@@ -240,6 +240,8 @@ class ScoredMethod(Method):
     """Score every prefix token per head, allocate each head a number of tokens, keep its top ones plus the
     window. Subclasses provide `score` (and may change the layer budget with `prefix_budget`)."""
 
+    min_window: ClassVar[int] = 0  # a scorer may rank every prompt token (no observation window)
+
     allocation: str = "uniform"  # uniform: every head keeps the layer's budget; adaptive: AdaKV across heads
     floor_alpha: float = 0.2  # adaptive: share of the layer budget every head keeps at least (AdaKV's alpha)
     adaptive_mode: str = "official"  # adaptive: official (FFY0/AdaKV arithmetic) or exact (sums to the budget)

@@ -3,6 +3,7 @@ plus the last `window` tokens, identical for every head and layer, selected once
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -15,6 +16,7 @@ class StreamingLLM(ScoredMethod):
     display_name = "StreamingLLM"
     order = 10
     paper_defaults = {"window_size": 32}
+    min_window: ClassVar[int] = 1  # the recent window is the method
     attention_free = True  # selects by position: valid whatever the model's attention (soft-caps, sinks)
     window_size: int = 32
 
