@@ -62,7 +62,7 @@ support-matrix: setup
 	$(BIN)/python scripts/support_matrix.py --readme README.md
 
 golden: setup
-	$(BIN)/python scripts/check_golden.py tests/golden/cases
+	$(BIN)/python scripts/check_golden.py tests/golden/cases tests/golden/cases-2026
 
 clean:
 	rm -rf outputs results/demo .pytest_cache
