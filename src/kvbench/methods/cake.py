@@ -42,6 +42,8 @@ MODEL2TAU = {
 @dataclass
 class CAKE(Method):
     name = "cake"
+    display_name = "CAKE"
+    order = 74
     equal_length_layers: ClassVar[bool] = True  # one total split over layers that all hold the prompt
     window_size: int = 32
     cache_heads: str = "per_kv_head"

@@ -73,6 +73,8 @@ def expected_attention_scores(pre_queries: torch.Tensor, keys: torch.Tensor, val
 @dataclass
 class ExpectedAttention(KvpressScored):
     name = "expected_attention"
+    display_name = "Expected Attention"
+    order = 76
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True

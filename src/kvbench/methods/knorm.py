@@ -11,6 +11,8 @@ from kvbench.methods.kvpress import KvpressScored
 @dataclass
 class KNorm(KvpressScored):
     name = "knorm"
+    display_name = "KNorm"
+    order = 70
     attention_free: ClassVar[bool] = True  # key norms only: fine on soft-capped or sink attention
 
     def kv_scores(self, layer_idx, queries, keys, values):

@@ -102,6 +102,8 @@ def prune_counts(scores: torch.Tensor, kept_total: int, layerwise: bool) -> list
 @dataclass
 class KVzip(Method):
     name = "kvzip"
+    display_name = "KVzip"
+    order = 78
     equal_length_layers: ClassVar[bool] = True  # one global ranking over all layers
     min_window: ClassVar[int] = 0
     window_size: int = 0  # kvpress: none; > 0 keeps the last tokens and ranks the rest

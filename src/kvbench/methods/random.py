@@ -17,6 +17,8 @@ from kvbench.methods.kvpress import KvpressScored
 @dataclass
 class Random(KvpressScored):
     name = "random"
+    display_name = "Random"
+    order = 5
     attention_free: ClassVar[bool] = True
     seed: int = 0
 

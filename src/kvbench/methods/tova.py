@@ -19,6 +19,8 @@ from kvbench.methods.kvpress import KvpressScored
 @dataclass
 class TOVA(KvpressScored):
     name = "tova"
+    display_name = "TOVA"
+    order = 72
     min_window: ClassVar[int] = 1
     window_size: int = 1
 
