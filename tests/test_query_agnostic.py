@@ -386,3 +386,15 @@ def test_agnostic_refuses_hybrid_models_clearly():
     ctx, q = split(tok, seed=8)
     with pytest.raises(KvbenchError, match="benchmark.query=aware"):
         generate(model, ctx, None, max_new_tokens=2, question_ids=q)
+
+
+def test_agnostic_records_tokens_per_head_like_aware_for_ragged_layers(tiny_llama):
+    """AdaKV layers hold different counts per head: the agnostic record must report tokens per head (the mean, as
+    aware mode does), so that kv_tokens x stored heads x head size equals kv_bytes, not the longest head."""
+    model, tok = tiny_llama
+    ctx, q = split(tok, seed=9)
+    out = generate(model, ctx, method("adakv", model=model, tok=tok), max_new_tokens=2, question_ids=q)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    stored_heads = cfg.num_attention_heads  # adakv stores one list per query head
+    assert out.kv_bytes == round(2 * out.kv_tokens * stored_heads * head_dim * 4)

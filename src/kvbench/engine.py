@@ -178,10 +178,13 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
     tokens, stopped, decode_s = greedy_decode(model, state.logits, cache, input_ids, n, max_new_tokens=max_new_tokens,
                                               stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
                                               repetition_penalty=repetition_penalty)
-    record = method.record()
-    types = [kind.short() for kind in cache.kinds] if cache.hybrid else None
-    return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, record,
-                            cache.any_compressed(), types)
+    return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, method.record(),
+                            cache.any_compressed(), layer_types(cache))
+
+
+def layer_types(cache: CompressedCache) -> list[str] | None:
+    """Each layer's attention type for the prediction lines of hybrid models (None on all-global models)."""
+    return [kind.short() for kind in cache.kinds] if cache.hybrid else None
 
 
 @torch.inference_mode()
@@ -224,6 +227,7 @@ class CompressedContext:
     lengths: list[int]
     kv_bytes: int
     record: dict  # what the method chose at this prefill
+    layer_kept: list[float]  # tokens per head each layer holds after compression (a mean over heads when ragged)
 
 
 def cache_lengths(cache: CompressedCache) -> list[int]:
@@ -251,8 +255,9 @@ def compress_context(model, context_ids: torch.Tensor, method: Method | None = N
                            "yet (their cache cannot be trimmed back after a question once the window is full); use "
                            "benchmark.query=aware on this model")
     state = prefill(model, context_ids, method)
-    record = method.record()
-    return CompressedContext(context_ids, state, cache_lengths(state.cache), state.cache.nbytes(), record)
+    cache = state.cache
+    return CompressedContext(context_ids, state, cache_lengths(cache), cache.nbytes(), method.record(),
+                             cache.tokens_per_head())
 
 
 @torch.inference_mode()
@@ -289,12 +294,11 @@ def answer_question(model, context: CompressedContext, question_ids: torch.Tenso
             stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
     finally:
         restore_cache(state.cache, context.lengths)
-    layer_kept = list(context.lengths)
     cache = state.cache
-    types = [kind.short() for kind in cache.kinds] if cache.hybrid else None
     return GenerationOutput(tokens, c + question_ids.shape[1], 0.0 if reused else state.prefill_s, decode_s,
-                            context.kv_bytes, layer_kept, stopped, dict(context.record), cache.any_compressed(),
-                            types, context_tokens=c, question_prefill_s=question_s, context_reused=reused)
+                            context.kv_bytes, list(context.layer_kept), stopped, dict(context.record),
+                            cache.any_compressed(), layer_types(cache), context_tokens=c,
+                            question_prefill_s=question_s, context_reused=reused)
 
 
 class ContextCache:
