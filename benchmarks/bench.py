@@ -39,12 +39,10 @@ from kvbench.methods import Method, StreamingLLM, registry
 REPO = Path(__file__).resolve().parents[1]
 # Every registered configuration with its papers' settings (registry `paper_defaults`), in report order; the
 # per-KV-head configurations (adakv_gqa, ...) are covered by the GQA-mode rows of the KV-bytes check instead.
-# Left out for now: methods that need the tokenizer/model bound (the bench loads neither through the pipeline) or
-# whose KV size has no formula yet (per-layer budgets decided after the prefill).
-NOT_BENCHED = {"expected_attention": "needs method.bind(model)", "kvzip": "needs method.bind(model, tokenizer)",
-               "cake": "no expected_kv_tokens formula yet"}
 METHOD_ORDER = tuple(name for name in registry.names(builtin_only=True)
-                     if "cache_heads" not in registry.get(name).preset and name not in NOT_BENCHED)
+                     if "cache_heads" not in registry.get(name).preset)
+# The GPU run builds a random-weight model with no tokenizer: KVzip's repeat prompt needs one.
+GPU_NOT_BENCHED = {"kvzip": "needs a tokenizer for its repeat prompt; the GPU model is random weights without one"}
 TARGETS = {"prefill_ratio_max": 1.05, "h2o_prefill_ratio_max": 1.5, "h2o_peak_memory_ratio_max": 1.2,
            "decode_speedup_min": 1.5, "gpu_overhead_max": 0.03,
            # Ada-SnapKV against SnapKV at the same budget (issue 14)
@@ -66,6 +64,7 @@ class Settings:
     kv_check_budgets: list[int] = field(default_factory=lambda: [64, 128, 512])
     adaptive_budget: int = 128  # Ada-SnapKV vs SnapKV decode, real prefills at each decode length
     scorer_seconds: float = 1.0
+    methods: list[str] | None = None  # a subset of METHOD_ORDER (FullKV, the reference, is always run); None: all
     attn_implementations: list[str] = field(default_factory=lambda: ["sdpa"])
     seed: int = 0
 
@@ -77,12 +76,27 @@ class Settings:
 
 
 # ---- building blocks --------------------------------------------------------------------------------------------
-def paper_method(name: str, budget: int, cache_heads: str | None = None) -> Method:
-    """A method with its papers' settings from the registry (FullKV ignores budget and GQA mode)."""
+def paper_method(name: str, budget: int, cache_heads: str | None = None, model=None, tokenizer=None) -> Method:
+    """A method with its papers' settings from the registry (FullKV ignores budget and GQA mode), bound to the
+    model (and tokenizer) when given, as the pipeline binds it (Expected Attention, KVzip need them)."""
     if name == "fullkv":
-        return registry.build("fullkv")
-    overrides = {} if cache_heads is None else {"cache_heads": cache_heads}
-    return registry.paper_method(name, budget, **overrides)
+        method = registry.build("fullkv")
+    else:
+        overrides = {} if cache_heads is None else {"cache_heads": cache_heads}
+        method = registry.paper_method(name, budget, **overrides)
+    if model is not None:
+        method.bind(model, tokenizer)
+    return method
+
+
+def bench_methods(settings: "Settings", exclude: dict | None = None) -> list[str]:
+    """The methods one run measures, in report order: FullKV first, then `settings.methods` (default: all)."""
+    chosen = METHOD_ORDER if settings.methods is None else settings.methods
+    unknown = [name for name in chosen if name not in METHOD_ORDER]
+    if unknown:
+        raise KvbenchError(f"--methods {' '.join(unknown)}: not a benchmarked method; choose from "
+                           f"{', '.join(METHOD_ORDER)}")
+    return [name for name in METHOD_ORDER if (name == "fullkv" or name in chosen) and name not in (exclude or {})]
 
 
 def prompt_ids(length: int, vocab: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -102,17 +116,18 @@ def rotated(items: list, shift: int) -> list:
 
 
 # ---- prefill: time, KV bytes, memory --------------------------------------------------------------------------
-def bench_prefill(model, settings: Settings, vocab: int) -> dict:
+def bench_prefill(model, settings: Settings, vocab: int, tokenizer=None, exclude: dict | None = None) -> dict:
     """Prefill wall time and peak memory per method and length, interleaved; ratios against FullKV."""
     results = {}
+    names = bench_methods(settings, exclude)
     for length in settings.prefill_lengths:
         ids = prompt_ids(length, vocab, settings.device, settings.seed)
         prefill(model, ids, paper_method("fullkv", 0))  # warm-up at this length (allocator, page faults)
-        raw = {name: {"prefill_s": [], "peak_bytes": [], "peak_delta_bytes": []} for name in METHOD_ORDER}
+        raw = {name: {"prefill_s": [], "peak_bytes": [], "peak_delta_bytes": []} for name in names}
         kv = {}
         for rep in range(settings.repeats):
-            for name in rotated(list(METHOD_ORDER), rep):
-                method = paper_method(name, settings.prefill_budget)
+            for name in rotated(list(names), rep):
+                method = paper_method(name, settings.prefill_budget, model=model, tokenizer=tokenizer)
                 with PeakMemory(settings.device) as memory:
                     state = prefill(model, ids, method)
                 raw[name]["prefill_s"].append(state.prefill_s)
@@ -122,7 +137,7 @@ def bench_prefill(model, settings: Settings, vocab: int) -> dict:
                 del state
         results[str(length)] = summarize_prefill(raw, kv)
         print(f"prefill {length}: " + ", ".join(
-            f"{name} {results[str(length)][name]['median_s']:.2f}s" for name in METHOD_ORDER), flush=True)
+            f"{name} {results[str(length)][name]['median_s']:.2f}s" for name in names), flush=True)
     return results
 
 
@@ -199,16 +214,16 @@ def kv_record(model, method: Method, cache, prompt_len: int) -> dict:
             "padded_bytes": padded, "matches": measured == expected == kept}
 
 
-def bench_kv_bytes(model, settings: Settings, vocab: int) -> list[dict]:
+def bench_kv_bytes(model, settings: Settings, vocab: int, tokenizer=None) -> list[dict]:
     """KV bytes after prefill for every method x budget x GQA mode at `kv_check_length` tokens."""
     ids = prompt_ids(settings.kv_check_length, vocab, settings.device, settings.seed + 1)
     rows = []
-    for name in METHOD_ORDER:
+    for name in bench_methods(settings):
         budgets = [None] if name == "fullkv" else settings.kv_check_budgets
         modes = ["per_query_head"] if name == "fullkv" else ["per_query_head", "per_kv_head"]
         for budget in budgets:
             for mode in modes:
-                method = paper_method(name, budget, mode)
+                method = paper_method(name, budget, mode, model=model, tokenizer=tokenizer)
                 state = prefill(model, ids, method)
                 rows.append({"method": name, "prompt_tokens": settings.kv_check_length,
                              **kv_record(model, method, state.cache, settings.kv_check_length)})
@@ -354,10 +369,11 @@ def evaluate_targets(prefill_res: dict, decode_res: dict, kv_rows: list[dict], g
         length = max(prefill_res, key=int)
         at = prefill_res[length]
         limit = TARGETS["gpu_overhead_max"] + 1 if gpu else TARGETS["prefill_ratio_max"]
-        for name in ("streamingllm", "snapkv", "pyramidkv", "dynamickv") + (("h2o",) if gpu else ()):
+        for name in [n for n in ("streamingllm", "snapkv", "pyramidkv", "dynamickv") + (("h2o",) if gpu else ())
+                     if n in at]:
             targets.append(_target(f"{name} prefill <= {limit:g}x FullKV", at[name]["ratio_to_fullkv"], limit,
                                    "max", length))
-        if not gpu:
+        if not gpu and "h2o" in at:
             targets.append(_target("h2o prefill <= 1.5x FullKV", at["h2o"]["ratio_to_fullkv"],
                                    TARGETS["h2o_prefill_ratio_max"], "max", length) | {"note": H2O_NOTE})
             targets.append(_target("h2o peak process memory <= 1.2x FullKV", at["h2o"]["peak_ratio_to_fullkv"],
@@ -437,12 +453,13 @@ def summary_table(record: dict) -> str:
     for impl, prefill_res in record["prefill"].items():
         lengths = sorted(prefill_res, key=int)
         lines.append(f"Prefill ({impl}): median seconds (ratio to FullKV) | peak memory MiB (ratio)")
-        lines.append(f"{'method':<13}" + "".join(f"{n + ' tok':>26}" for n in lengths))
-        for name in METHOD_ORDER:
+        names = list(prefill_res[lengths[0]])
+        lines.append(f"{'method':<19}" + "".join(f"{n + ' tok':>26}" for n in lengths))
+        for name in names:
             cells = "".join(f"{prefill_res[n][name]['median_s']:>15.2f}s "
                             f"({prefill_res[n][name]['ratio_to_fullkv']:.3f}x)" for n in lengths)
-            lines.append(f"{name:<13}{cells}")
-        for name in METHOD_ORDER:
+            lines.append(f"{name:<19}{cells}")
+        for name in names:
             at = prefill_res[lengths[-1]][name]
             lines.append(f"  {name:<12} at {lengths[-1]}: peak {at['peak_bytes'] / 2**20:8.0f} MiB "
                          f"(+{at['peak_delta_bytes'] / 2**20:.0f} during prefill; {at['peak_ratio_to_fullkv']:.3f}x), "
@@ -475,18 +492,19 @@ def load_bench_model(name: str, device: str):
     from kvbench.models import ModelSpec, load_model
 
     spec = ModelSpec.from_config(OmegaConf.to_container(compose([f"model={name}"]).model, resolve=True))
-    model, tokenizer = load_model(spec, device)
-    return model, len(tokenizer)
+    return load_model(spec, device)
 
 
 def run_cpu(settings: Settings, skip_scorers: bool = False) -> dict:
     """Every CPU benchmark of `settings`; returns the record written to JSON."""
     machine = machine_info(settings.device)
-    model, vocab = load_bench_model(settings.model, settings.device)
+    bench_methods(settings)  # an unknown --methods name fails before the model loads
+    model, tokenizer = load_bench_model(settings.model, settings.device)
+    vocab = len(tokenizer)
     started = time.perf_counter()
-    prefill_res = bench_prefill(model, settings, vocab)
+    prefill_res = bench_prefill(model, settings, vocab, tokenizer)
     decode_res = bench_decode(model, settings, vocab)
-    kv_rows = bench_kv_bytes(model, settings, vocab)
+    kv_rows = bench_kv_bytes(model, settings, vocab, tokenizer)
     scorers = {} if skip_scorers else bench_scorers(settings.scorer_seconds)
     return build_record(settings, machine, model, {"sdpa": prefill_res}, {"sdpa": decode_res}, kv_rows, scorers,
                         evaluate_targets(prefill_res, decode_res, kv_rows), time.perf_counter() - started)
@@ -495,12 +513,15 @@ def run_cpu(settings: Settings, skip_scorers: bool = False) -> dict:
 def build_record(settings, machine, model, prefill_res, decode_res, kv_rows, scorers, targets, elapsed) -> dict:
     """The JSON record of one run (`machine` taken at the start; the load average at the end is added)."""
     machine = {**machine, "load_average_end": list(os.getloadavg())}
+    gpu = settings.device.startswith("cuda")
     return {
         "kind": "gpu" if settings.device.startswith("cuda") else "cpu",
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine, "git": {"commit": git_commit()}, "settings": asdict(settings),
         "model": {"name": settings.model, **model_shape(model), "dtype": str(model.dtype)},
-        "method_params": {name: paper_method(name, settings.prefill_budget).params() for name in METHOD_ORDER},
+        "method_params": {name: paper_method(name, settings.prefill_budget).params()
+                          for name in bench_methods(settings, GPU_NOT_BENCHED if gpu else None)},
+        **({"not_benched": GPU_NOT_BENCHED} if gpu else {}),
         "notes": NOTES, "elapsed_s": round(elapsed, 1),
         "prefill": prefill_res, "decode": decode_res, "kv_bytes": kv_rows, "scorers": scorers, "targets": targets,
     }
@@ -519,6 +540,11 @@ NOTES = {
                         "each method's expected_kv_tokens (stored heads = query heads for per_query_head, KV heads "
                         "for per_kv_head and uncompressed layers; head-adaptive methods: the per-head counts they "
                         "recorded); a row matches when measured = formula = bytes of the kept positions",
+    "layer_adaptive": "CAKE and KVzip decide each layer's count from the prompt (CAKE's cascade, KVzip's global "
+                      "ranking): their formula reads the counts they recorded for that prefill (CAKE's sum to at most "
+                      "(budget - window) x layers, KVzip's to exactly that before the per-head floor). KVzip's "
+                      "prefill time includes its reconstruction passes (the context fed again, in chunks). Decode "
+                      "cost depends only on the cache's shape: budget_<b> stands for every uniform method",
     "adaptive": "Ada-SnapKV caches are ragged (kvbench.ragged): each head holds its own count, bytes = kept tokens; "
                 "padded_bytes is what padding every head to the layer's longest would hold. Decode ms/token of "
                 "adakv_<b> vs snapkv_<b> come from real prefills at the decode length, interleaved",
@@ -555,7 +581,7 @@ def run_gpu(settings: Settings, **shape_overrides) -> dict:
     prefill_res, decode_res = {}, {}
     for impl in settings.attn_implementations:
         model.set_attn_implementation(register(impl))
-        prefill_res[impl] = bench_prefill(model, settings, vocab)
+        prefill_res[impl] = bench_prefill(model, settings, vocab, exclude=GPU_NOT_BENCHED)
         decode_res[impl] = bench_decode(model, settings, vocab)
         for length, row in prefill_res[impl].items():
             full_s = row["fullkv"]["median_s"]
@@ -580,6 +606,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", help="prefill lengths in tokens")
     parser.add_argument("--decode-lengths", type=int, nargs="+", help="context lengths for decode timing")
     parser.add_argument("--model", default="smollm2_135m", help="model config name for the CPU run")
+    parser.add_argument("--methods", nargs="+", help=f"only these methods (FullKV always runs): {' '.join(METHOD_ORDER)}")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench", help="folder for the JSON files")
     parser.add_argument("--skip-scorers", action="store_true", help="leave out the scorer throughput benchmark")
     return parser.parse_args(argv)
@@ -598,6 +625,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["prefill_lengths"] = args.lengths
     if args.decode_lengths:
         overrides["decode_lengths"] = args.decode_lengths
+    if args.methods:
+        overrides["methods"] = args.methods
     return Settings.quick(**overrides) if args.quick else Settings(**overrides)
 
 

@@ -59,6 +59,9 @@ def test_bench_json_has_every_section(quick_record):
     n_rows = 1 + 2 * (len(bench.METHOD_ORDER) - 1)  # fullkv + every other method x 2 GQA modes
     assert kv_target[0]["passed"] and kv_target[0]["measured"] == f"{n_rows}/{n_rows}"
     assert {"adakv", "adakv_pyramid"} <= set(bench.METHOD_ORDER)
+    # The 2025-26 baselines too, bound to the model and tokenizer as the pipeline binds them; their KV bytes match.
+    assert {"knorm", "tova", "cake", "expected_attention", "kvzip", "random"} <= set(row)
+    assert all(r["matches"] for r in saved["kv_bytes"] if r["method"] in ("cake", "kvzip", "expected_attention"))
     ada = row["adakv"]
     assert ada["base"] == "snapkv" and ada["ratio_to_base"] > 0
     assert ada["kv"]["measured_bytes"] == ada["kv"]["kept_tokens_bytes"] < ada["kv"]["padded_bytes"]
@@ -132,6 +135,14 @@ def test_gpu_mode_without_a_gpu_skips_with_a_message(capsys):
         pytest.skip("a GPU is visible here")
     assert bench.main(["--gpu"]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_methods_subset_always_keeps_fullkv_and_rejects_unknown_names(capsys):
+    settings = bench.Settings(methods=["kvzip", "snapkv"])
+    assert bench.bench_methods(settings) == ["fullkv", "snapkv", "kvzip"]  # report order
+    assert bench.bench_methods(settings, bench.GPU_NOT_BENCHED) == ["fullkv", "snapkv"]
+    assert bench.main(["--methods", "snapkv", "nope"]) == 2
+    assert "--methods nope: not a benchmarked method" in capsys.readouterr().err
 
 
 def test_bad_repeats_is_a_clear_error(capsys):

@@ -27,12 +27,14 @@ def _records(lengths, depths, score_of):
              "score_rouge": 0.0, "response": ""} for length in lengths for depth in depths]
 
 
-def _write_run(folder, records, method="snapkv", budget=64, model="SmolLM2-135M-Instruct", run_json=True):
+def _write_run(folder, records, method="snapkv", budget=64, model="SmolLM2-135M-Instruct", run_json=True,
+               query=None):
     (folder / "predictions").mkdir(parents=True)
     lines = "".join(json.dumps(record) + "\n" for record in records)
     (folder / "predictions" / "needle.jsonl").write_text(lines, encoding="utf-8")
     if run_json:
-        run = {"model": {"name": model}, "method": {"name": method, "budget": budget}}
+        run = {"model": {"name": model}, "method": {"name": method, "budget": budget},
+               **({"config": {"benchmark": {"query": query}}} if query else {})}
         (folder / "run.json").write_text(json.dumps(run), encoding="utf-8")
     return folder
 
@@ -143,6 +145,23 @@ def test_stacked_figure_has_one_lettered_panel_per_run(tmp_path):
     written = plot_stacked(dirs, tmp_path / "stack.png")
     assert [path.name for path in written] == ["stack.png", "stack.pdf"]
     assert written[0].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figures_name_the_query_mode(tmp_path):
+    records = _records([1000, 2000], [0, 100], lambda l, d: 1.0)
+    aware = _write_run(tmp_path / "snapkv_128", records, query="aware")
+    agnostic = _write_run(tmp_path / "snapkv_128_agnostic", records, query="agnostic")
+    old = _write_run(tmp_path / "old" / "h2o_64_agnostic", records)  # no query in run.json: the folder name says
+    assert (load_needle_run(aware).query, load_needle_run(agnostic).query, load_needle_run(old).query) == \
+        ("aware", "agnostic", "agnostic")
+    shared = stacked_figure([agnostic, old])  # one mode: in the figure title
+    assert shared._suptitle.get_text() == "Needle-in-a-Haystack — SmolLM2-135M-Instruct, query-agnostic"
+    mixed = stacked_figure([aware, agnostic])  # both: in each panel's caption
+    captions = [t.get_text() for ax in mixed.axes for t in ax.texts]
+    assert captions == ["(a) SnapKV, KV size 64, query-aware", "(b) SnapKV, KV size 64, query-agnostic"]
+    assert mixed._suptitle.get_text() == "Needle-in-a-Haystack — SmolLM2-135M-Instruct"
+    single = stacked_figure([agnostic])
+    assert single.axes[0].texts[0].get_text() == "(a) SmolLM2-135M-Instruct, SnapKV, KV size 64, query-agnostic"
 
 
 def test_bad_jsonl_line_names_the_line(tmp_path):

@@ -468,3 +468,15 @@ def test_run_py_help_opens_with_kvbench_usage():
     assert header[0].startswith("kvbench: evaluate KV-cache compression") and header[2] == "Usage:"
     assert cfg.hydra.help.app_name == "kvbench"
     assert cfg.hydra.run.dir == "." and cfg.hydra.output_subdir is None  # item 8: nothing written in the cwd
+
+
+def test_longbench_max_new_tokens_caps_every_task_and_is_a_recorded_setting(tmp_path):
+    # A deviation for quick runs (the demo): each task's official max_gen capped; part of the settings.
+    cfg = compose(overrides(tmp_path, "method=fullkv", "benchmark.limit=1", "benchmark.max_new_tokens=3"))
+    evaluate(cfg)
+    [line] = read_predictions(output_dir(cfg) / "predictions" / f"{TASK}.jsonl")
+    assert line["new_tokens"] <= 3
+    run = json.loads((output_dir(cfg) / "run.json").read_text())
+    assert run["settings"]["benchmark"]["max_new_tokens"] == 3
+    with pytest.raises(KvbenchError, match="different settings"):
+        evaluate(compose(overrides(tmp_path, "method=fullkv", "benchmark.limit=1")))

@@ -162,6 +162,28 @@ def test_relative_table_is_percent_of_fullkv(results):
     assert body[1][4:] == ["50.0", "75.0", "83.3", "75.0"]                  # H2O 128 (no CI on a ratio)
 
 
+def _agnostic(run_dir: Path) -> Path:
+    run = json.loads((run_dir / "run.json").read_text())
+    run["config"]["benchmark"] = {"query": "agnostic"}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    return run_dir
+
+
+def test_relative_agnostic_rows_are_percent_of_the_agnostic_fullkv(tmp_path):
+    root = tmp_path / "results"
+    write_run(root, MODEL, "fullkv", None, dict(zip(TASKS, [20.0, 40.0, 60.0])))
+    write_run(root, MODEL, "snapkv", 128, dict(zip(TASKS, [10.0, 20.0, 30.0])))
+    _agnostic(write_run(root, MODEL, "snapkv", 128, dict(zip(TASKS, [5.0, 10.0, 15.0])), folder="snapkv_128_agnostic"))
+    rows = {r[2]: r[4:] for r in table_rows(longbench_table(collect([root]), relative=True))[2:]}
+    assert rows["SnapKV (agnostic)"] == ["25.0", "25.0", "25.0", "25.0"]  # no agnostic FullKV: the aware one
+    _agnostic(write_run(root, MODEL, "fullkv", None, dict(zip(TASKS, [10.0, 20.0, 30.0])), folder="fullkv_agnostic"))
+    rows = {r[2]: r[4:] for r in table_rows(longbench_table(collect([root]), relative=True))[2:]}
+    assert rows["SnapKV (agnostic)"] == ["50.0", "50.0", "50.0", "50.0"]
+    assert rows["FullKV (agnostic)"] == ["100.0"] * 4 and rows["SnapKV"] == ["50.0"] * 4 and rows["FullKV"] == ["100.0"] * 4
+    # Bold ranks the compressed methods of one query mode: each SnapKV row is alone in its mode, so none is bold.
+    assert not any("**" in c for r in rows.values() for c in r)
+
+
 def test_relative_needs_fullkv(results):
     df = collect([results])
     with pytest.raises(KvbenchError, match="needs a FullKV run of llama3-8b-instruct"):

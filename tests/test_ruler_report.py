@@ -74,3 +74,13 @@ def test_single_compressed_row_is_not_bold(tmp_path):
     _run(tmp_path, "fullkv", 128, {1024: {"niah_single_1": 100.0}})
     _run(tmp_path, "snapkv", 128, {1024: {"niah_single_1": 0.0}})
     assert "**" not in ruler_table(collect_ruler(tmp_path), 1024)
+
+
+def test_bold_is_per_budget_and_names_come_from_the_method_registry(tmp_path):
+    for budget, s1 in ((64, {"snapkv": 90.0, "adakv_pyramid": 10.0}), (128, {"snapkv": 50.0, "adakv_pyramid": 60.0})):
+        for method, score in s1.items():
+            _run(tmp_path, method, budget, {1024: {"niah_single_1": score}})
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in ruler_table(collect_ruler(tmp_path), 1024).splitlines()[2:]]
+    assert [r[2:5] for r in rows] == [["64", "SnapKV", "**90.00**"], ["64", "Ada-PyramidKV", "10.00"],
+                                      ["128", "SnapKV", "50.00"], ["128", "Ada-PyramidKV", "**60.00**"]]

@@ -112,7 +112,7 @@ TOP_LEVEL = {"budget": BUDGET, "seed": INT, "device": DEVICE, "results_root": ST
 # Benchmark keys, whatever the benchmark kind (a key a kind does not have is simply absent).
 BENCHMARK = {"name": STR, "tasks": STR_LIST, "data_dir": _optional(STR), "hub_id": STR, "verify_checksums": BOOL,
              "limit": _optional(POS_INT), "haystack_dir": _optional(STR), "prompt": STR, "buffer": NONNEG_INT,
-             "max_new_tokens": POS_INT, "trained_len": _optional(POS_INT), "query": STR, "multi_needle": BOOL}
+             "max_new_tokens": _optional(POS_INT), "trained_len": _optional(POS_INT), "query": STR, "multi_needle": BOOL}
 NEEDLE_GRID = {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}
 PROTOCOL = {"name": STR, "chat_template": STR, "min_new_tokens_tasks": STR, "eos": STR,
             "samsum_newline_stop": BOOL, "truncation": STR, "add_special_tokens": BOOL}

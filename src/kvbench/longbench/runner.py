@@ -6,6 +6,7 @@ as `also_on_disk` in scores.json, never mixed into this command's numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class LongBenchPlan:
     longbench_e: bool
     context_len: int | None = None  # the model's context (trained_len): longer final prompts get a warning
     query: str = "aware"
+    max_new_tokens: int | None = None  # a cap on each task's official max_gen (a recorded deviation); None: official
 
     def protocol_name(self) -> str:
         return self.protocol.name
@@ -43,7 +45,8 @@ class LongBenchPlan:
         data = str(Path(self.source.path).expanduser().resolve()) if self.source.path else self.source.hub_id
         return {"name": "longbench_e" if self.longbench_e else "longbench", "protocol": self.protocol.to_dict(),
                 "max_input_len": self.max_input_len, "data": data,
-                **({"query": self.query} if self.query != "aware" else {})}  # aware: the fingerprint of old runs
+                **({"query": self.query} if self.query != "aware" else {}),  # aware: the fingerprint of old runs
+                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {})}
 
     def selection(self) -> dict:
         return {"tasks": list(self.tasks), "limit": self.source.limit}
@@ -66,6 +69,8 @@ class LongBenchPlan:
             todo = [ex for ex in examples if ex.get("_id") not in done]
             base = task_spec(task).name
             settings = generation_settings(base, tokenizer, generation_config, self.protocol)
+            if self.max_new_tokens and self.max_new_tokens < settings.max_new_tokens:
+                settings = dataclasses.replace(settings, max_new_tokens=self.max_new_tokens)
             bar_desc = f"{task} ({len(examples) - len(todo)} done)" if len(todo) < len(examples) else task
             splits = {}
             if self.query == "agnostic":  # samples sharing a context run back to back: compressed once, asked many
@@ -153,7 +158,8 @@ def plan_longbench(cfg: DictConfig, spec: ModelSpec) -> LongBenchPlan:
     source = DataSource(path=bench.data_dir, hub_id=bench.hub_id, verify=bench.verify_checksums,
                         limit=bench.limit)
     return LongBenchPlan(tasks, source, Protocol.from_dict(protocol_cfg), spec.max_input_len, is_e,
-                         spec.trained_len, check_query_mode(bench.get("query", "aware")))
+                         spec.trained_len, check_query_mode(bench.get("query", "aware")),
+                         bench.get("max_new_tokens"))
 
 
 def group_by_context(items: list, context_of) -> list:

@@ -18,6 +18,7 @@ keeps each layer's size fixed while generating); like the other methods here, CA
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -79,6 +80,21 @@ class CAKE(Method):
         self.indicators: list[torch.Tensor] = []  # [heads, n - w] per layer
         self.sizes: list[int | None] = []  # prefix tokens each layer holds (None: not cut yet)
         self.allocations: list[list[int]] = []  # the layer budgets of every allocation, for the run record
+
+    def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
+        """Tokens held after the last prefill: each layer's final prefix count (the least of its cascade shares;
+        data-dependent, so read from `sizes`) plus the window, times the stored heads. Their prefix counts sum to
+        at most `(budget - window) x L` (exactly that without the cascade). A prompt that fits: every token."""
+        probe = copy.copy(self)
+        probe.begin(prompt_len, shape["layers"])
+        if probe.keeps_all(prompt_len):
+            return prompt_len * shape["layers"] * shape["kv_heads"]
+        sizes = getattr(self, "sizes", None)
+        if not sizes or None in sizes or len(sizes) != shape["layers"] or self.prompt_len != prompt_len:
+            raise KvbenchError("CAKE's layer budgets depend on the prompt: call expected_kv_tokens after a prefill "
+                               "of this prompt length")
+        heads = shape["heads"] if self.cache_heads == "per_query_head" else shape["kv_heads"]
+        return sum((size + self.window_size) * heads for size in sizes)
 
     def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
         n = keys.shape[2]

@@ -20,6 +20,7 @@ prefill time of KVzip includes its reconstruction.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -172,6 +173,21 @@ class KVzip(Method):
                 order = order.repeat_interleave(self.group, dim=0)
             self.keep_tokens(cache, layer_idx, order, layer.keys, layer.values)
         self.allocations = [counts]
+
+    def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
+        """Tokens held after the last prefill: per layer, its count of the global ranking (recorded in
+        `allocations`; the counts sum to `L x H_kv x (budget - window)`) split evenly over the KV heads (floor), plus
+        the window, times the stored heads. A prompt that fits: every token."""
+        probe = copy.copy(self)
+        probe.begin(prompt_len, shape["layers"])
+        if probe.keeps_all(prompt_len):
+            return prompt_len * shape["layers"] * shape["kv_heads"]
+        counts = (getattr(self, "allocations", None) or [None])[0]
+        if counts is None or len(counts) != shape["layers"] or self.prompt_len != prompt_len:
+            raise KvbenchError("KVzip's layer counts depend on the prompt: call expected_kv_tokens after a prefill "
+                               "of this prompt length")
+        heads = shape["heads"] if self.cache_heads == "per_query_head" else shape["kv_heads"]
+        return sum((count // shape["kv_heads"] + self.window_size) * heads for count in counts)
 
     def observe_layer(self, layer_idx, queries, keys) -> None:
         if self.recording is not None:

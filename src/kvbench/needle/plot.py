@@ -164,6 +164,7 @@ class NeedleRun:
     model: str
     label: str
     trained_len: int | None
+    query: str = "aware"  # benchmark.query of the run: every figure names it
 
 
 def read_needle_records(path: str | Path) -> pd.DataFrame:
@@ -218,7 +219,9 @@ def load_needle_run(result_dir: str | Path, trained_len: int | None = None) -> N
     label = method_label(run["method"]) if "method" in run else result_dir.name
     if trained_len is None:
         trained_len = model_info.get("trained_len", model_info.get("pretrained_len"))
-    return NeedleRun(records=records, model=model, label=label, trained_len=trained_len)
+    query = str(((run.get("config") or {}).get("benchmark") or {}).get("query")
+                or ("agnostic" if result_dir.name.endswith("_agnostic") else "aware"))
+    return NeedleRun(records=records, model=model, label=label, trained_len=trained_len, query=query)
 
 
 # --------------------------------------------------------------------------- figures
@@ -259,14 +262,18 @@ def _save_png_and_pdf(fig: Figure, out_path: Path) -> list[Path]:
 
 
 def _draw_runs(runs: list[NeedleRun], lettered: bool) -> Figure:
-    """Stacked panels; the model goes in a figure title when all runs share it, else in each title."""
+    """Stacked panels; the model and the query mode go in a figure title when all runs share them, else in each
+    panel's title."""
     models = {run.model for run in runs}
     shared_model = models.pop() if len(models) == 1 and len(runs) > 1 else None
+    modes = {run.query for run in runs}
+    shared_mode = modes.pop() if len(modes) == 1 and shared_model else None
     axes_height = PANEL_AXES if len(runs) > 1 else SINGLE_PANEL_AXES
     fig, axes = _panel_figure(len(runs), shared_model is not None, axes_height)
     mesh = None
     for index, (run, ax) in enumerate(zip(runs, axes)):
         label = run.label if shared_model else f"{run.model}, {run.label}"
+        label = label if shared_mode else f"{label}, query-{run.query}"
         if lettered:
             # As the papers: the average score above the panel, a bold "(a) Method" caption below it.
             mesh = heatmap(run.records, ax, "", run.trained_len, colorbar=False)
@@ -276,7 +283,8 @@ def _draw_runs(runs: list[NeedleRun], lettered: bool) -> Figure:
             mesh = heatmap(run.records, ax, label, run.trained_len, colorbar=False)
     _add_shared_colorbar(fig, axes, mesh)
     if shared_model:
-        fig.suptitle(f"Needle-in-a-Haystack — {shared_model}", fontsize=14, fontweight="bold",
+        mode = f", query-{shared_mode}" if shared_mode else ""
+        fig.suptitle(f"Needle-in-a-Haystack — {shared_model}{mode}", fontsize=14, fontweight="bold",
                      y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
 

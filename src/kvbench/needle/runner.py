@@ -125,6 +125,8 @@ def plan_needle(cfg: DictConfig, spec=None) -> NeedlePlan:
         raise KvbenchError(f"the needle grid {grid.start}..{grid.end} step {grid.step} has no context length")
     depths = depth_percents(int(grid.depths))
     multi_needle = bool(bench.get("multi_needle", False))
+    if bench.max_new_tokens is None:
+        raise KvbenchError("benchmark.max_new_tokens is null; the needle test needs a number, e.g. 30 (its default)")
     if multi_needle:
         needle_question(len(depths) - 1)  # a clear error when the grid has more depths than distinct needles
     return NeedlePlan(lengths, depths, load_haystack(bench.haystack_dir), bench.prompt,

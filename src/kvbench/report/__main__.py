@@ -16,7 +16,7 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import collect, layer_allocations, method_sort_key
+from kvbench.report.collect import collect, is_fullkv, layer_allocations, method_sort_key
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
 from kvbench.report.tables import (budget_label, longbench_e_table, longbench_table, markdown_frame,
@@ -116,7 +116,7 @@ def _write_figures(df: pd.DataFrame, results: list[str], out: Path) -> list[Path
         except KvbenchError as exc:
             print(f"(skipped {name}: {exc})", file=sys.stderr)
     alloc = layer_allocations(results)
-    alloc = alloc[alloc["method"] != "FullKV"]
+    alloc = alloc[~alloc["method"].map(is_fullkv)]
     for (model, benchmark, budget), _ in alloc.groupby(["model", "benchmark", "budget"]):
         stem = out / f"layer_allocation_{_slug(model)}_{benchmark}_b{budget_label(budget)}"
         written += layer_allocation(alloc, stem, model=model, budget=budget, benchmark=benchmark)

@@ -59,11 +59,24 @@ def display_method(name: str) -> str:
     return by_display.get(key, str(name))
 
 
+AGNOSTIC = " (agnostic)"  # the label suffix of query-agnostic runs, so that no table mixes the two modes
+
+
+def base_method(label: str) -> str:
+    """`SnapKV (agnostic)` -> `SnapKV`."""
+    return str(label).removesuffix(AGNOSTIC)
+
+
+def is_fullkv(label: str) -> bool:
+    """FullKV in either query mode (`FullKV`, `FullKV (agnostic)`): the reference rows, never a compressed method."""
+    return base_method(label) == "FullKV"
+
+
 def method_sort_key(name: str) -> tuple[int, str]:
     """Sort key putting the known methods first, in display order, and any others after, alphabetically; a
     query-agnostic run (`SnapKV (agnostic)`) right after its aware sibling."""
     order = list(method_display_names().values())
-    name, agnostic = str(name).removesuffix(" (agnostic)"), str(name).endswith(" (agnostic)")
+    name, agnostic = base_method(name), str(name).endswith(AGNOSTIC)
     if name in order:
         return (order.index(name), "", agnostic)
     return (len(order), str(name).lower(), agnostic)
@@ -153,7 +166,7 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "run_dir": str(run_dir),
         "query": query,
         # Query-agnostic runs are labelled in every table and figure, and never share a cell with aware ones.
-        **({"method": f"{name} (agnostic)"} if query != "aware" else {}),
+        **({"method": f"{name}{AGNOSTIC}"} if query != "aware" else {}),
     }
 
 

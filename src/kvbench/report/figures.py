@@ -19,7 +19,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import method_sort_key, task_samples
+from kvbench.report.collect import is_fullkv, method_sort_key, task_samples
 from kvbench.stats import confidence_intervals
 from kvbench.report.tables import ABBREVIATIONS, budget_label
 
@@ -141,20 +141,21 @@ def _budget_axis(ax, budgets) -> None:
 def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench", language: str = "en") -> list[Path]:
     """Average LongBench score against KV budget, one line per method, FullKV as a dashed reference; one panel per model."""
     runs, task_counts = _run_averages(df, benchmark, language)
-    compressed = runs[runs["method"] != "FullKV"]
+    compressed = runs[~runs["method"].map(is_fullkv)]
     if compressed.empty:
         raise KvbenchError("a budget curve needs at least one compressed-method run (only FullKV was found)")
     models = sorted(runs["model"].unique())
     fig, axes = _grid(len(models), 2, (6.0, 4.2))
     for ax, model in zip(axes, models):
         block = runs[runs["model"] == model]
-        for method, line in sorted(block[block["method"] != "FullKV"].groupby("method"), key=lambda m: method_sort_key(m[0])):
+        for method, line in sorted(block[~block["method"].map(is_fullkv)].groupby("method"),
+                                   key=lambda m: method_sort_key(m[0])):
             line = line.sort_values("budget")
             ax.plot(line["budget"], line["score"], label=method, **_style(method), **_emphasis(method))
             _band(ax, line["budget"].to_numpy(), line["ci_low"].to_numpy(), line["ci_high"].to_numpy(), method)
-        full = block[block["method"] == "FullKV"]
-        if not full.empty:
-            ax.axhline(full["score"].iloc[0], color="black", linestyle="--", linewidth=1.2, label="FullKV", zorder=2)
+        for label, full in block[block["method"].map(is_fullkv)].groupby("method"):  # one reference per query mode
+            ax.axhline(full["score"].iloc[0], color="black", linestyle="--" if label == "FullKV" else ":",
+                       linewidth=1.2, label=label, zorder=2)
             if pd.notna(full["ci_low"].iloc[0]):
                 ax.axhspan(full["ci_low"].iloc[0], full["ci_high"].iloc[0], color="black", alpha=0.07, zorder=1)
         _budget_axis(ax, block["budget"].dropna().unique())
@@ -195,7 +196,7 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
         for method, line in sorted(block.groupby("method"), key=lambda m: method_sort_key(m[0])):
             line = line.sort_values("kv_bytes")
             style = {**_style(method), **_emphasis(method)}
-            if method == "FullKV":  # a single reference point: a big star, no line
+            if is_fullkv(method):  # a single reference point: a big star, no line
                 style.update(markersize=12, linestyle="none")
             ax.plot(line["kv_bytes"] / _MIB, line["score"], label=method, **style)
             known = line["ci_low"].notna()
@@ -248,7 +249,7 @@ def layer_allocation(alloc_df: pd.DataFrame, out: str | Path, model: str | None 
     `alloc_df` is `layer_allocations()` output. FullKV is left out (it keeps the whole prompt and would flatten
     the scale). With several models, budgets or benchmarks, pass `model=` / `budget=` / `benchmark=`.
     """
-    data = alloc_df[alloc_df["method"] != "FullKV"]
+    data = alloc_df[~alloc_df["method"].map(is_fullkv)]
     if data.empty:
         raise KvbenchError("no per-layer allocations of a compressed method; runs must record 'layer_kept'")
     model = _pick(data, "model", model, "model")

@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench.report.collect import method_sort_key
+from kvbench.report.collect import base_method, method_sort_key
 
 GAP_COLUMNS = ["model", "method", "budget", "benchmark", "tasks", "aware", "agnostic", "gap"]
-
-
-def base_method(label: str) -> str:
-    """`SnapKV (agnostic)` -> `SnapKV` (collect labels agnostic runs so that no table mixes the two modes)."""
-    return str(label).removesuffix(" (agnostic)")
 
 
 def query_gap(df: pd.DataFrame) -> pd.DataFrame:

@@ -25,7 +25,7 @@ from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
-from kvbench.report.collect import ReportWarning, method_sort_key, run_samples, task_samples
+from kvbench.report.collect import AGNOSTIC, ReportWarning, is_fullkv, method_sort_key, run_samples, task_samples
 from kvbench.sample_scores import SAMPLE_SCORES_FILE
 from kvbench.stats import confidence_intervals
 
@@ -175,26 +175,35 @@ def _average_ci(run_dirs: pd.DataFrame, tasks: list[str], scores: pd.DataFrame) 
 
 
 def _relative(values: pd.DataFrame) -> pd.DataFrame:
-    """Percent of the FullKV row of the same model and protocol, column by column (Avg.: ratio of averages)."""
+    """Percent of the FullKV row of the same model, protocol and query mode, column by column (Avg.: ratio of
+    averages). A query-agnostic row without an agnostic FullKV run falls back to the aware one (FullKV keeps every
+    token either way; the table notes it)."""
     out = values.copy()
     for (model, protocol), block in values.groupby(level=["model", "protocol"], sort=False):
-        full = block[block.index.get_level_values("method") == "FullKV"]
-        if full.empty:
+        names = block.index.get_level_values("method")
+        full = {label: block[names == label] for label in ("FullKV", f"FullKV{AGNOSTIC}")}
+        if full["FullKV"].empty and full[f"FullKV{AGNOSTIC}"].empty:
             raise KvbenchError(f"relative=True needs a FullKV run of {model}"
                                f"{f' ({protocol})' if protocol else ''}; add its folder or use relative=False")
-        reference = full.iloc[0].replace(0.0, np.nan)
-        out.loc[block.index] = block.div(reference, axis=1) * 100.0
+        for agnostic in (False, True):
+            rows = block[[str(m).endswith(AGNOSTIC) == agnostic for m in names]]
+            if rows.empty:
+                continue
+            own = full[f"FullKV{AGNOSTIC}" if agnostic else "FullKV"]
+            reference = (own if not own.empty else next(f for f in full.values() if not f.empty)).iloc[0]
+            out.loc[rows.index] = rows.div(reference.replace(0.0, np.nan), axis=1) * 100.0
     return out
 
 
 def _bold_mask(values: pd.DataFrame) -> pd.DataFrame:
-    """True for the best compressed method per (model, protocol, budget) and column; ties all bold.
+    """True for the best compressed method per (model, protocol, budget, query mode) and column; ties all bold.
 
     Only budgets with at least two compressed methods get bold (a lone method is not 'best' of anything).
     """
     bold = pd.DataFrame(False, index=values.index, columns=values.columns)
-    compressed = values[values.index.get_level_values("method") != "FullKV"]
-    for _, block in compressed.groupby(level=_GROUP, sort=False):
+    compressed = values[[not is_fullkv(m) for m in values.index.get_level_values("method")]]
+    mode = [str(m).endswith(AGNOSTIC) for m in compressed.index.get_level_values("method")]
+    for _, block in compressed.groupby([*(compressed.index.get_level_values(g) for g in _GROUP), mode], sort=False):
         if len(block) < 2:
             continue
         best = block.max(axis=0)
@@ -238,7 +247,7 @@ def _dagger_mask(values: pd.DataFrame, bold: pd.DataFrame, run_dirs: pd.DataFram
     for column in values.columns:
         for key in bold.index[bold[column]]:
             group = [k for k in values.index if k[0] == key[0] and k[1] == key[1] and k[3] == key[3]
-                     and k[4] != "FullKV" and k != key and pd.notna(values.loc[k, column])]
+                     and not is_fullkv(k[4]) and k != key and k[4].endswith(AGNOSTIC) == key[4].endswith(AGNOSTIC) and pd.notna(values.loc[k, column])]
             if not group:
                 continue
             second = max(group, key=lambda k: values.loc[k, column])
@@ -292,7 +301,8 @@ def _notes(table: _Table, language: str, relative: bool, significance: bool) -> 
     if table.rows.drop(columns=AVG).isna().any().any():
         notes.append(f"'-': no score; {AVG} is left empty for rows missing a task.")
     if relative:
-        notes.append(f"Percent of FullKV (same model): score / FullKV score x 100; {AVG} = method average / "
+        notes.append(f"Percent of FullKV (same model and query mode: agnostic rows against FullKV (agnostic) "
+                     f"where it was run, else FullKV): score / FullKV score x 100; {AVG} = method average / "
                      f"FullKV average x 100.")
     if table.ci:
         view = "± half-width of" if table.ci == "pm" else "[low, high]:"

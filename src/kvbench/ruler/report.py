@@ -14,20 +14,13 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
+from kvbench.report.collect import display_method, method_sort_key
 from kvbench.ruler.constants import ALL_TASKS
 
 SHORT = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1",
          "niah_multikey_2": "MK2", "niah_multikey_3": "MK3", "niah_multivalue": "MV", "niah_multiquery": "MQ",
          "vt": "VT", "cwe": "CWE", "fwe": "FWE", "qa_1": "QA1", "qa_2": "QA2"}
-_NAMES = {"fullkv": "FullKV", "streamingllm": "StreamingLLM", "h2o": "H2O", "snapkv": "SnapKV", "pyramidkv": "PyramidKV",
-          "dynamickv": "DynamicKV", "adakv": "AdaKV", "tova": "TOVA", "knorm": "KNorm", "cake": "CAKE",
-          "expected_attention": "ExpectedAttention", "kvzip": "KVzip", "random": "Random"}
 COLUMNS = ["model", "method", "budget", "query", "template", "length", "task", "score", "n", "run_dir"]
-
-
-def _method_key(name: str) -> tuple[int, str]:
-    order = list(_NAMES.values())
-    return (order.index(name), "") if name in order else (len(order), name.lower())
 
 
 def collect_ruler(paths) -> pd.DataFrame:
@@ -49,7 +42,7 @@ def collect_ruler(paths) -> pd.DataFrame:
                 continue
             config = run.get("config") or {}
             method_cfg = config.get("method") or {}
-            method = _NAMES.get(str(method_cfg.get("name", "?")).lower(), str(method_cfg.get("name", "?")))
+            method = display_method((run.get("method") or method_cfg).get("name", "?"))  # the registry's spelling
             budget = math.nan if method_cfg.get("budget_agnostic") else float(config.get("budget", math.nan))
             for length, part in scores.get("lengths", {}).items():
                 for task, score in part.get("tasks", {}).items():
@@ -69,8 +62,8 @@ def _budget_label(budget: float) -> str:
 
 def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdown") -> str:
     """Methods (rows: model, query, budget, method) x tasks and the average, at one length (None: mean over the
-    lengths each run has). The best score of each column among compressed methods is bold (all rows if no
-    compressed method; nothing when a single row competes)."""
+    lengths each run has). The best score of each column among the compressed methods of the same model, query mode
+    and budget is bold (all rows if no compressed method; nothing when a single row competes)."""
     data = df if length is None else df[df["length"] == length]
     if data.empty:
         raise KvbenchError(f"no RULER results{'' if length is None else f' at length {length}'}")
@@ -81,12 +74,15 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
     wide["Avg."] = wide[tasks].mean(axis=1, skipna=False)
     wide = wide.reset_index()
     wide = wide.iloc[sorted(range(len(wide)), key=lambda i: (wide.at[i, "model"], wide.at[i, "query"],
-                                                              wide.at[i, "budget"], _method_key(wide.at[i, "method"])))]
+                                                              wide.at[i, "budget"], method_sort_key(wide.at[i, "method"])))]
     wide = wide.reset_index(drop=True)
     value_cols = tasks + ["Avg."]
     compressed = wide["method"] != "FullKV"
+    # Best per (model, query, budget) among its compressed methods (a FullKV-only table: among all rows).
+    group = wide[["model", "query", "budget"]].astype(str).agg("|".join, axis=1)
     pool = wide[compressed] if compressed.any() else wide
-    best = {c: pool[c].max() for c in value_cols} if len(pool) > 1 else {}  # one row: nothing to rank
+    best = {g: {c: part[c].max() for c in value_cols} for g, part in pool.groupby(group[pool.index])
+            if len(part) > 1}  # a lone row is not "best" of anything
     header = ["Model", "Query", "Budget", "Method"] + [SHORT[t] for t in tasks] + ["Avg."]
     body = []
     for i, row in wide.iterrows():
@@ -95,7 +91,8 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
         for c in value_cols:
             v = row[c]
             text = "-" if pd.isna(v) else f"{v:.2f}"
-            if fmt != "csv" and not pd.isna(v) and (compressed[i] or not compressed.any()) and v == best.get(c):
+            if fmt != "csv" and not pd.isna(v) and (compressed[i] or not compressed.any()) \
+                    and v == best.get(group[i], {}).get(c):
                 text = f"**{text}**" if fmt == "markdown" else f"\\textbf{{{text}}}"
             cells.append(text)
         body.append(cells)
@@ -144,7 +141,7 @@ def score_vs_length(df: pd.DataFrame, stem: Path) -> list[Path]:
         for ax, mode in zip(axes[0], modes):
             part = avg[avg["query"] == mode]
             for (method, budget), line in sorted(part.groupby(["method", "budget"]),
-                                                 key=lambda kv: (_method_key(kv[0][0]), kv[0][1])):
+                                                 key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1])):
                 line = line.sort_values("length")
                 label = method if budget < 0 else f"{method} ({_budget_label(budget)})"
                 ax.plot(line["length"], line["avg"], marker="o", label=label,
@@ -174,7 +171,7 @@ def score_vs_budget(df: pd.DataFrame, stem: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
         for ax, mode in zip(axes[0], modes):
             part = compressed[compressed["query"] == mode]
-            for method, line in sorted(part.groupby("method"), key=lambda kv: _method_key(kv[0])):
+            for method, line in sorted(part.groupby("method"), key=lambda kv: method_sort_key(kv[0])):
                 line = line.sort_values("budget")
                 ax.plot(line["budget"], line["avg"], marker="o", label=method)
             full = avg[(avg["query"] == mode) & (avg["method"] == "FullKV")]
