@@ -168,7 +168,7 @@ def test_bad_jsonl_line_names_the_line(tmp_path):
     run_dir = _write_run(tmp_path / "r", _records([1000], [0], lambda l, d: 1.0))
     with open(run_dir / "predictions" / "needle.jsonl", "a", encoding="utf-8") as handle:
         handle.write("{not json\n")
-    with pytest.raises(KvbenchError, match=r"needle.jsonl:2 is not valid JSON"):
+    with pytest.raises(KvbenchError, match=r"needle.jsonl, line 2: not valid JSON"):
         load_needle_run(run_dir)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 from kvbench.atomic import write_json_atomic
 from kvbench.errors import KvbenchError
+from kvbench.jsonl import read_jsonl
 
 RUN_FILE = "run.json"
 SCORES_FILE = "scores.json"
@@ -47,30 +48,12 @@ def fingerprint(settings: dict) -> str:
 
 
 def read_predictions(path: str | os.PathLike, repair: bool = False) -> list[dict]:
-    """Records of a prediction file. A last line without its newline is the trace of an interrupted write:
-    with `repair` it is cut off the file (and a warning says so), otherwise it is an error like any corrupt line."""
-    path = Path(path)
-    if not path.exists():
+    """Records of a prediction file ([] when there is none). A last line without its newline is the trace of an
+    interrupted write: with `repair` it is cut off the file (and a warning says so), otherwise it is an error like
+    any corrupt line."""
+    if not Path(path).exists():
         return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            is_torn_tail = number == len(lines) and not raw.endswith(b"\n")
-            if repair and is_torn_tail:
-                with open(path, "r+b") as handle:
-                    handle.truncate(len(raw) - len(line))
-                warnings.warn(f"{path}: dropped an incomplete last line (an interrupted write); it will be redone")
-                break
-            reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
-            raise KvbenchError(f"{path}, line {number}: not valid JSON ({reason}). Remove or fix that line "
-                               f"(the run resumes from the samples that remain).") from err
-    return records
+    return read_jsonl(path, "remove or fix that line (the run resumes from the samples that remain)", repair=repair)
 
 
 def unique_records(records: list[dict], key: str, where: str | os.PathLike = "") -> list[dict]:

@@ -29,6 +29,7 @@ import pandas as pd
 
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
+from kvbench.jsonl import read_jsonl
 
 SAMPLE_SCORES_FILE = "sample_scores.jsonl"
 SAMPLES_KEY = "sample_scores"
@@ -90,16 +91,7 @@ def read_sample_scores(run_dir: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise KvbenchError(f"{path} is missing; write it from the predictions with "
                            f"`python -m kvbench.sample_scores {run_dir}`")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise KvbenchError(f"{path}:{number} is not valid JSON ({exc.msg}); rewrite it with "
-                                   f"`python -m kvbench.sample_scores {run_dir}`") from None
+    rows = read_jsonl(path, f"rewrite it with `python -m kvbench.sample_scores {run_dir}`")
     _check_rows(rows, str(path))
     frame = pd.DataFrame(rows)
     if frame.empty:

@@ -12,7 +12,6 @@ Official rules reproduced here:
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kvbench.errors import KvbenchError
+from kvbench.jsonl import read_jsonl
 from kvbench.longbench import metrics
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, ENGLISH_16, task_spec
 from kvbench.sample_scores import SAMPLES_KEY, sample_row
@@ -195,31 +195,13 @@ def read_predictions(path: str | Path) -> list[dict]:
     A line that is not a JSON object with 'pred' and 'answers' is a KvbenchError naming file and line.
     """
     path = Path(path)
-    records = []
-    with open(path, encoding="utf-8-sig") as handle:  # universal newlines turn CRLF into LF
-        lines = _decoded_lines(path, handle)
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise KvbenchError(
-                    f"{path}, line {line_number}: not valid JSON ({error.msg}); fix or delete that line "
-                    "(a run killed mid-write leaves a half line at the end)"
-                ) from None
-            _check_record(record, f"{path}, line {line_number}")
-            records.append(record)
+    records = read_jsonl(path, "fix or delete that line (a run killed mid-write leaves a half line at the end); "
+                               "prediction files are UTF-8 JSON lines", encoding="utf-8-sig")
+    numbers = [n for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
+    for line_number, record in zip(numbers, records):
+        _check_record(record, f"{path}, line {line_number}")
     _warn_on_duplicate_ids(path, records)
     return records
-
-
-def _decoded_lines(path: Path, handle) -> list[str]:
-    try:
-        return handle.readlines()
-    except UnicodeDecodeError as error:
-        raise KvbenchError(f"{path}: not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} at offset "
-                           f"{error.start}); prediction files are UTF-8 JSON lines") from None
 
 
 def _warn_on_duplicate_ids(path: Path, records: list[dict]) -> None:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
+from kvbench.jsonl import read_jsonl
 from kvbench.report.collect import display_method
 
 # The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
@@ -173,16 +174,7 @@ def read_needle_records(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise KvbenchError(f"No needle predictions at {path}. Fix: pass a needle result folder "
                            f"(results/<model>/needle/<run>) whose run has finished at least one cell.")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise KvbenchError(f"{path}:{number} is not valid JSON ({error.msg}). Fix: delete that line "
-                               f"and rerun to redo the cell.") from None
-    return _as_frame(rows)
+    return _as_frame(read_jsonl(path, "delete that line and rerun to redo the cell"))
 
 
 def method_label(method: dict) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
+from kvbench.jsonl import read_jsonl
 from kvbench.sample_scores import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 
@@ -123,16 +124,7 @@ def _read_json(path: Path) -> dict:
 
 def read_predictions(path: Path) -> list[dict]:
     """The records of one predictions `.jsonl` file; a KvbenchError naming file and line when one is corrupt."""
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise KvbenchError(f"{path}:{line_no} is not valid JSON ({exc}); rerun that task") from exc
-    return records
+    return read_jsonl(path, "rerun that task (a run resumes from the samples that remain)")
 
 
 def _budget(value) -> float:

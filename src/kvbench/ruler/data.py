@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench.errors import KvbenchError
+from kvbench.jsonl import read_jsonl
 from kvbench.ruler.constants import ALL_TASKS, QA_FILES, TASKS
 from kvbench.ruler.generate import Context, generate_task, qa_file
 from kvbench.ruler.resources import essay_words, punkt_record, wonderwords_record
@@ -75,7 +76,7 @@ class Generator:
     def samples(self, task: str, length: int, n: int, cache_dir: Path | None) -> list[dict]:
         path = cache_dir / f"{task}_{length}_{self.key(task, length)}.jsonl" if cache_dir else None
         if path is not None and path.exists():
-            cached = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            cached = read_jsonl(path, f"delete {path} (a generated set, cached): it is generated again")
             if len(cached) >= n:
                 return cached[:n]
         ctx = Context(task, self.seed, length, count_tokens(self.tokenizer), self.template, self.essay_folder,
@@ -108,13 +109,7 @@ def _read_rows(path: Path) -> list[dict]:
             raise KvbenchError(f"{path}: not a readable parquet file ({err})") from err
         rows = frame.to_dict(orient="records")
     else:
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise KvbenchError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+        rows = read_jsonl(path, "fix that line of the kvpress-format data")
     for number, row in enumerate(rows, start=1):
         missing = [c for c in KVPRESS_COLUMNS if c not in row]
         if missing:
