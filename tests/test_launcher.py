@@ -70,9 +70,10 @@ def test_every_submitit_slurm_key_is_documented_in_the_gpu_preset():
     assert keys - documented == set()
 
 
-@pytest.mark.parametrize("preset", ["slurm", "slurm_cpu", "local", "joblib"])
+@pytest.mark.parametrize("preset", [None, "slurm", "slurm_cpu", "local", "joblib"])
 def test_every_preset_reports_failed_jobs(preset):
-    callbacks = OmegaConf.to_container(compose_hydra([f"+launcher={preset}"]).hydra.callbacks)
+    # None: Hydra's basic launcher (no preset); the callback is in the root hydra config, so every launcher has it.
+    callbacks = OmegaConf.to_container(compose_hydra([f"+launcher={preset}"] if preset else []).hydra.callbacks)
     assert {c["_target_"] for c in callbacks.values()} == {TARGET}
 
 
@@ -152,13 +153,14 @@ def find_longbench() -> Path | None:
 
 
 @pytest.mark.launcher
-def test_a_failed_job_is_named_when_the_multirun_ends(tmp_path):
+@pytest.mark.parametrize("launcher", [["+launcher=joblib"], []], ids=["joblib", "basic"])
+def test_a_failed_job_is_named_when_the_multirun_ends(tmp_path, launcher):
     data = find_longbench()
     if data is None:
         pytest.skip("no shared LongBench files")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run(
-        [sys.executable, str(REPO / "run.py"), "-m", "+launcher=joblib", "model=tiny_llama", "method=snapkv",
+        [sys.executable, str(REPO / "run.py"), "-m", *launcher, "model=tiny_llama", "method=snapkv",
          "budget=0,48", f"benchmark.data_dir={data}", "benchmark.tasks=[passage_retrieval_zh]",
          "benchmark.limit=1", f"results_root={tmp_path}", f"hydra.sweep.dir={tmp_path}/multirun",
          "progress=false", "device=cpu"],

@@ -3,7 +3,7 @@
 A job of a Hydra multirun runs in another process (a SLURM job, a submitit or joblib worker). There, run.py's
 single-run answer to an error, one line and `sys.exit(2)`, reaches nobody: SLURM reports "exit code 2", submitit
 finds no result and (without accounting) waits for it forever. Under a multirun whose config lists the
-`FailureReport` callback (every `configs/launcher/*` preset does), a job instead logs its error (its log has it),
+`FailureReport` callback (the root Hydra config `configs/hydra/default.yaml` lists it, so every launcher has it), a job instead logs its error (its log has it),
 returns a `JobFailed` (so the launcher gets a result and the other jobs go on), and the callback records one line
 per job under the sweep folder. When the multirun ends, the callback prints the failed jobs, their overrides and
 errors and where their logs are, and exits with status 2 (1 where an error was not a KvbenchError, i.e. a bug).
