@@ -129,34 +129,41 @@ def _figure(plot, stem: Path) -> list[Path]:
     return out
 
 
+def _mode_panels(modes: list[str], xlabel: str, draw):
+    """A figure function for `_figure`: one panel per query mode on a log2 x axis, `draw(ax, mode)` fills each."""
+    def plot(plt):
+        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
+        for ax, mode in zip(axes[0], modes):
+            ax.set_xscale("log", base=2)  # before `draw`, which may set its own ticks
+            draw(ax, mode)
+            ax.set_title(f"RULER, query {mode}")
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("average score")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        return fig
+    return plot
+
+
 def score_vs_length(df: pd.DataFrame, stem: Path) -> list[Path]:
     """Average RULER score against context length, one line per method (and budget), one panel per query mode."""
     avg = averages(df)
     if avg["length"].nunique() < 2:
         raise KvbenchError("score vs length needs runs at two or more lengths")
-    modes = sorted(avg["query"].unique())
 
-    def plot(plt):
-        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
-        for ax, mode in zip(axes[0], modes):
-            part = avg[avg["query"] == mode]
-            for (method, budget), line in sorted(part.groupby(["method", "budget"]),
-                                                 key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1])):
-                line = line.sort_values("length")
-                label = method if budget < 0 else f"{method} ({_budget_label(budget)})"
-                ax.plot(line["length"], line["avg"], marker="o", label=label,
-                        linestyle="--" if method == "FullKV" else "-")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(part["length"].unique()))
-            ax.set_xticklabels([f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in sorted(part["length"].unique())])
-            ax.set_title(f"RULER, query {mode}")
-            ax.set_xlabel("context length (tokens)")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("average score")
-        axes[0][-1].legend(fontsize=7, loc="best")
-        return fig
+    def draw(ax, mode):
+        part = avg[avg["query"] == mode]
+        for (method, budget), line in sorted(part.groupby(["method", "budget"]),
+                                             key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1])):
+            line = line.sort_values("length")
+            label = method if budget < 0 else f"{method} ({_budget_label(budget)})"
+            ax.plot(line["length"], line["avg"], marker="o", label=label,
+                    linestyle="--" if method == "FullKV" else "-")
+        lengths = sorted(part["length"].unique())
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
 
-    return _figure(plot, stem)
+    return _figure(_mode_panels(sorted(avg["query"].unique()), "context length (tokens)", draw), stem)
 
 
 def score_vs_budget(df: pd.DataFrame, stem: Path) -> list[Path]:
@@ -165,27 +172,17 @@ def score_vs_budget(df: pd.DataFrame, stem: Path) -> list[Path]:
     compressed = avg[avg["budget"] >= 0]
     if compressed["budget"].nunique() < 2:
         raise KvbenchError("score vs budget needs compressed runs at two or more budgets")
-    modes = sorted(avg["query"].unique())
 
-    def plot(plt):
-        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 3.6), squeeze=False, sharey=True)
-        for ax, mode in zip(axes[0], modes):
-            part = compressed[compressed["query"] == mode]
-            for method, line in sorted(part.groupby("method"), key=lambda kv: method_sort_key(kv[0])):
-                line = line.sort_values("budget")
-                ax.plot(line["budget"], line["avg"], marker="o", label=method)
-            full = avg[(avg["query"] == mode) & (avg["method"] == "FullKV")]
-            if not full.empty:
-                ax.axhline(float(full["avg"].iloc[0]), color="black", linestyle="--", label="FullKV")
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"RULER, query {mode}")
-            ax.set_xlabel("KV budget (tokens per head)")
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("average score")
-        axes[0][-1].legend(fontsize=7, loc="best")
-        return fig
+    def draw(ax, mode):
+        part = compressed[compressed["query"] == mode]
+        for method, line in sorted(part.groupby("method"), key=lambda kv: method_sort_key(kv[0])):
+            line = line.sort_values("budget")
+            ax.plot(line["budget"], line["avg"], marker="o", label=method)
+        full = avg[(avg["query"] == mode) & (avg["method"] == "FullKV")]
+        if not full.empty:
+            ax.axhline(float(full["avg"].iloc[0]), color="black", linestyle="--", label="FullKV")
 
-    return _figure(plot, stem)
+    return _figure(_mode_panels(sorted(avg["query"].unique()), "KV budget (tokens per head)", draw), stem)
 
 
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
