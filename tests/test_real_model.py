@@ -46,3 +46,46 @@ def test_smollm2_passage_retrieval_with_and_without_compression(tmp_path):
     assert kept[28:] == [1208, 1208] and sum(kept[:28]) <= 120 * 30 + 8 * 28
     assert line["kv_bytes"] == sum(kept) * 9 * 64 * 2 * 4  # 9 query heads (official layout), head_dim 64, fp32
     assert line["new_tokens"] > 0 and full["n"]["passage_retrieval_zh"] == 1
+
+
+@pytest.mark.parametrize("model_name", ["smollm2_135m", "gemma3_270m"])
+def test_converted_copy_of_a_gguf_model_is_the_same_model(tmp_path, monkeypatch, model_name):
+    # The first load converts the GGUF and keeps the copy; the second reads the copy: same tokenizer (ids, chat
+    # template, special tokens), same weights, same generated tokens.
+    import importlib.util
+    import time
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from kvbench.engine import generate
+    from kvbench.models import CONVERTED_MARK, ModelSpec, _cached_tokenizer, converted_folder, load_model
+
+    spec = ModelSpec.from_config(OmegaConf.to_container(compose([f"model={model_name}"]).model, resolve=True))
+    if importlib.util.find_spec(spec.gguf_package) is None:
+        pytest.skip(f"{spec.gguf_package} is not installed (make gemma)")
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path))
+    _cached_tokenizer.cache_clear()
+    start = time.perf_counter()
+    model_a, tok_a = load_model(spec)
+    first = time.perf_counter() - start
+    assert (converted_folder(spec, torch.float32) / CONVERTED_MARK).is_file()
+    _cached_tokenizer.cache_clear()
+    start = time.perf_counter()
+    model_b, tok_b = load_model(spec)
+    second = time.perf_counter() - start
+    texts = ["The best thing to do in San Francisco is", "Ünïcödé 中文 \n\n  tabs\tand 1234567 <|endoftext|>"]
+    for text in texts:
+        assert tok_a(text).input_ids == tok_b(text).input_ids
+        assert tok_a.encode(text, add_special_tokens=False) == tok_b.encode(text, add_special_tokens=False)
+    assert (tok_a.bos_token_id, tok_a.eos_token_id, tok_a.pad_token_id) == \
+        (tok_b.bos_token_id, tok_b.eos_token_id, tok_b.pad_token_id)
+    assert tok_a.chat_template == tok_b.chat_template and len(tok_a) == len(tok_b)
+    assert model_a.generation_config.eos_token_id == model_b.generation_config.eos_token_id
+    state_b = model_b.state_dict()
+    assert all(torch.equal(value, state_b[name]) for name, value in model_a.state_dict().items())
+    ids = torch.tensor([tok_a(texts[0]).input_ids])
+    assert generate(model_a, ids, None, max_new_tokens=12).token_ids == \
+        generate(model_b, ids, None, max_new_tokens=12).token_ids
+    print(f"{model_name}: GGUF load + conversion {first:.1f} s, converted copy {second:.1f} s")
+    assert second < first

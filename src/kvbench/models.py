@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
+import shutil
+import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -108,6 +112,76 @@ def gguf_location(spec: ModelSpec) -> tuple[str, str]:
     return os.path.dirname(path), os.path.basename(path)
 
 
+def converted_folder(spec: ModelSpec, dtype: torch.dtype) -> Path:
+    """Where an embedded GGUF model is kept after its first load, converted to transformers' own format (weights as
+    safetensors, the tokenizer as tokenizer.json): reading a GGUF parses its whole vocabulary and dequantizes every
+    tensor (Gemma 3 270M: minutes on 2 cores), the converted copy loads in seconds. Keyed by the package's version,
+    the GGUF file's size, the dtype the weights were loaded in and the transformers version that converted it. `KVBENCH_CACHE` moves it (default
+    ~/.cache/kvbench); `KVBENCH_CACHE=off` turns it off."""
+    import transformers
+
+    folder, gguf_file = gguf_location(spec)
+    try:
+        version = importlib.metadata.version(spec.gguf_package.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    size = os.path.getsize(os.path.join(folder, gguf_file))
+    root = Path(os.environ.get("KVBENCH_CACHE") or Path.home() / ".cache" / "kvbench")
+    name = f"{Path(gguf_file).stem}-{version}-{size}-{str(dtype).removeprefix('torch.')}"
+    return root / "converted" / f"{name}-transformers{transformers.__version__}"
+
+
+def _converted(spec: ModelSpec, dtype: torch.dtype) -> Path | None:
+    """The converted copy of an embedded GGUF model when it is complete, else None (also when the cache is off)."""
+    if os.environ.get("KVBENCH_CACHE", "").lower() == "off":
+        return None
+    path = converted_folder(spec, dtype)
+    return path if (path / CONVERTED_MARK).is_file() else None
+
+
+def _save_converted(spec: ModelSpec, model, tokenizer, dtype: torch.dtype) -> None:
+    """Write the converted copy (a temporary folder renamed into place: a concurrent or interrupted save leaves no
+    half copy). A failure (read-only home, full disk) only costs the next load its speed: a warning, no error."""
+    if os.environ.get("KVBENCH_CACHE", "").lower() == "off":
+        return
+    target = converted_folder(spec, dtype)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        _save_dequantized(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONVERTED_MARK).write_text(f"converted from {spec.gguf_package}/{spec.gguf_file}\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / CONVERTED_MARK).is_file():  # not another process's complete copy
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"could not keep a converted copy of {spec.gguf_file} under {target.parent} ({err}); the next "
+                      f"load reads the GGUF again (set KVBENCH_CACHE to a writable folder)")
+
+
+CONVERTED_MARK = "kvbench-converted.txt"
+
+
+def _save_dequantized(model, folder: Path) -> None:
+    """save_pretrained of a model loaded from a GGUF. transformers refuses it ("quantized with gguf and not
+    serializable") although its weights are already dequantized float tensors: the GGUF quantizer is only a marker,
+    removed for the save (and from the saved config) and put back."""
+    quantizer, config = getattr(model, "hf_quantizer", None), model.config
+    marker = getattr(config, "quantization_config", None)
+    model.hf_quantizer = None
+    if marker is not None:
+        del config.quantization_config
+    try:
+        model.save_pretrained(folder)
+    finally:
+        model.hf_quantizer = quantizer
+        if marker is not None:
+            config.quantization_config = marker
+
+
 def _hub_error(source: str, err: Exception) -> KvbenchError:
     return KvbenchError(
         f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
@@ -160,7 +234,9 @@ def check_hub_source(source: str) -> None:
 
 def load_tokenizer(spec: ModelSpec):
     if spec.gguf_package:
-        return _cached_tokenizer(*gguf_location(spec), False)
+        converted = _converted(spec, resolve_dtype(spec, "cpu"))
+        return _cached_tokenizer(str(converted), None, False) if converted else _cached_tokenizer(*gguf_location(spec),
+                                                                                                   False)
     source = spec.tokenizer or spec.hub_id
     if source == "embedded":
         return load_tokenizer(EMBEDDED)
@@ -171,7 +247,7 @@ def load_tokenizer(spec: ModelSpec):
 def _cached_tokenizer(source: str, gguf_file: str | None, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    if not gguf_file:
+    if not gguf_file and not os.path.isdir(source):
         check_hub_source(source)
     try:
         if gguf_file:
@@ -209,16 +285,20 @@ def load_model(spec: ModelSpec, device: str = "cpu"):
         config = tiny_config(spec, len(tokenizer))
         model = _tiny_model(spec, config, dtype, register(resolve_attention(spec, device, config)))
     elif spec.gguf_package:
-        folder, gguf_file = gguf_location(spec)
+        converted = _converted(spec, dtype)
+        folder, gguf_file = (str(converted), None) if converted else gguf_location(spec)
+        source = {"gguf_file": gguf_file} if gguf_file else {}
         # No separate config read: parsing a GGUF's metadata (a 262k-token vocabulary for Gemma) is slow.
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **source,
                                                          attn_implementation=register(resolve_attention(spec, device)))
         except ValueError as err:
             if "scaled_dot_product_attention" not in str(err):
                 raise
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **source,
                                                          attn_implementation=register("eager"))
+        if not converted:
+            _save_converted(spec, model, tokenizer, dtype)
     else:
         if not spec.hub_id:
             raise KvbenchError(f"model {spec.name} has no hub_id: set model.hub_id=<hub id or local folder>")
