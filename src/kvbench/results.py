@@ -290,6 +290,9 @@ class RunStore:
         return sorted(p.stem for p in self.predictions_dir.glob("*.jsonl"))
 
 
+CONTEXT_KEYS = ("context_prefills", "context_prefills_avoided", "context_prefill_s_avoided")
+
+
 def _totals(sessions: list[dict]) -> dict:
     """Timing and memory over every session that generated samples (the cost of the whole folder)."""
     worked = [s for s in sessions if s.get("timing")]
@@ -302,6 +305,9 @@ def _totals(sessions: list[dict]) -> dict:
               "prefill_s_mean": round(sums["prefill_s"] / n, 4),
               "decode_ms_per_token": round(1000 * sums["decode_s"] / max(sums["new_tokens"], 1), 3),
               "s_per_sample": round((sums["prefill_s"] + sums["decode_s"]) / n, 3)}
+    for key in CONTEXT_KEYS:  # query-agnostic runs: compress once, ask many (engine.ContextCache.stats)
+        if any(key in s["timing"] for s in worked):
+            timing[key] = round(sum(s["timing"].get(key, 0) for s in worked), 3)
     totals: dict[str, Any] = {"timing": timing}
     peaks = [s["peak_memory_bytes"] for s in worked if s.get("peak_memory_bytes")]
     if peaks:
