@@ -87,9 +87,16 @@ class FakeReturn:
     status: object = None
 
 
-def job_config(sweep_dir: Path, num: int) -> object:
+def job_config(sweep_dir: Path, num: int, mode: str = "MULTIRUN") -> object:
     return OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}, "job": {"num": num, "name": "run"},
-                                       "runtime": {"output_dir": str(sweep_dir / str(num))}}})
+                                       "mode": mode, "runtime": {"output_dir": str(sweep_dir / str(num))}}})
+
+
+def test_a_single_run_is_not_a_job_of_the_report(tmp_path):
+    # The callback is in the root Hydra config, so Hydra calls it for single runs too (no hydra.job.num there).
+    single = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "job": {"name": "run"}, "mode": "RUN"}})
+    FailureReport().on_job_end(single, FakeReturn(JobFailed("bad", True), ["budget=0"]))
+    assert not list(tmp_path.rglob("*.json"))
 
 
 def test_the_report_names_each_failed_job_and_its_error(tmp_path, monkeypatch, capsys):

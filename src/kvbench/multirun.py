@@ -120,6 +120,9 @@ class FailureReport(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
+        mode = config.hydra.get("mode")
+        if getattr(mode, "name", mode) != "MULTIRUN":  # a single run answers its own errors (run.py)
+            return
         value = job_return._return_value  # the property re-raises a failed job's exception
         if job_return.status == JobStatus.FAILED:
             value = JobFailed(f"{type(value).__name__}: {value}", isinstance(value, KvbenchError))
