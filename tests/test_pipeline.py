@@ -44,6 +44,7 @@ def test_run_writes_predictions_scores_and_record(tmp_path):
     assert run["method"]["window_size"] == 32 and run["method"]["pooling"] == "avgpool"
     assert run["versions"]["torch"] and run["versions"]["transformers"] and run["peak_memory_bytes"] > 0
     assert run["timing"]["prefill_s_mean"] > 0 and run["kv_bytes_mean"] == lines[0]["kv_bytes"]
+    assert run["sessions"][0]["model_load_s"] >= 0  # loading the weights, apart from the samples' timings
     assert run["config"]["budget"] == 64
 
 

@@ -183,6 +183,7 @@ class Timer:
     def __init__(self) -> None:
         self.prefill, self.decode, self.new_tokens, self.samples = 0.0, 0.0, 0, 0
         self.start = time.perf_counter()
+        self.model_load_s = 0.0  # loading the weights (and tokenizer), before `start`
 
     def add(self, out: GenerationOutput) -> None:
         self.samples += 1
@@ -234,7 +235,9 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         check = getattr(job.benchmark, "check_tokenizer", None)
         if check is not None:
             check(tokenizer)
+        loading = time.perf_counter()
         model, tokenizer = load_model_once(job.spec, job.device)
+        timer.model_load_s = time.perf_counter() - loading  # ~0 when this process loaded it already (a multirun)
         job.method.bind(model, tokenizer)  # methods that need the model (Expected Attention, KVzip)
         store.open()
         log.info("results: %s", job.out)
@@ -259,6 +262,7 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
 def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -> dict:
     timer.start = time.perf_counter()  # the session's time counts from here (model loading excluded)
     session = {"command": user_command(), "device": device_description(job.device), "host": socket.gethostname(),
+               "model_load_s": round(timer.model_load_s, 2),
                "pid": os.getpid()}
 
     contexts = ContextCache()  # query-agnostic runs: samples sharing a context reuse its compressed cache
