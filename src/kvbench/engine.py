@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from kvbench.attention import compression, decoding
-from kvbench.cache import CompressedCache
+from kvbench.cache import CompressedCache, layer_kinds
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 
@@ -250,7 +250,7 @@ def restore_cache(cache: CompressedCache, lengths: Sequence[int]) -> None:
 def compress_context(model, context_ids: torch.Tensor, method: Method | None = None) -> CompressedContext:
     """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known)."""
     method = method or FullKV()
-    if new_cache(model, method).hybrid:
+    if any(kind.local for kind in layer_kinds(model.config)):
         raise KvbenchError("benchmark.query=agnostic does not support models with sliding-window or chunked layers "
                            "yet (their cache cannot be trimmed back after a question once the window is full); use "
                            "benchmark.query=aware on this model")
