@@ -3,9 +3,9 @@
 # compressing methods of 2024 on
 #   - RULER (generated offline) at 1024 and 2048 tokens, a few tasks, RULER_SAMPLES samples each,
 #   - the needle grid (1000/2000 tokens x 4 depths), query-aware and, with QUERY=both, query-agnostic,
-#   - LongBench multi_news (LIMIT samples; the other shared files are Chinese, where a 135M English model scores 0;
-#     under the papers' raw prompt SmolLM2 answers its first sample with an empty string: protocol=official helps
-#     but decodes 512 tokens a sample),
+#   - LongBench multi_news (LIMIT samples; the other shared files are Chinese, where a 135M English model scores 0),
+#     under LongBench's official pred.py template (chat; under the papers' raw prompt SmolLM2 answers with an empty
+#     string) with summaries capped at 128 new tokens (benchmark.max_new_tokens, recorded; official: 512),
 # then the tables (with 95% CIs) and the stacked needle heatmaps. Reruns skip finished work.
 # Budgets, from measurements on this model: at 128 tokens the needle separates the methods (FullKV 0.91, SnapKV
 # 0.55, PyramidKV 0.51, DynamicKV 0.39, StreamingLLM 0.35, H2O 0.24 on the 1k-4k grid); RULER needs more (DynamicKV
