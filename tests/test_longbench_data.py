@@ -141,7 +141,7 @@ def test_corrupt_line_names_file_and_line_number(tmp_path):
     path = tmp_path / "multi_news.jsonl"
     lines = (REAL_DIR / "multi_news.jsonl").read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:3]) + b'{"input": "", "context": "cut off\n' + b"".join(lines[4:6]))
-    with pytest.raises(KvbenchError, match=r"multi_news.jsonl line 4 is not valid JSON"):
+    with pytest.raises(KvbenchError, match=r"multi_news.jsonl, line 4: not valid JSON"):
         load_task("multi_news", DataSource(path=tmp_path, verify=False))
     # The first three samples are intact, so a limit that stops before line 4 still loads.
     assert len(load_task("multi_news", DataSource(path=tmp_path, verify=False, limit=3))) == 3
@@ -150,7 +150,7 @@ def test_corrupt_line_names_file_and_line_number(tmp_path):
 def test_non_object_line_is_rejected(tmp_path):
     path = tmp_path / "trec.jsonl"
     path.write_text('{"input": "q", "context": "c"}\n[1, 2]\n', encoding="utf-8")
-    with pytest.raises(KvbenchError, match="line 2 is a JSON list"):
+    with pytest.raises(KvbenchError, match="line 2: a JSON list"):
         load_task("trec", DataSource(path=tmp_path, verify=False))
 
 

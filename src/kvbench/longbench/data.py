@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbench.errors import KvbenchError
+from kvbench.jsonl import numbered_jsonl
 from kvbench.longbench.tasks import task_spec
 
 _MANIFEST_RESOURCE = "data/longbench_manifest.json"
@@ -188,34 +189,25 @@ def local_task_file(task: str, folder: str | os.PathLike) -> Path:
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    """Parse a jsonl file in file order (first `limit` samples); blank lines are skipped.
-
-    Lines are split on LF only, so a trailing CR (CRLF files) is just whitespace to json.loads.
-    """
+    """The samples of a LongBench jsonl file in file order (the first `limit`; the rest is not read)."""
+    fix = "re-extract the file from LongBench's data.zip"
     samples: list[dict] = []
-    with open(path, "rb") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    if limit is not None and limit <= 0:
+        return samples
+    try:
+        for line_number, sample in numbered_jsonl(path, fix):
+            if not isinstance(sample, dict):
+                raise LongBenchDataError(
+                    f"{path}, line {line_number}: a JSON {type(sample).__name__}, expected an object with 'input', "
+                    f"'context', 'answers', ...; {fix}")
+            samples.append(sample)
             if limit is not None and len(samples) >= limit:
                 break
-            if not line.strip():
-                continue
-            samples.append(_parse_line(path, line_number, line))
+    except LongBenchDataError:
+        raise
+    except KvbenchError as error:
+        raise LongBenchDataError(str(error)) from None
     return samples
-
-
-def _parse_line(path: str | os.PathLike, line_number: int, line: bytes) -> dict:
-    try:
-        sample = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LongBenchDataError(
-            f"{path} line {line_number} is not valid JSON ({error}); re-extract the file from LongBench's data.zip"
-        ) from None
-    if not isinstance(sample, dict):
-        raise LongBenchDataError(
-            f"{path} line {line_number} is a JSON {type(sample).__name__}, expected an object with "
-            f"'input', 'context', 'answers', ...; re-extract the file from LongBench's data.zip"
-        )
-    return sample
 
 
 def _load_from_hub(task: str, hub_id: str, limit: int | None) -> list[dict]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kvbench.errors import KvbenchError
-from kvbench.jsonl import read_jsonl
+from kvbench.jsonl import numbered_jsonl
 from kvbench.longbench import metrics
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, ENGLISH_16, task_spec
 from kvbench.sample_scores import SAMPLES_KEY, sample_row
@@ -195,11 +195,12 @@ def read_predictions(path: str | Path) -> list[dict]:
     A line that is not a JSON object with 'pred' and 'answers' is a KvbenchError naming file and line.
     """
     path = Path(path)
-    records = read_jsonl(path, "fix or delete that line (a run killed mid-write leaves a half line at the end); "
-                               "prediction files are UTF-8 JSON lines", encoding="utf-8-sig")
-    numbers = [n for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
-    for line_number, record in zip(numbers, records):
+    records = []
+    for line_number, record in numbered_jsonl(
+            path, "fix or delete that line (a run killed mid-write leaves a half line at the end); prediction files "
+                  "are UTF-8 JSON lines", encoding="utf-8-sig"):
         _check_record(record, f"{path}, line {line_number}")
+        records.append(record)
     _warn_on_duplicate_ids(path, records)
     return records
 
