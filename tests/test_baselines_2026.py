@@ -176,15 +176,16 @@ def test_kvzip_chunks_follow_kvpress():
     assert passes[2][2].tolist() == [[2, 108, 109, 3, 110, 111]]
 
 
+@pytest.mark.parametrize("block", [7, 23, 512])
 @pytest.mark.parametrize("start, end", [(0, 40), (40, 70)])
-def test_kvzip_scores_are_the_reference_softmax_max(start, end):
+def test_kvzip_scores_are_the_reference_softmax_max(start, end, block):
     """kvpress `score_kvzip`: softmax over [sink keys, chunk keys, pass keys] with a causal pass block, the max
     over the group and the pass's queries at the chunk's columns."""
     gen = torch.Generator().manual_seed(1)
     n, m = 70, 23
     queries = torch.randn(1, 8, m, 16, generator=gen) * 2
     keys = torch.randn(1, 2, n + m, 16, generator=gen)
-    got = reconstruction_scores(queries, keys, start, end, n_sink=4, block=7)
+    got = reconstruction_scores(queries, keys, start, end, n_sink=4, block=block)
     sink = min(4, start)
     sub = torch.cat([keys[:, :, :sink], keys[:, :, start:end], keys[:, :, -m:]], dim=2)
     sub = sub.repeat_interleave(4, dim=1)

@@ -66,24 +66,32 @@ def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, start: int,
     """kvpress `score_kvzip`: queries [1,H,m,d] of a pass, keys [1,H_kv,N,d] (the prompt, then the pass) ->
     [H_kv, end - start]: the max over the group's heads and the pass's queries of the softmax over the keys of the
     first `min(n_sink, start)` tokens, the chunk `start:end` and the pass itself (causal), at the chunk's columns.
-    Computed over blocks of `block` queries with a float32 log-normaliser, never the [H, m, N] matrix at once."""
+
+    Computed over blocks of `block` queries in float32, never the [H, m, N] matrix at once: a block's queries see
+    the pass's keys up to the block's last row only (the rest is masked anyway), and the softmax runs in place
+    (max, exp, sum, divide, as torch.softmax), so each block allocates its logits once."""
     heads, m, d = queries.shape[1], queries.shape[2], queries.shape[3]
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     sink = min(n_sink, start)
+    scale = math.sqrt(d)
     context = torch.cat([keys[0, :, :sink], keys[0, :, start:end]], dim=1).transpose(-1, -2)  # [H_kv, d, s+c]
     own = keys[0, :, -m:].transpose(-1, -2)  # [H_kv, d, m]
     q = queries[0].view(kv_heads, group, m, d)
     best = torch.zeros(kv_heads, end - start, dtype=torch.float32, device=keys.device)
     for b0 in range(0, m, block):
-        rows = torch.arange(b0, min(b0 + block, m), device=keys.device)
-        qb = q[:, :, b0:b0 + len(rows)].reshape(kv_heads, group * len(rows), d)
-        ctx_logits = (qb @ context).float() / math.sqrt(d)  # [H_kv, g*b, s+c]
-        own_logits = ((qb @ own).float() / math.sqrt(d)).view(kv_heads, group, len(rows), m)
-        future = torch.arange(m, device=keys.device)[None, :] > rows[:, None]
-        own_lse = own_logits.masked_fill(future, float("-inf")).logsumexp(-1).view(kv_heads, -1)
-        lse = torch.logaddexp(ctx_logits.logsumexp(-1), own_lse)
-        probs = (ctx_logits[..., sink:] - lse[..., None]).exp()
+        b1 = min(b0 + block, m)
+        rows = b1 - b0
+        qb = q[:, :, b0:b1].reshape(kv_heads, group * rows, d)
+        ctx = (qb @ context).float().div_(scale)  # [H_kv, g*b, s+c]
+        mine = (qb @ own[..., :b1]).float().div_(scale).view(kv_heads, group, rows, b1)
+        future = torch.ones(rows, rows, dtype=torch.bool, device=keys.device).triu_(1)  # only the last columns
+        mine[..., b0:].masked_fill_(future, float("-inf"))
+        top = torch.maximum(ctx.amax(-1), mine.amax(-1).view(kv_heads, -1))[..., None]  # row max (finite: r >= r)
+        ctx.sub_(top).exp_()
+        mine.sub_(top.view(kv_heads, group, rows, 1)).exp_()
+        total = ctx.sum(-1) + mine.sum(-1).view(kv_heads, -1)
+        probs = ctx[..., sink:].div_(total[..., None])
         best = torch.maximum(best, probs.amax(dim=1))
     return best
 
