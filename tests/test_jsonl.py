@@ -21,7 +21,7 @@ def test_separators_that_json_allows_inside_strings_do_not_split_a_record(tmp_pa
 def test_line_numbers_count_blank_lines_and_crlf_and_bom_are_fine(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n\r\n{"a": 2}\r\n')
-    assert list(numbered_jsonl(path, "fix", encoding="utf-8-sig")) == [(1, {"a": 1}), (3, {"a": 2})]
+    assert list(numbered_jsonl(path, "fix", bom=True)) == [(1, {"a": 1}), (3, {"a": 2})]
     path.write_bytes(b'{"a": 1}\n\n{"a": \n')
     with pytest.raises(KvbenchError, match=r"x.jsonl, line 3: not valid JSON .*; delete it"):
         read_jsonl(path, "delete it")

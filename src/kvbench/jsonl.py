@@ -17,11 +17,11 @@ from kvbench.errors import KvbenchError
 
 
 def numbered_jsonl(path: str | os.PathLike, fix: str, repair: bool = False,
-                   encoding: str = "utf-8") -> Iterator[tuple[int, object]]:
+                   bom: bool = False) -> Iterator[tuple[int, object]]:
     """(line number, value) of each non-blank line of `path`, read as it goes (stop early to read a prefix).
 
-    A bad line is a KvbenchError naming the file and line and ending with `fix` (what the user should do);
-    `encoding="utf-8-sig"` also takes a BOM. A last line without its newline is the trace of an interrupted write:
+    The text is UTF-8; with `bom`, a byte-order mark at the start of the file is skipped. A bad line is a
+    KvbenchError naming the file and line and ending with `fix` (what the user should do). A last line without its newline is the trace of an interrupted write:
     with `repair` it is cut off the file (a warning says so) and the iteration ends before it."""
     path = Path(path)
     with open(path, "rb") as handle:
@@ -29,7 +29,7 @@ def numbered_jsonl(path: str | os.PathLike, fix: str, repair: bool = False,
         for number, raw in enumerate(handle, start=1):
             start, offset = offset, offset + len(raw)
             try:
-                line = raw.decode(encoding if number == 1 else "utf-8")
+                line = raw.decode("utf-8-sig" if bom and number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 raise KvbenchError(f"{path}: not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} "
                                    f"at offset {start + error.start}, line {number}); {fix}") from None
@@ -49,6 +49,6 @@ def numbered_jsonl(path: str | os.PathLike, fix: str, repair: bool = False,
             yield number, value
 
 
-def read_jsonl(path: str | os.PathLike, fix: str, repair: bool = False, encoding: str = "utf-8") -> list:
+def read_jsonl(path: str | os.PathLike, fix: str, repair: bool = False, bom: bool = False) -> list:
     """The values of the non-blank lines of `path` (see `numbered_jsonl`)."""
-    return [value for _, value in numbered_jsonl(path, fix, repair=repair, encoding=encoding)]
+    return [value for _, value in numbered_jsonl(path, fix, repair=repair, bom=bom)]

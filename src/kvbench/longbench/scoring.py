@@ -198,7 +198,7 @@ def read_predictions(path: str | Path) -> list[dict]:
     records = []
     for line_number, record in numbered_jsonl(
             path, "fix or delete that line (a run killed mid-write leaves a half line at the end); prediction files "
-                  "are UTF-8 JSON lines", encoding="utf-8-sig"):
+                  "are UTF-8 JSON lines", bom=True):
         _check_record(record, f"{path}, line {line_number}")
         records.append(record)
     _warn_on_duplicate_ids(path, records)

@@ -87,7 +87,7 @@ def reconstruction_scores(queries: torch.Tensor, keys: torch.Tensor, start: int,
         mine = (qb @ own[..., :b1]).float().div_(scale).view(kv_heads, group, rows, b1)
         future = torch.ones(rows, rows, dtype=torch.bool, device=keys.device).triu_(1)  # only the last columns
         mine[..., b0:].masked_fill_(future, float("-inf"))
-        top = torch.maximum(ctx.amax(-1), mine.amax(-1).view(kv_heads, -1))[..., None]  # row max (finite: r >= r)
+        top = torch.maximum(ctx.amax(-1), mine.amax(-1).view(kv_heads, -1))[..., None]  # row max (finite: a row sees its own key)
         ctx.sub_(top).exp_()
         mine.sub_(top.view(kv_heads, group, rows, 1)).exp_()
         total = ctx.sum(-1) + mine.sum(-1).view(kv_heads, -1)
