@@ -53,6 +53,7 @@ def test_converted_copy_of_a_gguf_model_is_the_same_model(tmp_path, monkeypatch,
     # The first load converts the GGUF and keeps the copy; the second reads the copy: same tokenizer (ids, chat
     # template, special tokens), same weights, same generated tokens.
     import importlib.util
+    import os
     import time
 
     import torch
@@ -92,10 +93,13 @@ def test_converted_copy_of_a_gguf_model_is_the_same_model(tmp_path, monkeypatch,
     assert second < first
     if model_name == "smollm2_135m":  # a truncated copy is noticed, said in one line, read from the GGUF and rebuilt
         folder = converted_folder(spec, torch.float32)
-        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+        # A new, truncated file (model_b maps the old one: truncating it in place would crash model_b's reads).
+        (folder / "cut").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+        os.replace(folder / "cut", folder / "model.safetensors")
         capsys.readouterr()
         _cached_tokenizer.cache_clear()
         model_c, _ = load_model(spec)
         assert "is damaged (model.safetensors has 1000 bytes" in capsys.readouterr().err
         assert converted_damage(folder) is None
-        assert all(torch.equal(value, state_b[name]) for name, value in model_c.state_dict().items())
+        state_a = model_a.state_dict()
+        assert all(torch.equal(value, state_a[name]) for name, value in model_c.state_dict().items())

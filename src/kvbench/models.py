@@ -279,6 +279,13 @@ def _hub_reachable(timeout_s: float = 2.0) -> bool:
     return True
 
 
+def hub_unavailable() -> str | None:
+    """Why the hub cannot be used now ("HF_HUB_OFFLINE is set", "the hub is unreachable"), None when it can."""
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    return None if _hub_reachable() else "the hub is unreachable"
+
+
 def check_hub_source(source: str) -> None:
     """Fail in a second, naming the fix, when a hub id is neither a local folder nor in the local cache and the hub
     cannot be used (HF_HUB_OFFLINE, or no connection): transformers would otherwise retry for most of a minute."""
@@ -294,10 +301,9 @@ def check_hub_source(source: str) -> None:
                 return
         except ValueError:  # not a valid repo id: transformers gives its own message
             return
-    if _hub_offline():
-        raise _hub_error(source, OSError("not in the local cache and HF_HUB_OFFLINE is set"))
-    if not _hub_reachable():
-        raise _hub_error(source, OSError("not in the local cache and the hub is unreachable"))
+    why = hub_unavailable()
+    if why:
+        raise _hub_error(source, OSError(f"not in the local cache and {why}"))
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -341,6 +347,23 @@ def _tiny_model(spec: ModelSpec, config, dtype: torch.dtype, attn: str):
 
     torch.manual_seed(spec.tiny.get("seed", 0))
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+
+
+def model_config(spec: ModelSpec, tokenizer, device: str = "cpu"):
+    """The model's config without its weights (tiny models: built; hub models and converted copies: config.json;
+    an embedded GGUF not converted yet: its metadata), for the checks that must come before the weights load."""
+    from transformers import AutoConfig
+
+    if spec.tiny is not None:
+        return tiny_config(spec, len(tokenizer))
+    if spec.gguf_package:
+        converted = _converted(spec, resolve_dtype(spec, device))
+        folder, gguf_file = (str(converted), None) if converted else gguf_location(spec)
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    try:
+        return AutoConfig.from_pretrained(spec.hub_id, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(spec.hub_id, err) from err
 
 
 def load_model(spec: ModelSpec, device: str = "cpu"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.atomic import atomic_write
+from kvbench.atomic import atomic_write, write_error
 from kvbench.report.collect import collect, is_fullkv, layer_allocations, method_sort_key
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"warning: {warning.message}", file=sys.stderr)
     except KvbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder a figure writer makes itself (atomic writes say so as a KvbenchError)
+        print(f"error: {write_error(exc, exc.filename or out)}", file=sys.stderr)
         return 2
 
 

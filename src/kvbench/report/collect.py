@@ -126,7 +126,7 @@ def _read_json(path: Path) -> dict:
 
 def read_predictions(path: Path) -> list[dict]:
     """The records of one predictions `.jsonl` file; a KvbenchError naming file and line when one is corrupt."""
-    return read_jsonl(path, "rerun that task (a run resumes from the samples that remain)")
+    return read_jsonl(path, "rerun that task (a run resumes from the samples that remain)", bom=True)
 
 
 def _budget(value) -> float:
