@@ -254,8 +254,9 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
             if store.session is not None:
                 try:
                     store.end_session("failed", timing=timer.summary(), error=f"{type(err).__name__}: {err}"[:500])
-                except OSError as second:  # e.g. the disk is still full: the first error is the one to report
-                    log.error("could not mark %s failed: %s", job.out / "run.json", second)
+                except OSError:  # the disk is still full: the first error is the one to report, in one line
+                    if isinstance(err, KvbenchError):
+                        raise KvbenchError(f"{err} (run.json could not be marked failed either)") from None
             raise
         finally:
             store.close()
