@@ -213,3 +213,18 @@ def test_a_bom_in_the_runs_own_predictions_does_not_break_the_resume(tmp_path):
     assert scores["n"][TASK] == 2
     lines = read_predictions(pred)
     assert len(lines) == 2 and lines[0] == json.loads(first)  # the first sample kept, not redone
+
+
+def test_a_short_prediction_write_is_a_full_disk_not_a_silent_cut_line(tmp_path, monkeypatch):
+    from kvbench.results import RunStore
+
+    store = RunStore(tmp_path / "run", {}, {})
+    store.predictions_dir.mkdir(parents=True)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:5]))  # the disk fills up mid-line
+    try:
+        with pytest.raises(KvbenchError, match=r"No space left on device\); free some space"):
+            store.append("t", {"_id": "a", "pred": "x"})
+    finally:
+        monkeypatch.undo()
+    assert len((store.prediction_file("t")).read_bytes()) == 5  # the cut line, dropped when the run resumes

@@ -287,7 +287,8 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
     scores.json, so CIs and paired tests may use them), n, protocol, tag (run.json config.tag, "" if none), status
     (run.json status: "complete", "running", "interrupted", "unknown"), kv_bytes_mean, prefill_s_mean,
     decode_s_mean, run_dir, query; needle runs also retrieval (percent of cells whose answer names the needle's key
-    facts: what measures retrieval) with retrieval_ci_low/high (NaN for other runs). Broken runs are skipped with a `ReportWarning` (or raise with `strict=True`).
+    facts: what measures retrieval) with retrieval_ci_low/high (NaN for other runs). Broken runs are skipped with a
+    `ReportWarning` (or raise with `strict=True`).
     """
     rows: list[dict] = []
     run_dirs = find_run_dirs(paths)
