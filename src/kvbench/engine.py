@@ -20,9 +20,10 @@ from typing import Sequence
 import torch
 
 from kvbench.attention import compression, decoding
-from kvbench.cache import CompressedCache, layer_kinds
+from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
+from kvbench.query import check_agnostic_model
 
 
 @dataclass
@@ -250,10 +251,7 @@ def restore_cache(cache: CompressedCache, lengths: Sequence[int]) -> None:
 def compress_context(model, context_ids: torch.Tensor, method: Method | None = None) -> CompressedContext:
     """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known)."""
     method = method or FullKV()
-    if any(kind.local for kind in layer_kinds(model.config)):
-        raise KvbenchError("benchmark.query=agnostic does not support models with sliding-window or chunked layers "
-                           "yet (their cache cannot be trimmed back after a question once the window is full); use "
-                           "benchmark.query=aware on this model")
+    check_agnostic_model(model.config)
     state = prefill(model, context_ids, method)
     cache = state.cache
     return CompressedContext(context_ids, state, cache_lengths(cache), cache.nbytes(), method.record(),

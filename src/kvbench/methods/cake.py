@@ -63,6 +63,9 @@ class CAKE(Method):
             raise KvbenchError("method.tau1 and method.tau2 go together: set both, or neither (official table)")
         if self.tau1 is not None and (self.tau1 <= 0 or self.tau2 <= 0):
             raise KvbenchError(f"method.tau1={self.tau1}, tau2={self.tau2} must be positive")
+        if not math.isfinite(self.gamma) or (self.tau1 is not None and not math.isfinite(self.tau1 * self.tau2)):
+            raise KvbenchError(f"method.gamma={self.gamma}, tau1={self.tau1}, tau2={self.tau2} must be finite numbers "
+                               f"(the reference uses gamma 200)")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise KvbenchError(f"method.kernel_size={self.kernel_size} must be odd (the reference uses 5)")
 

@@ -39,7 +39,7 @@ class DynamicKV(PooledWindowMethod):
         super().validate()
         if self.mode not in DYNAMICKV_MODES:
             raise KvbenchError(f"method.mode={self.mode!r} for dynamickv: choose one of {', '.join(DYNAMICKV_MODES)}")
-        if self.radio_max < 1:
+        if not self.radio_max >= 1:  # nan too
             raise KvbenchError(f"method.radio_max={self.radio_max} must be at least 1 (the paper uses 10; Qwen2 5)")
         if self.update_interval < 1:
             raise KvbenchError(f"method.update_interval={self.update_interval} must be at least 1 (the paper uses 4)")
