@@ -127,7 +127,7 @@ def run(spec: dict, synth) -> dict:
         with torch.no_grad():
             rank = press.press if wrapper not in ("ScorerPress", "CriticalKVPress") else press
             scores = None
-            if wrapper in ("ScorerPress", "AdaKVPress", "CriticalKVPress"):
+            if wrapper in ("ScorerPress", "AdaKVPress"):
                 scores = rank.score(module, hidden, k, v, None, kwargs)[0]
             out = press.compress(module, hidden, k.clone(), v.clone(), None, kwargs)
         if wrapper in ("AdaKVPress", "CriticalAdaKVPress"):
@@ -187,6 +187,25 @@ def specs() -> list[dict]:
                 {**ada, **ea}, shape, budget, ea)
             add("expected_attention", "expected_attention", "expected_attention", "ScorerPress", ea, shape, budget,
                 ea)
+    # ChunkKV (plain, entropy-gated) and CriticalKV / CriticalAdaKV around KNorm and Expected Attention.
+    for shape in shapes + [odd]:
+        for budget in (64, 128):
+            if shape is odd and budget == 64:
+                continue
+            for scorer_name, sp in (("knorm", {}), ("expected_attention", ea)):
+                sparams = {"scorer": scorer_name, "scorer_params": sp}
+                add("chunkkv", f"chunkkv_{scorer_name}", scorer_name, "ChunkKVPress",
+                    {**sparams, "chunk_length": 20}, shape, budget, sp, {"chunk_length": 20})
+                add("chunkkv", f"chunkkv_entropy_{scorer_name}", scorer_name, "EntropyGatedChunkKVPress",
+                    {**sparams, "entropy_gated": True, "chunk_length": 10, "low_entropy_chunk_length": 4}, shape,
+                    budget, sp, {"chunk_length": 10, "low_entropy_chunk_length": 4})
+                csp = ea_crit if scorer_name == "expected_attention" else sp
+                crit = {"scorer": scorer_name, "scorer_params": csp, "epsilon": 1e-4, "first_stage_ratio": 0.5}
+                add("criticalkv", f"criticalkv_{scorer_name}", scorer_name, "CriticalKVPress", crit, shape, budget,
+                    csp, {"epsilon": 1e-4, "first_stage_ratio": 0.5})
+                add("criticalkv", f"criticaladakv_{scorer_name}", scorer_name, "CriticalAdaKVPress",
+                    {**crit, "press": "CriticalAdaKVPress", "alpha_safeguard": 0.2}, shape, budget, csp,
+                    {"alpha_safeguard": 0.2, "epsilon": 1e-4, "first_stage_ratio": 0.5})
     return out
 
 

@@ -42,7 +42,7 @@ class KvpressScored(ScoredMethod):
         """A kvpress golden case's arguments -> our settings: `press: AdaKVPress` with `alpha_safeguard` is
         `allocation=adaptive` with that `floor_alpha` (`adaptive_mode=exact`)."""
         params = dict(params)
-        if params.pop("press", None) == "AdaKVPress":
+        if params.pop("press", None) in ("AdaKVPress", "CriticalAdaKVPress"):
             params.update(allocation="adaptive", adaptive_mode="exact",
                           floor_alpha=params.pop("alpha_safeguard", 0.2))
         return params
