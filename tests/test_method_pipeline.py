@@ -19,6 +19,7 @@ from kvbench.methods.base import ScoredMethod
 
 CASES = case_paths([REPO / "tests" / "golden" / "cases-2026"])
 KVPRESS_055 = [p for p in CASES if "kvpress==0.5.5" in load_case(p)["reference"]]
+DEFENSIVE = [p for p in CASES if load_case(p)["reference"].startswith("FFY0/DefensiveKV@9251b95")]
 # Methods outside the shared pipeline, with the reason (goal: none): FullKV scores nothing; KVzip scores in extra
 # passes through the model after the prefill (`after_prefill`).
 OUTSIDE = {"fullkv", "kvzip"}
@@ -41,8 +42,13 @@ def test_kvpress_055_cases_present():
     assert len(KVPRESS_055) == 64
 
 
-@pytest.mark.parametrize("path", KVPRESS_055, ids=[p.stem for p in KVPRESS_055])
-def test_kvpress_055_case(path):
+def test_defensivekv_cases_present():
+    assert sorted({load_case(p)["method"] for p in DEFENSIVE}) == ["defensivekv", "layer_defensivekv"]
+    assert len(DEFENSIVE) == 12
+
+
+@pytest.mark.parametrize("path", KVPRESS_055 + DEFENSIVE, ids=[p.stem for p in KVPRESS_055 + DEFENSIVE])
+def test_official_wrapper_case(path):
     case = load_case(path)
     assert compare(case, run_case(case)) == []
 
@@ -65,6 +71,26 @@ def test_adaptive_is_refused_where_it_cannot_apply(name):
     with pytest.raises(KvbenchError, match="allocation=adaptive does not apply") as err:
         build_method(name, budget=64, allocation="adaptive")
     assert "\n" not in str(err.value)
+
+
+def test_layer_defensivekv_refuses_uniform_allocation():
+    with pytest.raises(KvbenchError, match="allocation must be adaptive"):
+        build_method("layer_defensivekv", budget=64, allocation="uniform")
+
+
+@pytest.mark.parametrize("name", ["defensivekv", "layer_defensivekv"])
+def test_defensivekv_on_a_tiny_model(tiny_llama, name):
+    """Heads (and, for the layer variant, layers) keep different counts; the totals are the budget."""
+    model, tok = tiny_llama
+    method = build_method(name, budget=48)
+    method.bind(model, tok)
+    out = generate(model, random_prompt(300, len(tok), seed=5), method, max_new_tokens=3)
+    assert len(out.token_ids) == 3
+    counts = method.head_budgets
+    if name == "defensivekv":
+        assert all(sum(layer) == 2 * 48 for layer in counts) and any(len(set(layer)) > 1 for layer in counts)
+    else:
+        assert sum(map(sum, counts)) == 4 * 2 * 48 and len({sum(layer) for layer in counts}) > 1
 
 
 def test_wrappers_refuse_a_scorer_that_is_not_per_layer():

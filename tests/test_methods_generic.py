@@ -21,6 +21,9 @@ PROMPT = 300
 # the prefill, which the synthetic driver does not do yet, and have no size formula of their own.
 SYNTHETIC_GAPS = {"expected_attention": "needs method.bind(model) (rotary embedding)",
                   "criticalkv": "needs method.bind(model) (output projections); its golden cases bind a stand-in",
+                  "defensivekv": "needs method.bind(model) (output projections); its golden cases bind a stand-in",
+                  "layer_defensivekv": "needs method.bind(model) (output projections); its golden cases bind a "
+                                       "stand-in",
                   "kvzip": "scores come from reconstruction passes through the model (after_prefill); the model tests "
                            "below check it"}
 FORMULA_GAPS = {}

@@ -97,6 +97,9 @@ def ties(scores: torch.Tensor | None, kept: list[list[int]]) -> list[list[int]]:
         return [[] for _ in kept]
     out = []
     for h, positions in enumerate(kept):
+        if not positions:  # a head that keeps nothing (Layer-DefensiveKV)
+            out.append([])
+            continue
         row = scores[h].double()
         last = row[positions].min()
         close = ((row - last).abs() <= 1e-6 * last.abs().clamp(min=1e-30)).nonzero().flatten().tolist()

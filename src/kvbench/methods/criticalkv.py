@@ -37,28 +37,13 @@ class CriticalKV(ScorerWrapper):
 
     def bind(self, model, tokenizer=None) -> None:
         super().bind(model, tokenizer)
-        self.o_proj = [m.o_proj.weight for m in model.modules() if isinstance(getattr(m, "o_proj", None),
-                                                                             torch.nn.Linear)]
-        if not self.o_proj:
-            raise KvbenchError(f"criticalkv needs the attention output projections (o_proj); "
-                               f"{type(model).__name__} has none")
+        self.o_proj = output_projections(model)
 
     def projected_norms(self, layer_idx: int, values: torch.Tensor, heads: int) -> torch.Tensor:
         """||v W_o^h||_1 per query head [H, n] (kvpress `vwl1norm`), or its group mean [H_kv, n]."""
-        weights = getattr(self, "o_proj", None)
-        if weights is None:
-            raise KvbenchError("criticalkv needs the model: call method.bind(model) before prefill")
-        if len(weights) != self.num_layers:
-            raise KvbenchError(f"criticalkv reads each layer's output projection, but {self.num_layers} of "
-                               f"{len(weights)} layers are compressed; use method.local_layers=compress or another "
-                               f"method on this model")
-        weight = weights[layer_idx]
-        kv_heads, dim = values.shape[1], values.shape[3]
-        group = heads // kv_heads
-        norms = torch.stack([(values[0, h // group] @ weight[:, h * dim:(h + 1) * dim].T.to(values.dtype))
-                             .abs().sum(dim=-1) for h in range(heads)])
+        norms = value_output_norms(values, layer_weight(self, layer_idx), heads)
         if self.cache_heads == "per_kv_head":
-            norms = norms.view(kv_heads, group, -1).mean(dim=1)
+            norms = norms.view(values.shape[1], heads // values.shape[1], -1).mean(dim=1)
         return norms
 
     def first_stage(self, counts, prefix: int) -> torch.Tensor | int:
@@ -87,3 +72,33 @@ class CriticalKV(ScorerWrapper):
         for h, f in enumerate(first.tolist()):
             rescored[h, order[h, :f]] = float("inf")  # the first stage: kept by the scorer's own scores
         super().select_and_store(cache, layer_idx, rescored, counts, keys, values)
+
+
+def output_projections(model) -> list[torch.Tensor]:
+    """The weight of every attention layer's output projection `o_proj`, in layer order."""
+    weights = [m.o_proj.weight for m in model.modules() if isinstance(getattr(m, "o_proj", None), torch.nn.Linear)]
+    if not weights:
+        raise KvbenchError(f"this method needs the attention output projections (o_proj); {type(model).__name__} "
+                           f"has none")
+    return weights
+
+
+def layer_weight(method, layer_idx: int) -> torch.Tensor:
+    """The bound `o_proj` weight of a compressed layer; every layer must be compressed (ranks = layer indices)."""
+    weights = getattr(method, "o_proj", None)
+    if weights is None:
+        raise KvbenchError(f"{method.name} needs the model: call method.bind(model) before prefill")
+    if len(weights) != method.num_layers:
+        raise KvbenchError(f"{method.name} reads each layer's output projection, but {method.num_layers} of "
+                           f"{len(weights)} layers are compressed; use method.local_layers=compress or another method "
+                           f"on this model")
+    return weights[layer_idx]
+
+
+def value_output_norms(values: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """values [1, H_kv, n, d], o_proj weight [hidden, H*d] -> [H, n]: the L1 norm of each value through its query
+    head's slice of the output projection (one head at a time: O(n x hidden) memory)."""
+    kv_heads, dim = values.shape[1], values.shape[3]
+    group = heads // kv_heads
+    return torch.stack([(values[0, h // group] @ weight[:, h * dim:(h + 1) * dim].T.to(values.dtype))
+                        .abs().sum(dim=-1) for h in range(heads)])
