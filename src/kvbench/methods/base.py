@@ -11,6 +11,12 @@ For a `ScoredMethod` that is four separate steps:
 - select: the top `count` positions of each head;
 - store: one dense tensor when every head keeps the same count (`keep_tokens`), a per-head variable-length
   `kvbench.ragged.RaggedLayer` otherwise (bytes held = tokens kept).
+`ScoredMethod.compress_layer` is that path, and every scorer runs it: a method changes a step, never the path
+(kvpress-style scorers give `kv_scores`; wrappers such as ChunkKV and CriticalKV change select; CAKE, DynamicKV and
+Layer-DefensiveKV allocate across layers and cut earlier layers in their select step). What a method needs besides
+the path is a declared capability (`needs_model`, `acts_during_decoding`, `supports_adaptive`, ...), read by the
+pipeline, the engine and validation. Outside it: FullKV (scores nothing) and KVzip (scores in passes after the
+prefill, `after_prefill`).
 
 Conventions (as the KV-compression papers): `budget` is tokens kept per head per layer, the observation window
 included; the window (last `window_size` prompt tokens) is always kept and placed after the selected tokens,
@@ -38,7 +44,7 @@ ADAPTIVE_MODES = ("official", "exact")
 
 @dataclass
 class Method:
-    """Base class: keeps everything. Subclasses override `compress_layer` (or, usually, `score`).
+    """Base class: keeps everything (FullKV). Scorers subclass `ScoredMethod` and provide `score`.
 
     Class-level facts the registry (`kvbench.methods.registry`) reads: `name` (config and results name),
     `display_name` (tables, plots), `order` (position in reports), `paper_defaults` (settings of the papers'
