@@ -1,6 +1,7 @@
-"""One method pipeline (issue 22 item 3) and the kvpress wrappers ChunkKV / CriticalKV (issue 24): every scorer runs
-score -> allocate -> select -> store, adaptive allocation composes with every scorer that supports it (equal to
-kvpress 0.5.5's `AdaKVPress(press)` on the golden inputs), and a combination that cannot work is refused."""
+"""One method pipeline (issue 22 item 3) and the wrappers ChunkKV / CriticalKV / DefensiveKV (issue 24): every scorer
+runs score -> allocate -> select -> store, adaptive allocation composes with every scorer that supports it (equal to
+kvpress 0.5.5's `AdaKVPress(press)` on the golden inputs), and a combination that cannot work is refused. The golden
+cases themselves run in tests/test_golden.py (every case of cases-2026)."""
 from __future__ import annotations
 
 import subprocess
@@ -47,12 +48,6 @@ def test_defensivekv_cases_present():
     assert len(DEFENSIVE) == 12
 
 
-@pytest.mark.parametrize("path", KVPRESS_055 + DEFENSIVE, ids=[p.stem for p in KVPRESS_055 + DEFENSIVE])
-def test_official_wrapper_case(path):
-    case = load_case(path)
-    assert compare(case, run_case(case)) == []
-
-
 @pytest.mark.parametrize("name", ["adakvpress_knorm_s0_L8_H8x2_n512_b64", "adakvpress_expected_attention_s1_L8_H8x2_n512_b128",
                                   "criticaladakv_knorm_s0_L8_H8x2_n512_b64"])
 def test_adaptive_allocation_is_applied(name):
@@ -91,6 +86,11 @@ def test_defensivekv_on_a_tiny_model(tiny_llama, name):
         assert all(sum(layer) == 2 * 48 for layer in counts) and any(len(set(layer)) > 1 for layer in counts)
     else:
         assert sum(map(sum, counts)) == 4 * 2 * 48 and len({sum(layer) for layer in counts}) > 1
+
+
+def test_wrappers_refuse_shared_settings_in_scorer_params():
+    with pytest.raises(KvbenchError, match="shares them with its scorer"):
+        build_method("chunkkv", budget=64, scorer="knorm", scorer_params={"allocation": "adaptive"})
 
 
 def test_wrappers_refuse_a_scorer_that_is_not_per_layer():

@@ -99,6 +99,10 @@ class ScorerWrapper(KvpressScored):
                 or not spec.cls.supports_adaptive:
             raise KvbenchError(f"method.scorer={self.scorer!r}: {self.name} wraps a per-layer scorer (e.g. snapkv, "
                                f"knorm, tova, expected_attention, h2o), not {self.scorer}")
+        clash = sorted(set(self.scorer_params) & {"budget", "cache_heads", "allocation", "compression_ratio"})
+        if clash:
+            raise KvbenchError(f"method.scorer_params sets {clash}: the wrapper shares them with its scorer; set "
+                               f"method.{clash[0]} (or budget=...) instead")
         shared = {"cache_heads": self.cache_heads, "allocation": self.allocation,
                   "budget": self.budget if self.compression_ratio is None else 1 - self.compression_ratio}
         if self.window_size is not None:
