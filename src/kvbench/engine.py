@@ -92,7 +92,7 @@ def cache_kwargs(model, cache) -> dict:
 
 def new_cache(model, method: Method) -> CompressedCache:
     """A cache that mirrors `model`'s layer types, compressed as `method.local_layers` says."""
-    return CompressedCache.for_model(model.config, getattr(method, "local_layers", "keep"))
+    return CompressedCache.for_model(model.config, method.local_layers)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -127,7 +127,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
             f"Set method.local_layers=compress to compress them too, or use method=fullkv"
         )
     held = {cache.held_at_prefill(i, n) for i in cache.compressed_layers}
-    if getattr(method, "equal_length_layers", False) and len(held) > 1 and not method.keeps_all(n):
+    if method.equal_length_layers and len(held) > 1 and not method.keeps_all(n):
         raise KvbenchError(
             f"{method.name} compares scores across layers, but with method.local_layers=compress this model's "
             f"compressed layers hold different numbers of tokens ({sorted(held)}: local windows vs the whole "

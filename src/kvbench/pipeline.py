@@ -241,7 +241,8 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         loading = time.perf_counter()
         model, tokenizer = load_model_once(job.spec, job.device)
         timer.model_load_s = time.perf_counter() - loading  # ~0 when this process loaded it already (a multirun)
-        job.method.bind(model, tokenizer)  # methods that need the model (Expected Attention, KVzip)
+        if job.method.needs_model:  # a declared capability (Expected Attention, KVzip)
+            job.method.bind(model, tokenizer)
         store.open()
         log.info("results: %s", job.out)
         try:
