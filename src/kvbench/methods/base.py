@@ -55,9 +55,16 @@ class Method:
     # the budget applies to the full-attention layers; "compress" compresses the tokens they hold too.
     local_layers: str = "keep"
     min_window: ClassVar[int] = 1  # 0 for methods without an observation window (KNorm, the kvpress presses)
+    # Compression during decoding (kvbench.decoding): every `decode_interval` forwards after the prefill, each
+    # compressed layer goes back to its budget. None: prefill only. A method that cannot score during decoding
+    # says why in `decode_refusal` (None: it can).
+    decode_interval: int | None = None
+    decode_rotary: str = "own"  # buffered queries' rotary phase at a cut: own, or current (kvpress 0.5.5)
+    decode_refusal: ClassVar[str | None] = "it does not implement decoding-time compression"
 
     def __post_init__(self) -> None:
         self.validate()
+        self.validate_decoding()
         self.prompt_len = 0
         self.num_layers = 0
         self.tokens_budget: int | None = None
@@ -82,9 +89,31 @@ class Method:
                 f"part of the budget; raise the budget or lower method.window_size"
             )
 
+    def validate_decoding(self) -> None:
+        """`decode_interval`: a positive integer, on a method that can score during decoding."""
+        interval = self.decode_interval
+        if self.decode_rotary not in ("own", "current"):
+            raise KvbenchError(f"method.decode_rotary={self.decode_rotary!r}: choose own (each buffered query at its "
+                               f"own position) or current (kvpress 0.5.5: all at the current token's phase)")
+        if interval is None:
+            if self.decode_rotary != "own":
+                raise KvbenchError("method.decode_rotary applies to decoding-time compression only: set "
+                                   "method.decode_interval too, or drop decode_rotary")
+            return
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise KvbenchError(f"method.decode_interval={interval!r} must be a positive integer (tokens generated "
+                               f"between two compressions) or null (compress at prefill only)")
+        if self.decode_refusal:
+            raise KvbenchError(f"method {self.name} cannot compress during decoding: {self.decode_refusal}; drop "
+                               f"method.decode_interval")
+
     def params(self) -> dict:
-        """All settings of the method, for the run record (adaptive-allocation settings only when used)."""
+        """All settings of the method, for the run record (adaptive-allocation settings only when used; the decode
+        schedule only when set, so prefill-only runs keep their fingerprint)."""
         out = {"name": self.name, **dataclasses.asdict(self)}
+        if out.get("decode_interval") is None:
+            out.pop("decode_interval", None)
+            out.pop("decode_rotary", None)
         if out.get("allocation") == "uniform":
             for key in ("allocation", "floor_alpha", "adaptive_mode"):
                 out.pop(key, None)
@@ -120,6 +149,13 @@ class Method:
     def compress_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        cache: CompressedCache) -> None:
         """Called once per layer at prefill with queries [1,H,n,d], keys/values [1,H_kv,n,d]."""
+
+    def decode_compress_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+                              values: torch.Tensor, cache: CompressedCache) -> None:
+        """A decoding-time cut of one dense layer (kvbench.decoding): `queries` [1,H,m,d] are the buffered queries
+        of the last m tokens the layer holds, `keys`/`values` [1,S,L,d] everything it holds (S stored heads).
+        Back to the budget set at prefill. Methods with `decode_refusal` never get here."""
+        raise NotImplementedError
 
     # ---- methods that need the model (Expected Attention: its rotary embedding; KVzip: extra passes) ----------
     def bind(self, model, tokenizer=None) -> None:
@@ -209,10 +245,13 @@ def window_causal_mask(rows: torch.Tensor, n: int, window: int, dtype: torch.dty
 
 def window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
     """SnapKV's observation-window score: attention of the last `window` queries (causal inside the window),
-    fp32 softmax cast back to the model dtype, summed over the window queries, prefix columns only -> [H, n-w]."""
+    fp32 softmax cast back to the model dtype, summed over the window queries, prefix columns only -> [H, n-w].
+    During decoding fewer than `window` queries may be buffered (`queries` are those of the last m tokens): the
+    last min(m, window) observe."""
     n = keys.shape[2]
-    logits = grouped_logits(queries[:, :, -window:], keys)
-    rows = torch.arange(n - window, n, device=keys.device)
+    observed = min(window, queries.shape[2])
+    logits = grouped_logits(queries[:, :, -observed:], keys)
+    rows = torch.arange(n - observed, n, device=keys.device)
     logits = logits + window_causal_mask(rows, n, window, logits.dtype)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)
     return probs[0, :, :, : n - window].sum(dim=1)
@@ -241,6 +280,7 @@ class ScoredMethod(Method):
     window. Subclasses provide `score` (and may change the layer budget with `prefix_budget`)."""
 
     min_window: ClassVar[int] = 0  # a scorer may rank every prompt token (no observation window)
+    decode_refusal: ClassVar[str | None] = None  # its scorer runs on the buffered decoding queries
 
     allocation: str = "uniform"  # uniform: every head keeps the layer's budget; adaptive: AdaKV across heads
     floor_alpha: float = 0.2  # adaptive: share of the layer budget every head keeps at least (AdaKV's alpha)
@@ -304,6 +344,17 @@ class ScoredMethod(Method):
             return
         scores = self.head_scores(layer_idx, queries, keys)
         counts = self.allocate(layer_idx, scores, n)
+        self.select_and_store(cache, layer_idx, scores, counts, keys, values)
+
+    def decode_compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+        """The same score -> allocate -> select -> store over what the layer holds, with the layer budgets of the
+        prefill (`prompt_len`), so every layer goes back to the size it had after the prefill."""
+        if keys.shape[2] <= self.window_size:
+            return
+        scores = self.head_scores(layer_idx, queries, keys)
+        counts = self.allocate(layer_idx, scores, self.prompt_len)
+        if isinstance(counts, int) and counts >= scores.shape[-1]:
+            return  # the layer is within its budget
         self.select_and_store(cache, layer_idx, scores, counts, keys, values)
 
     def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:

@@ -30,6 +30,7 @@ class DynamicKV(PooledWindowMethod):
     display_name = "DynamicKV"
     order = 50
     paper_defaults = {"window_size": 8, "kernel_size": 7, "pooling": "avgpool", "radio_max": 10}
+    decode_refusal = "its budgets are re-allocated across layers while the prefill runs layer by layer"
     equal_length_layers = True  # its global top-k stacks the scores of every compressed layer
     radio_max: float = 10.0  # "radio" is the official code's spelling of ratio
     update_interval: int = 4

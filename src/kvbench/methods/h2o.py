@@ -34,6 +34,8 @@ class H2O(ScoredMethod):
     window_size: int = 32
     mode: str = "official"
     query_block: int = 512  # queries per block on the blocked path; memory is O(heads * query_block * n)
+    decode_refusal = ("its score is the attention accumulated over every query since the prompt, which the "
+                      "buffer of recent decoding queries does not give")
 
     def validate(self) -> None:
         super().validate()

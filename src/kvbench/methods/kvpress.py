@@ -54,6 +54,9 @@ class KvpressScored(ScoredMethod):
         """[H_kv, n] scores of every prompt position per KV head (higher is kept)."""
         raise NotImplementedError
 
+    def decode_compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+        self.compress_layer(layer_idx, queries, keys, values, cache)  # budget: tokens_budget, set at prefill
+
     def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
         n = keys.shape[2]
         if self.keeps_all(n):
