@@ -17,9 +17,15 @@ The reference is kvpress 0.5.5's `DecodingPress` (../shared/reference/decoding-a
 Documented semantics (not options): the buffer holds every query since the last cut (kvpress with
 `hidden_states_buffer_size >= compression_interval`); a window scorer (SnapKV) whose window is longer than the
 buffer observes the buffered queries only (kvpress refuses that case), and the last `window_size` tokens are kept.
-`decode_rotary`: kvpress rotates every buffered query with the current token's phase (its
-`compute_window_attention` slices the current forward's cos/sin); kvbench keeps each query's own phase
-(`own`, default) or reproduces kvpress (`current`).
+`method.decode_style` names the two places where kvpress 0.5.5 is odd (reference doc, "Inference" notes):
+- `kvbench` (default): each buffered query keeps its own rotary phase; a cut stores the selected rows (descending
+  score) and then the window in position order.
+- `kvpress`: every buffered query gets the current token's rotary phase (kvpress's `compute_window_attention`
+  slices the current forward's cos/sin), and a cut stores rows in kvpress's order, one top-k over all rows with the
+  window padded at max + 1 (window first). Row order matters at later cuts for scorers that read row neighbours
+  (SnapKV's pooling). Not reproduced in either style: kvpress's StreamingLLMPress keeps the first `n_sink` *rows*,
+  which after its first cut are no longer the first tokens (top-k order of tied scores); kvbench's StreamingLLM
+  always keeps the first positions (the paper's sinks).
 """
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ class DecodeSchedule:
     """The state of one sample's decoding-time compression (see the module docstring)."""
     method: Method
     interval: int
-    rotary: object | None = None  # the model's rotary embedding (decode_rotary=current only)
+    rotary: object | None = None  # the model's rotary embedding (decode_style=kvpress only)
     record_kept: bool = False  # keep each cut's kept positions (tests, golden checks)
     steps: int = 0  # forwards since the last cut
     cuts: int = 0
@@ -68,7 +74,7 @@ class DecodeSchedule:
     buffers: dict = field(default_factory=dict)  # layer -> list of [1, H, m, d] queries since the last cut
     positions: dict = field(default_factory=dict)  # layer -> list of the buffered queries' positions
     peak: KvPeak = field(default_factory=KvPeak)
-    history: list = field(default_factory=list)  # per cut: {layer: kept positions per head}
+    history: list = field(default_factory=list)  # per cut that removed tokens: {layer: kept positions per head}
     _pre_bytes: int = 0
     _pre_tokens: int = 0
 
@@ -84,7 +90,7 @@ class DecodeSchedule:
         self.peak.observe(cache, self._pre_bytes, self._pre_tokens)
         if self.cutting:
             self.steps, self.cuts = 0, self.cuts + 1
-            if self.record_kept:
+            if self.record_kept and self._kept:
                 self.history.append(self._kept)
 
     # ---- what the attention wrapper calls after each compressed layer's attention -----------------------------
@@ -106,7 +112,7 @@ class DecodeSchedule:
         if self.rotary is not None:
             queries = self._current_phase(queries, positions)
         layer = cache.layers[layer_idx]
-        before, peak = layer.nbytes(), head_peak(layer)
+        before, peak, keys = layer.nbytes(), head_peak(layer), layer.keys
         with torch.no_grad():
             if isinstance(layer, RaggedLayer):
                 cut_ragged(self.method, rank, queries, layer, cache, layer_idx, self.position)
@@ -114,8 +120,9 @@ class DecodeSchedule:
                 cut_dense(self.method, rank, queries, layer, cache, layer_idx, self.position)
         self._pre_bytes += before - cache.layers[layer_idx].nbytes()
         self._pre_tokens = max(self._pre_tokens, peak)
-        if self.record_kept:
-            self._kept[layer_idx] = cache.layers[layer_idx].kept_positions()
+        after = cache.layers[layer_idx]
+        if self.record_kept and (after is not layer or after.keys is not keys):  # the layer was over its budget
+            self._kept[layer_idx] = after.kept_positions()
 
     def _current_phase(self, queries: torch.Tensor, positions: list[int]) -> torch.Tensor:
         """kvpress's phase: rotate each buffered query on by (current - own) positions, so that all of them carry
@@ -213,7 +220,7 @@ def schedule_for(method: Method, model=None, record_kept: bool = False) -> Decod
     if not interval:
         return None
     rotary = None
-    if getattr(method, "decode_rotary", "own") == "current":
+    if getattr(method, "decode_style", "kvbench") == "kvpress":
         rotary = rotary_of(model)
     return DecodeSchedule(method, int(interval), rotary=rotary, record_kept=record_kept)
 
@@ -223,8 +230,8 @@ def rotary_of(model):
 
     found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")] if model is not None else []
     if len(found) != 1:
-        raise KvbenchError("method.decode_rotary=current needs the model's one rotary embedding module; use "
-                           "decode_rotary=own")
+        raise KvbenchError("method.decode_style=kvpress needs the model's one rotary embedding module; use "
+                           "decode_style=kvbench")
     return found[0]
 
 

@@ -34,6 +34,7 @@ CACHE_HEADS = ("per_query_head", "per_kv_head")
 POOLINGS = ("avgpool", "maxpool")
 ALLOCATIONS = ("uniform", "adaptive")
 ADAPTIVE_MODES = ("official", "exact")
+DECODE_STYLES = ("kvbench", "kvpress")
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Method:
     # compressed layer goes back to its budget. None: prefill only. A method that cannot score during decoding
     # says why in `decode_refusal` (None: it can).
     decode_interval: int | None = None
-    decode_rotary: str = "own"  # buffered queries' rotary phase at a cut: own, or current (kvpress 0.5.5)
+    decode_style: str = "kvbench"  # kvbench, or kvpress: kvpress 0.5.5's query phase and row order (decoding.py)
     decode_refusal: ClassVar[str | None] = "it does not implement decoding-time compression"
 
     def __post_init__(self) -> None:
@@ -92,14 +93,18 @@ class Method:
     def validate_decoding(self) -> None:
         """`decode_interval`: a positive integer, on a method that can score during decoding."""
         interval = self.decode_interval
-        if self.decode_rotary not in ("own", "current"):
-            raise KvbenchError(f"method.decode_rotary={self.decode_rotary!r}: choose own (each buffered query at its "
-                               f"own position) or current (kvpress 0.5.5: all at the current token's phase)")
+        if self.decode_style not in DECODE_STYLES:
+            raise KvbenchError(f"method.decode_style={self.decode_style!r}: choose kvbench (each buffered query at "
+                               f"its own rotary phase; rows: selection, then window) or kvpress (kvpress 0.5.5's "
+                               f"DecodingPress: current token's phase, rows in top-k order)")
         if interval is None:
-            if self.decode_rotary != "own":
-                raise KvbenchError("method.decode_rotary applies to decoding-time compression only: set "
-                                   "method.decode_interval too, or drop decode_rotary")
+            if self.decode_style != "kvbench":
+                raise KvbenchError("method.decode_style applies to decoding-time compression only: set "
+                                   "method.decode_interval too, or drop decode_style")
             return
+        if self.decode_style == "kvpress" and getattr(self, "allocation", "uniform") != "uniform":
+            raise KvbenchError("method.decode_style=kvpress needs method.allocation=uniform (kvpress's AdaKVPress "
+                               "masks keys instead of evicting them during decoding)")
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise KvbenchError(f"method.decode_interval={interval!r} must be a positive integer (tokens generated "
                                f"between two compressions) or null (compress at prefill only)")
@@ -113,7 +118,7 @@ class Method:
         out = {"name": self.name, **dataclasses.asdict(self)}
         if out.get("decode_interval") is None:
             out.pop("decode_interval", None)
-            out.pop("decode_rotary", None)
+            out.pop("decode_style", None)
         if out.get("allocation") == "uniform":
             for key in ("allocation", "floor_alpha", "adaptive_mode"):
                 out.pop(key, None)
@@ -198,6 +203,15 @@ class Method:
         n = keys.shape[2]
         window = torch.arange(n - self.window_size, n, device=keys.device)
         store_ragged(cache, layer_idx, keys, values, [torch.cat([idx, window]) for idx in prefix_idx])
+
+
+def store_kvpress_order(cache: CompressedCache, layer_idx: int, scores: torch.Tensor, keep: int, keys: torch.Tensor,
+                        values: torch.Tensor, window: int) -> None:
+    """kvpress's `ScorerPress.compress` row order: one top-k over every row's score with the window padded at
+    max + 1, so the window comes first (in top-k's tie order), then the `keep` selected rows by descending score."""
+    padded = torch.cat([scores, scores.new_full((scores.shape[0], window), scores.max().item() + 1)], dim=1)
+    rows = padded.topk(keep + window, dim=-1).indices
+    cache.layers[layer_idx].replace(*gather_tokens(keys, values, rows), rows)
 
 
 def gather_tokens(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
@@ -355,6 +369,9 @@ class ScoredMethod(Method):
         counts = self.allocate(layer_idx, scores, self.prompt_len)
         if isinstance(counts, int) and counts >= scores.shape[-1]:
             return  # the layer is within its budget
+        if self.decode_style == "kvpress":
+            store_kvpress_order(cache, layer_idx, scores, counts, keys, values, self.window_size)
+            return
         self.select_and_store(cache, layer_idx, scores, counts, keys, values)
 
     def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:

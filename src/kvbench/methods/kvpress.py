@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import CACHE_HEADS, ScoredMethod
+from kvbench.methods.base import CACHE_HEADS, ScoredMethod, store_kvpress_order
 
 
 @dataclass
@@ -55,9 +55,9 @@ class KvpressScored(ScoredMethod):
         raise NotImplementedError
 
     def decode_compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
-        self.compress_layer(layer_idx, queries, keys, values, cache)  # budget: tokens_budget, set at prefill
+        self.compress_layer(layer_idx, queries, keys, values, cache, self.decode_style)  # budget set at prefill
 
-    def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+    def compress_layer(self, layer_idx, queries, keys, values, cache, style: str = "kvbench") -> None:
         n = keys.shape[2]
         if self.keeps_all(n):
             return
@@ -66,4 +66,7 @@ class KvpressScored(ScoredMethod):
         if self.cache_heads == "per_query_head":  # the same list for every head of a group
             scores = scores.repeat_interleave(queries.shape[1] // keys.shape[1], dim=0)
         keep = min(self.tokens_budget - self.window_size, prefix)
+        if style == "kvpress":
+            store_kvpress_order(cache, layer_idx, scores, keep, keys, values, self.window_size)
+            return
         self.keep_tokens(cache, layer_idx, scores.topk(keep, dim=-1).indices, keys, values)
