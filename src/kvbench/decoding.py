@@ -8,7 +8,8 @@ The reference is kvpress 0.5.5's `DecodingPress` (../shared/reference/decoding-a
   states and projects them; kvbench's attention wrapper hands the queries over directly), the current token
   included, and every key the layer holds; the buffer is emptied at each cut;
 - the cut is the method's own score -> allocate -> select -> store (`Method.decode_compress_layer`), with the
-  layer budgets of the prefill; selected rows are stored in the method's order (top-k order, as kvpress), new
+  layer budgets a prefill of the sequence so far would get (uniform: `budget`; PyramidKV: its schedule); as at
+  prefill, nothing is cut while the whole sequence fits the budget; selected rows are stored in the method's order (top-k order, as kvpress), new
   tokens are appended after them, and tokens keep their true absolute positions (their keys were rotated once,
   at their own position, and never again);
 - a head-adaptive (ragged) layer is scored head by head over the tokens that head holds, allocated across heads
@@ -109,6 +110,8 @@ class DecodeSchedule:
             return
         queries = torch.cat(self.buffers.pop(layer_idx), dim=2)
         positions = self.positions.pop(layer_idx)
+        if self.position + 1 <= self.method.tokens_budget:  # the whole sequence fits the budget (as at prefill)
+            return
         if self.rotary is not None:
             queries = self._current_phase(queries, positions)
         layer = cache.layers[layer_idx]
@@ -149,11 +152,22 @@ def held_positions(layer, last_position: int) -> torch.Tensor:
     return torch.cat([kept, new.expand(kept.shape[0], -1)], dim=1)
 
 
+def positions_held(layer, last_position: int) -> list[list[int]]:
+    """Per stored head, the absolute positions of every token `layer` holds (appended ones included)."""
+    if isinstance(layer, RaggedLayer):
+        tail = layer.tail_keys.shape[-2]
+        new = list(range(last_position - tail + 1, last_position + 1))
+        return [[p + layer.offset for p in head] + new for head in layer.positions]
+    held = held_positions(layer, last_position)
+    heads = layer.keys.shape[1]
+    return (held.expand(heads, -1) if held.shape[0] == 1 else held).tolist()
+
+
 def cut_dense(method: Method, rank: int, queries, layer, cache: CompressedCache, layer_idx: int,
               last_position: int) -> None:
     keys, values = layer.keys, layer.values
     absolute = held_positions(layer, last_position)
-    method.decode_compress_layer(rank, queries, keys, values, cache.compressed)
+    method.decode_compress_layer(rank, queries, keys, values, cache.compressed, last_position + 1)
     new = cache.layers[layer_idx]
     if new is layer and new.keys is keys:  # the layer was within its budget: untouched
         return
@@ -195,13 +209,11 @@ def cut_ragged(method: Method, rank: int, queries, layer: RaggedLayer, cache: Co
         own = torch.as_tensor(layer.positions[s], dtype=torch.long, device=layer.device) + layer.offset
         absolute.append(torch.cat([own, new]))
         scores.append(method.head_scores(rank, queries[:, s * group:(s + 1) * group], keys[s][None, None])[0])
-    if max(k.shape[0] for k in keys) <= method.tokens_budget:
-        return
     prefix = [sc.shape[0] for sc in scores]
     padded = scores[0].new_full((heads, max(prefix)), float("-inf"))
     for s, sc in enumerate(scores):
         padded[s, :sc.shape[0]] = sc
-    counts = method.allocate(rank, padded, method.prompt_len)
+    counts = method.allocate(rank, padded, last_position + 1)
     counts = [int(counts) if isinstance(counts, int) else int(counts[s]) for s in range(heads)]
     kept_k, kept_v, kept_pos = [], [], []
     for s in range(heads):

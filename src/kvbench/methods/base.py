@@ -156,10 +156,11 @@ class Method:
         """Called once per layer at prefill with queries [1,H,n,d], keys/values [1,H_kv,n,d]."""
 
     def decode_compress_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
-                              values: torch.Tensor, cache: CompressedCache) -> None:
+                              values: torch.Tensor, cache: CompressedCache, seq_len: int) -> None:
         """A decoding-time cut of one dense layer (kvbench.decoding): `queries` [1,H,m,d] are the buffered queries
-        of the last m tokens the layer holds, `keys`/`values` [1,S,L,d] everything it holds (S stored heads).
-        Back to the budget set at prefill. Methods with `decode_refusal` never get here."""
+        of the last m tokens the layer holds, `keys`/`values` [1,S,L,d] everything it holds (S stored heads),
+        `seq_len` the tokens seen so far (prompt + generated). The layer goes back to the budget a prefill of
+        `seq_len` tokens would give it. Methods with `decode_refusal` never get here."""
         raise NotImplementedError
 
     # ---- methods that need the model (Expected Attention: its rotary embedding; KVzip: extra passes) ----------
@@ -360,13 +361,13 @@ class ScoredMethod(Method):
         counts = self.allocate(layer_idx, scores, n)
         self.select_and_store(cache, layer_idx, scores, counts, keys, values)
 
-    def decode_compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
-        """The same score -> allocate -> select -> store over what the layer holds, with the layer budgets of the
-        prefill (`prompt_len`), so every layer goes back to the size it had after the prefill."""
+    def decode_compress_layer(self, layer_idx, queries, keys, values, cache, seq_len) -> None:
+        """The same score -> allocate -> select -> store over what the layer holds, with the layer budgets of a
+        prefill of `seq_len` tokens (uniform: `tokens_budget`; PyramidKV: its schedule)."""
         if keys.shape[2] <= self.window_size:
             return
         scores = self.head_scores(layer_idx, queries, keys)
-        counts = self.allocate(layer_idx, scores, self.prompt_len)
+        counts = self.allocate(layer_idx, scores, seq_len)
         if isinstance(counts, int) and counts >= scores.shape[-1]:
             return  # the layer is within its budget
         if self.decode_style == "kvpress":

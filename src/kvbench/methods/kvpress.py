@@ -54,7 +54,7 @@ class KvpressScored(ScoredMethod):
         """[H_kv, n] scores of every prompt position per KV head (higher is kept)."""
         raise NotImplementedError
 
-    def decode_compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+    def decode_compress_layer(self, layer_idx, queries, keys, values, cache, seq_len) -> None:
         self.compress_layer(layer_idx, queries, keys, values, cache, self.decode_style)  # budget set at prefill
 
     def compress_layer(self, layer_idx, queries, keys, values, cache, style: str = "kvbench") -> None:
