@@ -161,3 +161,21 @@ def test_schedule_is_in_the_fingerprint_and_the_run_name():
     assert scheduled.params()["decode_interval"] == 16 and scheduled.params()["decode_style"] == "kvbench"
     assert run_name(compose(["method=snapkv", "budget=64"])) == "snapkv_64"
     assert run_name(compose(["method=snapkv", "budget=64", "method.decode_interval=16"])) == "snapkv_64_decode16"
+
+
+def test_report_keeps_decode_time_runs_apart_and_labelled(tmp_path):
+    import json
+
+    from kvbench.report.collect import collect, method_sort_key
+    from test_report import write_run
+
+    model = {"name": "m", "hub_id": "m"}
+    plain = write_run(tmp_path, model, "snapkv", 128, {"qasper": 30.0})
+    decode = write_run(tmp_path, model, "snapkv", 128, {"qasper": 20.0}, folder="snapkv_128_decode16")
+    run = json.loads((decode / "run.json").read_text())
+    run["method"]["decode_interval"] = 16
+    (decode / "run.json").write_text(json.dumps(run))
+    df = collect(tmp_path).set_index("method")
+    assert df.loc["SnapKV", "score"] == 30.0 and df.loc["SnapKV", "decode_interval"] == 0
+    assert df.loc["SnapKV (decode 16)", "score"] == 20.0 and df.loc["SnapKV (decode 16)", "decode_interval"] == 16
+    assert method_sort_key("SnapKV") < method_sort_key("SnapKV (decode 16)") < method_sort_key("PyramidKV")
