@@ -21,7 +21,9 @@ SCHEDULED = [name for name in NAMES if registry.get(name).cls.decode_refusal is 
 
 
 def decoding_method(name: str, budget: int, interval: int = INTERVAL):
-    return paper(name, budget=budget, decode_interval=interval)
+    """The method with its paper defaults, plus the settings its decoding-time rule needs (H2O: mode=causal)."""
+    needs = getattr(registry.get(name).cls, "decode_settings", {})
+    return paper(name, budget=budget, decode_interval=interval, **needs)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -29,7 +31,7 @@ def test_a_method_is_either_scheduled_or_refused_with_its_reason(name):
     assert len(SCHEDULED) >= 10
     reason = registry.get(name).cls.decode_refusal
     if reason is None:
-        assert paper(name, budget=64, decode_interval=8).decode_interval == 8
+        assert decoding_method(name, budget=64, interval=8).decode_interval == 8
         return
     with pytest.raises(KvbenchError, match="cannot compress during decoding") as err:
         paper(name, budget=64, decode_interval=8) if name != "fullkv" else registry.build(name, decode_interval=8)
@@ -41,6 +43,12 @@ def test_bad_decode_interval_is_a_one_line_error(bad):
     with pytest.raises(KvbenchError, match="decode_interval") as err:
         registry.build("snapkv", budget=64, decode_interval=bad)
     assert "\n" not in str(err.value)
+
+
+def test_h2o_decodes_with_the_papers_accumulated_attention_only():
+    with pytest.raises(KvbenchError, match="set method.mode=causal"):
+        registry.build("h2o", budget=64, decode_interval=8)
+    assert registry.build("h2o", budget=64, decode_interval=8, mode="causal").decode_interval == 8
 
 
 def test_decode_interval_checks_before_the_model_loads():

@@ -94,3 +94,59 @@ def test_streamingllm_keeps_sinks_and_a_rolling_window_every_step():
         last = prompt + s
         expected = list(range(start)) + list(range(last - recent + 1, last + 1))
         assert all(held == expected for held in layers), f"step {s}"
+
+
+def h2o_reference(q: torch.Tensor, k: torch.Tensor, prompt: int, steps: int, hh: int, recent: int):
+    """H2OKVCache_LayerWise (FMInference/H2O real drop), MHA: scores = attention summed over every query row of
+    every forward (causal at the prefill), per head; when the cache holds more than hh + recent tokens, keep the
+    last `recent` plus the top `hh` older ones by score, per head; evicted scores are dropped."""
+    heads = q.shape[1]
+    kept = [list(range(prompt)) for _ in range(heads)]
+    score = [dict() for _ in range(heads)]
+    held = []
+    for t in range(prompt + steps):
+        new_rows = range(prompt) if t == prompt - 1 else ([t] if t >= prompt else [])
+        if t < prompt - 1:
+            continue
+        for h in range(heads):
+            if t >= prompt:
+                kept[h].append(t)
+            for row in new_rows:
+                visible = [p for p in kept[h] if p <= row] if t == prompt - 1 else kept[h]
+                logits = torch.stack([q[0, h, row] @ k[0, h, p] for p in visible]) / math.sqrt(D)
+                probs = torch.softmax(logits.float(), dim=-1)
+                for p, w in zip(visible, probs.tolist()):
+                    score[h][p] = score[h].get(p, 0.0) + w
+            if len(kept[h]) > hh + recent:
+                older, last = kept[h][:-recent], kept[h][-recent:]
+                top = sorted(sorted(older, key=lambda p: -score[h][p])[:hh])
+                kept[h] = top + last
+                score[h] = {p: score[h][p] for p in kept[h]}
+        if t >= prompt:
+            held.append([sorted(x) for x in kept])
+    return held
+
+
+def test_h2o_paper_accumulates_every_query_and_evicts_one_token_per_step():
+    global H_KV
+    prompt, steps, hh, recent = 40, 20, 12, 8
+    saved, H_KV = H_KV, H  # the official code is MHA
+    try:
+        method = registry.build("h2o", budget=hh + recent, window_size=recent, mode="causal", decode_interval=1)
+        q, k, v = synthetic(1, prompt + steps)
+        cache = CompressedCache(1)
+        method.begin(prompt, 1)
+        cache.update(k[:, :, :prompt], v[:, :, :prompt], 0)
+        method.compress_layer(0, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], cache)
+        schedule = DecodeSchedule(method, 1)
+        want = h2o_reference(q, k, prompt, steps, hh, recent)
+        for s, t in enumerate(range(prompt, prompt + steps)):
+            schedule.begin_forward(t, 1)
+            cache.update(k[:, :, t:t + 1], v[:, :, t:t + 1], 0)
+            schedule.after_attention(cache, 0, q[:, :, t:t + 1], {})
+            schedule.end_forward(cache)
+            got = [sorted(head) for head in positions_held(cache.layers[0], t)]
+            assert got == want[s], f"step {s}"
+            assert all(len(head) == hh + recent for head in got)
+    finally:
+        H_KV = saved

@@ -127,8 +127,8 @@ def _compress(session: Session, module, query, key, value, kwargs: dict) -> None
     if held < n:  # a local layer holds the last `window - 1` tokens: the method compresses those
         query, key, value = query[:, :, -held:], key[:, :, -held:], value[:, :, -held:]
         cache.layers[layer_idx].offset = n - held
-    if method.keeps_all(held):
-        return
+    if method.keeps_all(held) and not getattr(method, "decode_interval", None):
+        return  # (a decode schedule scores later: the method sees the prompt anyway, e.g. H2O's accumulation)
     _refuse_unscorable(method, kwargs)
     scaling = kwargs.get("scaling")
     dim = query.shape[-1]

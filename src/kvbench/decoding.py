@@ -103,6 +103,9 @@ class DecodeSchedule:
         dim = query.shape[-1]
         if scaling is not None and not math.isclose(scaling * math.sqrt(dim), 1.0, rel_tol=1e-6):
             query = query * (scaling * math.sqrt(dim))  # the scores' 1/sqrt(d) then gives the model's logits
+        observe = getattr(self.method, "decode_observe", None)
+        if observe is not None:  # a method that accumulates over every forward (H2O)
+            observe(rank, query, cache.layers[layer_idx].keys)
         first = self.position - query.shape[2] + 1
         self.buffers.setdefault(layer_idx, []).append(query)
         self.positions.setdefault(layer_idx, []).extend(range(first, self.position + 1))
