@@ -187,3 +187,21 @@ def test_report_keeps_decode_time_runs_apart_and_labelled(tmp_path):
     assert df.loc["SnapKV", "score"] == 30.0 and df.loc["SnapKV", "decode_interval"] == 0
     assert df.loc["SnapKV (decode 16)", "score"] == 20.0 and df.loc["SnapKV (decode 16)", "decode_interval"] == 16
     assert method_sort_key("SnapKV") < method_sort_key("SnapKV (decode 16)") < method_sort_key("PyramidKV")
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o"])
+def test_ask_many_answers_every_question_from_the_same_compressed_context(tiny_llama, name):
+    """Decoding-time cuts change the context's layers too; after each answer they are put back, so a question
+    answered from a reused context gets exactly the tokens of a fresh compression."""
+    from kvbench.engine import ContextCache
+
+    model, tok = tiny_llama
+    ids = random_prompt(PROMPT, len(tok), seed=6)
+    ctx, questions = ids[:, :100], [ids[:, 100:110], ids[:, 110:120]]
+    contexts, shared = ContextCache(), decoding_method(name, budget=48)
+    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW)
+    for q in questions + questions[::-1]:
+        fresh = generate(model, ctx, decoding_method(name, budget=48), question_ids=q, **kwargs)
+        reused = generate(model, ctx, shared, question_ids=q, contexts=contexts, **kwargs)
+        assert reused.token_ids == fresh.token_ids and reused.decode_cuts == NEW // INTERVAL
+    assert contexts.reuses == 3

@@ -250,12 +250,17 @@ def rotary_of(model):
     return found[0]
 
 
-def snapshot(cache: CompressedCache) -> list:
-    """Shallow copies of every layer (appending and cutting replace tensors, never write into them)."""
-    return [copy.copy(layer) for layer in cache.layers]
+def snapshot(cache: CompressedCache, method: Method) -> tuple:
+    """Shallow copies of every layer (appending and cutting replace tensors, never write into them) and of a
+    method's per-layer decoding state (H2O's accumulated scores)."""
+    state = getattr(method, "accumulated", None)
+    return [copy.copy(layer) for layer in cache.layers], (dict(state) if state is not None else None)
 
 
-def restore(cache: CompressedCache, layers: list) -> None:
+def restore(cache: CompressedCache, method: Method, saved: tuple) -> None:
+    layers, state = saved
+    if state is not None:
+        method.accumulated = dict(state)
     for i, layer in enumerate(layers):
         cache.layers[i] = copy.copy(layer)
         if isinstance(layer, RaggedLayer):

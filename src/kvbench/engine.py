@@ -313,7 +313,7 @@ def answer_question(model, context: CompressedContext, question_ids: torch.Tenso
     c, q = state.prompt_tokens, question_ids.shape[1]
     # Decoding-time compression cuts the context too: the layers are put back as they were after the answer.
     schedule = schedule_for(method, model) if method is not None else None
-    saved = snapshot(state.cache) if schedule is not None else None
+    saved = snapshot(state.cache, method) if schedule is not None else None
     peak = schedule.peak if schedule is not None else KvPeak()
     peak.observe(state.cache)
     try:
@@ -335,7 +335,7 @@ def answer_question(model, context: CompressedContext, question_ids: torch.Tenso
         peak.observe(state.cache)
     finally:
         if saved is not None:
-            restore(state.cache, saved)
+            restore(state.cache, method, saved)
         else:
             restore_cache(state.cache, context.lengths)
     cache = state.cache
