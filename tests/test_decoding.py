@@ -205,3 +205,27 @@ def test_ask_many_answers_every_question_from_the_same_compressed_context(tiny_l
         reused = generate(model, ctx, shared, question_ids=q, contexts=contexts, **kwargs)
         assert reused.token_ids == fresh.token_ids and reused.decode_cuts == NEW // INTERVAL
     assert contexts.reuses == 3
+
+
+@pytest.mark.parametrize("local_layers", ["keep", "compress"])
+@pytest.mark.parametrize("model_name", ["tiny_qwen2_sliding", "tiny_gemma3"])
+def test_hybrid_models_decode_with_the_schedule(model_name, local_layers):
+    """Sliding-window models: compressed layers are cut back to the budget, layers left as the model defines them
+    keep their window, and decoding respects every window (FullKV tokens when nothing needs cutting)."""
+    from conftest import cached_model
+
+    model, tok = cached_model(model_name)
+    ids = random_prompt(160, len(tok), seed=7)
+    method = paper("snapkv", budget=24, decode_interval=INTERVAL, local_layers=local_layers)
+    state = prefill(model, ids, method)
+    cache, schedule = state.cache, schedule_for(method, model)
+    token = state.logits.argmax(-1, keepdim=True)
+    for step in range(3 * INTERVAL):
+        token = decode_step(model, token, 160 + step, cache, schedule).argmax(-1, keepdim=True)
+        for i, layer in enumerate(cache.layers):
+            limit = 24 + INTERVAL if cache.rank(i) is not None else cache.kinds[i].window
+            assert head_peak(layer) <= limit, f"layer {i} ({cache.kinds[i].short()}) step {step}"
+    assert schedule.cuts == 3
+    big = paper("snapkv", budget=400, decode_interval=INTERVAL, local_layers=local_layers)
+    kwargs = dict(max_new_tokens=2 * INTERVAL, min_new_tokens=2 * INTERVAL)
+    assert generate(model, ids, big, **kwargs).token_ids == generate(model, ids, None, **kwargs).token_ids
