@@ -19,6 +19,10 @@ Decoding (`_decode`, one query, batch size 1, no padding): the model's mask is n
 layer's length, and compressed layers differ). A full layer's query attends to every token the layer holds; a
 local layer says which of its tokens are still inside the window (or chunk). When a layer stores one row per
 query head (the official GQA layout) the backend is told there is no grouping.
+
+Compression during decoding (`method.decode_interval`): in a `decoding(cache, schedule)` block, every compressed
+layer's queries go to the schedule after the layer's attention, and every N forwards it cuts the layer back to its
+budget there (kvbench.decoding).
 """
 from __future__ import annotations
 
