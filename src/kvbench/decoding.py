@@ -40,9 +40,6 @@ from kvbench.cache import CompressedCache
 from kvbench.methods.base import Method
 from kvbench.ragged import RaggedLayer, register_layer
 
-DECODE_ROTARY = ("own", "current")
-
-
 def head_peak(layer) -> int:
     """The most tokens any head of `layer` holds."""
     if isinstance(layer, RaggedLayer):
@@ -76,8 +73,9 @@ class DecodeSchedule:
     positions: dict = field(default_factory=dict)  # layer -> list of the buffered queries' positions
     peak: KvPeak = field(default_factory=KvPeak)
     history: list = field(default_factory=list)  # per cut that removed tokens: {layer: kept positions per head}
-    _pre_bytes: int = 0
-    _pre_tokens: int = 0
+    _pre_bytes: int = 0  # this forward: bytes the cuts removed (the peak is the state before them)
+    _pre_tokens: int = 0  # this forward: the most tokens a head held before a cut
+    _kept: dict = field(default_factory=dict)  # this forward: {layer: kept positions} (record_kept)
 
     # ---- what the engine calls around each forward after the prefill -------------------------------------------
     def begin_forward(self, first_position: int, count: int) -> None:

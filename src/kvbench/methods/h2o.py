@@ -52,6 +52,9 @@ class H2O(ScoredMethod):
         if self.mode != "causal":
             raise KvbenchError("h2o compresses during decoding with the paper's accumulated causal attention only: "
                                "set method.mode=causal (the official mode's window-block mask has no decoding form)")
+        if self.local_layers != "keep":
+            raise KvbenchError("h2o during decoding accumulates scores row by row, which sliding-window layers "
+                               "drop on their own: use method.local_layers=keep")
         if self.allocation != "uniform" or self.decode_style != "kvbench":
             raise KvbenchError("h2o during decoding keeps per-head accumulated scores for a uniform allocation: "
                                "use method.allocation=uniform and method.decode_style=kvbench")
