@@ -36,7 +36,7 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_
 
 
 def run_name(cfg: DictConfig) -> str:
-    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_<tag>]`: the budget is left out when the method
+    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_decode<N>][_<tag>]`: the budget is left out when the method
     ignores it (FullKV), the protocol when it is the default preset or the benchmark does not use it (needle)."""
     name = cfg.method.name
     if not cfg.method.get("budget_agnostic", False):
@@ -48,6 +48,8 @@ def run_name(cfg: DictConfig) -> str:
         name += f"_{cfg.benchmark.query}"
     if cfg.benchmark.get("multi_needle", False):
         name += "_multineedle"
+    if cfg.method.get("decode_interval"):  # decoding-time compression never shares a folder with prefill-only
+        name += f"_decode{cfg.method.decode_interval}"
     return f"{name}_{cfg.tag}" if cfg.get("tag") else name
 
 

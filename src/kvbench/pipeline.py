@@ -126,6 +126,10 @@ def prepare(cfg: DictConfig) -> Job:
     """Resolve and validate everything that does not need the model (types, method, data files, grid)."""
     validate(cfg)
     method = method_from_config(cfg.method, cfg.budget)
+    limit = cfg.benchmark.get("max_new_tokens")
+    if getattr(method, "decode_interval", None) and limit and method.decode_interval > limit:
+        raise KvbenchError(f"method.decode_interval={method.decode_interval} is above benchmark.max_new_tokens="
+                           f"{limit}: no decoding-time compression would ever run; lower method.decode_interval")
     spec = ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)

@@ -56,6 +56,8 @@ class CAKE(ScoredMethod):
     tau2: float | None = None
     tau_model: str | None = None  # a model2tau.json key, for the official tau values
     kernel_size: int = 5
+    decode_refusal: ClassVar[str | None] = ("its layer budgets come from one split over all layers at prefill, and "
+                                            "its own decoding eviction (antgroup/cakekv) is not implemented")
 
     def validate(self) -> None:
         super().validate()

@@ -36,6 +36,8 @@ from kvbench.methods.kvpress import KvpressScored
 class DefensiveKV(KvpressScored):
     name = "defensivekv"
     display_name = "DefensiveKV"
+    decode_refusal: ClassVar[str | None] = ("its scores need the prompt's last window_size queries, and its "
+                                           "reference defines no decoding-time cut")
     order = 84
     needs_model: ClassVar[bool] = True  # the output projections
     observation_window: int = 32  # the reference's window_size

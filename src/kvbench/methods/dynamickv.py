@@ -33,6 +33,7 @@ class DynamicKV(PooledWindowMethod):
     paper_defaults = {"window_size": 8, "kernel_size": 7, "pooling": "avgpool", "radio_max": 10}
     equal_length_layers: ClassVar[bool] = True  # its global top-k stacks the scores of every compressed layer
     supports_adaptive: ClassVar[bool] = False  # it allocates across layers itself
+    decode_refusal = "its budgets are re-allocated across layers while the prefill runs layer by layer"
     radio_max: float = 10.0  # "radio" is the official code's spelling of ratio
     update_interval: int = 4
     mode: str = "official"

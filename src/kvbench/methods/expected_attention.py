@@ -82,6 +82,8 @@ class ExpectedAttention(KvpressScored):
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
+    decode_refusal = ("its query statistics assume the queries sit at positions 0..n-1 of the prompt it scores, "
+                      "which no longer holds once decoding tokens are mixed with a compressed prompt")
 
     def validate(self) -> None:
         super().validate()

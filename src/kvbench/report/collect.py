@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from functools import lru_cache
@@ -31,6 +32,7 @@ RESULT_COLUMNS = [
     "model", "hub_id", "benchmark", "method", "budget", "task", "score", "ci_low", "ci_high", "samples_ok", "n",
     "protocol", "tag",
     "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query",
+    "decode_interval", "peak_kv_bytes_mean", "new_tokens_mean",
 ]
 # Needle runs: the retrieval score (percent of cells naming the needle's key facts) and its CI; NaN for others.
 RESULT_COLUMNS += ["retrieval", "retrieval_ci_low", "retrieval_ci_high"]
@@ -63,6 +65,13 @@ def display_method(name: str) -> str:
 
 
 AGNOSTIC = " (agnostic)"  # the label suffix of query-agnostic runs, so that no table mixes the two modes
+DECODE = " (decode {})"  # the label suffix of decoding-time compression runs (every N tokens), never mixed either
+
+
+def _decode_interval(label: str) -> int:
+    """`SnapKV (decode 16)` -> 16; 0 for prefill-only labels."""
+    match = re.search(r" \(decode (\d+)\)$", base_method(label))
+    return int(match.group(1)) if match else 0
 
 
 def base_method(label: str) -> str:
@@ -79,10 +88,12 @@ def method_sort_key(name: str) -> tuple[int, str]:
     """Sort key putting the known methods first, in display order, and any others after, alphabetically; a
     query-agnostic run (`SnapKV (agnostic)`) right after its aware sibling."""
     order = list(method_display_names().values())
+    interval = _decode_interval(name)
     name, agnostic = base_method(name), str(name).endswith(AGNOSTIC)
+    name = name.removesuffix(DECODE.format(interval)) if interval else name
     if name in order:
-        return (order.index(name), "", agnostic)
-    return (len(order), str(name).lower(), agnostic)
+        return (order.index(name), "", interval, agnostic)
+    return (len(order), str(name).lower(), interval, agnostic)
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -148,6 +159,8 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
     name = display_method(method["name"])
     config = run.get("config") if isinstance(run.get("config"), dict) else {}
     query = str((config.get("benchmark") or {}).get("query") or "aware")
+    interval = method.get("decode_interval")
+    name = name + DECODE.format(interval) if interval else name  # decoding-time runs get their own rows
     return {
         "model": str(model.get("name", run_dir.parts[-3] if len(run_dir.parts) >= 3 else "?")),
         "hub_id": str(model.get("hub_id", "")),
@@ -159,6 +172,7 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),
         "query": query,
+        "decode_interval": interval or 0,
         # Query-agnostic runs are labelled in every table and figure, and never share a cell with aware ones.
         **({"method": f"{name}{AGNOSTIC}"} if query != "aware" else {}),
     }
@@ -171,7 +185,8 @@ def _mean_of(records: list[dict], key: str) -> float:
 
 def _prediction_stats(pred_file: Path, strict: bool) -> dict:
     """Mean kv_bytes / prefill_s / decode_s of one predictions file (NaN with a warning if unreadable)."""
-    empty = {"kv_bytes_mean": math.nan, "prefill_s_mean": math.nan, "decode_s_mean": math.nan}
+    empty = {"kv_bytes_mean": math.nan, "prefill_s_mean": math.nan, "decode_s_mean": math.nan,
+             "peak_kv_bytes_mean": math.nan, "new_tokens_mean": math.nan}
     if not pred_file.is_file():
         _problem(f"{pred_file} is missing; KV bytes and timings of that task are left empty", strict)
         return empty
@@ -184,6 +199,8 @@ def _prediction_stats(pred_file: Path, strict: bool) -> dict:
         "kv_bytes_mean": _mean_of(records, "kv_bytes"),
         "prefill_s_mean": _mean_of(records, "prefill_s"),
         "decode_s_mean": _mean_of(records, "decode_s"),
+        "peak_kv_bytes_mean": _mean_of(records, "peak_kv_bytes"),
+        "new_tokens_mean": _mean_of(records, "new_tokens"),
     }
 
 
