@@ -30,7 +30,7 @@ from kvbench.stats import bootstrap_ci
 RESULT_COLUMNS = [
     "model", "hub_id", "benchmark", "method", "budget", "task", "score", "ci_low", "ci_high", "samples_ok", "n",
     "protocol", "tag",
-    "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query",
+    "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query", "compression_ratio", "settings",
 ]
 ALLOCATION_COLUMNS = ["model", "benchmark", "method", "budget", "task", "layer", "kept_mean"]
 _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
@@ -137,6 +137,25 @@ def _budget(value) -> float:
         raise KvbenchError(f"method budget {value!r} is not a number; fix 'method.budget' in run.json") from None
 
 
+def budget_label(budget, ratio=None) -> str:
+    """The Budget cell: 'Full' for FullKV (no budget), `ratio 0.9` for a run asked with `method.compression_ratio`,
+    integers without '.0', fractions as given."""
+    if ratio is not None and not (isinstance(ratio, float) and math.isnan(ratio)):
+        return f"ratio {float(ratio):g}"
+    if budget is None or (isinstance(budget, float) and math.isnan(budget)) or budget < 0:
+        return "Full"
+    return str(int(budget)) if float(budget).is_integer() else f"{budget:g}"
+
+
+def budget_order(label: str) -> tuple:
+    """Sort key of Budget cells: Full, then token budgets and fractions by size, then ratios by size."""
+    if label == "Full":
+        return (0, 0.0)
+    if label.startswith("ratio "):
+        return (2, float(label.split()[1]))
+    return (1, float(label))
+
+
 def _run_identity(run: dict, run_dir: Path) -> dict:
     """The columns shared by every row of one run, read from its run.json."""
     model = run.get("model") or {}
@@ -152,11 +171,13 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "benchmark": str(run.get("benchmark", "")),
         "method": name,
         "budget": math.nan if name == "FullKV" else _budget(method.get("budget")),
+        "compression_ratio": math.nan if name == "FullKV" else _budget(method.get("compression_ratio")),
         "protocol": str(run.get("protocol", "")),
         "tag": str((run.get("config") or {}).get("tag") or ""),
         "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),
         "query": query,
+        "settings": str(run.get("fingerprint") or ""),  # rows join runs of equal settings only (report.tables)
         # Query-agnostic runs are labelled in every table and figure, and never share a cell with aware ones.
         **({"method": f"{name}{AGNOSTIC}"} if query != "aware" else {}),
     }
