@@ -120,3 +120,123 @@ def test_report_cli_prints_a_collision_once(tmp_path, capsys):
 def test_adakv_family_settings_are_type_checked(tmp_path, no_model, method, setting, message):
     with pytest.raises(KvbenchError, match=message):
         evaluate(compose(overrides(tmp_path, f"method={method}", setting)))
+
+
+# ---- item 4: a row-level schema check of kvpress-format RULER files
+
+def _kvpress_row(**change):
+    row = {"context": "Some text. One of the special magic numbers for a-b is: 1234567.\n",
+           "question": "What is the special magic number for a-b? ", "answer_prefix": "The number is",
+           "answer": ["1234567"], "task": "niah_single_1", "max_new_tokens": 128}
+    return {**row, **change}
+
+
+@pytest.mark.parametrize("line, message", [
+    (json.dumps(_kvpress_row(answer={"a": 1})), "row 1: answer must be a text or a non-empty list of texts"),
+    (json.dumps(_kvpress_row(answer=None)), "row 1: answer must be a text"),
+    (json.dumps(_kvpress_row(max_new_tokens=0)), "row 1: max_new_tokens must be a positive integer, got 0"),
+    (json.dumps(_kvpress_row(max_new_tokens=-5)), "row 1: max_new_tokens must be a positive integer, got -5"),
+    (json.dumps(_kvpress_row(max_new_tokens=None)), "row 1: max_new_tokens must be a positive integer, got None"),
+    (json.dumps(_kvpress_row(max_new_tokens=float("nan"))), "row 1: max_new_tokens must be a positive integer"),
+    (json.dumps(_kvpress_row(max_new_tokens="abc")), "row 1: max_new_tokens must be a positive integer, got 'abc'"),
+    (json.dumps(_kvpress_row(max_new_tokens=2.5)), "row 1: max_new_tokens must be a positive integer, got 2.5"),
+    (json.dumps(_kvpress_row(context=None)), "row 1: context must be text"),
+    ('["not", "an", "object"]', "row 1: expected a JSON object"),
+])
+def test_malformed_kvpress_rows_are_one_line_errors_naming_file_row_and_field(tmp_path, line, message):
+    from kvbench.ruler.data import read_kvpress
+    (tmp_path / "x.jsonl").write_text(line + "\n")
+    with pytest.raises(KvbenchError, match=message) as caught:
+        read_kvpress(tmp_path, 1024)
+    assert "\n" not in str(caught.value) and "x.jsonl" in str(caught.value)
+
+
+# ---- item 5: labels
+
+def _ruler(tmp_path, *extra):
+    return compose(["benchmark=ruler", "model=tiny_llama", "benchmark.lengths=[1024]", "benchmark.samples=1",
+                    "benchmark.tasks=[niah_single_1]", f"results_root={tmp_path}", "progress=false", *extra])
+
+
+def test_kvpress_files_held_directly_must_measure_about_the_length_asked(tmp_path, no_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "x.jsonl").write_text(json.dumps(_kvpress_row(context="Some words in a row. " * 170)) + "\n")
+    with pytest.raises(KvbenchError, match=r"holds its files directly and their prompts average \d+ tokens, not "
+                                           r"about benchmark.lengths=\[512\]"):
+        prepare(_ruler(tmp_path, f"benchmark.data_dir={data}", "benchmark.lengths=[512]"))
+    assert prepare(_ruler(tmp_path, f"benchmark.data_dir={data}", "benchmark.lengths=[1024]"))
+    named = tmp_path / "512"  # a folder named after its length says what the data is
+    data.rename(named)
+    assert prepare(_ruler(tmp_path, f"benchmark.data_dir={named}", "benchmark.lengths=[512]"))
+
+
+def test_a_ruler_task_listed_twice_is_refused(tmp_path, no_model):
+    with pytest.raises(KvbenchError, match="benchmark.tasks lists niah_single_1 more than once"):
+        prepare(_ruler(tmp_path, "benchmark.tasks=[niah_single_1,niah_single_1]"))
+
+
+def test_agnostic_and_multi_needle_runs_say_so_in_record_summary_and_report(tmp_path, capsys):
+    from kvbench.pipeline import run_record
+    from kvbench.report.__main__ import _needle_summary
+    from kvbench.summary import print_summary
+
+    job = prepare(compose(overrides(tmp_path, "method=snapkv", "benchmark.query=agnostic")))
+    assert run_record(job)["protocol"] == "dynamickv_agnostic"
+    hay = tmp_path / "hay"
+    hay.mkdir()
+    (hay / "a.txt").write_text("The sky was grey over the harbour. Boats came in slowly. " * 60)
+    cfg = compose(["model=tiny_llama", "benchmark=needle", f"benchmark.haystack_dir={hay}", "method=snapkv",
+                   "budget=64", f"results_root={tmp_path}", "progress=false", "benchmark.grid.start=400",
+                   "benchmark.grid.end=400", "benchmark.grid.depths=2", "benchmark.multi_needle=true",
+                   "benchmark.query=agnostic"])
+    print_summary(cfg, evaluate(cfg))
+    assert "| multi-needle | query=agnostic" in capsys.readouterr().out
+    assert json.loads((output_dir(cfg) / "run.json").read_text())["protocol"] == "needle_raw_agnostic_multineedle"
+    df = collect([tmp_path / "tiny_llama" / "needle"])
+    assert list(df["query"]) == ["agnostic"] and list(df["protocol"]) == ["needle_raw_multineedle"]
+    _needle_summary(df, tmp_path / "report")
+    rows = table_rows((tmp_path / "report" / "needle.md").read_text(), kv=True)
+    assert rows[1][rows[0].index("Needles")] == "multi" and rows[1][rows[0].index("Method")] == "SnapKV (agnostic)"
+
+
+# ---- item 11: sweeps and numbers that were truncated
+
+def test_a_sweep_over_methods_takes_method_settings(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kvbench.sweep", "run", *overrides(
+        tmp_path, "method=snapkv,streamingllm", "method.window_size=8", "budget=16", "benchmark.limit=1",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}")], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("snapkv_16", "streamingllm_16"):
+        run = json.loads((tmp_path / "tiny_llama" / "longbench" / name / "run.json").read_text())
+        assert run["method"]["window_size"] == 8 and run["status"] == "complete"
+    from kvbench.sweep import plan  # other method settings into those folders: a conflict, never "done"
+    _, jobs = plan(overrides(tmp_path, "method=snapkv,streamingllm", "method.window_size=4", "budget=16",
+                             "benchmark.limit=1"))
+    assert [j.status for j in jobs] == ["conflict", "conflict"] and "window_size" in jobs[0].note
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("benchmark.samples=2.5", "benchmark.samples=2.5: give a positive integer"),
+    ("benchmark.samples=true", "benchmark.samples=True: give a positive integer"),
+    ("benchmark.lengths=[1024.5]", "benchmark.lengths=.*give a list of integers"),
+])
+def test_ruler_counts_are_never_truncated(tmp_path, no_model, extra, message):
+    with pytest.raises(KvbenchError, match=message):
+        prepare(_ruler(tmp_path, extra))
+
+
+def test_needle_depths_beyond_whole_percents_are_refused(tmp_path, no_model):
+    with pytest.raises(KvbenchError, match="benchmark.grid.depths=150: at most 101"):
+        prepare(compose(["model=tiny_llama", "benchmark=needle", "benchmark.grid.depths=150",
+                         f"results_root={tmp_path}"]))
+
+
+def test_compare_refuses_a_confidence_outside_0_1(tmp_path, capsys):
+    from kvbench.compare import main
+    for run in ("a", "b"):
+        write_run(tmp_path / run, MODEL, "snapkv", 128, {"qasper": 50.0})
+    dirs = [str(tmp_path / run / MODEL["name"] / "longbench" / "snapkv_128") for run in ("a", "b")]
+    assert main([*dirs, "--confidence", "1.5"]) == 2
+    assert "confidence=1.5: give a level between 0 and 1" in capsys.readouterr().err

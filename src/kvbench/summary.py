@@ -18,7 +18,10 @@ def print_summary(cfg: DictConfig, scores: dict) -> float | None:
     ratio = compression_ratio(cfg)
     size = "" if cfg.method.get("budget_agnostic") else \
         f" compression_ratio={ratio:g}" if ratio is not None else f" budget={cfg.budget}"
-    print(f"\n{cfg.model.name} | {cfg.benchmark.name} | {cfg.method.name}{size}{protocol}")
+    query = cfg.benchmark.get("query", "aware")
+    variant = (" | multi-needle" if cfg.benchmark.get("multi_needle") else "") + \
+        (f" | query={query}" if query != "aware" else "")
+    print(f"\n{cfg.model.name} | {cfg.benchmark.name} | {cfg.method.name}{size}{protocol}{variant}")
     for task, value in scores.get("tasks", {}).items():
         print(f"  {task:24s} {value:6.2f}  (n={scores['n'][task]})")
     value = headline(scores)

@@ -302,6 +302,11 @@ def classify(out: Path, cfg: DictConfig) -> tuple[str, str]:
         record = json.loads(run_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "conflict", f"{run_file} is corrupt; delete {out} to redo it"
+    held, asked = (record.get("config") or {}).get("method"), OmegaConf.to_container(cfg.method, resolve=True)
+    if isinstance(held, dict) and held != asked:  # run.py would refuse the folder (other settings)
+        changed = sorted(k for k in set(held) | set(asked) if held.get(k) != asked.get(k))
+        return "conflict", (f"{out} holds results of other method settings ({', '.join(changed)}); name this "
+                            f"variant with tag=... or output_dir=...")
     return "exists", "" if record.get("status") == "complete" else f"last run {record.get('status', 'unknown')}"
 
 

@@ -99,7 +99,8 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
                                                  method_sort_key(needle.at[i, "method"])))
     needle, labels = needle.loc[order], labels[order]
     ci = [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle["ci_low"], needle["ci_high"])]
-    frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"], "Budget": labels,
+    needles = needle["protocol"].map(lambda p: "multi" if str(p).endswith("_multineedle") else "single")
+    frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"], "Needles": needles, "Budget": labels,
                           "KV MiB": needle["kv_bytes_mean"].map(kv_mib_label), "Score": needle["score"].astype(float),
                           "95% CI": ci, "n": needle["n"].astype(str),
                           "Status": needle["status"].map(lambda s: "" if s == "complete" else s)})

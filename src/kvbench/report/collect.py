@@ -165,6 +165,9 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
     name = display_method(method["name"])
     config = run.get("config") if isinstance(run.get("config"), dict) else {}
     query = str((config.get("benchmark") or {}).get("query") or "aware")
+    protocol = str(run.get("protocol", "")).replace("_agnostic", "")  # the query column says it (tables pair modes)
+    if (config.get("benchmark") or {}).get("multi_needle") and not protocol.endswith("_multineedle"):
+        protocol += "_multineedle"  # runs recorded before the protocol said so
     return {
         "model": str(model.get("name", run_dir.parts[-3] if len(run_dir.parts) >= 3 else "?")),
         "hub_id": str(model.get("hub_id", "")),
@@ -172,7 +175,7 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "method": name,
         "budget": math.nan if name == "FullKV" else _budget(method.get("budget")),
         "compression_ratio": math.nan if name == "FullKV" else _budget(method.get("compression_ratio")),
-        "protocol": str(run.get("protocol", "")),
+        "protocol": protocol,
         "tag": str((run.get("config") or {}).get("tag") or ""),
         "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),

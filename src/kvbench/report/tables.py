@@ -614,6 +614,8 @@ def _needle_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
     rows = []
     needle = df[df["benchmark"] == "needle"]
     for _, run in needle.iterrows():
+        if str(run.get("protocol", "")).endswith("_multineedle"):
+            continue  # the papers' needle numbers are single-needle
         name = paper_model_name(run["model"], run.get("hub_id", ""), paper)
         for entry in paper["needle"]:
             budget_ok = entry["budget"] is None or run["method"] == "FullKV" or run["budget"] == entry["budget"]
