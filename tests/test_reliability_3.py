@@ -46,6 +46,15 @@ def test_budget_and_compression_ratio_together_are_refused_on_the_command_line(t
     assert "budget=16 and method.compression_ratio=0.5 both set the KV size" in proc.stdout + proc.stderr
 
 
+def test_a_sweep_of_ratios_is_named_after_them_and_never_mixed_with_budget(tmp_path):
+    from kvbench.sweep import SweepError, plan
+    _, jobs = plan(overrides(tmp_path, "method=knorm,tova", "method.compression_ratio=0.5,0.96875"))
+    assert sorted(j.out.name for j in jobs) == ["knorm_ratio0.5", "knorm_ratio0.96875", "tova_ratio0.5",
+                                                "tova_ratio0.96875"]
+    with pytest.raises(SweepError, match="both set the KV size"):
+        plan(overrides(tmp_path, "method=knorm", "budget=64,128", "method.compression_ratio=0.5"))
+
+
 def test_a_ratio_run_is_reported_under_its_ratio_with_the_kv_bytes_held(tmp_path):
     cfg = compose(overrides(tmp_path, "method=knorm", "method.compression_ratio=0.75", "benchmark.limit=1"))
     evaluate(cfg)

@@ -334,6 +334,10 @@ def plan(overrides: Sequence[str], cost: CostModel | None = None,
          config_dir: str | Path = CONFIG_DIR) -> tuple[Sweep, list[PlannedJob]]:
     """Expand the sweep, compose each job, drop jobs writing to a folder already planned, classify and cost."""
     sweep = parse_sweep(overrides)
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in sweep.fixed} | {a.key.lstrip("+~") for a in sweep.axes}
+    if {"budget", "method.compression_ratio"} <= keys:  # each job would be refused (kvbench.config)
+        raise SweepError("budget= and method.compression_ratio= both set the KV size; sweep one of them (a ratio "
+                         "run is named after its ratio)")
     composer = _Composer(sweep, Path(config_dir))
     cost = cost or CostModel()
     jobs: dict[Path, PlannedJob] = {}
