@@ -160,7 +160,8 @@ def find_longbench() -> Path | None:
 
 
 @pytest.mark.launcher
-@pytest.mark.parametrize("launcher", [["+launcher=joblib"], []], ids=["joblib", "basic"])
+@pytest.mark.parametrize("launcher", [["+launcher=joblib"], [], ["+launcher=local"]],
+                         ids=["joblib", "basic", "submitit_local"])
 def test_a_failed_job_is_named_when_the_multirun_ends(tmp_path, launcher):
     data = find_longbench()
     if data is None:
@@ -179,3 +180,184 @@ def test_a_failed_job_is_named_when_the_multirun_ends(tmp_path, launcher):
     assert "Traceback" not in err
     assert json.loads((tmp_path / "tiny_llama" / "longbench" / "snapkv_48" / "run.json").read_text())[
         "status"] == "complete"  # the other job ran to the end
+    if launcher == ["+launcher=local"]:  # submitit's job wrapper (as on SLURM): the failed job exits 2 at its end
+        failed_log = Path(re.search(r"log: (\S+)", err).group(1)).read_text()
+        assert failed_log.rstrip().endswith("exit status 2, so SLURM marks it FAILED")
+        good_logs = [p for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.out") if p.read_text() != failed_log]
+        assert len(good_logs) == 1 and "the job failed" not in good_logs[0].read_text()
+
+
+# ----------------------------------------------------------------------------------------------- SLURM (issue 25)
+# kvbench's submitit launchers (hydra_plugins/kvbench_launcher, kvbench.slurm) against fake sbatch/sacct/squeue
+# programs on PATH: submitit's own code runs unchanged, only the cluster's answers are made up.
+
+FAKE = {
+    "sbatch": 'if [ -f "$FAKE_SLURM/sbatch.err" ]; then cat "$FAKE_SLURM/sbatch.err" >&2; exit 1; fi\n'
+              'echo "Submitted batch job $(cat "$FAKE_SLURM/sbatch.id")"',
+    "sacct": 'echo "JobID|State|NodeList"; cat "$FAKE_SLURM/sacct.out" 2>/dev/null',
+    "squeue": 'cat "$FAKE_SLURM/squeue.out" 2>/dev/null',
+    "srun": "exit 0",
+}
+GRES_REFUSED = ("sbatch: error: Invalid generic resource (gres) specification\n"
+                "sbatch: error: Batch job submission failed: Invalid generic resource (gres) specification\n")
+PARTITION_REFUSED = ("sbatch: error: invalid partition specified: gpu\n"
+                     "sbatch: error: Batch job submission failed: Invalid partition name specified\n")
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """A folder whose files say what the fake SLURM programs (first on PATH) answer."""
+    state = tmp_path / "fake_slurm"
+    (state / "bin").mkdir(parents=True)
+    for name, body in FAKE.items():
+        (state / "bin" / name).write_text(f"#!/bin/sh\n{body}\n")
+        (state / "bin" / name).chmod(0o755)
+    monkeypatch.setenv("FAKE_SLURM", str(state))
+    monkeypatch.setenv("PATH", f"{state / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv(ENV_ID, raising=False)
+    return state
+
+
+SWEPT = ["budget=64", "budget=128"]
+
+
+def slurm_launcher(tmp_path: Path, *extra: str):
+    """kvbench's SLURM launcher set up as Hydra sets it up for `run.py -m ... budget=64,128`."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import HydraContext
+    from hydra_plugins.kvbench_launcher.submitit_launcher import SlurmLauncher
+    from omegaconf import open_dict
+
+    fixed = ["+launcher=slurm", "model=tiny_llama", "method=snapkv", f"results_root={tmp_path / 'results'}",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra]
+    cfg = compose_hydra(fixed + ["budget=64"])
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = fixed + ["budget=64,128"]
+        cfg.hydra.job.config_name = "config"
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    launcher = SlurmLauncher(**{k: v for k, v in params.items() if k != "_target_"})
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONFIG_DIR)))
+    launcher.setup(hydra_context=HydraContext(config_loader=loader, callbacks=None),
+                   task_function=lambda c: None, config=cfg)
+    return launcher, cfg, [fixed + [s] for s in SWEPT]
+
+
+@pytest.mark.parametrize("refusal,fix", [(GRES_REFUSED, "+launcher=slurm_cpu"),
+                                         (PARTITION_REFUSED, "hydra.launcher.partition=")])
+def test_a_refused_submission_is_one_line_naming_the_fix_and_leaves_no_submitit_folder(
+        tmp_path, fake_slurm, capsys, refusal, fix):
+    (fake_slurm / "sbatch.err").write_text(refusal)
+    launcher, cfg, jobs = slurm_launcher(tmp_path, "hydra.launcher.partition=gpu")
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.launch(jobs, initial_job_idx=0)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("kvbench: SLURM refused the sweep: "), err
+    assert "Batch job submission failed" in err and fix in err and "partition 'gpu'" in err
+    assert not (tmp_path / "sweep" / ".submitit").exists()
+
+
+def write_result(sweep: Path, job_id: str, value: object) -> None:
+    """What submitit's job wrapper leaves for the submitter when the job returns `value`."""
+    import pickle
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    folder = sweep / ".submitit" / job_id
+    folder.mkdir(parents=True)
+    with open(folder / f"{job_id}_0_result.pkl", "wb") as f:
+        pickle.dump(("success", JobReturn(status=JobStatus.COMPLETED, _return_value=value)), f)
+
+
+def test_scancel_ends_the_sweep_with_the_cancelled_jobs_named_and_exit_130(tmp_path, fake_slurm, capsys,
+                                                                           monkeypatch):
+    from hydra.core.utils import JobStatus
+    from submitit.core.core import Job
+
+    monkeypatch.setattr(Job, "_results_timeout_s", 0)  # no result file will come for the cancelled job
+    (fake_slurm / "sbatch.id").write_text("4242")
+    (fake_slurm / "sacct.out").write_text("4242_0|CANCELLED by 0|node1\n4242_1|COMPLETED|node1\n")
+    launcher, cfg, jobs = slurm_launcher(tmp_path)
+    report = FailureReport()
+    report.on_multirun_start(cfg)
+    write_result(tmp_path / "sweep", "4242_1", 0.5)
+    FailureReport().on_job_end(job_config(tmp_path / "sweep", 1), FakeReturn(0.5, jobs[1], JobStatus.COMPLETED))
+    returns = launcher.launch(jobs, initial_job_idx=0)
+    assert [r.return_value for r in returns][1] == 0.5
+    assert isinstance(returns[0].return_value, JobFailed) and returns[0].return_value.cancelled
+    with pytest.raises(SystemExit) as exit_info:
+        report.on_multirun_end(cfg)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130, err
+    assert "kvbench: 1 of 2 jobs cancelled:" in err
+    assert "job 0 [budget=64]: cancelled (SLURM job 4242_0, CANCELLED by 0)" in err
+    assert "Rerun the same command" in err and "Traceback" not in err
+    assert "job 1" not in err
+
+
+def test_ctrl_c_of_the_submitter_names_the_jobs_that_go_on_and_how_to_cancel_them(tmp_path, fake_slurm, capsys,
+                                                                                  monkeypatch):
+    from submitit.slurm.slurm import SlurmJob
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    (fake_slurm / "sbatch.id").write_text("4343")
+    monkeypatch.setattr(SlurmJob, "results", interrupted)
+    launcher, _, jobs = slurm_launcher(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.launch(jobs, initial_job_idx=0)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130
+    assert err.startswith("kvbench: interrupted, but the SLURM jobs of this sweep go on: 2 not finished "
+                          "(4343_0 4343_1)") and "`scancel 4343`" in err, err
+
+
+def test_the_planner_shows_a_job_squeue_lists_as_pending_not_todo(tmp_path, fake_slurm, monkeypatch):
+    from submitit.core.core import Job
+
+    from kvbench.sweep import plan
+
+    monkeypatch.setattr(Job, "_results_timeout_s", 0)
+    (fake_slurm / "sbatch.id").write_text("4444")
+    (fake_slurm / "sacct.out").write_text("4444_0|CANCELLED|node1\n4444_1|CANCELLED|node1\n")
+    launcher, _, jobs = slurm_launcher(tmp_path)
+    launcher.launch(jobs, initial_job_idx=0)  # notes which folder each submitted job writes
+    sweep = ["model=tiny_llama", "method=snapkv", f"results_root={tmp_path / 'results'}", "budget=64,128"]
+    (fake_slurm / "squeue.out").write_text("4444_0 PENDING\n4444_1 RUNNING\n")
+    by_budget = {job.cfg.budget: job for job in plan(sweep)[1]}
+    assert by_budget[64].status == "pending" and "4444_0" in by_budget[64].note and not by_budget[64].remaining
+    assert by_budget[128].status == "running" and not by_budget[128].remaining
+    (fake_slurm / "squeue.out").write_text("")  # the jobs left the queue (ran or cancelled): todo again
+    assert {job.status for job in plan(sweep)[1]} == {"todo"}
+
+
+@pytest.mark.parametrize("value,code", [(JobFailed("budget=0 must be positive", True), 2),
+                                        (JobFailed("RuntimeError: boom", False), 1), (0.5, None)])
+def test_a_failed_submitit_job_exits_non_zero_after_handing_over_its_result(monkeypatch, value, code):
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra_plugins.kvbench_launcher.submitit_launcher import SlurmLauncher
+
+    import kvbench.slurm
+
+    ret = JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+    exits = []
+    plugin_launcher = SlurmLauncher.__mro__[2]  # hydra-submitit-launcher's class, which runs the job
+    assert plugin_launcher.__name__ == "BaseSubmititLauncher"
+    monkeypatch.setattr(plugin_launcher, "__call__", lambda self, *a, **k: ret)
+    monkeypatch.setattr(kvbench.slurm, "exit_after_result", lambda error, c: exits.append((error, c)))
+    assert SlurmLauncher().__call__() is ret  # the result still goes to the submitter
+    assert exits == ([] if code is None else [(value.error, code)])
+
+
+def test_the_exit_status_comes_after_the_job_has_finished(tmp_path):
+    # The process runs to its end (submitit saves the result there), then exits with the job's status.
+    script = ("from kvbench.slurm import exit_after_result\n"
+              "exit_after_result('budget=0 must be positive', 2)\n"
+              "print('result saved', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == "result saved\n"
+    assert "the job failed (budget=0 must be positive); exit status 2, so SLURM marks it FAILED" in done.stderr

@@ -107,13 +107,15 @@ def test_plot_run_writes_png_and_pdf_atomically(tmp_path):
     records = _records([1000, 1100, 1200], [0, 50, 100], lambda length, depth: 0.25)
     run_dir = _write_run(tmp_path / "snapkv_64", records)
     written = plot_run(run_dir)
-    assert [path.name for path in written] == ["needle_heatmap.png", "needle_heatmap.pdf"]
+    assert [path.name for path in written] == ["needle_heatmap.png", "needle_heatmap.pdf", "needle_retrieval.png",
+                                               "needle_retrieval.pdf"]
     assert (run_dir / "needle_heatmap.png").read_bytes()[:8] == PNG_MAGIC
     assert (run_dir / "needle_heatmap.pdf").read_bytes()[:5] == b"%PDF-"
     assert not list(run_dir.glob(".*.tmp"))  # no temp files left behind
     other = tmp_path / "figures"
     plot_run(run_dir, out=other)
-    assert sorted(path.name for path in other.iterdir()) == ["needle_heatmap.pdf", "needle_heatmap.png"]
+    assert sorted(path.name for path in other.iterdir()) == ["needle_heatmap.pdf", "needle_heatmap.png",
+                                                             "needle_retrieval.pdf", "needle_retrieval.png"]
 
 
 def test_labels_come_from_run_json_or_folder_names(tmp_path):
@@ -136,14 +138,15 @@ def test_stacked_figure_has_one_lettered_panel_per_run(tmp_path):
     panels = [ax for ax in fig.axes if ax.get_ylabel() == "Depth Percent"]
     assert len(panels) == 3 and len(fig.axes) == 4  # plus one shared colour bar
     # As the papers: the average above each panel, a bold lettered caption below it.
-    assert [ax.get_title() for ax in panels] == ["Average Score 0.20", "Average Score 0.80", "Average Score 1.00"]
+    assert [ax.get_title() for ax in panels] == ["Average Score 0.20, Retrieval 0.00", "Average Score 0.80, Retrieval 0.00",
+                                                 "Average Score 1.00, Retrieval 0.00"]
     captions = [[t.get_text() for t in ax.texts] for ax in panels]
     assert captions == [["(a) StreamingLLM, KV size 64"], ["(b) PyramidKV, KV size 64"], ["(c) DynamicKV, KV size 64"]]
     assert all(t.get_fontweight() == "bold" for ax in panels for t in ax.texts)
     assert fig.get_figwidth() == 16
     assert 2.2 < fig.get_figheight() / 3 < 3.6
     written = plot_stacked(dirs, tmp_path / "stack.png")
-    assert [path.name for path in written] == ["stack.png", "stack.pdf"]
+    assert [path.name for path in written] == ["stack.png", "stack.pdf", "stack_retrieval.png", "stack_retrieval.pdf"]
     assert written[0].read_bytes()[:8] == PNG_MAGIC
 
 

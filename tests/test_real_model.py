@@ -49,17 +49,19 @@ def test_smollm2_passage_retrieval_with_and_without_compression(tmp_path):
 
 
 @pytest.mark.parametrize("model_name", ["smollm2_135m", "gemma3_270m"])
-def test_converted_copy_of_a_gguf_model_is_the_same_model(tmp_path, monkeypatch, model_name):
+def test_converted_copy_of_a_gguf_model_is_the_same_model(tmp_path, monkeypatch, capsys, model_name):
     # The first load converts the GGUF and keeps the copy; the second reads the copy: same tokenizer (ids, chat
     # template, special tokens), same weights, same generated tokens.
     import importlib.util
+    import os
     import time
 
     import torch
     from omegaconf import OmegaConf
 
     from kvbench.engine import generate
-    from kvbench.models import CONVERTED_MARK, ModelSpec, _cached_tokenizer, converted_folder, load_model
+    from kvbench.models import (CONVERTED_MARK, ModelSpec, _cached_tokenizer, converted_damage, converted_folder,
+                                load_model)
 
     spec = ModelSpec.from_config(OmegaConf.to_container(compose([f"model={model_name}"]).model, resolve=True))
     if importlib.util.find_spec(spec.gguf_package) is None:
@@ -89,3 +91,15 @@ def test_converted_copy_of_a_gguf_model_is_the_same_model(tmp_path, monkeypatch,
         generate(model_b, ids, None, max_new_tokens=12).token_ids
     print(f"{model_name}: GGUF load + conversion {first:.1f} s, converted copy {second:.1f} s")
     assert second < first
+    if model_name == "smollm2_135m":  # a truncated copy is noticed, said in one line, read from the GGUF and rebuilt
+        folder = converted_folder(spec, torch.float32)
+        # A new, truncated file (model_b maps the old one: truncating it in place would crash model_b's reads).
+        (folder / "cut").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+        os.replace(folder / "cut", folder / "model.safetensors")
+        capsys.readouterr()
+        _cached_tokenizer.cache_clear()
+        model_c, _ = load_model(spec)
+        assert "is damaged (model.safetensors has 1000 bytes" in capsys.readouterr().err
+        assert converted_damage(folder) is None
+        state_a = model_a.state_dict()
+        assert all(torch.equal(value, state_a[name]) for name, value in model_c.state_dict().items())

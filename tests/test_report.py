@@ -265,8 +265,9 @@ def test_incomplete_runs_are_marked_in_every_table(results, tmp_path, capsys):
     from kvbench.report.__main__ import _needle_summary
     _needle_summary(df, tmp_path / "rep")
     needle = table_rows((tmp_path / "rep" / "needle.md").read_text())
-    assert needle[0] == ["Model", "Method", "Needles", "Budget", "Score", "95% CI", "n", "Status"]
-    assert [r[7] for r in needle[1:]] == ["running", ""]          # SnapKV 64 is still running
+    assert needle[0] == ["Model", "Method", "Needles", "Budget", "Score", "95% CI", "Retrieval", "Retrieval 95% CI",
+                         "n", "Status"]
+    assert [r[9] for r in needle[1:]] == ["running", ""]          # SnapKV 64 is still running
 
 
 def test_significance_bold_without_dagger_only_when_the_paired_test_says_so(tmp_path):

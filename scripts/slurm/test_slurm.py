@@ -8,9 +8,15 @@ tiny-model sweeps through `+launcher=slurm_cpu` and checks:
   results     a 2-job sweep becomes one job array; both result folders complete, each sample once; sacct has it
   rerun       the sweep planner submits nothing for a finished sweep; `run.py -m` again leaves every file as it was
   command     run.json's `command` is the user's overrides, not the submitit worker's command line
-  failure     a sweep with a bad job ends, naming that job and its one-line error; the job's log has it too
+  failure     a sweep with a bad job ends, naming that job and its one-line error; the job's log has it too;
+              sacct marks the bad job FAILED (exit code 2), the good one COMPLETED
+  refused     sbatch refuses a sweep (the GPU preset on this CPU-only cluster, an unknown partition): one line
+              naming the fix, exit 2, no .submitit folder left
   concurrent  the same sweep submitted twice at once: the planner skips the folder a live job holds; no duplicate
-  scancel     a job cancelled mid-run, then the same command again: it resumes, each sample once
+  scancel     a job cancelled mid-run ends the sweep naming it, exit 130; the same command again resumes it,
+              each sample once
+  interrupt   a job still pending is `pending` in the planner; Ctrl-C of the submitter names it and how to cancel
+              it (exit 130), and the job stays queued
   requeue     a job signalled as timed out (what SLURM sends before the time limit) is requeued and resumes
   noacct      on a second cluster without accounting (no sacct), a failing job's sweep still ends, naming it
 
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cluster import Cluster, ClusterError, install  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKS = ("results", "rerun", "command", "failure", "concurrent", "scancel", "requeue", "noacct")
+CHECKS = ("results", "rerun", "command", "failure", "refused", "concurrent", "scancel", "interrupt", "requeue",
+          "noacct")
 # Checks that rely on issue 17's items 1, 3, 4 (folder lock and planner, run records, command): see the report.
 NEEDS = {"rerun": "17.3", "command": "17.4", "concurrent": "17.1", "scancel": "17.3"}
 
@@ -88,8 +96,9 @@ class Harness:
         if not module:
             args = args + [f"hydra.sweep.dir={self.work / 'multirun' / str(self.sweeps)}"]
         log = open(self.work / f"sweep{self.sweeps}.log", "w+")
+        # SIGINT as a terminal delivers it, even where this harness runs in the background (which ignores it)
         proc = subprocess.Popen(head + args, cwd=self.work, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         proc.log = log  # type: ignore[attr-defined]
         proc.cmd = " ".join(head[1:] + args)  # type: ignore[attr-defined]
         return proc
@@ -201,7 +210,34 @@ class Harness:
         expect(line.group(1).strip() in Path(log.group(1)).read_text(),
                f"the job log {log.group(1)} lacks the error")
         assert_complete(self.folder("snapkv_48"), {"passage_retrieval_zh": 1})
-        return f"ended in {took:.0f} s, exit {code}: {line.group(0).strip()}"
+        array = Path(log.group(1)).parent.name.split("_")[0]
+        deadline = time.time() + 30  # slurmctld reports to slurmdbd asynchronously
+        while True:
+            states = {r[0]: (r[2], r[3]) for r in self.accounted() if r[0].startswith(array + "_")}
+            if len(states) == 2 and "RUNNING" not in str(states) or time.time() > deadline:
+                break
+            time.sleep(1)
+        failed = line.group(0).split()[1]  # "job 0 [budget=0]: ..." -> its array task
+        expect(states.get(f"{array}_{failed}") == ("FAILED", "2:0"),
+               f"sacct should mark the failed job FAILED with exit code 2:0, not {states}")
+        expect([v for k, v in states.items() if k != f"{array}_{failed}"] == [("COMPLETED", "0:0")],
+               f"sacct for the good job: {states}")
+        return f"ended in {took:.0f} s, exit {code}: {line.group(0).strip()}; sacct: {states}"
+
+    def check_refused(self) -> str:
+        found = []
+        cpu = self.overrides("method=snapkv", "budget=48,64")
+        gpu = ["+launcher=slurm" if a == "+launcher=slurm_cpu" else a for a in cpu]  # the GPU preset, no GPU here
+        for args, fix in ((gpu, "+launcher=slurm_cpu"),
+                          (cpu + ["hydra.launcher.partition=nosuchpartition"], "hydra.launcher.partition=")):
+            code, out = self.sweep(args, timeout=120)
+            lines = [line for line in out.splitlines() if line.strip() and "[HYDRA]" not in line]
+            expect(code == 2 and len(lines) == 1 and lines[0].startswith("kvbench: SLURM refused the sweep")
+                   and fix in lines[0], f"expected one line naming {fix}, exit 2; got exit {code}:\n{tail(out)}")
+            submitit = self.work / "multirun" / str(self.sweeps) / ".submitit"
+            expect(not submitit.exists(), f"{submitit} was left behind: {list(submitit.rglob('*'))}")
+            found.append(lines[0][len("kvbench: SLURM refused the sweep: "):][:70])
+        return " | ".join(found)
 
     def check_noacct(self) -> str:
         expect(not self.cluster.accounting, "runs on the cluster without accounting")
@@ -249,7 +285,9 @@ class Harness:
         self.cluster.run(["scancel", running[0].split("_")[0]])
         cancelled, out = self.finish(proc, timeout=180)
         done_before = len(predictions.read_text().splitlines())
-        expect(cancelled != 0, f"the cancelled sweep exited 0:\n{tail(out)}")
+        expect(cancelled == 130 and "Traceback" not in out and "1 of 1 jobs cancelled" in out
+               and re.search(r"job 0: cancelled \(SLURM job \d+, CANCELLED", out) is not None,  # one job: no array
+               f"the cancelled sweep should name the cancelled job and exit 130 (exit {cancelled}):\n{tail(out)}")
         expect(done_before < samples, f"the job finished ({done_before} samples) before it was cancelled")
         code, out = self.sweep(args)
         expect(code == 0, f"the resubmitted sweep failed (exit {code}):\n{tail(out)}")
@@ -261,6 +299,31 @@ class Harness:
         return f"cancelled after {done_before}/{samples} samples (sweep exit {cancelled}); resubmitted: {samples} " \
                f"unique, " \
                f"{len(sessions)} sessions"
+
+    def check_interrupt(self) -> str:
+        args = self.overrides("method=h2o", "budget=48", "benchmark.limit=1",
+                              "+hydra.launcher.additional_parameters.begin=now+3600")  # pending for an hour
+        proc = self.start(args)
+        deadline = time.time() + 120
+        while not any(j.endswith("PENDING") for j in self.jobs()) and time.time() < deadline:
+            if proc.poll() is not None:
+                code, out = self.finish(proc)
+                raise Failed(f"the sweep ended (exit {code}) before its job was queued:\n{tail(out)}")
+            time.sleep(0.5)
+        pending = [j.split()[0] for j in self.jobs() if j.endswith("PENDING")]
+        expect(len(pending) == 1, f"expected one pending job, queue: {self.jobs()}")
+        plan_code, plan = self.sweep(["plan", "--dry-run", *args], module="kvbench.sweep")
+        expect(plan_code == 0 and re.search(r"\bpending\b.*h2o_48", plan) is not None and "nothing to run" in plan,
+               f"the planner should show the queued job as pending (exit {plan_code}):\n{tail(plan)}")
+        time.sleep(2)  # the submitter is waiting for the job
+        proc.send_signal(signal.SIGINT)
+        code, out = self.finish(proc, timeout=60)
+        expect(code == 130 and pending[0] in out and f"scancel {pending[0].split('_')[0]}" in out
+               and "Traceback" not in out, f"Ctrl-C should name the job and how to cancel it (exit {code}):\n"
+                                            f"{tail(out)}")
+        expect(pending[0] + " PENDING" in self.jobs(), f"the job left the queue after Ctrl-C: {self.jobs()}")
+        self.cluster.run(["scancel", pending[0].split("_")[0]])
+        return f"planner: pending; Ctrl-C: exit 130, `scancel {pending[0].split('_')[0]}` named; the job stayed queued"
 
     def check_requeue(self, samples: int = 20) -> str:
         # timeout_min <= 10: submitit counts any USR2 as a time-out (as SLURM's --signal before the limit)

@@ -96,7 +96,7 @@ def _backend(impl: str, module):
 def _refuse_unscorable(method: Method, kwargs: dict) -> None:
     """A method that scores tokens by attention cannot select correctly where the model's attention has terms its
     scores ignore. Position- or key-only methods (`attention_free = True`) are unaffected."""
-    if getattr(method, "attention_free", False):
+    if method.attention_free:
         return
     why = None
     if kwargs.get("softcap") is not None:

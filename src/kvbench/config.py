@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from pathlib import Path
@@ -102,7 +103,7 @@ def _optional(kind: _Kind) -> _Kind:
 INT = _Kind("an integer", _is_int)
 POS_INT = _Kind("a positive integer", lambda v: _is_int(v) and v > 0)
 NONNEG_INT = _Kind("an integer >= 0", lambda v: _is_int(v) and v >= 0)
-NUMBER = _Kind("a number", _is_number)
+NUMBER = _Kind("a finite number", lambda v: _is_number(v) and math.isfinite(v))  # nan compares false to any bound
 BOOL = _Kind("true or false", lambda v: isinstance(v, bool))
 STR = _Kind("a string", lambda v: isinstance(v, str))
 NAME = _Kind("a name (text)", lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), str)

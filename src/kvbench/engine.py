@@ -20,9 +20,10 @@ from typing import Sequence
 import torch
 
 from kvbench.attention import compression, decoding
-from kvbench.cache import CompressedCache, layer_kinds
+from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
+from kvbench.query import check_agnostic_model
 
 
 @dataclass
@@ -91,7 +92,7 @@ def cache_kwargs(model, cache) -> dict:
 
 def new_cache(model, method: Method) -> CompressedCache:
     """A cache that mirrors `model`'s layer types, compressed as `method.local_layers` says."""
-    return CompressedCache.for_model(model.config, getattr(method, "local_layers", "keep"))
+    return CompressedCache.for_model(model.config, method.local_layers)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -126,7 +127,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
             f"Set method.local_layers=compress to compress them too, or use method=fullkv"
         )
     held = {cache.held_at_prefill(i, n) for i in cache.compressed_layers}
-    if getattr(method, "equal_length_layers", False) and len(held) > 1 and not method.keeps_all(n):
+    if method.equal_length_layers and len(held) > 1 and not method.keeps_all(n):
         raise KvbenchError(
             f"{method.name} compares scores across layers, but with method.local_layers=compress this model's "
             f"compressed layers hold different numbers of tokens ({sorted(held)}: local windows vs the whole "
@@ -250,10 +251,7 @@ def restore_cache(cache: CompressedCache, lengths: Sequence[int]) -> None:
 def compress_context(model, context_ids: torch.Tensor, method: Method | None = None) -> CompressedContext:
     """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known)."""
     method = method or FullKV()
-    if any(kind.local for kind in layer_kinds(model.config)):
-        raise KvbenchError("benchmark.query=agnostic does not support models with sliding-window or chunked layers "
-                           "yet (their cache cannot be trimmed back after a question once the window is full); use "
-                           "benchmark.query=aware on this model")
+    check_agnostic_model(model.config)
     state = prefill(model, context_ids, method)
     cache = state.cache
     return CompressedContext(context_ids, state, cache_lengths(cache), cache.nbytes(), method.record(),

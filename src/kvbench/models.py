@@ -6,11 +6,14 @@ works on any architecture that uses transformers' attention interface.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,7 +119,8 @@ def converted_folder(spec: ModelSpec, dtype: torch.dtype) -> Path:
     """Where an embedded GGUF model is kept after its first load, converted to transformers' own format (weights as
     safetensors, the tokenizer as tokenizer.json): reading a GGUF parses its whole vocabulary and dequantizes every
     tensor (Gemma 3 270M: minutes on 2 cores), the converted copy loads in seconds. Keyed by the package's version,
-    the GGUF file's size, the dtype the weights were loaded in and the transformers version that converted it. `KVBENCH_CACHE` moves it (default
+    the GGUF file's size, the dtype the weights were loaded in, the transformers version that converted it and the
+    copy's format (`-f2`: with its manifest of sizes and hashes). `KVBENCH_CACHE` moves it (default
     ~/.cache/kvbench); `KVBENCH_CACHE=off` turns it off."""
     import transformers
 
@@ -128,15 +132,79 @@ def converted_folder(spec: ModelSpec, dtype: torch.dtype) -> Path:
     size = os.path.getsize(os.path.join(folder, gguf_file))
     root = Path(os.environ.get("KVBENCH_CACHE") or Path.home() / ".cache" / "kvbench")
     name = f"{Path(gguf_file).stem}-{version}-{size}-{str(dtype).removeprefix('torch.')}"
-    return root / "converted" / f"{name}-transformers{transformers.__version__}"
+    return root / "converted" / f"{name}-transformers{transformers.__version__}-f{CONVERTED_FORMAT}"
+
+
+CONVERTED_FORMAT = 2  # 2: the copy holds CONVERTED_MARK, a manifest of its files' sizes and sha256
+CONVERTED_MARK = "kvbench-manifest.json"
+_SOUND: set[tuple] = set()  # copies verified by this process, with the sizes and times of their files then
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path, source: str) -> None:
+    """Record every file's size and sha256 (what the copy is verified against on load), then make the copy readable
+    to everyone (a shared cache: 0644 files, 0755 folder; save_pretrained writes the weights 0600)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir()) if p.is_file()}
+    (folder / CONVERTED_MARK).write_text(json.dumps({"source": source, "files": files}, indent=1) + "\n")
+    for name in (*files, CONVERTED_MARK):
+        (folder / name).chmod(0o644)
+    folder.chmod(0o755)
+
+
+def converted_damage(folder: Path) -> str | None:
+    """Why the converted copy in `folder` cannot be used (no manifest, a file missing, or of another size or sha256
+    than written at conversion); None when it is sound. Hashing ~0.5 GB takes about a second: a copy is verified
+    once per process (again only when a file's size or time changes)."""
+    try:
+        files = json.loads((folder / CONVERTED_MARK).read_text())["files"]
+        stats = {name: (folder / name).stat() for name in sorted(files)}
+    except FileNotFoundError as err:
+        return f"{Path(err.filename).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {CONVERTED_MARK} is unreadable ({type(err).__name__})"
+    stamp = (str(folder), *((name, st.st_size, st.st_mtime_ns) for name, st in stats.items()))
+    if stamp in _SOUND:
+        return None
+    for name, entry in files.items():
+        if stats[name].st_size != entry["size"]:
+            return f"{name} has {stats[name].st_size} bytes, {entry['size']} were written"
+        if _sha256(folder / name) != entry["sha256"]:
+            return f"{name} is not the file written (sha256 differs)"
+    _SOUND.add(stamp)
+    return None
 
 
 def _converted(spec: ModelSpec, dtype: torch.dtype) -> Path | None:
-    """The converted copy of an embedded GGUF model when it is complete, else None (also when the cache is off)."""
+    """The converted copy of an embedded GGUF model when it is sound, else None (also when the cache is off). A
+    damaged copy is moved away and removed, with one line saying so: the GGUF is read instead, and the next load
+    of the model writes a new copy."""
     if os.environ.get("KVBENCH_CACHE", "").lower() == "off":
         return None
     path = converted_folder(spec, dtype)
-    return path if (path / CONVERTED_MARK).is_file() else None
+    if not path.is_dir():
+        return None
+    problem = converted_damage(path)
+    if problem is None:
+        return path
+    try:
+        aside = path.with_name(f".{path.name}.{os.getpid()}.damaged")
+        os.replace(path, aside)  # never a half copy in place: moved away in one step, then removed
+        shutil.rmtree(aside, ignore_errors=True)
+        done = "removed it; reading the GGUF instead, a new copy is written when the model loads"
+    except FileNotFoundError:  # another process moved it away first
+        done = "reading the GGUF instead, a new copy is written when the model loads"
+    except OSError as err:
+        done = f"cannot remove it ({err.strerror}): reading the GGUF instead; delete that folder"
+    print(f"kvbench: the converted copy of {spec.gguf_file} at {path} is damaged ({problem}); {done}",
+          file=sys.stderr)
+    return None
 
 
 def _save_converted(spec: ModelSpec, model, tokenizer, dtype: torch.dtype) -> None:
@@ -149,7 +217,7 @@ def _save_converted(spec: ModelSpec, model, tokenizer, dtype: torch.dtype) -> No
     try:
         _save_dequantized(model, tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / CONVERTED_MARK).write_text(f"converted from {spec.gguf_package}/{spec.gguf_file}\n")
+        _write_manifest(tmp, f"{spec.gguf_package}/{spec.gguf_file}")
         try:
             os.replace(tmp, target)
         except OSError:
@@ -160,9 +228,6 @@ def _save_converted(spec: ModelSpec, model, tokenizer, dtype: torch.dtype) -> No
         shutil.rmtree(tmp, ignore_errors=True)
         warnings.warn(f"could not keep a converted copy of {spec.gguf_file} under {target.parent} ({err}); the next "
                       f"load reads the GGUF again (set KVBENCH_CACHE to a writable folder)")
-
-
-CONVERTED_MARK = "kvbench-converted.txt"
 
 
 def _save_dequantized(model, folder: Path) -> None:
@@ -183,6 +248,9 @@ def _save_dequantized(model, folder: Path) -> None:
 
 
 def _hub_error(source: str, err: Exception) -> KvbenchError:
+    if os.path.isdir(os.path.expanduser(source)):  # a local folder: no hub advice
+        return KvbenchError(f"cannot load the local folder {source!r}: {err.__class__.__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}; check or replace its files")
     return KvbenchError(
         f"cannot load {source!r}: {err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
         f"It is neither a local folder nor a model in the Hugging Face cache. Download it first "
@@ -211,6 +279,13 @@ def _hub_reachable(timeout_s: float = 2.0) -> bool:
     return True
 
 
+def hub_unavailable() -> str | None:
+    """Why the hub cannot be used now ("HF_HUB_OFFLINE is set", "the hub is unreachable"), None when it can."""
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    return None if _hub_reachable() else "the hub is unreachable"
+
+
 def check_hub_source(source: str) -> None:
     """Fail in a second, naming the fix, when a hub id is neither a local folder nor in the local cache and the hub
     cannot be used (HF_HUB_OFFLINE, or no connection): transformers would otherwise retry for most of a minute."""
@@ -226,10 +301,9 @@ def check_hub_source(source: str) -> None:
                 return
         except ValueError:  # not a valid repo id: transformers gives its own message
             return
-    if _hub_offline():
-        raise _hub_error(source, OSError("not in the local cache and HF_HUB_OFFLINE is set"))
-    if not _hub_reachable():
-        raise _hub_error(source, OSError("not in the local cache and the hub is unreachable"))
+    why = hub_unavailable()
+    if why:
+        raise _hub_error(source, OSError(f"not in the local cache and {why}"))
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -273,6 +347,23 @@ def _tiny_model(spec: ModelSpec, config, dtype: torch.dtype, attn: str):
 
     torch.manual_seed(spec.tiny.get("seed", 0))
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+
+
+def model_config(spec: ModelSpec, tokenizer, device: str = "cpu"):
+    """The model's config without its weights (tiny models: built; hub models and converted copies: config.json;
+    an embedded GGUF not converted yet: its metadata), for the checks that must come before the weights load."""
+    from transformers import AutoConfig
+
+    if spec.tiny is not None:
+        return tiny_config(spec, len(tokenizer))
+    if spec.gguf_package:
+        converted = _converted(spec, resolve_dtype(spec, device))
+        folder, gguf_file = (str(converted), None) if converted else gguf_location(spec)
+        return AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    try:
+        return AutoConfig.from_pretrained(spec.hub_id, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(spec.hub_id, err) from err
 
 
 def load_model(spec: ModelSpec, device: str = "cpu"):

@@ -7,6 +7,8 @@ finds no result and (without accounting) waits for it forever. Under a multirun 
 returns a `JobFailed` (so the launcher gets a result and the other jobs go on), and the callback records one line
 per job under the sweep folder. When the multirun ends, the callback prints the failed jobs, their overrides and
 errors and where their logs are, and exits with status 2 (1 where an error was not a KvbenchError, i.e. a bug).
+A job that ended without a result (a SLURM job cancelled with scancel: kvbench.slurm records it for the job) is
+named too; when every such job was only cancelled, the status is 130 (interrupted: rerun the same command).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class JobFailed:
 
     error: str            # one line: the KvbenchError's message, or "<ExceptionType>: <message>" for a bug
     user_error: bool      # True for a KvbenchError (bad input, fixable by the user)
+    cancelled: bool = False  # the job was cancelled (scancel) before it ended: the same command resumes it
 
     def __str__(self) -> str:
         return self.error
@@ -101,6 +104,30 @@ def _swept_keys(overrides: list[str]) -> set[str]:
     return {o.input_line.split("=", 1)[0] for o in parsed if o.is_sweep_override()}
 
 
+def job_outcome(job_return: Any) -> Any:
+    """A job's return value, a JobFailed where Hydra caught an exception (the property would re-raise it)."""
+    from hydra.core.utils import JobStatus
+
+    value = job_return._return_value
+    if job_return.status == JobStatus.FAILED:
+        return JobFailed(f"{type(value).__name__}: {value}", isinstance(value, KvbenchError))
+    return value
+
+
+def record_job(config: DictConfig, num: int, overrides: list[str], value: Any, job_log: str | None) -> None:
+    """Write job `num`'s outcome where the multirun's FailureReport reads it (the job itself, or the launcher
+    for a job that ended without a result)."""
+    record = {"num": num, "overrides": list(overrides), "failed": isinstance(value, JobFailed), "log": job_log}
+    if isinstance(value, JobFailed):
+        record.update(error=value.error, user_error=value.user_error, cancelled=value.cancelled)
+    folder = _records(config, os.environ.get(ENV_ID, "untagged"))
+    folder.mkdir(parents=True, exist_ok=True)
+    # A requeued job writes its record again: one file per job number, replaced atomically.
+    tmp = folder / f".{num}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, folder / f"{num}.json")
+
+
 try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - Hydra < 1.1
@@ -118,40 +145,33 @@ class FailureReport(Callback):
         os.environ[ENV_ID] = uuid.uuid4().hex[:12]  # inherited by the jobs (sbatch exports the environment)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-
         mode = config.hydra.get("mode")
         if getattr(mode, "name", mode) != "MULTIRUN":  # a single run answers its own errors (run.py)
             return
-        value = job_return._return_value  # the property re-raises a failed job's exception
-        if job_return.status == JobStatus.FAILED:
-            value = JobFailed(f"{type(value).__name__}: {value}", isinstance(value, KvbenchError))
-        record = {"num": int(config.hydra.job.num), "overrides": list(job_return.overrides or []),
-                  "failed": isinstance(value, JobFailed), "log": _job_log(config)}
-        if isinstance(value, JobFailed):
-            record.update(error=value.error, user_error=value.user_error)
-        folder = _records(config, os.environ.get(ENV_ID, "untagged"))
-        folder.mkdir(parents=True, exist_ok=True)
-        # A requeued job writes its record again: one file per job number, replaced atomically.
-        tmp = folder / f".{record['num']}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, folder / f"{record['num']}.json")
+        record_job(config, int(config.hydra.job.num), job_return.overrides or [], job_outcome(job_return),
+                   _job_log(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         records = self._read(config)
         failed = sorted((r for r in records if r["failed"]), key=lambda r: r["num"])
         if not failed:
             return
+        cancelled = sum(bool(r.get("cancelled")) for r in failed)
+        errors = len(failed) - cancelled
         swept = _swept_keys(list(config.hydra.overrides.task))  # a job is named by its values on the swept keys
-        lines = [f"kvbench: {len(failed)} of {len(records)} jobs failed:"]
+        head = f"{errors} of {len(records)} jobs failed" if errors else f"{cancelled} of {len(records)} jobs cancelled"
+        lines = [f"kvbench: {head}{f', {cancelled} cancelled' if errors and cancelled else ''}:"]
         for rec in failed:
             own = [o for o in rec["overrides"] if o.split("=", 1)[0] in swept]
             name = f"job {rec['num']} [{' '.join(own)}]" if own else f"job {rec['num']}"  # nothing swept: the command
             lines.append(f"  {name}: {rec['error']}")
             if rec.get("log"):
                 lines.append(f"      log: {rec['log']}")
-        lines.append("Fix the cause and rerun the same command: finished runs are skipped, partial ones resume.")
+        lines.append(("Fix the cause and rerun" if errors else "Rerun") +
+                     " the same command: finished runs are skipped, partial ones resume.")
         print("\n".join(lines), file=sys.stderr, flush=True)
+        if not errors:
+            sys.exit(130)  # interrupted, as a single run's Ctrl-C
         sys.exit(2 if all(r.get("user_error") for r in failed) else 1)
 
     def _read(self, config: DictConfig) -> list[dict]:

@@ -29,7 +29,8 @@ from kvbench.engine import ContextCache, GenerationOutput, generate
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
-from kvbench.models import ModelSpec, load_model, load_tokenizer, resolve_attention, resolve_dtype
+from kvbench.models import ModelSpec, load_model, load_tokenizer, model_config, resolve_attention, resolve_dtype
+from kvbench.query import check_agnostic_model
 from kvbench.results import RunStore
 from kvbench.sample_scores import pop_and_write
 
@@ -235,10 +236,13 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         check = getattr(job.benchmark, "check_tokenizer", None)
         if check is not None:
             check(tokenizer)
+        if cfg.benchmark.get("query", "aware") == "agnostic":  # sliding-window models: refused before the weights
+            check_agnostic_model(model_config(job.spec, tokenizer, job.device))
         loading = time.perf_counter()
         model, tokenizer = load_model_once(job.spec, job.device)
         timer.model_load_s = time.perf_counter() - loading  # ~0 when this process loaded it already (a multirun)
-        job.method.bind(model, tokenizer)  # methods that need the model (Expected Attention, KVzip)
+        if job.method.needs_model:  # a declared capability (Expected Attention, KVzip)
+            job.method.bind(model, tokenizer)
         store.open()
         log.info("results: %s", job.out)
         try:
@@ -249,7 +253,11 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
             raise
         except BaseException as err:
             if store.session is not None:
-                store.end_session("failed", timing=timer.summary(), error=f"{type(err).__name__}: {err}"[:500])
+                try:
+                    store.end_session("failed", timing=timer.summary(), error=f"{type(err).__name__}: {err}"[:500])
+                except OSError:  # the disk is still full: the first error is the one to report, in one line
+                    if isinstance(err, KvbenchError):
+                        raise KvbenchError(f"{err} (run.json could not be marked failed either)") from None
             raise
         finally:
             store.close()

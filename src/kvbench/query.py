@@ -16,6 +16,17 @@ from kvbench.errors import KvbenchError
 QUERY_MODES = ("aware", "agnostic")
 
 
+def check_agnostic_model(config) -> None:
+    """Refuse query-agnostic runs on models with sliding-window or chunked layers (from the model's config, so the
+    pipeline can refuse before the weights load)."""
+    from kvbench.cache import layer_kinds
+
+    if any(kind.local for kind in layer_kinds(config)):
+        raise KvbenchError("benchmark.query=agnostic does not support models with sliding-window or chunked layers "
+                           "yet (their cache cannot be trimmed back after a question once the window is full); use "
+                           "benchmark.query=aware on this model")
+
+
 def check_query_mode(value) -> str:
     if value not in QUERY_MODES:
         raise KvbenchError(f"benchmark.query={value!r}: choose aware (the question is compressed with the context, "

@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
-from kvbench.atomic import write_json_atomic
+from kvbench.atomic import write_error, write_json_atomic
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
 
@@ -53,7 +53,9 @@ def read_predictions(path: str | os.PathLike, repair: bool = False) -> list[dict
     any corrupt line."""
     if not Path(path).exists():
         return []
-    return read_jsonl(path, "remove or fix that line (the run resumes from the samples that remain)", repair=repair)
+    # bom: a file opened and saved by an editor that adds a byte-order mark is still the run's own file
+    return read_jsonl(path, "remove or fix that line (the run resumes from the samples that remain)", repair=repair,
+                      bom=True)
 
 
 def unique_records(records: list[dict], key: str, where: str | os.PathLike = "") -> list[dict]:
@@ -182,6 +184,14 @@ class RunStore:
         if holder:
             raise busy_error(self.root, holder)
         self._refuse_other_settings(self._read_previous())
+        existing = next((p for p in (self.root, *self.root.parents) if p.exists()), None)
+        if existing == self.root and not os.access(self.root, os.W_OK):
+            raise KvbenchError(f"the result folder {self.root} is not writable (a read-only mount?); its scores stay "
+                               f"readable there. To rerun or extend it, copy the folder somewhere writable and set "
+                               f"output_dir= to the copy")
+        if existing is not None and not os.access(existing, os.W_OK):
+            raise KvbenchError(f"cannot create the result folder {self.root}: {existing} is not writable; set "
+                               f"results_root= or output_dir= to a writable folder")
 
     def _refuse_other_settings(self, previous: dict | None) -> None:
         if previous is not None and previous.get("fingerprint") != self.fingerprint and self.has_predictions():
@@ -271,12 +281,11 @@ class RunStore:
     def append(self, task: str, record: dict) -> None:
         """Append one prediction as a single write, flushed to disk before returning."""
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        fd = os.open(self.prediction_file(task), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.prediction_file(task)
         try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _append_line(path, line)
+        except OSError as err:  # a full disk: one line; a cut line is dropped when the run resumes
+            raise write_error(err, path) from None
 
     def records(self, task: str, key: str = "_id") -> list[dict]:
         """The task's records, each id once (the first kept, with a warning for duplicates)."""
@@ -288,6 +297,16 @@ class RunStore:
 
     def tasks_done(self) -> Iterable[str]:
         return sorted(p.stem for p in self.predictions_dir.glob("*.jsonl"))
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, line) != len(line):  # a short write: the disk filled up during it (the cut line is redone)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 CONTEXT_KEYS = ("context_prefills", "context_prefills_avoided", "context_prefill_s_avoided")

@@ -27,7 +27,10 @@ def print_summary(cfg: DictConfig, scores: dict) -> float | None:
     value = headline(scores)
     if value is not None:
         if scores.get("benchmark") == "needle":
-            print(f"  {'mean needle score':24s} {value:6.3f}  (n={scores.get('n')})")
+            print(f"  {'mean needle score':24s} {value:6.3f}  (n={scores.get('n')}; the papers' word overlap)")
+            if scores.get("mean_retrieval") is not None:
+                print(f"  {'needle retrieval':24s} {scores['mean_retrieval']:6.3f}  (share of cells naming the "
+                      f"needle's key facts)")
         else:
             print(f"  {'average':24s} {value:6.2f}  (n={sum(scores.get('n', {}).values())})")
     also = scores.get("also_on_disk") or {}

@@ -35,10 +35,11 @@ from omegaconf import DictConfig, OmegaConf
 from kvbench.config import CONFIG_DIR, compose, output_dir, run_name
 from kvbench.errors import KvbenchError
 from kvbench.results import PREDICTIONS, RUN_FILE, folder_locked
+from kvbench.slurm import WAITING, queued_jobs
 
 RUN_PY = CONFIG_DIR.parent / "run.py"
 BYTES_PER_TOKEN = 4.0
-STATUSES = ("done", "partial", "todo", "running", "conflict")
+STATUSES = ("done", "partial", "todo", "running", "pending", "conflict")
 
 
 class SweepError(KvbenchError):
@@ -316,7 +317,7 @@ def _fill_costs(job: PlannedJob, cost: CostModel) -> None:
     nothing); one that lacks some is partial (the run adds them), as the result store does."""
     work = job_work(job.cfg)
     job.samples_total = sum(w.samples for w in work)
-    if job.status in ("running", "conflict"):
+    if job.status in ("running", "pending", "conflict"):
         return
     left = [w.scaled(max(w.samples - samples_done(job.out, w.name, job.cfg), 0)) for w in work]
     job.samples_left = sum(w.samples for w in left)
@@ -341,6 +342,7 @@ def plan(overrides: Sequence[str], cost: CostModel | None = None,
     composer = _Composer(sweep, Path(config_dir))
     cost = cost or CostModel()
     jobs: dict[Path, PlannedJob] = {}
+    slurm_queue: dict[str, dict] = {}
     for choice in expand(sweep):
         cfg = composer.compose_job(choice)
         out = output_dir(cfg)
@@ -349,6 +351,12 @@ def plan(overrides: Sequence[str], cost: CostModel | None = None,
             continue
         job = PlannedJob(choice, cfg, out)
         job.status, job.note = classify(out, cfg)
+        if job.status in ("todo", "exists"):  # a SLURM job squeue lists will write it (kvbench.slurm)
+            queued = slurm_queue.setdefault(str(cfg.results_root), queued_jobs(cfg.results_root))
+            if os.path.abspath(out) in queued:
+                slurm_id, state = queued[os.path.abspath(out)]
+                job.status = "pending" if state in WAITING else "running"
+                job.note = f"SLURM job {slurm_id} is {state.lower()}"
         _fill_costs(job, cost)
         jobs[out] = job
     return sweep, list(jobs.values())
@@ -442,7 +450,8 @@ def format_totals(jobs: list[PlannedJob], cost: CostModel, shards: int = 1) -> s
     count = {status: sum(j.status == status for j in jobs) for status in STATUSES}
     hours = sum(j.seconds_left for j in jobs) / 3600
     text = (f"jobs: {len(jobs)}  done: {count['done']}  to do: {count['todo'] + count['partial']} "
-            f"(partial: {count['partial']})  running elsewhere: {count['running']}  conflicts: {count['conflict']}  "
+            f"(partial: {count['partial']})  running elsewhere: {count['running']}  pending in SLURM: "
+            f"{count['pending']}  conflicts: {count['conflict']}  "
             f"samples left: {sum(j.samples_left for j in jobs)}  est. GPU hours: {hours:.2f}\n"
             f"cost model: {cost.seconds_per_ktoken:g} s per 1k prompt tokens + {cost.seconds_per_token:g} s per "
             f"new token (upper bound; --seconds-per-ktoken / --seconds-per-token)")
@@ -514,7 +523,7 @@ def _main(args: argparse.Namespace) -> int:
         print("\n".join(["would run:"] + [shell_command(c) for c in cmds]) if cmds else "nothing to run")
         return 0
     for job in jobs:
-        if job.status in ("conflict", "running"):
+        if job.status in ("conflict", "running", "pending"):
             print(f"skipped ({job.status}): {job.label}: {job.note}", file=sys.stderr)
     if args.mode == "plan":
         print(f"# {len(todo)} of {len(jobs)} jobs to run, est. {sum(j.seconds_left for j in todo) / 3600:.2f} "

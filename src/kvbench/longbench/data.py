@@ -225,6 +225,31 @@ def _load_from_hub(task: str, hub_id: str, limit: int | None) -> list[dict]:
     return [dict(row) for row in rows]
 
 
+def check_hub_data(hub_id: str) -> None:
+    """Fail in a second, before any model loads, when the data must come from the hub, the hub cannot be used
+    (offline, or no connection) and no copy is in the local caches: `datasets` would retry for most of a minute."""
+    from kvbench.models import hub_unavailable
+
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    why = "HF_DATASETS_OFFLINE is set" if offline else hub_unavailable()
+    if why is None or _hub_data_cached(hub_id):
+        return
+    raise LongBenchDataError(f"benchmark.data_dir is null, so LongBench is read from the hub ({hub_id}), but {why} "
+                             f"and no copy is cached. Use local files instead: {_DATA_DIR_HINT}")
+
+
+def _hub_data_cached(hub_id: str) -> bool:
+    """A copy of `hub_id` in the hub cache or in `datasets`' cache (its folders are named `<org>___<name>`)."""
+    try:
+        import datasets.config
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    if (Path(constants.HF_HUB_CACHE) / f"datasets--{hub_id.replace('/', '--')}").is_dir():
+        return True
+    return any(Path(datasets.config.HF_DATASETS_CACHE).glob(f"{hub_id.split('/')[0]}___*"))
+
+
 def load_task(task: str, source: DataSource) -> list[dict]:
     """The samples of one LongBench task (`<task>_e` for LongBench-E), in file order.
 

@@ -337,7 +337,9 @@ def build_split_prompt(
     `build_prompt(...).input_ids`: the same text is truncated, rendered and tokenised once, then cut where the
     question part starts. If middle truncation would cut into the question (a question longer than half of
     max_input_len), only the context part is middle-truncated, to max_input_len minus the question's tokens
-    (recorded as split_truncation="context_only")."""
+    (recorded as split_truncation="context_only"). A question part that alone fills max_input_len is truncated as
+    in aware mode: the ids are the aware ones, cut where the kept tail starts (the context part is the kept head;
+    split_truncation="question_cut")."""
     from kvbench.query import question_start, split_ids
 
     spec = task_spec(task)
@@ -351,16 +353,21 @@ def build_split_prompt(
     aware = build_prompt(task, example, tokenizer, protocol, max_input_len)
     info = {"question_kind": question_kind(task), "split_truncation": None}
     text, ids = aware.text, aware.input_ids
+    boundary = None
     if aware.truncated:
-        cut = truncate_middle(tokenizer, _tokenize(tokenizer, context_text + question_text,
-                                                   protocol.add_special_tokens), max_input_len)
+        whole = _tokenize(tokenizer, context_text + question_text, protocol.add_special_tokens)
+        cut = truncate_middle(tokenizer, whole, max_input_len)
         info["split_truncation"] = "whole_prompt"
-        if not cut.endswith(question_text):  # the question would be cut: truncate the context part only
-            question_len = len(_tokenize(tokenizer, question_text, False))
+        question_len = 0 if cut.endswith(question_text) else len(_tokenize(tokenizer, question_text, False))
+        if max_input_len - question_len < 2:  # the question alone fills max_input_len: the aware ids, cut after
+            head = tokenizer.decode(whole[: int(max_input_len / 2)], skip_special_tokens=True)  # the kept head
+            start = text.find(cut.strip())
+            if start < 0:
+                raise ProtocolError(f"{task}: the truncated prompt is not in the rendered one; cannot split it")
+            boundary = start + len(head) - (len(cut) - len(cut.lstrip()))
+            info["split_truncation"] = "question_cut"
+        elif question_len:  # the question would be cut: truncate the context part only
             budget = max_input_len - question_len
-            if budget < 2:
-                raise ProtocolError(f"{task}: the question part alone has {question_len} tokens, more than "
-                                    f"max_input_len={max_input_len}; raise model.max_input_len")
             context_ids = _tokenize(tokenizer, context_text, protocol.add_special_tokens)
             if len(context_ids) > budget:
                 context_text = truncate_middle(tokenizer, context_ids, budget)
@@ -369,9 +376,9 @@ def build_split_prompt(
                 text = _wrap_in_chat(tokenizer, text)
             ids = _tokenize(tokenizer, text, False if chat else protocol.add_special_tokens)
             info["split_truncation"] = "context_only"
-    if chat:
+    if boundary is None and chat:
         boundary = question_start(text, question_text, task)
-    else:
+    elif boundary is None:
         if not text.endswith(question_text):
             raise ProtocolError(f"{task}: the prompt does not end with its question part; cannot split it")
         boundary = len(text) - len(question_text)

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench.errors import KvbenchError
-from kvbench.longbench.data import DataSource, load_task, local_task_file, verify_file
+from kvbench.longbench.data import DataSource, check_hub_data, load_task, local_task_file, verify_file
 from kvbench.longbench.protocol import (Protocol, ProtocolError, _check_max_input_len, build_prompt,
                                         build_split_prompt, generation_settings)
 from kvbench.longbench.scoring import score_records
@@ -152,6 +152,8 @@ def plan_longbench(cfg: DictConfig, spec: ModelSpec) -> LongBenchPlan:
             path = local_task_file(task, bench.data_dir)
             if bench.verify_checksums:
                 verify_file(path)
+    else:
+        check_hub_data(bench.hub_id)  # offline: fails here, before the model loads
     _check_max_input_len(spec.max_input_len)
     protocol_cfg = OmegaConf.to_container(cfg.protocol, resolve=True)
     protocol_cfg.pop("methods", None)

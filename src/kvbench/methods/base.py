@@ -11,6 +11,12 @@ For a `ScoredMethod` that is four separate steps:
 - select: the top `count` positions of each head;
 - store: one dense tensor when every head keeps the same count (`keep_tokens`), a per-head variable-length
   `kvbench.ragged.RaggedLayer` otherwise (bytes held = tokens kept).
+`ScoredMethod.compress_layer` is that path, and every scorer runs it: a method changes a step, never the path
+(kvpress-style scorers give `kv_scores`; wrappers such as ChunkKV and CriticalKV change select; CAKE, DynamicKV and
+Layer-DefensiveKV allocate across layers and cut earlier layers in their select step). What a method needs besides
+the path is a declared capability (`needs_model`, `acts_during_decoding`, `supports_adaptive`, ...), read by the
+pipeline, the engine and validation. Outside it: FullKV (scores nothing) and KVzip (scores in passes after the
+prefill, `after_prefill`).
 
 Conventions (as the KV-compression papers): `budget` is tokens kept per head per layer, the observation window
 included; the window (last `window_size` prompt tokens) is always kept and placed after the selected tokens,
@@ -38,7 +44,7 @@ ADAPTIVE_MODES = ("official", "exact")
 
 @dataclass
 class Method:
-    """Base class: keeps everything. Subclasses override `compress_layer` (or, usually, `score`).
+    """Base class: keeps everything (FullKV). Scorers subclass `ScoredMethod` and provide `score`.
 
     Class-level facts the registry (`kvbench.methods.registry`) reads: `name` (config and results name),
     `display_name` (tables, plots), `order` (position in reports), `paper_defaults` (settings of the papers'
@@ -55,6 +61,13 @@ class Method:
     # the budget applies to the full-attention layers; "compress" compresses the tokens they hold too.
     local_layers: str = "keep"
     min_window: ClassVar[int] = 1  # 0 for methods without an observation window (KNorm, the kvpress presses)
+    # Capabilities: what a method needs besides score -> allocate -> select -> store, declared here and read by
+    # the pipeline, the engine, the attention wrapper and validation (never probed).
+    needs_model: ClassVar[bool] = False  # `bind(model, tokenizer)` must run before any prefill
+    acts_during_decoding: ClassVar[bool] = False  # compresses while generating, not only at prefill
+    supports_adaptive: ClassVar[bool] = False  # `allocation=adaptive` (AdaKV's head budgets) applies
+    attention_free: ClassVar[bool] = False  # scores ignore attention (valid with soft-capped or sink attention)
+    equal_length_layers: ClassVar[bool] = False  # compares scores across layers: all must hold the same tokens
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +103,11 @@ class Method:
                 out.pop(key, None)
         return out
 
+    @classmethod
+    def official_params(cls, params: dict) -> dict:
+        """A golden case's official arguments -> our settings (default: the same names and values)."""
+        return dict(params)
+
     def record(self) -> dict:
         """What the method chose for the last sample (e.g. per-layer or per-head budgets), for the run record.
         By default a method's `allocations` attribute, if it has one."""
@@ -121,9 +139,9 @@ class Method:
                        cache: CompressedCache) -> None:
         """Called once per layer at prefill with queries [1,H,n,d], keys/values [1,H_kv,n,d]."""
 
-    # ---- methods that need the model (Expected Attention: its rotary embedding; KVzip: extra passes) ----------
+    # ---- methods that need the model (`needs_model`: Expected Attention's rotary embedding, KVzip's passes) ----
     def bind(self, model, tokenizer=None) -> None:
-        """Called once per run with the loaded model and tokenizer, before any prefill. Default: not needed."""
+        """Called once per run, before any prefill, with the loaded model and tokenizer when `needs_model`."""
 
     def after_prefill(self, model, input_ids: torch.Tensor, cache: CompressedCache) -> None:
         """Called by the engine right after the prefill forward pass, inside the compression context and the
@@ -135,9 +153,6 @@ class Method:
         [1,H_kv,n+m,d] here."""
 
     # ---- helpers shared by the methods -----------------------------------------------------------------------
-    def selection_heads(self, queries: torch.Tensor, keys: torch.Tensor) -> int:
-        return queries.shape[1] if self.cache_heads == "per_query_head" else keys.shape[1]
-
     def reduce_heads(self, scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """[H, P] per-query-head scores -> the heads that select: unchanged (official layout) or the mean over
         each query group (`per_kv_head`, KV-head granularity, H/H_kv times less memory)."""
@@ -241,6 +256,7 @@ class ScoredMethod(Method):
     window. Subclasses provide `score` (and may change the layer budget with `prefix_budget`)."""
 
     min_window: ClassVar[int] = 0  # a scorer may rank every prompt token (no observation window)
+    supports_adaptive: ClassVar[bool] = True  # False where the method allocates across layers itself
 
     allocation: str = "uniform"  # uniform: every head keeps the layer's budget; adaptive: AdaKV across heads
     floor_alpha: float = 0.2  # adaptive: share of the layer budget every head keeps at least (AdaKV's alpha)
@@ -248,6 +264,12 @@ class ScoredMethod(Method):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_allocation()
+
+    def validate_allocation(self) -> None:
+        if self.allocation == "adaptive" and not self.supports_adaptive:
+            raise KvbenchError(f"method.allocation=adaptive does not apply to {self.name}: it allocates its budget "
+                               f"itself; use method.allocation=uniform")
         if self.allocation not in ALLOCATIONS:
             raise KvbenchError(f"method.allocation={self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.adaptive_mode not in ADAPTIVE_MODES:
@@ -270,8 +292,10 @@ class ScoredMethod(Method):
         """[H, n - window] scores per query head (higher is kept)."""
         raise NotImplementedError
 
-    def head_scores(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[S, n - window]: the scores of the heads that select (S = H, or H_kv for `per_kv_head`)."""
+    def head_scores(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor | None = None) -> torch.Tensor:
+        """[S, n - window]: the scores of the heads that select (S = H, or H_kv for `per_kv_head`). Scorers that
+        read the values (kvpress-style `kv_scores`) take them here."""
         return self.reduce_heads(self.score(layer_idx, queries, keys), keys.shape[1])
 
     # ---- allocate ------------------------------------------------------------------------------------------
@@ -299,10 +323,11 @@ class ScoredMethod(Method):
         self.keep_ragged(cache, layer_idx, [order[h, :c] for h, c in enumerate(counts.tolist())], keys, values)
 
     def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+        """The one path of every scorer: score -> allocate -> select -> store (subclasses change the steps)."""
         n = keys.shape[2]
         if self.keeps_all(n):
             return
-        scores = self.head_scores(layer_idx, queries, keys)
+        scores = self.head_scores(layer_idx, queries, keys, values)
         counts = self.allocate(layer_idx, scores, n)
         self.select_and_store(cache, layer_idx, scores, counts, keys, values)
 
@@ -364,9 +389,9 @@ class PooledWindowMethod(ScoredMethod):
         raw = window_scores(queries, keys, self.window_size)
         return pool(raw.unsqueeze(0), self.kernel_size, self.pooling)[0]
 
-    def head_scores(self, layer_idx, queries, keys):
+    def head_scores(self, layer_idx, queries, keys, values=None):
         if self.allocation != "adaptive":
-            return super().head_scores(layer_idx, queries, keys)
+            return super().head_scores(layer_idx, queries, keys, values)
         # AdaKV's order (`calcul_attn_sore`): mean over the window rows, the group mean (GQA support) *before*
         # pooling. Scores are compared across heads, so the float rounding of that order matters at near-ties.
         raw = self.reduce_heads(window_scores(queries, keys, self.window_size) / self.window_size, keys.shape[1])

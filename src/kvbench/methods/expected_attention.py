@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,7 @@ class ExpectedAttention(KvpressScored):
     name = "expected_attention"
     display_name = "Expected Attention"
     order = 76
+    needs_model: ClassVar[bool] = True  # the model's rotary embedding
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
@@ -107,6 +109,8 @@ class ExpectedAttention(KvpressScored):
         return cos[0], sin[0]
 
     def kv_scores(self, layer_idx, queries, keys, values):
+        if values is None:
+            raise KvbenchError("expected_attention weighs its scores by the value norms: pass the values")
         n = keys.shape[2]
         if n <= self.n_sink:
             raise KvbenchError(f"expected_attention: the prompt ({n} tokens) must be longer than n_sink={self.n_sink}")

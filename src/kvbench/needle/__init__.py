@@ -17,7 +17,7 @@ from kvbench.needle.prompt import (
     depth_percents,
     stop_token_ids,
 )
-from kvbench.needle.scoring import heatmap_score, rouge_score_x10
+from kvbench.needle.scoring import heatmap_score, retrieval_score, rouge_score_x10
 
 __all__ = [
     "EXPECTED_ANSWER",
@@ -33,6 +33,7 @@ __all__ = [
     "haystack_token_ids",
     "heatmap_score",
     "load_haystack",
+    "retrieval_score",
     "rouge_score_x10",
     "stop_token_ids",
 ]

@@ -1,7 +1,9 @@
 """Needle-in-a-Haystack heatmaps in the format of the PyramidKV / DynamicKV figures.
 
 Rows are needle depths (0 % at the top), columns are context lengths, cells are the mean heatmap
-score on a red-yellow-green scale from 0 to 1, and the title carries the average score. Figures
+score on a red-yellow-green scale from 0 to 1, and the title carries the average score. A second figure
+(``needle_retrieval``, ``<stacked>_retrieval``) colours the cells by the retrieval score (1 when the answer
+names the needle's key facts: what measures retrieval); every title carries both averages. Figures
 are drawn from saved results only, so they can be redrawn without running a model::
 
     python -m kvbench.needle.plot results/smollm2/needle/snapkv_64
@@ -26,12 +28,16 @@ from matplotlib.figure import Figure
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
+from kvbench.needle.scoring import cell_retrieval
 from kvbench.report.collect import display_method
 
 # The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
 CMAP = LinearSegmentedColormap.from_list("custom_cmap", ["#F0496E", "#EBB839", "#0CD79F"])
 REQUIRED_FIELDS = ("context_length", "depth_percent", "score")
 FIGURE_NAME = "needle_heatmap"
+# The two cell scores a figure can show: field -> (title label, file name suffix). "score": the papers' heatmap
+# score (word overlap); "retrieval": 1 when the answer names the needle's key facts.
+SCORE_FIELDS = {"score": ("Average Score", ""), "retrieval": ("Retrieval", "_retrieval")}
 DPI = 150
 
 # Figure geometry in inches: a wide figure with ~2.6 in per panel, like the papers' stacked figures.
@@ -131,7 +137,8 @@ def heatmap(
     """Draw one needle heatmap into ``ax`` and return the colour mesh (for a shared colour bar).
 
     ``df_or_records``: a DataFrame or an iterable of dicts with ``context_length``,
-    ``depth_percent`` and ``score_field``. The title gets " — Average Score 0.83" appended.
+    ``depth_percent`` and ``score_field``. The title gets " — Average Score 0.83" appended (and the other
+    score's average when the records have it: " — Average Score 0.83, Retrieval 0.50").
     ``trained_len`` draws the papers' white dashed line at the model's training length.
     """
     frame = _as_frame(df_or_records, score_field)  # once: a generator can only be read once
@@ -144,13 +151,14 @@ def heatmap(
     ax.set_xlim(0, n_cols)
     ax.set_ylim(n_rows, 0)  # depth 0 on top, as in the papers
     _draw_axes_labels(ax, grid, fontsize)
-    average = f"Average Score {average_score(frame, score_field):.2f}"
+    shown = [score_field] + [f for f in SCORE_FIELDS if f != score_field and f in frame.columns]
+    average = ", ".join(f"{SCORE_FIELDS.get(f, (f,))[0]} {average_score(frame, f):.2f}" for f in shown)
     ax.set_title(f"{title} — {average}" if title else average, fontsize=fontsize)
     if trained_len is not None:
         x = trained_len_line_x([int(length) for length in grid.columns], trained_len)
         ax.axvline(x=x, color="white", linestyle="--", linewidth=2)
     if colorbar:
-        ax.figure.colorbar(mesh, ax=ax, label="Score")
+        ax.figure.colorbar(mesh, ax=ax, label=SCORE_FIELDS.get(score_field, (score_field,))[0])
     return mesh
 
 
@@ -169,12 +177,18 @@ class NeedleRun:
 
 
 def read_needle_records(path: str | Path) -> pd.DataFrame:
-    """Read a ``needle.jsonl`` file into a DataFrame, with line numbers in any error."""
+    """Read a ``needle.jsonl`` file into a DataFrame, with line numbers in any error; a ``retrieval`` column (older
+    lines scored from their response) when every line has a response."""
     path = Path(path)
     if not path.is_file():
         raise KvbenchError(f"No needle predictions at {path}. Fix: pass a needle result folder "
                            f"(results/<model>/needle/<run>) whose run has finished at least one cell.")
-    return _as_frame(read_jsonl(path, "delete that line and rerun to redo the cell"))
+    records = read_jsonl(path, "delete that line and rerun to redo the cell", bom=True)
+    frame = _as_frame(records)
+    retrieval = [cell_retrieval(record) if isinstance(record, dict) else None for record in records]
+    if None not in retrieval:
+        frame["retrieval"] = retrieval
+    return frame
 
 
 def method_label(method: dict) -> str:
@@ -234,11 +248,11 @@ def _panel_figure(n_panels: int, with_suptitle: bool, axes_height: float = PANEL
     return fig, axes
 
 
-def _add_shared_colorbar(fig: Figure, axes: list, mesh) -> None:
+def _add_shared_colorbar(fig: Figure, axes: list, mesh, score_field: str = "score") -> None:
     top_box, bottom_box = axes[0].get_position(), axes[-1].get_position()
     rect = (top_box.x1 + 0.25 / FIG_WIDTH, bottom_box.y0, 0.18 / FIG_WIDTH, top_box.y1 - bottom_box.y0)
     colorbar = fig.colorbar(mesh, cax=fig.add_axes(rect))
-    colorbar.set_label("Score", fontsize=12)
+    colorbar.set_label("Score" if score_field == "score" else SCORE_FIELDS[score_field][0], fontsize=12)
 
 
 def _save_atomic(fig: Figure, path: Path) -> Path:
@@ -253,7 +267,7 @@ def _save_png_and_pdf(fig: Figure, out_path: Path) -> list[Path]:
     return [_save_atomic(fig, out_path.with_suffix(suffix)) for suffix in (".png", ".pdf")]
 
 
-def _draw_runs(runs: list[NeedleRun], lettered: bool) -> Figure:
+def _draw_runs(runs: list[NeedleRun], lettered: bool, score_field: str = "score") -> Figure:
     """Stacked panels; the model and the query mode go in a figure title when all runs share them, else in each
     panel's title."""
     models = {run.model for run in runs}
@@ -268,41 +282,58 @@ def _draw_runs(runs: list[NeedleRun], lettered: bool) -> Figure:
         label = label if shared_mode else f"{label}, query-{run.query}"
         if lettered:
             # As the papers: the average score above the panel, a bold "(a) Method" caption below it.
-            mesh = heatmap(run.records, ax, "", run.trained_len, colorbar=False)
+            mesh = heatmap(run.records, ax, "", run.trained_len, score_field=score_field, colorbar=False)
             ax.text(0.5, -PANEL_BELOW / axes_height, f"({chr(ord('a') + index)}) {label}", transform=ax.transAxes,
                     ha="center", va="top", fontsize=14, fontweight="bold")
         else:
-            mesh = heatmap(run.records, ax, label, run.trained_len, colorbar=False)
-    _add_shared_colorbar(fig, axes, mesh)
+            mesh = heatmap(run.records, ax, label, run.trained_len, score_field=score_field, colorbar=False)
+    _add_shared_colorbar(fig, axes, mesh, score_field)
     if shared_model:
         mode = f", query-{shared_mode}" if shared_mode else ""
-        fig.suptitle(f"Needle-in-a-Haystack — {shared_model}{mode}", fontsize=14, fontweight="bold",
+        kind = "" if score_field == "score" else f" ({SCORE_FIELDS[score_field][0].lower()})"
+        fig.suptitle(f"Needle-in-a-Haystack{kind} — {shared_model}{mode}", fontsize=14, fontweight="bold",
                      y=1 - 0.08 / fig.get_figheight(), va="top")
     return fig
 
 
+def _fields(runs: list[NeedleRun]) -> list[str]:
+    """The papers' score, and the retrieval score when every run has it (lines with responses)."""
+    return ["score"] + (["retrieval"] if all("retrieval" in run.records.columns for run in runs) else [])
+
+
 def plot_run(result_dir: str | Path, out: str | Path | None = None,
              trained_len: int | None = None) -> list[Path]:
-    """Draw one run's heatmap to ``needle_heatmap.png`` and ``.pdf`` in ``out`` (default: the run folder)."""
+    """Draw one run's heatmap to ``needle_heatmap.png`` and ``.pdf`` in ``out`` (default: the run folder), and its
+    retrieval heatmap to ``needle_retrieval.png`` and ``.pdf``."""
     run = load_needle_run(result_dir, trained_len)
     folder = Path(out) if out is not None else Path(result_dir)
-    return _save_png_and_pdf(_draw_runs([run], lettered=False), folder / f"{FIGURE_NAME}.png")
+    names = {"score": FIGURE_NAME, "retrieval": "needle_retrieval"}
+    return [path for field in _fields([run])
+            for path in _save_png_and_pdf(_draw_runs([run], False, field), folder / f"{names[field]}.png")]
 
 
 def plot_stacked(result_dirs: list[str | Path], out_path: str | Path,
                  trained_len: int | None = None) -> list[Path]:
-    """Stack one heatmap per run, labelled (a), (b), ..., on one colour scale; write PNG and PDF."""
-    return _save_png_and_pdf(stacked_figure(result_dirs, trained_len), Path(out_path))
+    """Stack one heatmap per run, labelled (a), (b), ..., on one colour scale; write PNG and PDF (and the retrieval
+    figure as ``<out>_retrieval.png`` / ``.pdf``)."""
+    out_path = Path(out_path)
+    runs = _load_runs(result_dirs, trained_len)
+    return [path for field in _fields(runs) for path in _save_png_and_pdf(
+        _draw_runs(runs, True, field), out_path.with_name(f"{out_path.stem}{SCORE_FIELDS[field][1]}{out_path.suffix}"))]
 
 
-def stacked_figure(result_dirs: list[str | Path], trained_len: int | None = None) -> Figure:
-    """The figure ``plot_stacked`` saves: one lettered heatmap per run, one shared colour bar."""
+def _load_runs(result_dirs: list[str | Path], trained_len: int | None) -> list[NeedleRun]:
     if not result_dirs:
         raise KvbenchError("A stacked needle figure needs at least one result folder.")
     if len(result_dirs) > 26:
         raise KvbenchError(f"{len(result_dirs)} runs is too many for one figure; pass at most 26.")
-    runs = [load_needle_run(result_dir, trained_len) for result_dir in result_dirs]
-    return _draw_runs(runs, lettered=True)
+    return [load_needle_run(result_dir, trained_len) for result_dir in result_dirs]
+
+
+def stacked_figure(result_dirs: list[str | Path], trained_len: int | None = None,
+                   score_field: str = "score") -> Figure:
+    """The figure ``plot_stacked`` saves: one lettered heatmap per run, one shared colour bar."""
+    return _draw_runs(_load_runs(result_dirs, trained_len), lettered=True, score_field=score_field)
 
 
 # --------------------------------------------------------------------------- command line

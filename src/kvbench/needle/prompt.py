@@ -144,19 +144,21 @@ def build_prompt_ids(tokenizer, context_ids: list[int], preset: str = "raw", nee
 RAW_QUESTION_START = " Based on the content of the book, Question: "
 
 # Needle i of the K-needle variant (one per grid depth, asked one at a time from one compressed haystack). Needle 0
-# is the papers' needle, so one needle is the standard test.
-CITY_NEEDLES: tuple[tuple[str, str], ...] = (
-    ("San Francisco", "eat a sandwich and sit in Dolores Park on a sunny day."),
-    ("Lisbon", "ride the old yellow tram up to the castle at sunset."),
-    ("Kyoto", "walk through the bamboo forest early in the morning."),
-    ("Chicago", "take an architecture boat tour along the river."),
-    ("Cairo", "watch the sun rise over the pyramids of Giza."),
-    ("Buenos Aires", "dance the tango in a small club in San Telmo."),
-    ("Reykjavik", "soak in a hot spring under the northern lights."),
-    ("Istanbul", "drink black tea on a ferry across the Bosphorus."),
-    ("Sydney", "swim in the ocean pool at Bondi Beach in winter."),
-    ("Montreal", "eat warm bagels from a wood oven on Saint-Viateur Street."),
+# is the papers' needle, so one needle is the standard test. Each needle declares its key facts: the words an answer
+# must contain to count as retrieved (the retrieval score, `kvbench.needle.scoring.retrieval_score`).
+CITY_NEEDLES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("San Francisco", "eat a sandwich and sit in Dolores Park on a sunny day.", ("sandwich", "Dolores Park")),
+    ("Lisbon", "ride the old yellow tram up to the castle at sunset.", ("tram", "castle")),
+    ("Kyoto", "walk through the bamboo forest early in the morning.", ("bamboo forest", "morning")),
+    ("Chicago", "take an architecture boat tour along the river.", ("architecture", "boat tour")),
+    ("Cairo", "watch the sun rise over the pyramids of Giza.", ("pyramids", "Giza")),
+    ("Buenos Aires", "dance the tango in a small club in San Telmo.", ("tango", "San Telmo")),
+    ("Reykjavik", "soak in a hot spring under the northern lights.", ("hot spring", "northern lights")),
+    ("Istanbul", "drink black tea on a ferry across the Bosphorus.", ("ferry", "Bosphorus")),
+    ("Sydney", "swim in the ocean pool at Bondi Beach in winter.", ("ocean pool", "Bondi Beach")),
+    ("Montreal", "eat warm bagels from a wood oven on Saint-Viateur Street.", ("bagels", "Saint-Viateur")),
 )
+KEY_FACTS = CITY_NEEDLES[0][2]  # the papers' needle: "sandwich" and "Dolores Park"
 
 
 def needle_question(i: int) -> tuple[str, str, str, str]:
@@ -166,9 +168,15 @@ def needle_question(i: int) -> tuple[str, str, str, str]:
                            f"{len(CITY_NEEDLES)} depths (benchmark.grid.depths)")
     if i == 0:
         return NEEDLE, RETRIEVAL_QUESTION, CHAT_QUESTION, EXPECTED_ANSWER
-    city, answer = CITY_NEEDLES[i]
+    city, answer, _ = CITY_NEEDLES[i]
     return (f"\nThe best thing to do in {city} is {answer}\n", f"The best thing to do in {city} is: ",
             f"Based on the text above, what is the best thing to do in {city}?", answer)
+
+
+def needle_facts(i: int) -> tuple[str, ...]:
+    """The key facts of needle ``i``: a response retrieves the needle when it contains all of them."""
+    needle_question(i)  # the range check
+    return CITY_NEEDLES[i][2]
 
 
 def build_multi_context_ids(tokenizer, haystack_ids: list[int], context_length: int, depths: list[int],

@@ -9,8 +9,9 @@ from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
 from kvbench.needle.prompt import (NEEDLE, PROMPT_PRESETS, _validate_cell, build_context_ids,
                                    build_multi_context_ids, build_prompt_ids, build_split_prompt_ids, context_lengths,
-                                   depth_percents, needle_question, stop_token_ids)
-from kvbench.needle.scoring import heatmap_score, needle_sample_scores, rouge_score_x10
+                                   depth_percents, needle_facts, needle_question, stop_token_ids)
+from kvbench.needle.scoring import (cell_retrieval, heatmap_score, needle_sample_scores, retrieval_score,
+                                    rouge_score_x10)
 from kvbench.progress import progress
 from kvbench.query import check_query_mode
 
@@ -88,7 +89,8 @@ class NeedlePlan:
                       "input_tokens": len(input_ids), "context_tokens": len(context_ids),
                       "needle_index": needle_index, "response": response,
                       "score_rouge": rouge_score_x10(response, needle_text),
-                      "score": heatmap_score(response, expected=expected), **out.log_fields(),
+                      "score": heatmap_score(response, expected=expected),
+                      "retrieval": retrieval_score(response, needle_facts(needle)), **out.log_fields(),
                       **({"needle": needle} if self.multi_needle else {})}
             store.append(TASK, record)
             if on_sample:
@@ -108,11 +110,15 @@ class NeedlePlan:
 
 
 def summarize_needle(records: list[dict]) -> dict:
-    """The run's summary: the mean heatmap score is what the papers report as accuracy / average score."""
+    """The run's summary: the mean heatmap score is what the papers report as accuracy / average score; the mean
+    retrieval score is the share of cells whose answer names the needle's key facts (what measures retrieval)."""
     n = len(records)
     mean = sum(r["score"] for r in records) / n if n else None
     mean_rouge = sum(r["score_rouge"] for r in records) / n if n else None
-    return {"benchmark": "needle", "mean_score": mean, "mean_score_rouge": mean_rouge, "n": n,
+    cells = [cell_retrieval(r) for r in records]
+    retrieval = sum(cells) / n if n and None not in cells else None
+    return {"benchmark": "needle", "mean_score": mean, "mean_retrieval": retrieval, "mean_score_rouge": mean_rouge,
+            "n": n,
             "sample_scores": needle_sample_scores(records)}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.atomic import atomic_write
+from kvbench.atomic import atomic_write, write_error
 from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
@@ -88,7 +88,7 @@ def _write_longbench_tables(df: pd.DataFrame, out: Path, formats: list[str], ci:
 
 
 def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
-    """A short Markdown list of needle runs (score in percent)."""
+    """A short Markdown list of needle runs: the papers' score and the retrieval score, in percent, with CIs."""
     needle = df[df["benchmark"] == "needle"]
     if needle.empty:
         return []
@@ -98,14 +98,20 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
     order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], budget_order(labels[i]),
                                                  method_sort_key(needle.at[i, "method"])))
     needle, labels = needle.loc[order], labels[order]
-    ci = [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle["ci_low"], needle["ci_high"])]
+
+    def ci(low: str, high: str) -> list[str]:
+        return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle[low], needle[high])]
+
     needles = needle["protocol"].map(lambda p: "multi" if str(p).endswith("_multineedle") else "single")
     frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"], "Needles": needles, "Budget": labels,
                           "KV MiB": needle["kv_bytes_mean"].map(kv_mib_label), "Score": needle["score"].astype(float),
-                          "95% CI": ci, "n": needle["n"].astype(str),
+                          "95% CI": ci("ci_low", "ci_high"), "Retrieval": needle["retrieval"].astype(float),
+                          "Retrieval 95% CI": ci("retrieval_ci_low", "retrieval_ci_high"), "n": needle["n"].astype(str),
                           "Status": needle["status"].map(lambda s: "" if s == "complete" else s)})
     text = markdown_frame(frame) + "\n"
-    print(f"## Needle-in-a-Haystack (score in percent)\n\n{text}")
+    text += ("\nScore: the papers' heatmap score (share of the expected answer's words in the response). Retrieval: "
+             "share of cells whose response names the needle's key facts (what measures retrieval).\n")
+    print(f"## Needle-in-a-Haystack (in percent)\n\n{text}")
     return [atomic_write(out / "needle.md", text)]
 
 
@@ -140,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"warning: {message}", file=sys.stderr)
     except KvbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder a figure writer makes itself (atomic writes say so as a KvbenchError)
+        print(f"error: {write_error(exc, exc.filename or out)}", file=sys.stderr)
         return 2
 
 

@@ -32,6 +32,8 @@ RESULT_COLUMNS = [
     "protocol", "tag",
     "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query", "compression_ratio", "settings",
 ]
+# Needle runs: the retrieval score (percent of cells naming the needle's key facts) and its CI; NaN for others.
+RESULT_COLUMNS += ["retrieval", "retrieval_ci_low", "retrieval_ci_high"]
 ALLOCATION_COLUMNS = ["model", "benchmark", "method", "budget", "task", "layer", "kept_mean"]
 _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
 
@@ -124,7 +126,7 @@ def _read_json(path: Path) -> dict:
 
 def read_predictions(path: Path) -> list[dict]:
     """The records of one predictions `.jsonl` file; a KvbenchError naming file and line when one is corrupt."""
-    return read_jsonl(path, "rerun that task (a run resumes from the samples that remain)")
+    return read_jsonl(path, "rerun that task (a run resumes from the samples that remain)", bom=True)
 
 
 def _budget(value) -> float:
@@ -256,6 +258,25 @@ def _with_ci(row: dict, run_dir: Path, strict: bool) -> dict:
     return {**row, "ci_low": low, "ci_high": high, "samples_ok": values is not None}
 
 
+def _needle_retrieval(run_dir: Path, scores: dict, samples_ok: bool) -> dict:
+    """A needle run's retrieval score in percent, with its CI, from the cells' `retrieval` in sample_scores.jsonl
+    (the cells its `score` was checked on); else the `mean_retrieval` of scores.json without a CI; a run scored
+    before kvbench had it gets NaN and a warning naming the command that adds it (from the predictions)."""
+    samples = run_samples(run_dir) if samples_ok else None
+    values = None
+    if samples is not None and "retrieval" in samples.columns:
+        values = samples.loc[samples["task"] == "needle", "retrieval"].to_numpy(dtype=float) * 100.0
+    if values is not None and len(values) and not np.isnan(values).any():
+        low, high = bootstrap_ci(values)
+        return {"retrieval": float(values.mean()), "retrieval_ci_low": low, "retrieval_ci_high": high}
+    mean = scores.get("mean_retrieval")
+    if mean is None:
+        warnings.warn(f"{run_dir}: no needle retrieval score (scored before kvbench had it); add it from the "
+                      f"predictions with `python -m kvbench.sample_scores {run_dir}`", ReportWarning, stacklevel=4)
+    return {"retrieval": math.nan if mean is None else 100.0 * float(mean), "retrieval_ci_low": math.nan,
+            "retrieval_ci_high": math.nan}
+
+
 def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
     """One row per task of a run (needle: one row, task 'needle', score in percent)."""
     identity = _run_identity(_read_json(run_dir / "run.json"), run_dir)
@@ -266,7 +287,8 @@ def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
         stats = _prediction_stats(run_dir / "predictions" / "needle.jsonl", strict)
         row = {**identity, "benchmark": "needle", "task": "needle", "score": 100.0 * float(scores["mean_score"]),
                "n": scores.get("n"), **stats}
-        return [_with_ci(row, run_dir, strict)]
+        row = _with_ci(row, run_dir, strict)
+        return [{**row, **_needle_retrieval(run_dir, scores, row["samples_ok"])}]
     tasks = scores.get("tasks")
     if not isinstance(tasks, dict):
         raise KvbenchError(f"{run_dir / 'scores.json'} lacks the 'tasks' mapping; rescore the run")
@@ -288,7 +310,9 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
     from the run's sample_scores.jsonl; NaN without it), samples_ok (the task's per-sample scores exist and match
     scores.json, so CIs and paired tests may use them), n, protocol, tag (run.json config.tag, "" if none), status
     (run.json status: "complete", "running", "interrupted", "unknown"), kv_bytes_mean, prefill_s_mean,
-    decode_s_mean, run_dir. Broken runs are skipped with a `ReportWarning` (or raise with `strict=True`).
+    decode_s_mean, run_dir, query; needle runs also retrieval (percent of cells whose answer names the needle's key
+    facts: what measures retrieval) with retrieval_ci_low/high (NaN for other runs). Broken runs are skipped with a
+    `ReportWarning` (or raise with `strict=True`).
     """
     rows: list[dict] = []
     run_dirs = find_run_dirs(paths)

@@ -2,7 +2,8 @@
 (aware, the 2024 papers' protocol) minus the score with the context compressed before the question (agnostic).
 
 Inputs are the rows of `collect` (one per run and task, with the `query` column). LongBench: the mean over the tasks
-both modes have (so a partial agnostic run is compared on its own tasks only); needle: the mean heatmap score.
+both modes have (so a partial agnostic run is compared on its own tasks only); needle: the mean heatmap score (the
+papers') and the retrieval score (the share of cells naming the needle's key facts, what measures retrieval).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pandas as pd
 
 from kvbench.report.collect import base_method, method_sort_key
 
-GAP_COLUMNS = ["model", "method", "budget", "benchmark", "tasks", "aware", "agnostic", "gap"]
+GAP_COLUMNS = ["model", "method", "budget", "benchmark", "tasks", "aware", "agnostic", "gap",
+               "retrieval_aware", "retrieval_agnostic", "retrieval_gap"]
 
 
 def query_gap(df: pd.DataFrame) -> pd.DataFrame:
@@ -37,9 +39,13 @@ def query_gap(df: pd.DataFrame) -> pd.DataFrame:
         aware = float(by_mode["aware"][tasks].mean())
         agnostic = float(by_mode["agnostic"][tasks].mean())
         variant = " (multi-needle)" if "_multineedle" in pair_key else ""
+        retrieval = {mode: float(g["retrieval"].mean()) if "retrieval" in g.columns else math.nan
+                     for mode, g in group.groupby("query")}  # needle only; NaN for LongBench
         rows.append({"model": model, "method": method + variant, "budget": math.nan if budget == -1.0 else budget,
                      "benchmark": bench, "tasks": len(tasks), "aware": aware, "agnostic": agnostic,
-                     "gap": aware - agnostic})
+                     "gap": aware - agnostic, "retrieval_aware": retrieval["aware"],
+                     "retrieval_agnostic": retrieval["agnostic"],
+                     "retrieval_gap": retrieval["aware"] - retrieval["agnostic"]})
     out = pd.DataFrame(rows, columns=GAP_COLUMNS)
     if out.empty:
         return out
@@ -54,10 +60,20 @@ def query_gap_markdown(df: pd.DataFrame) -> str:
     gap = query_gap(df)
     if gap.empty:
         return ""
-    lines = ["| Model | Benchmark | Method | Budget | Tasks | Aware | Agnostic | Gap (aware - agnostic) |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| Model | Benchmark | Method | Budget | Tasks | Aware | Agnostic | Gap (aware - agnostic) | "
+             "Retrieval aware | Retrieval agnostic | Retrieval gap |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def number(value: float, sign: str = "") -> str:
+        return "-" if pd.isna(value) else f"{value:{sign}.2f}"
+
     for r in gap.itertuples():
         budget = "Full" if pd.isna(r.budget) else f"{r.budget:g}"
         lines.append(f"| {r.model} | {r.benchmark} | {r.method} | {budget} | {r.tasks} | {r.aware:.2f} | "
-                     f"{r.agnostic:.2f} | {r.gap:+.2f} |")
-    return "\n".join(lines) + "\n"
+                     f"{r.agnostic:.2f} | {r.gap:+.2f} | {number(r.retrieval_aware)} | "
+                     f"{number(r.retrieval_agnostic)} | {number(r.retrieval_gap, '+')} |")
+    text = "\n".join(lines) + "\n"
+    if gap["benchmark"].eq("needle").any():
+        text += ("\nNeedle: Aware and Agnostic are the papers' heatmap score; Retrieval is the share of cells whose "
+                 "answer names the needle's key facts (what measures retrieval).\n")
+    return text

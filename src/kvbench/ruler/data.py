@@ -11,10 +11,10 @@ import hashlib
 import numbers
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvbench.atomic import WriteError, atomic_write
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
 from kvbench.ruler.constants import ALL_TASKS, QA_FILES, TASKS
@@ -89,12 +89,12 @@ class Generator:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, text)
+    except WriteError as err:
+        raise KvbenchError(f"cannot write the RULER data cache {path.parent} ({os.strerror(err.errno)}); set "
+                           f"results_root= or benchmark.cache_dir= to a writable folder (benchmark.cache_dir=none: "
+                           f"no cache)") from None
 
 
 # ------------------------------------------------------------------------------------- kvpress-format files
