@@ -46,7 +46,7 @@ def build_method(name: str, **params: Any) -> Method:
 def method_from_config(cfg: Mapping[str, Any], budget: Any = None) -> Method:
     """Build from a `method` config group (keys other than `name` are settings) and the top-level budget."""
     params = {k: v for k, v in dict(cfg).items() if k not in ("name", "budget_agnostic", "budget")}
-    if not cfg.get("budget_agnostic", False):
+    if not cfg.get("budget_agnostic", False) and cfg.get("compression_ratio") is None:  # a ratio replaces the budget
         params["budget"] = cfg.get("budget", budget)
     return build_method(cfg["name"], **params)
 

@@ -424,9 +424,10 @@ def head_adaptive_counts(scores: torch.Tensor, budget: int, floor_alpha: float, 
     budget of `budget` prefix tokens per head on average. scores [S, P] -> counts [S] (long).
 
     `official` (FFY0/AdaKV `AdaptiveSnapKVCluster`): one top-k of S x budget over all heads' scores together
-    counts c_h per head; cap_h = round(c_h * (1 - alpha) + int(budget * alpha)) in float32 (half to even). The
-    truncated floor makes a layer keep slightly fewer than S x budget tokens. A budget above the prefix keeps
-    everything.
+    counts c_h per head; cap_h = round(c_h * (1 - alpha) + int(budget * alpha)) in float32 (half to even). Each
+    head is rounded on its own and the floor is truncated, so a layer keeps S x budget - S x frac(budget * alpha)
+    tokens give or take S/2: more or fewer than S x budget (SmolLM2: up to 2 either way). A budget above the
+    prefix keeps everything.
     `exact`: every head keeps its own top int(budget * alpha) (the floor), and one top-k over the remaining scores
     of all heads fills the layer to exactly S x budget (kvpress's AdaKVPress safeguard)."""
     heads, prefix = scores.shape

@@ -62,7 +62,11 @@ class KvpressScored(ScoredMethod):
 
     def resolve_budget(self, prompt_len: int) -> int:
         if self.compression_ratio is not None:
-            return max(self.window_size, int(prompt_len * (1 - self.compression_ratio)))
+            kept = max(self.window_size, int(prompt_len * (1 - self.compression_ratio)))
+            if kept < 1:
+                raise KvbenchError(f"method.compression_ratio={self.compression_ratio:g} keeps 0 of this prompt's "
+                                   f"{prompt_len} tokens; use a ratio below {1 - 1 / prompt_len:.6g}")
+            return kept
         if self.budget < 1:
             return max(self.window_size + 1, round(prompt_len * self.budget))
         return int(self.budget)

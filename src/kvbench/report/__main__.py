@@ -2,7 +2,7 @@
 
 Prints the Markdown tables and writes every table (in the chosen formats) and figure (PNG + PDF) into --out.
 Scores carry 95% bootstrap CIs from each run's sample_scores.jsonl; warnings (skipped runs, collisions) are
-printed as one line each on stderr.
+printed once each, one line each, on stderr.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
-from kvbench.report.collect import collect, is_fullkv, layer_allocations, method_sort_key
+from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
-from kvbench.report.tables import (budget_label, longbench_e_table, longbench_table, markdown_frame,
+from kvbench.report.tables import (budget_label, kv_mib_label, longbench_e_table, longbench_table, markdown_frame,
                                    paper_comparison)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
@@ -93,16 +93,18 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
     if needle.empty:
         return []
     # Papers' order: model, then budget (FullKV first), then method.
-    order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], not pd.isna(needle.at[i, "budget"]),
-                                                 needle.at[i, "budget"] if not pd.isna(needle.at[i, "budget"]) else 0,
+    labels = pd.Series([budget_label(b, r) for b, r in zip(needle["budget"], needle["compression_ratio"])],
+                       index=needle.index)
+    order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], budget_order(labels[i]),
                                                  method_sort_key(needle.at[i, "method"])))
-    needle = needle.loc[order]
+    needle, labels = needle.loc[order], labels[order]
 
     def ci(low: str, high: str) -> list[str]:
         return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle[low], needle[high])]
 
-    frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"],
-                          "Budget": needle["budget"].map(budget_label), "Score": needle["score"].astype(float),
+    needles = needle["protocol"].map(lambda p: "multi" if str(p).endswith("_multineedle") else "single")
+    frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"], "Needles": needles, "Budget": labels,
+                          "KV MiB": needle["kv_bytes_mean"].map(kv_mib_label), "Score": needle["score"].astype(float),
                           "95% CI": ci("ci_low", "ci_high"), "Retrieval": needle["retrieval"].astype(float),
                           "Retrieval 95% CI": ci("retrieval_ci_low", "retrieval_ci_high"), "n": needle["n"].astype(str),
                           "Status": needle["status"].map(lambda s: "" if s == "complete" else s)})
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return _report(args, out, ci)
             finally:
-                for warning in caught:
-                    print(f"warning: {warning.message}", file=sys.stderr)
+                for message in dict.fromkeys(str(w.message) for w in caught):  # each table warns: say it once
+                    print(f"warning: {message}", file=sys.stderr)
     except KvbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

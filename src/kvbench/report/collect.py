@@ -31,7 +31,7 @@ from kvbench.stats import bootstrap_ci
 RESULT_COLUMNS = [
     "model", "hub_id", "benchmark", "method", "budget", "task", "score", "ci_low", "ci_high", "samples_ok", "n",
     "protocol", "tag",
-    "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query",
+    "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query", "compression_ratio", "settings",
     "decode_interval", "peak_kv_bytes_mean", "new_tokens_mean",
 ]
 # Needle runs: the retrieval score (percent of cells naming the needle's key facts) and its CI; NaN for others.
@@ -150,6 +150,25 @@ def _budget(value) -> float:
         raise KvbenchError(f"method budget {value!r} is not a number; fix 'method.budget' in run.json") from None
 
 
+def budget_label(budget, ratio=None) -> str:
+    """The Budget cell: 'Full' for FullKV (no budget), `ratio 0.9` for a run asked with `method.compression_ratio`,
+    integers without '.0', fractions as given."""
+    if ratio is not None and not (isinstance(ratio, float) and math.isnan(ratio)):
+        return f"ratio {float(ratio):g}"
+    if budget is None or (isinstance(budget, float) and math.isnan(budget)) or budget < 0:
+        return "Full"
+    return str(int(budget)) if float(budget).is_integer() else f"{budget:g}"
+
+
+def budget_order(label: str) -> tuple:
+    """Sort key of Budget cells: Full, then token budgets and fractions by size, then ratios by size."""
+    if label == "Full":
+        return (0, 0.0)
+    if label.startswith("ratio "):
+        return (2, float(label.split()[1]))
+    return (1, float(label))
+
+
 def _run_identity(run: dict, run_dir: Path) -> dict:
     """The columns shared by every row of one run, read from its run.json."""
     model = run.get("model") or {}
@@ -161,18 +180,23 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
     query = str((config.get("benchmark") or {}).get("query") or "aware")
     interval = method.get("decode_interval")
     name = name + DECODE.format(interval) if interval else name  # decoding-time runs get their own rows
+    protocol = str(run.get("protocol", "")).replace("_agnostic", "")  # the query column says it (tables pair modes)
+    if (config.get("benchmark") or {}).get("multi_needle") and not protocol.endswith("_multineedle"):
+        protocol += "_multineedle"  # runs recorded before the protocol said so
     return {
         "model": str(model.get("name", run_dir.parts[-3] if len(run_dir.parts) >= 3 else "?")),
         "hub_id": str(model.get("hub_id", "")),
         "benchmark": str(run.get("benchmark", "")),
         "method": name,
         "budget": math.nan if name == "FullKV" else _budget(method.get("budget")),
-        "protocol": str(run.get("protocol", "")),
+        "compression_ratio": math.nan if name == "FullKV" else _budget(method.get("compression_ratio")),
+        "protocol": protocol,
         "tag": str((run.get("config") or {}).get("tag") or ""),
         "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),
         "query": query,
         "decode_interval": interval or 0,
+        "settings": str(run.get("fingerprint") or ""),  # rows join runs of equal settings only (report.tables)
         # Query-agnostic runs are labelled in every table and figure, and never share a cell with aware ones.
         **({"method": f"{name}{AGNOSTIC}"} if query != "aware" else {}),
     }

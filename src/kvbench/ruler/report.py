@@ -14,13 +14,29 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.report.collect import display_method, method_sort_key
+from kvbench.jsonl import read_jsonl
+from kvbench.report.collect import budget_label, budget_order, display_method, method_sort_key
+from kvbench.report.tables import kv_mib_label
 from kvbench.ruler.constants import ALL_TASKS
 
 SHORT = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1",
          "niah_multikey_2": "MK2", "niah_multikey_3": "MK3", "niah_multivalue": "MV", "niah_multiquery": "MQ",
          "vt": "VT", "cwe": "CWE", "fwe": "FWE", "qa_1": "QA1", "qa_2": "QA2"}
-COLUMNS = ["model", "method", "budget", "query", "template", "length", "task", "score", "n", "run_dir"]
+COLUMNS = ["model", "method", "budget", "query", "template", "length", "task", "score", "n", "run_dir", "ratio",
+           "kv_bytes"]
+
+
+def _kv_bytes(run_dir: Path, task: str) -> dict[int, float]:
+    """{length: mean kv_bytes held per sample} of one task's predictions (ids are `<length>_<index>`)."""
+    path = run_dir / "predictions" / f"{task}.jsonl"
+    if not path.is_file():
+        return {}
+    by_length: dict[int, list[float]] = {}
+    for record in read_jsonl(path, "rerun that task"):
+        length = str(record.get("_id", "")).split("_")[0]
+        if length.isdigit() and isinstance(record.get("kv_bytes"), (int, float)):
+            by_length.setdefault(int(length), []).append(record["kv_bytes"])
+    return {length: sum(v) / len(v) for length, v in by_length.items()}
 
 
 def collect_ruler(paths) -> pd.DataFrame:
@@ -44,20 +60,28 @@ def collect_ruler(paths) -> pd.DataFrame:
             method_cfg = config.get("method") or {}
             method = display_method((run.get("method") or method_cfg).get("name", "?"))  # the registry's spelling
             budget = math.nan if method_cfg.get("budget_agnostic") else float(config.get("budget", math.nan))
+            ratio = method_cfg.get("compression_ratio")  # it replaces the budget (kvbench.config.budget_text)
+            ratio = math.nan if ratio is None or method_cfg.get("budget_agnostic") else float(ratio)
+            kv = {}
             for length, part in scores.get("lengths", {}).items():
                 for task, score in part.get("tasks", {}).items():
                     if score is None:
                         continue
+                    if task not in kv:
+                        kv[task] = _kv_bytes(run_file.parent, task)
                     rows.append({"model": (config.get("model") or {}).get("name", "?"), "method": method,
                                  "budget": budget, "query": scores.get("query", "aware"),
                                  "template": scores.get("template", ""), "length": int(length), "task": task,
                                  "score": float(score), "n": int(part.get("n", {}).get(task, 0)),
-                                 "run_dir": str(run_file.parent)})
+                                 "run_dir": str(run_file.parent), "ratio": ratio,
+                                 "kv_bytes": kv[task].get(int(length), math.nan)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _budget_label(budget: float) -> str:
-    return "Full" if math.isnan(budget) else (str(int(budget)) if float(budget).is_integer() else f"{budget:g}")
+def _with_budget_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """`budget` as the Budget cell (`Full`, `128`, `ratio 0.9`): runs asked with a ratio are named after it."""
+    ratio = df["ratio"] if "ratio" in df else pd.Series(math.nan, index=df.index)
+    return df.assign(budget=[budget_label(b, r) for b, r in zip(df["budget"].astype(float), ratio.astype(float))])
 
 
 def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdown") -> str:
@@ -69,12 +93,17 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
         raise KvbenchError(f"no RULER results{'' if length is None else f' at length {length}'}")
     tasks = [t for t in ALL_TASKS if t in set(data["task"])]
     keys = ["model", "query", "budget", "method"]
-    data = data.assign(budget=data["budget"].fillna(-1.0))
+    data = _with_budget_cells(data)
+    if "kv_bytes" not in data:
+        data = data.assign(kv_bytes=math.nan)
     wide = data.groupby(keys + ["task"])["score"].mean().unstack("task").reindex(columns=tasks)
     wide["Avg."] = wide[tasks].mean(axis=1, skipna=False)
+    kv_mib = data.groupby(keys)["kv_bytes"].mean().map(kv_mib_label)
     wide = wide.reset_index()
+    wide["KV MiB"] = [kv_mib[tuple(wide.loc[i, keys])] for i in wide.index]
     wide = wide.iloc[sorted(range(len(wide)), key=lambda i: (wide.at[i, "model"], wide.at[i, "query"],
-                                                              wide.at[i, "budget"], method_sort_key(wide.at[i, "method"])))]
+                                                              budget_order(wide.at[i, "budget"]),
+                                                              method_sort_key(wide.at[i, "method"])))]
     wide = wide.reset_index(drop=True)
     value_cols = tasks + ["Avg."]
     compressed = wide["method"] != "FullKV"
@@ -83,11 +112,10 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
     pool = wide[compressed] if compressed.any() else wide
     best = {g: {c: part[c].max() for c in value_cols} for g, part in pool.groupby(group[pool.index])
             if len(part) > 1}  # a lone row is not "best" of anything
-    header = ["Model", "Query", "Budget", "Method"] + [SHORT[t] for t in tasks] + ["Avg."]
+    header = ["Model", "Query", "Budget", "Method", "KV MiB"] + [SHORT[t] for t in tasks] + ["Avg."]
     body = []
     for i, row in wide.iterrows():
-        cells = [str(row["model"]), str(row["query"]), _budget_label(row["budget"] if row["budget"] >= 0 else math.nan),
-                 str(row["method"])]
+        cells = [str(row["model"]), str(row["query"]), row["budget"], str(row["method"]), row["KV MiB"]]
         for c in value_cols:
             v = row[c]
             text = "-" if pd.isna(v) else f"{v:.2f}"
@@ -99,7 +127,7 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
     if fmt == "csv":
         return pd.DataFrame(body, columns=header).to_csv(index=False)
     if fmt == "latex":
-        lines = ["\\begin{tabular}{" + "l" * 4 + "r" * len(value_cols) + "}", "\\toprule",
+        lines = ["\\begin{tabular}{" + "l" * 5 + "r" * len(value_cols) + "}", "\\toprule",
                  " & ".join(header) + " \\\\", "\\midrule"]
         lines += [" & ".join(c.replace("_", "\\_") for c in cells) + " \\\\" for cells in body]
         return "\n".join(lines + ["\\bottomrule", "\\end{tabular}"]) + "\n"
@@ -111,7 +139,7 @@ def ruler_table(df: pd.DataFrame, length: int | None = None, fmt: str = "markdow
 
 def averages(df: pd.DataFrame) -> pd.DataFrame:
     """Average over tasks per (model, query, method, budget, length), with how many tasks it averages."""
-    grouped = df.assign(budget=df["budget"].fillna(-1.0)).groupby(["model", "query", "method", "budget", "length"])
+    grouped = _with_budget_cells(df).groupby(["model", "query", "method", "budget", "length"])
     return grouped["score"].agg(["mean", "count"]).rename(columns={"mean": "avg", "count": "tasks"}).reset_index()
 
 
@@ -154,9 +182,9 @@ def score_vs_length(df: pd.DataFrame, stem: Path) -> list[Path]:
     def draw(ax, mode):
         part = avg[avg["query"] == mode]
         for (method, budget), line in sorted(part.groupby(["method", "budget"]),
-                                             key=lambda kv: (method_sort_key(kv[0][0]), kv[0][1])):
+                                             key=lambda kv: (method_sort_key(kv[0][0]), budget_order(kv[0][1]))):
             line = line.sort_values("length")
-            label = method if budget < 0 else f"{method} ({_budget_label(budget)})"
+            label = method if budget == "Full" else f"{method} ({budget})"
             ax.plot(line["length"], line["avg"], marker="o", label=label,
                     linestyle="--" if method == "FullKV" else "-")
         lengths = sorted(part["length"].unique())
@@ -169,7 +197,8 @@ def score_vs_length(df: pd.DataFrame, stem: Path) -> list[Path]:
 def score_vs_budget(df: pd.DataFrame, stem: Path) -> list[Path]:
     """Average RULER score (over tasks and lengths) against the KV budget, one line per method."""
     avg = averages(df).groupby(["query", "method", "budget"])["avg"].mean().reset_index()
-    compressed = avg[avg["budget"] >= 0]
+    tokens = avg["budget"].map(lambda b: budget_order(b)[0] == 1)  # token budgets (ratios have no token axis)
+    compressed = avg[tokens].assign(budget=lambda f: f["budget"].astype(float))
     if compressed["budget"].nunique() < 2:
         raise KvbenchError("score vs budget needs compressed runs at two or more budgets")
 
