@@ -41,8 +41,8 @@ def test_2026_cases_cover_adakv_and_the_new_baselines():
     for path in CASES_2026:
         method = load_case(path)["method"]
         counts[method] = counts.get(method, 0) + 1
-    assert counts == {"adakv": 11, "adakv_gqa": 9, "adakv_pyramid": 10, "adakv_pyramid_gqa": 9, "knorm": 10,
-                      "tova": 10, "cake": 10}
+    assert counts == {"adakv": 11, "adakv_gqa": 9 + 12, "adakv_pyramid": 10, "adakv_pyramid_gqa": 9, "knorm": 10,
+                      "tova": 10, "cake": 10, "keydiff": 8, "lagkv": 16}  # adakv_gqa: + 12 of kvpress's AdaKVPress
 
 
 @pytest.mark.parametrize("path", CASES_2026, ids=[p.stem for p in CASES_2026])

@@ -21,7 +21,8 @@ PROMPT = 300
 # the prefill, which the synthetic driver does not do yet, and have no size formula of their own.
 SYNTHETIC_GAPS = {"expected_attention": "needs method.bind(model) (rotary embedding)",
                   "kvzip": "scores come from reconstruction passes through the model (after_prefill); the model tests "
-                           "below check it"}
+                           "below check it",
+                  "kvzip_plus": "as kvzip (KVzip+ is a configuration of it)"}
 FORMULA_GAPS = {}
 SYNTH = dict(seq_len=400, heads=8, kv_heads=2, head_dim=16, layers=4)
 

@@ -38,6 +38,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.errors import KvbenchError
+from kvbench.methods import registry
 from kvbench.methods.base import Method
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -204,7 +205,7 @@ class KVzip(Method):
         self.head_budgets: list[list[int]] | None = None
 
     def record(self) -> dict:
-        return {"allocations": getattr(self, "allocations", []), "head_budgets": self.head_budgets or []}
+        return {"allocations": getattr(self, "allocations", []), "head_budgets": getattr(self, "head_budgets", None) or []}
 
     def kept_total(self, prefix: int, kv_heads: int) -> int:
         """KV pairs kept outside the window over all layers and KV heads: kvpress prunes `int(numel * ratio)`;
@@ -301,3 +302,7 @@ class KVzip(Method):
                 plus = self.inv_norms[layer_idx], output_norms(weight.to(values.dtype), values)
             self.scores[layer_idx, :, start:end] = reconstruction_scores(queries, keys, start, end, self.n_sink,
                                                                          plus=plus)
+
+
+# KVzip+ (kvpress `kvzip_plus_normalization=True`; the kvpress maintainers' pick for LongBench): a configuration
+registry.register(KVzip, "kvzip_plus", display_name="KVzip+", order=79, preset={"plus": True})
