@@ -201,10 +201,10 @@ def test_kvzip_prunes_the_lowest_scores_over_all_layers_then_across_heads():
     """kvpress `compress_post`: a global bottom-k counts each layer's pruned pairs; a layer then prunes its count
     across its heads together, so heads keep different numbers and the total is exact."""
     scores = torch.rand(3, 2, 50, generator=torch.Generator().manual_seed(2))
-    pruned = pruned_per_layer(scores, 3 * 2 * 30, layerwise=False)
+    pruned = pruned_per_layer(scores, 3 * 2 * 30)
     threshold = scores.flatten().sort().values[-3 * 2 * 20]
     assert [100 - p for p in pruned] == [int((scores[l] >= threshold).sum()) for l in range(3)]
-    assert sum(pruned) == 180 and pruned_per_layer(scores, 180, layerwise=True) == [60, 60, 60]
+    assert sum(pruned) == 180
     kept = [kept_per_head(scores[l], pruned[l]) for l in range(3)]
     for l in range(3):
         assert [idx.tolist() for idx in kept[l]] == [sorted((scores[l, h] >= threshold).nonzero()[:, 0].tolist())
@@ -239,7 +239,7 @@ def test_kvzip_end_to_end_matches_eager_attention_of_the_repeat_pass(tiny_llama)
     kv_heads = model.config.num_key_value_heads
     scores = torch.stack([a[0, :, :, :n].reshape(kv_heads, -1, n).amax(dim=1) for a in attn])  # [L, H_kv, n]
     scores[..., :4] = scores.amax() + 1  # kvpress 0.5.5: the sinks are always kept
-    pruned = pruned_per_layer(scores, scores.numel() - 4 * kv_heads * budget, layerwise=False)
+    pruned = pruned_per_layer(scores, scores.numel() - 4 * kv_heads * budget)
     expected = [[idx.tolist() for idx in kept_per_head(scores[l], p)] for l, p in enumerate(pruned)]
     assert kept == expected
     assert all(h[:4] == [0, 1, 2, 3] for layer in kept for h in layer)

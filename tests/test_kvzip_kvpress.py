@@ -62,5 +62,6 @@ def test_kvzip_keeps_what_kvpress_055_keeps(path):
     heads = case["num_layers"] * case["num_kv_heads"]
     assert equal == heads, f"{equal}/{heads} layer-heads equal"
     total = sum(len(h) for layer in want for h in layer)
-    numel = heads * case["seq_len"]
-    assert total == numel - int(numel * case["params"]["compression_ratio"])  # kvpress's exact total
+    layers = 1 if case["params"]["layerwise"] else case["num_layers"]  # layerwise: int(H_kv * n * ratio) per layer
+    numel = layers * case["num_kv_heads"] * case["seq_len"]
+    assert total == (numel - int(numel * case["params"]["compression_ratio"])) * (case["num_layers"] // layers)

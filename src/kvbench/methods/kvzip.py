@@ -128,12 +128,10 @@ def output_norms(o_proj_weight: torch.Tensor, values: torch.Tensor) -> torch.Ten
     return torch.einsum("jhgi,hti->hgtj", w, values).norm(dim=-1)
 
 
-def pruned_per_layer(scores: torch.Tensor, pruned: int, layerwise: bool) -> list[int]:
-    """KV pairs each layer prunes (kvpress `compress_post`): scores [L, H_kv, n]; the lowest `pruned` of all layers
-    and heads together, counted per layer, or `pruned / L` in every layer (`layerwise`)."""
+def pruned_per_layer(scores: torch.Tensor, pruned: int) -> list[int]:
+    """KV pairs each layer prunes (kvpress `compress_post`, `layerwise=False`): scores [L, H_kv, n]; the lowest
+    `pruned` of all layers and heads together, counted per layer."""
     layers, kv_heads, n = scores.shape
-    if layerwise:
-        return [pruned // layers] * layers
     lowest = torch.topk(-scores.reshape(-1), pruned).indices
     return torch.bincount(lowest // (kv_heads * n), minlength=layers).tolist()
 
@@ -207,13 +205,13 @@ class KVzip(Method):
     def record(self) -> dict:
         return {"allocations": getattr(self, "allocations", []), "head_budgets": getattr(self, "head_budgets", None) or []}
 
-    def kept_total(self, prefix: int, kv_heads: int) -> int:
-        """KV pairs kept outside the window over all layers and KV heads: kvpress prunes `int(numel * ratio)`;
-        a token budget keeps `L x H_kv x (budget - window)` exactly."""
-        numel = self.num_layers * kv_heads * prefix
+    def kept_total(self, layers: int, kv_heads: int, prefix: int) -> int:
+        """KV pairs kept outside the window over `layers` layers and their KV heads: kvpress prunes
+        `int(numel * ratio)`; a token budget keeps `layers x H_kv x (budget - window)` exactly."""
+        numel = layers * kv_heads * prefix
         if self.compression_ratio is not None:
             return numel - int(numel * self.compression_ratio)
-        return min(numel, self.num_layers * kv_heads * (self.tokens_budget - self.window_size))
+        return min(numel, layers * kv_heads * (self.tokens_budget - self.window_size))
 
     def after_prefill(self, model, input_ids, cache) -> None:
         n = input_ids.shape[1]
@@ -256,9 +254,12 @@ class KVzip(Method):
         prefix = n - self.window_size  # the window (kvbench's extension; kvpress has none) is always kept
         scores = self.scores[..., :prefix]
         kv_heads = scores.shape[1]
-        pruned = scores.numel() - self.kept_total(prefix, kv_heads)
+        if self.layerwise:  # kvpress: int(H_kv * n * ratio) pruned in every layer
+            pruned = [kv_heads * prefix - self.kept_total(1, kv_heads, prefix)] * self.num_layers
+        else:
+            pruned = pruned_per_layer(scores, scores.numel() - self.kept_total(self.num_layers, kv_heads, prefix))
         counts, self.head_budgets = [], []
-        for layer_idx, layer_pruned in enumerate(pruned_per_layer(scores, pruned, self.layerwise)):
+        for layer_idx, layer_pruned in enumerate(pruned):
             layer = cache.layers[layer_idx]
             kept = kept_per_head(scores[layer_idx], layer_pruned)
             if self.cache_heads == "per_query_head":
