@@ -65,3 +65,17 @@ def test_kvzip_keeps_what_kvpress_055_keeps(path):
     layers = 1 if case["params"]["layerwise"] else case["num_layers"]  # layerwise: int(H_kv * n * ratio) per layer
     numel = layers * case["num_kv_heads"] * case["seq_len"]
     assert total == (numel - int(numel * case["params"]["compression_ratio"])) * (case["num_layers"] // layers)
+
+
+def test_kvzip_settings_are_checked_and_kvzip_plus_is_the_plus_flag():
+    from kvbench.errors import KvbenchError
+
+    with pytest.raises(KvbenchError, match="preamble='model'"):
+        build_method("kvzip", budget=64, preamble="model")
+    with pytest.raises(KvbenchError, match="compression_ratio=1"):
+        build_method("kvzip", compression_ratio=1.0)
+    with pytest.raises(KvbenchError, match="no window"):
+        build_method("kvzip", compression_ratio=0.5, window_size=8)
+    assert build_method("kvzip_plus", budget=64).plus and not build_method("kvzip", budget=64).plus
+    with pytest.raises(KvbenchError, match="fixes"):
+        build_method("kvzip_plus", budget=64, plus=False)

@@ -203,7 +203,8 @@ class KVzip(Method):
         self.head_budgets: list[list[int]] | None = None
 
     def record(self) -> dict:
-        return {"allocations": getattr(self, "allocations", []), "head_budgets": getattr(self, "head_budgets", None) or []}
+        heads = getattr(self, "head_budgets", None) or []  # per layer, the tokens each stored head keeps
+        return {"allocations": getattr(self, "allocations", []), "head_budgets": heads}
 
     def kept_total(self, layers: int, kv_heads: int, prefix: int) -> int:
         """KV pairs kept outside the window over `layers` layers and their KV heads: kvpress prunes
