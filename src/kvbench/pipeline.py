@@ -126,7 +126,7 @@ def prepare(cfg: DictConfig) -> Job:
     """Resolve and validate everything that does not need the model (types, method, data files, grid)."""
     validate(cfg)
     method = method_from_config(cfg.method, cfg.budget)
-    spec = ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    spec = with_trained_len(ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True)))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)
     plan = plan_benchmark(cfg, spec)
