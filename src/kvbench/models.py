@@ -62,20 +62,11 @@ def with_trained_len(spec: ModelSpec) -> ModelSpec:
     """`spec` with `trained_len` read from the model's own config (`max_position_embeddings`) when the model config
     does not set it. Reads only the small config file (tiny models: their `tiny` settings), so it runs before any
     weights load; an embedded GGUF model, whose metadata is slow to parse, must set it in its config."""
-    if spec.trained_len is not None or spec.gguf_package:
+    if spec.trained_len is not None or spec.gguf_package or (spec.tiny is None and not spec.hub_id):
         return spec
-    if spec.tiny is not None:
-        config = tiny_config(spec, vocab_size=8)
-    elif spec.hub_id:
-        from transformers import AutoConfig
-
+    if spec.tiny is None:
         check_hub_source(spec.hub_id)
-        try:
-            config = AutoConfig.from_pretrained(spec.hub_id, trust_remote_code=spec.trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise _hub_error(spec.hub_id, err) from err
-    else:
-        return spec
+    config = tiny_config(spec, vocab_size=8) if spec.tiny is not None else model_config(spec, tokenizer=None)
     trained_len = getattr(config.get_text_config(), "max_position_embeddings", None)
     return replace(spec, trained_len=trained_len) if isinstance(trained_len, int) and trained_len > 0 else spec
 

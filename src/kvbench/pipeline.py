@@ -29,10 +29,11 @@ from kvbench.engine import ContextCache, GenerationOutput, generate
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
-from kvbench.models import ModelSpec, load_model, load_tokenizer, model_config, resolve_attention, resolve_dtype
+from kvbench.models import (ModelSpec, load_model, load_tokenizer, model_config, resolve_attention, resolve_dtype,
+                            with_trained_len)
 from kvbench.query import check_agnostic_model
 from kvbench.results import RunStore
-from kvbench.sample_scores import pop_and_write
+from kvbench.sample_rows import pop_and_write
 
 log = logging.getLogger("kvbench")
 VERSIONED_PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "rouge", "rouge-score", "fuzzywuzzy",

@@ -24,7 +24,7 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
-from kvbench.sample_scores import SAMPLE_SCORES_FILE, read_sample_scores
+from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 
 RESULT_COLUMNS = [

@@ -26,7 +26,7 @@ from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENG
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
 from kvbench.report.collect import AGNOSTIC, ReportWarning, is_fullkv, method_sort_key, run_samples, task_samples
-from kvbench.sample_scores import SAMPLE_SCORES_FILE
+from kvbench.sample_rows import SAMPLE_SCORES_FILE
 from kvbench.stats import confidence_intervals
 
 ABBREVIATIONS = {
