@@ -129,10 +129,6 @@ BENCHMARK = {"name": STR, "tasks": STR_LIST, "data_dir": _optional(STR), "hub_id
 NEEDLE_GRID = {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}
 PROTOCOL = {"name": STR, "chat_template": STR, "min_new_tokens_tasks": STR, "eos": STR,
             "samsum_newline_stop": BOOL, "truncation": STR, "add_special_tokens": BOOL}
-# Paper settings that model configs used to hold: the protocol and needle configs now give them per model.
-MOVED_MODEL_KEYS = {"paper_pooling": "protocol.methods.pooling (or the protocol's per_model table)",
-                    "paper_radio_max": "protocol.methods.radio_max (or the protocol's per_model table)",
-                    "needle_prompt": "benchmark.prompt (or the needle config's per_model table)"}
 PROTOCOL_METHODS = {"kernel_size": POS_INT, "pooling": STR, "radio_max": NUMBER}
 
 
@@ -187,6 +183,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     import kvbench.methods
     from kvbench.models import ModelSpec
+    from kvbench.results import MOVED_MODEL_KEYS
 
     methods = getattr(kvbench.methods, "METHODS", {})
 

@@ -47,9 +47,12 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Model-config keys that moved to the protocol / needle configs (whose own settings record their values): runs
-# recorded before the move carry them in `settings.model.extra`, and are the same settings without them.
-MOVED_MODEL_KEYS = ("paper_pooling", "paper_radio_max", "needle_prompt")
+# Model-config keys that moved to the protocol / needle configs, and where they are set now. Validation refuses
+# them; runs recorded before the move carry them in `settings.model.extra` and are the same settings without them
+# (the method's and the needle's own settings record their values).
+MOVED_MODEL_KEYS = {"paper_pooling": "protocol.methods.pooling (or the protocol's per_model table)",
+                    "paper_radio_max": "protocol.methods.radio_max (or the protocol's per_model table)",
+                    "needle_prompt": "benchmark.prompt (or the needle config's per_model table)"}
 
 
 def _fingerprints(record: dict) -> set[str]:
