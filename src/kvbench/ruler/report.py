@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.report.collect import display_method, method_sort_key
+from kvbench.labels import display_method, method_sort_key
 from kvbench.ruler.constants import ALL_TASKS
 
 SHORT = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1",
