@@ -37,6 +37,7 @@ from typing import ClassVar
 
 import torch
 
+from kvbench.cache import cache_kwargs  # the model's name for the cache argument
 from kvbench.errors import KvbenchError
 from kvbench.methods import registry
 from kvbench.methods.base import Method
@@ -224,7 +225,6 @@ class KVzip(Method):
         if getattr(self, "prompt_ids", None) is None:
             raise KvbenchError("kvzip needs the tokenizer: call method.bind(model, tokenizer) before prefill "
                                "(kvbench's pipeline does)")
-        from kvbench.engine import cache_kwargs  # the model's name for the cache argument
 
         if len(getattr(cache, "compressed_layers", cache.layers)) != len(cache.layers):
             raise KvbenchError("kvzip compresses every layer: models with sliding-window or chunked layers are not "

@@ -27,7 +27,7 @@ from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
 from kvbench.report.collect import (AGNOSTIC, ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
                                     run_samples, task_samples)
-from kvbench.sample_scores import SAMPLE_SCORES_FILE
+from kvbench.sample_rows import SAMPLE_SCORES_FILE
 from kvbench.stats import confidence_intervals
 
 ABBREVIATIONS = {

@@ -15,7 +15,8 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
-from kvbench.report.collect import budget_label, budget_order, display_method, method_sort_key
+from kvbench.labels import display_method, method_sort_key
+from kvbench.report.collect import budget_label, budget_order
 from kvbench.report.tables import kv_mib_label
 from kvbench.ruler.constants import ALL_TASKS
 
