@@ -110,6 +110,7 @@ BENCHMARKS = {
     "longbench_e": "kvbench.longbench.runner:plan_longbench",
     "needle": "kvbench.needle.runner:plan_needle",
     "ruler": "kvbench.ruler.runner:plan_ruler",
+    "longgen": "kvbench.longgen.runner:plan_longgen",
 }
 
 
