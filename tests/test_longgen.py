@@ -194,6 +194,7 @@ def test_run_py_end_to_end_and_resume(tmp_path):
             f"results_root={tmp_path}"]
     first = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "tokens generated on average" in first.stdout  # the closing summary shows the generated length
     run_dir = tmp_path / "tiny_llama" / "longgen"
     run = json.loads(next(run_dir.rglob("run.json")).read_text())
     assert run["protocol"] == "longgen_chat" and run["settings"]["benchmark"]["output_tokens"] == 256
@@ -219,5 +220,16 @@ def test_run_py_bad_setting_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "run.py"), "benchmark=longgen", "model=tiny_llama",
                            "benchmark.output_tokens=64", f"results_root={tmp_path}"], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "benchmark.output_tokens=64" in done.stderr and not (tmp_path / "tiny_llama").exists()
+    said = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in said
+    assert "benchmark.output_tokens=64: a long-output task" in said and not (tmp_path / "tiny_llama").exists()
+
+
+def test_sweep_plans_longgen_jobs_with_their_cost(tmp_path):
+    from kvbench.sweep import CostModel, plan
+
+    cost = CostModel(seconds_per_ktoken=1.0, seconds_per_token=0.5)
+    _, [job] = plan(["model=tiny_llama", "benchmark=longgen", "benchmark.lengths=[600,800]", "benchmark.samples=3",
+                     "method=snapkv", f"results_root={tmp_path}"], cost)
+    assert (job.status, job.samples_total, job.samples_left) == ("todo", 6, 6)
+    assert job.seconds_left == pytest.approx(3 * (600 + 800) / 1000 + 6 * max_new_tokens(296) * 0.5)

@@ -122,6 +122,12 @@ def plan_benchmark(cfg: DictConfig, spec: ModelSpec):
     return getattr(importlib.import_module(module), function)(cfg, spec)
 
 
+def benchmark_hook(name: str, attribute: str):
+    """An optional module-level function of a benchmark's planner module (e.g. `sweep_work`), or None."""
+    module = BENCHMARKS[name].split(":")[0] if name in BENCHMARKS else None
+    return getattr(importlib.import_module(module), attribute, None) if module else None
+
+
 def prepare(cfg: DictConfig) -> Job:
     """Resolve and validate everything that does not need the model (types, method, data files, grid)."""
     validate(cfg)

@@ -1,8 +1,9 @@
 """The `copy_list` generator: read a numbered list hidden in essay text, then write it out again, line by line.
 
 A sample is a numbered list of distinct essay sentences (added until the list is at least `output_tokens` tokens,
-so the answer is that long), placed at a random depth of consecutive essay text that fills the prompt to `length`
-tokens (chat template and question included). The reference answer is the list's lines. Sample i is drawn from its
+so the answer is that long), placed at a random depth of filler that fills the prompt to `length` tokens (chat
+template and question included): RULER's repeated noise sentences (`noise`, the default) or consecutive essay text
+without the list's sentences (`essay`; harder: SmolLM2 drifts from a list line into the essay text). The reference answer is the list's lines. Sample i is drawn from its
 own RNG, seeded with (seed, task, length, output_tokens, i): it depends on nothing else, so any n samples are the
 first n of a larger set. Sets are cached as JSONL under the sha256 of everything that determines them.
 Sentences: the essays of RULER's haystack (kvbench.needle.haystack), split with NLTK's English Punkt.
@@ -18,12 +19,14 @@ from pathlib import Path
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
+from kvbench.ruler.constants import NOISE
 from kvbench.ruler.data import canonical, sha256_text, tokenizer_sha256
 from kvbench.ruler.resources import essay_words, punkt_record, sent_tokenize
 from kvbench.ruler.template import ModelTemplate
 
 GENERATOR_VERSION = "kvbench-longgen-1"
 TASKS = ("copy_list",)
+FILLERS = ("noise", "essay")  # noise: RULER's repeated noise sentences; essay: consecutive essay text
 # List items: plain one-line sentences of 8-20 words (letters, digits, , ; : ' - and one final period).
 _ITEM = re.compile(r"[A-Z][A-Za-z0-9 ,;:'\-]*[a-z]\.")
 HEADER = "Read the text below. Somewhere in it is a numbered list of {n} sentences.\n\n"
@@ -54,11 +57,13 @@ class Generator:
     tokenizer: object
     template: ModelTemplate
     seed: int
+    filler: str = "noise"
     essay_folder: str | None = None
 
     def identity(self) -> dict:
         _, essays = essay_words(self.essay_folder)
-        return {"version": GENERATOR_VERSION, "seed": self.seed, "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
+        return {"version": GENERATOR_VERSION, "seed": self.seed, "filler": self.filler,
+                "tokenizer_sha256": tokenizer_sha256(self.tokenizer),
                 "template": self.template.record(), "punkt": punkt_record(), "essays": essays}
 
     def key(self, task: str, length: int, output_tokens: int) -> str:
@@ -82,7 +87,10 @@ class Generator:
                 lines.append(f"{len(lines) + 1}. {sentence}")
         block = "\n".join(lines)
         start = rng.randrange(len(every))
-        filler = [s for s in every[start:] + every[:start] if s not in chosen]
+        if self.filler == "essay":
+            filler = [s for s in every[start:] + every[:start] if s not in chosen]
+        else:  # each noise sentence is at least 3 tokens: enough of them to fill any length
+            filler = sent_tokenize(NOISE) * (length // 15 + 1)
         depth = rng.random()
 
         def texts(m: int) -> tuple[str, str]:

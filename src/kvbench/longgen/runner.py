@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kvbench.errors import KvbenchError
-from kvbench.longgen.generate import TASKS, Generator
+from kvbench.longgen.generate import FILLERS, TASKS, Generator, max_new_tokens
 from kvbench.longgen.metrics import line_scores, task_score
 from kvbench.progress import progress
 from kvbench.ruler.data import render, set_sha256
@@ -167,6 +167,9 @@ def plan_longgen(cfg: DictConfig, spec) -> LongGenPlan:
     template_name = str(bench.get("template") or "auto")
     if template_name not in TEMPLATES:
         raise KvbenchError(f"benchmark.template={template_name!r}: choose one of {', '.join(TEMPLATES)}")
+    filler = str(bench.get("filler") or "noise")
+    if filler not in FILLERS:
+        raise KvbenchError(f"benchmark.filler={filler!r}: choose one of {', '.join(FILLERS)}")
     limit = int(cfg.model.trained_len)
     too_long = [n for n in lengths if n > limit]
     if too_long:
@@ -175,7 +178,7 @@ def plan_longgen(cfg: DictConfig, spec) -> LongGenPlan:
 
     tokenizer = load_tokenizer(spec)
     template = model_template(tokenizer, template_name)
-    gen = Generator(tokenizer, template, int(cfg.seed), bench.get("haystack_dir"))
+    gen = Generator(tokenizer, template, int(cfg.seed), filler, bench.get("haystack_dir"))
     cache = bench.get("cache_dir") or str(Path(cfg.results_root) / ".cache" / "longgen")
     cache_dir = Path(cache) if str(cache) not in ("", "none", "None") else None
     start = time.perf_counter()
@@ -194,4 +197,14 @@ def plan_longgen(cfg: DictConfig, spec) -> LongGenPlan:
                        {"kind": "generated", **gen.identity()}, datasets, generation_s)
 
 
-__all__ = ["LongGenPlan", "plan_longgen"]
+def sweep_work(cfg: DictConfig) -> list[tuple[str, int, float, float]]:
+    """The sweep's cost estimate per task: (task, samples, prompt tokens, tokens to generate, upper bound); a
+    list of output_tokens takes at most max_new_tokens(output_tokens + one item of ~40 tokens) to write."""
+    lengths = _int_list(cfg.benchmark.lengths, "benchmark.lengths")
+    samples = int(cfg.benchmark.samples) * len(lengths)
+    new_tokens = max_new_tokens(int(cfg.benchmark.output_tokens) + 40)
+    return [(task, samples, float(sum(lengths) * int(cfg.benchmark.samples)), float(new_tokens * samples))
+            for task in cfg.benchmark.tasks]
+
+
+__all__ = ["LongGenPlan", "plan_longgen", "sweep_work"]
