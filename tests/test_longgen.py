@@ -3,6 +3,7 @@ errors before any model, run/resume/query modes on a fake engine, and a tiny-mod
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -233,3 +234,34 @@ def test_sweep_plans_longgen_jobs_with_their_cost(tmp_path):
                      "method=snapkv", f"results_root={tmp_path}"], cost)
     assert (job.status, job.samples_total, job.samples_left) == ("todo", 6, 6)
     assert job.seconds_left == pytest.approx(3 * (600 + 800) / 1000 + 6 * max_new_tokens(296) * 0.5)
+
+
+def _fake_run(folder, method, budget, rows, query="aware"):
+    folder.mkdir(parents=True)
+    full = method == "fullkv"
+    run = {"benchmark": "longgen", "model": {"name": "m"}, "method": {"name": method},
+           "config": {"budget": budget, "method": {"budget_agnostic": full}},
+           "settings": {"model": {"name": "m"}, "method": {"name": method}, "seed": 42,
+                        "benchmark": {"name": "longgen", "query": query, "output_tokens": 256}}}
+    (folder / "run.json").write_text(json.dumps(run))
+    (folder / "sample_scores.jsonl").write_text("".join(
+        json.dumps({"task": "copy_list", "id": f"700_{i}", "score": s, "context_length": 700, "new_tokens": n,
+                    "answer_tokens": 260}) + "\n" for i, (s, n) in enumerate(rows)))
+
+
+def test_report_compares_generated_length_with_fullkv(tmp_path):
+    from kvbench.longgen.report import longgen_frame, write_longgen_report
+
+    _fake_run(tmp_path / "full", "fullkv", 128, [(1.0, 300), (0.5, 280), (1.0, 290)])
+    _fake_run(tmp_path / "snap", "snapkv", 128, [(0.5, 330), (0.0, 280)])  # 2 of the 3 samples
+    _fake_run(tmp_path / "agn", "snapkv", 128, [(0.5, 100)], query="agnostic")  # no FullKV with its settings
+    frame = longgen_frame(tmp_path)
+    full, snap, agn = (frame[frame["run_dir"].str.endswith(name)].iloc[0] for name in ("full", "snap", "agn"))
+    assert full["score"] == pytest.approx(250 / 3) and full["new_tokens_vs_fullkv"] == 1.0 and full["n"] == 3
+    assert snap["score"] == 25.0 and snap["new_tokens"] == 305.0
+    assert snap["new_tokens_vs_fullkv"] == pytest.approx((330 + 280) / (300 + 280))  # the samples both ran
+    assert math.isnan(agn["new_tokens_vs_fullkv"]) and math.isnan(agn["ci_low"])  # one sample: no CI
+    assert full["ci_low"] <= full["score"] <= full["ci_high"]
+    written = write_longgen_report(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "longgen.md").read_text()
+    assert len(written) == 2 and "| m | aware | copy_list | 700 | SnapKV | 128 | 25.00 |" in text and "| 1.05 |" in text
