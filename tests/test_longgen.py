@@ -68,6 +68,17 @@ def test_sample_holds_its_list_is_long_enough_and_fits(tok):
         assert tok.decode(rendered.question_ids).strip().startswith("Now copy the numbered list")
 
 
+def test_fillers(tok):
+    template = model_template(tok, "chat")
+    noise = Generator(tok, template, 42, "noise").sample("copy_list", 900, 256, 0)
+    essay = Generator(tok, template, 42, "essay").sample("copy_list", 900, 256, 0)
+    assert noise["outputs"] == essay["outputs"]  # same list, other filler
+    assert "The grass is green." in noise["context"] and "The grass is green." not in essay["context"]
+    for line in essay["outputs"]:
+        assert essay["context"].count(line.split(". ", 1)[1]) == 1  # a list sentence is not repeated in the filler
+    assert Generator(tok, template, 42, "noise").identity() != Generator(tok, template, 42, "essay").identity()
+
+
 def test_too_short_length_is_refused(tok):
     with pytest.raises(KvbenchError, match="cannot hold a list of 256 tokens"):
         Generator(tok, ModelTemplate("base"), 42).sample("copy_list", 200, 256, 0)
@@ -107,6 +118,8 @@ def test_normalize_keeps_inner_numbers():
     ("benchmark.output_tokens=2.5", "positive integer"),
     ("benchmark.query=sometimes", "benchmark.query"),
     ("benchmark.template=fancy", "benchmark.template"),
+    ("benchmark.filler=lorem", "benchmark.filler='lorem': choose one of noise, essay"),
+    ("benchmark.samples=many", "positive integer"),
     ("benchmark.lengths=[300]", "cannot hold a list"),
     ("benchmark.lengths=[2000]", "more than tiny_llama's 2048"),
 ])
@@ -157,7 +170,7 @@ def test_run_scores_resumes_and_query_modes(tmp_path, tok):
     second = 1 - 1 / samples[1]["items"]
     assert scores["tasks"]["copy_list"] == round((1 + second) / 2 * 100, 2) and scores["n"] == {"copy_list": 2}
     assert [(r["id"], r["score"]) for r in scores["sample_scores"]] == [("700_0", 1.0), ("700_1", round(second, 6))]
-    assert scores["lengths"]["700"]["lengths"]["copy_list"]["exact"] == 50.0
+    assert scores["lengths"]["700"]["details"]["copy_list"]["exact"] == 50.0
     lines = [json.loads(x) for x in store.prediction_file("copy_list").read_text().splitlines()]
     assert [x["new_tokens"] for x in lines] == [len(preds[1]) // 4, len(preds[2]) // 4]
     assert scores["new_tokens_mean"]["copy_list"] == (len(preds[1]) // 4 + len(preds[2]) // 4) / 2

@@ -98,7 +98,7 @@ class LongGenPlan:
         per_task: dict[str, list[float]] = {t: [] for t in self.tasks}
         generated: dict[str, list[int]] = {t: [] for t in self.tasks}
         for length in self.lengths:
-            tasks, counts, lengths_out = {}, {}, {}
+            tasks, counts, details = {}, {}, {}
             for task in self.tasks:
                 wanted = {sample_id(length, s["index"]) for s in self.datasets[(task, length)]}
                 records = {r["_id"]: r for r in store.records(task) if r.get("_id") in wanted} \
@@ -111,12 +111,12 @@ class LongGenPlan:
                 per_task[task] += [s["score"] for s in scores]
                 generated[task] += [int(r.get("new_tokens", 0)) for r in ordered]
                 tasks[task], counts[task] = task_score([s["score"] for s in scores]), len(scores)
-                lengths_out[task] = {"new_tokens_mean": _mean([r.get("new_tokens", 0) for r in ordered]),
+                details[task] = {"new_tokens_mean": _mean([r.get("new_tokens", 0) for r in ordered]),
                                      "answer_tokens_mean": _mean([r["answer_tokens"] for r in ordered]),
                                      "exact": task_score([s["exact"] for s in scores]),
                                      "prefix": task_score([s["prefix"] for s in scores])}
             present = [tasks[t] for t in self.tasks if tasks[t] is not None]
-            by_length[str(length)] = {"tasks": tasks, "n": counts, "lengths": lengths_out, "avg": _mean(present)}
+            by_length[str(length)] = {"tasks": tasks, "n": counts, "details": details, "avg": _mean(present)}
         scores_by_task = {t: task_score(v) for t, v in per_task.items()}
         present = [v for v in scores_by_task.values() if v is not None]
         return {
