@@ -1,12 +1,13 @@
-"""The `copy_list` generator: read a numbered list hidden in essay text, then write it out again, line by line.
+"""The `copy_list` generator: read a numbered list hidden in filler text, then write it out again, line by line.
 
 A sample is a numbered list of distinct essay sentences (added until the list is at least `output_tokens` tokens,
 so the answer is that long), placed at a random depth of filler that fills the prompt to `length` tokens (chat
 template and question included): RULER's repeated noise sentences (`noise`, the default) or consecutive essay text
-without the list's sentences (`essay`; harder: SmolLM2 drifts from a list line into the essay text). The reference answer is the list's lines. Sample i is drawn from its
-own RNG, seeded with (seed, task, length, output_tokens, i): it depends on nothing else, so any n samples are the
-first n of a larger set. Sets are cached as JSONL under the sha256 of everything that determines them.
-Sentences: the essays of RULER's haystack (kvbench.needle.haystack), split with NLTK's English Punkt.
+without the list's sentences (`essay`; harder: SmolLM2 drifts from a list line into the essay text). The reference
+answer is the list's lines. Sample i is drawn from its own RNG, seeded with (seed, task, length, output_tokens, i):
+it depends on nothing else, so any n samples are the first n of a larger set. Sets are cached as JSONL under the
+sha256 of everything that determines them. Sentences: the essays of RULER's haystack (kvbench.needle.haystack),
+split with NLTK's English Punkt.
 """
 from __future__ import annotations
 
