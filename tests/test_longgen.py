@@ -58,14 +58,15 @@ def test_sample_holds_its_list_is_long_enough_and_fits(tok):
         s = gen.sample("copy_list", 900, 300, i)
         block = "\n".join(s["outputs"])
         assert block in s["context"] and s["context"].startswith(template.prefix)
-        assert s["question"].endswith(template.suffix)
+        assert s["question"].endswith(template.suffix) and s["answer_prefix"] == "The numbered list:\n1."
         assert [line.split(". ", 1)[0] for line in s["outputs"]] == [str(k) for k in range(1, s["items"] + 1)]
         assert len({line.split(". ", 1)[1] for line in s["outputs"]}) == s["items"]  # distinct items
         assert s["answer_tokens"] == len(tok.encode(block, add_special_tokens=False)) >= 300
         assert s["max_new_tokens"] == max_new_tokens(s["answer_tokens"]) > s["answer_tokens"]
         rendered = render(s, tok, template)
         assert len(rendered.input_ids) == s["prompt_tokens"] <= 900 and s["prompt_tokens"] > 700
-        assert tok.decode(rendered.question_ids).strip().startswith("Now copy the numbered list")
+        question = tok.decode(rendered.question_ids)
+        assert question.strip().startswith("Now copy the numbered list") and question.endswith("list:\n1.")
 
 
 def test_fillers(tok):

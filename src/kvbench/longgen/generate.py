@@ -25,7 +25,7 @@ from kvbench.ruler.data import canonical, sha256_text, tokenizer_sha256
 from kvbench.ruler.resources import essay_words, punkt_record, sent_tokenize
 from kvbench.ruler.template import ModelTemplate
 
-GENERATOR_VERSION = "kvbench-longgen-1"
+GENERATOR_VERSION = "kvbench-longgen-2"
 TASKS = ("copy_list",)
 FILLERS = ("noise", "essay")  # noise: RULER's repeated noise sentences; essay: consecutive essay text
 # List items: plain one-line sentences of 8-20 words (letters, digits, , ; : ' - and one final period).
@@ -34,7 +34,7 @@ HEADER = "Read the text below. Somewhere in it is a numbered list of {n} sentenc
 LIST_OPEN, LIST_CLOSE = "\n\nThe numbered list:\n", "\nEnd of the numbered list.\n\n"
 QUESTION = ("\n\nNow copy the numbered list from the text above, line by line, in the same order, with its "
             "numbers. Write nothing else.")
-ANSWER_PREFIX = ""
+ANSWER_PREFIX = "The numbered list:\n1."  # opens the answer as the list opens in the context (its first number)
 
 
 @functools.lru_cache(maxsize=2)
@@ -98,23 +98,23 @@ class Generator:
             k = round(depth * m)
             context = (self.template.prefix + HEADER.format(n=len(lines)) + " ".join(filler[:k]) + LIST_OPEN + block
                        + LIST_CLOSE + " ".join(filler[k:m]))
-            return context, QUESTION + self.template.suffix + ANSWER_PREFIX
+            return context, QUESTION + self.template.suffix  # the answer prefix follows (rendering adds it)
 
-        fits = lambda m: self._count("".join(texts(m))) <= length  # noqa: E731
-        if not fits(0):
+        size = lambda m: self._count("".join(texts(m)) + ANSWER_PREFIX)  # noqa: E731
+        if size(0) > length:
             raise KvbenchError(f"benchmark.lengths: {length} tokens cannot hold a list of {output_tokens} tokens "
-                               f"with its instructions ({self._count(''.join(texts(0)))} tokens). Fix: larger "
-                               f"benchmark.lengths or smaller benchmark.output_tokens")
-        low, high = 0, len(filler)  # the most filler sentences that fit (binary search; fits is monotone)
+                               f"with its instructions ({size(0)} tokens). Fix: larger benchmark.lengths or smaller "
+                               f"benchmark.output_tokens")
+        low, high = 0, len(filler)  # the most filler sentences that fit (binary search; a result always fits)
         while low < high:
             mid = (low + high + 1) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+            low, high = (mid, high) if size(mid) <= length else (low, mid - 1)
         context, question = texts(low)
         answer_tokens = self._count(block)
         return {"index": index, "task": task, "length": length, "context": context, "question": question,
                 "answer_prefix": ANSWER_PREFIX, "outputs": lines, "items": len(lines), "depth": round(depth, 4),
                 "answer_tokens": answer_tokens, "max_new_tokens": max_new_tokens(answer_tokens),
-                "prompt_tokens": self._count(context + question)}
+                "prompt_tokens": self._count(context + question + ANSWER_PREFIX)}
 
     def samples(self, task: str, length: int, output_tokens: int, n: int, cache_dir: Path | None) -> list[dict]:
         path = cache_dir / f"{task}_{length}_{output_tokens}_{self.key(task, length, output_tokens)}.jsonl" \
