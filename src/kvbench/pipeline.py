@@ -112,6 +112,7 @@ BENCHMARKS = {
     "longbench_e": "kvbench.longbench.runner:plan_longbench",
     "needle": "kvbench.needle.runner:plan_needle",
     "ruler": "kvbench.ruler.runner:plan_ruler",
+    "longgen": "kvbench.longgen.runner:plan_longgen",
 }
 
 
@@ -121,6 +122,12 @@ def plan_benchmark(cfg: DictConfig, spec: ModelSpec):
         raise KvbenchError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
     module, function = BENCHMARKS[name].split(":")
     return getattr(importlib.import_module(module), function)(cfg, spec)
+
+
+def benchmark_hook(name: str, attribute: str):
+    """An optional module-level function of a benchmark's planner module (e.g. `sweep_work`), or None."""
+    module = BENCHMARKS[name].split(":")[0] if name in BENCHMARKS else None
+    return getattr(importlib.import_module(module), attribute, None) if module else None
 
 
 def prepare(cfg: DictConfig) -> Job:

@@ -168,6 +168,8 @@ def _report(args, out: Path, ci: str | None) -> int:
     written += _write_figures(df, args.results, out)
     from kvbench.ruler.report import write_ruler_report  # RULER's own tables and figures
     written += write_ruler_report(args.results, out, args.formats)
+    from kvbench.longgen.report import write_longgen_report  # long-output: score and generated length
+    written += write_longgen_report(args.results, out)
     print(f"wrote {len(written)} files to {out}/")
     return 0
 
