@@ -1,5 +1,5 @@
 """The performance benchmark code on the tiny Llama: the JSON it writes, the KV-bytes formula (with values worked
-out by hand), the decode shortcut, the paired ratios, and the fused H2O scores it relies on."""
+out by hand), the decode shortcut, the paired ratios, and the single-pass H2O scores it relies on."""
 from __future__ import annotations
 
 import json
