@@ -1,5 +1,5 @@
 """The performance benchmark code on the tiny Llama: the JSON it writes, the KV-bytes formula (with values worked
-out by hand), the decode shortcut, the paired ratios, and the fused H2O scores it relies on."""
+out by hand), the decode shortcut, the paired ratios, and the single-pass H2O scores it relies on."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from kvbench.engine import prefill
 from kvbench.longbench.metrics import METRICS
 from kvbench.methods import build_method
 from kvbench.methods.base import truncate_layer
-from kvbench.methods.h2o import blocked_scores, fused_scores
+from kvbench.methods.h2o import blocked_scores, single_pass_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import bench  # noqa: E402
@@ -121,13 +121,16 @@ def test_ratios_are_medians_of_paired_ratios():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_fused_h2o_scores_equal_blocked_scores(causal):
+@pytest.mark.parametrize("heads,kv_heads,n,window,rows_per_gemm", [(6, 2, 300, 16, 64), (3, 3, 97, 1, 10),
+                                                                   (8, 1, 130, 40, 24)])
+def test_single_pass_h2o_scores_equal_blocked_scores(causal, heads, kv_heads, n, window, rows_per_gemm):
+    # Blocks that straddle the window, a window of 1, no GQA and one KV head for 8 query heads.
     gen = torch.Generator().manual_seed(0)
-    queries, keys = torch.randn(1, 6, 300, 32, generator=gen) * 2, torch.randn(1, 2, 300, 32, generator=gen)
-    fused = fused_scores(queries, keys, 16, causal)
-    blocked = blocked_scores(queries, keys, 16, causal, query_block=64)
-    assert fused.shape == (6, 284)
-    torch.testing.assert_close(fused, blocked, rtol=1e-5, atol=1e-6)
+    queries, keys = torch.randn(1, heads, n, 32, generator=gen) * 2, torch.randn(1, kv_heads, n, 32, generator=gen)
+    fast = single_pass_scores(queries, keys, window, causal, rows_per_gemm)
+    blocked = blocked_scores(queries, keys, window, causal, query_block=64)
+    assert fast.shape == (heads, n - window)
+    torch.testing.assert_close(fast, blocked, rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_mode_without_a_gpu_skips_with_a_message(capsys):

@@ -4,11 +4,12 @@ Scores are the attention each prefix token receives, summed over queries. `mode=
 KVCache-Factory (all queries; the causal mask only inside the last window block, so earlier queries also "see"
 later keys); `mode=causal` is the H2O paper's accumulated causal attention.
 
-No n x n matrix is ever built. On CPU in float32 the score is two passes of PyTorch's fused flash-attention
-kernel: the first gives each query row's log-normaliser (logsumexp), the second runs attention "transposed"
-(keys as queries, queries as keys, minus each row's logsumexp as a bias), whose logsumexp per key is then the
-log of the column sum of the softmax: sum_i exp(q_i.k_j - lse_i) = sum_i p_ij. Elsewhere (GPU, half precision)
-the scores are accumulated over blocks of `query_block` queries.
+No n x n matrix is ever built. On CPU in float32 the score is one pass over blocks of query rows
+(`single_pass_scores`): the logits of a block come from one GEMM per KV head, and one in-place exp over the block
+gives both each row's softmax normaliser and the column sums, so no values are multiplied and no keys repeated
+(about 2.4x faster than the two flash-attention passes it replaced). Elsewhere (GPU, half precision, where the
+reference rounds the probabilities to the model dtype before summing) the scores are accumulated over blocks of
+`query_block` queries (`blocked_scores`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from kvbench.errors import KvbenchError
 from kvbench.methods.base import ScoredMethod, grouped_logits, window_causal_mask
 
 H2O_MODES = ("official", "causal")
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 @dataclass
@@ -61,8 +61,8 @@ class H2O(ScoredMethod):
 
     def score(self, layer_idx, queries, keys, window: int | None = None):
         window = self.window_size if window is None else window
-        if _FLASH_CPU is not None and queries.device.type == "cpu" and queries.dtype == torch.float32:
-            return fused_scores(queries, keys, window, self.mode == "causal")
+        if queries.device.type == "cpu" and queries.dtype == torch.float32:
+            return single_pass_scores(queries, keys, window, self.mode == "causal")
         return blocked_scores(queries, keys, window, self.mode == "causal", self.query_block)
 
     # ---- decoding (the H2O paper, FMInference/H2O `H2OKVCache_LayerWise`): the attention every held token has
@@ -124,33 +124,38 @@ def blocked_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, causa
     return total
 
 
-def fused_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
-    """The same scores as `blocked_scores` (to float32 rounding) from two flash-attention passes, O(n) memory."""
-    heads, n, dim = queries.shape[1], keys.shape[2], keys.shape[3]
-    scale = 1.0 / math.sqrt(dim)
-    keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)  # [1,H,n,d]: the kernel wants equal heads
-    unused_values = torch.zeros_like(queries)  # the kernel needs values; only its logsumexp output is used
-    _, row_lse = _FLASH_CPU(queries, keys, unused_values, 0.0, causal, scale=scale)
-    row_lse = row_lse.contiguous()  # [1,H,n]
-    if not causal:
-        # Official mode: the last `window` rows are causal (their masked keys all lie in the window block).
-        row_lse[:, :, n - window:] = _window_rows_lse(queries, keys, window, scale)
-    bias = (-row_lse).unsqueeze(2)  # [1,H,1,n]: a per-key bias for the transposed pass
-    if causal:
-        # Key j is seen by queries i >= j: reversing both sequences makes that an ordinary causal mask.
-        flipped = (keys.flip(2), queries.flip(2), unused_values, 0.0, True)
-        _, col_lse = _FLASH_CPU(*flipped, attn_mask=bias.flip(3).contiguous(), scale=scale)
-        col_lse = col_lse.flip(-1)
-    else:
-        # Rows in the window may not see later window keys, but every prefix key j < n - window is before them.
-        _, col_lse = _FLASH_CPU(keys, queries, unused_values, 0.0, False, attn_mask=bias.contiguous(), scale=scale)
-    return col_lse[0, :, : n - window].exp()
+def single_pass_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, causal: bool,
+                       rows_per_gemm: int = 64) -> torch.Tensor:
+    """The same scores as `blocked_scores` (to float32 rounding) from one pass over the logits, O(n) memory.
 
-
-def _window_rows_lse(queries: torch.Tensor, keys: torch.Tensor, window: int, scale: float) -> torch.Tensor:
-    """logsumexp of the last `window` query rows under a causal mask -> [1,H,window]."""
-    n = keys.shape[2]
-    logits = torch.matmul(queries[:, :, n - window:], keys.transpose(-1, -2)) * scale
-    rows = torch.arange(n - window, n, device=keys.device)
-    future = torch.arange(n, device=keys.device)[None, :] > rows[:, None]
-    return torch.logsumexp(logits.masked_fill(future, float("-inf")), dim=-1)
+    Per block of query rows: one GEMM per KV head over its whole query group (no repeated keys, no values), then
+    in place over the block: subtract each row's max, exp, row sums s_i, and the column sums sum_i e_ij / s_i as
+    one small GEMM of the weights 1/s against the block. The logits of a block are written once into a reused
+    buffer of about `rows_per_gemm` rows per KV head. Causal mode computes only the columns up to the block's last
+    row and masks the diagonal square; official mode masks only inside the last window block."""
+    _, heads, n, dim = queries.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    block = max(1, -(-rows_per_gemm // group))
+    prefix = n - window
+    grouped = (queries[0] * (1.0 / math.sqrt(dim))).view(kv_heads, group, n, dim)
+    keys_t = keys[0].transpose(-1, -2).contiguous()  # [kv, d, n]: the GEMM runs ~1.5x faster than on a view
+    total = torch.zeros(heads, 1, prefix, dtype=torch.float32, device=keys.device)
+    buffer = torch.empty(heads * block * n, dtype=queries.dtype, device=keys.device)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        rows, cols = stop - start, (stop if causal else n)
+        logits = buffer[: heads * rows * cols].view(kv_heads, group * rows, cols)
+        torch.bmm(grouped[:, :, start:stop].reshape(kv_heads, group * rows, dim), keys_t[:, :, :cols], out=logits)
+        logits = logits.view(heads, rows, cols)
+        if causal:  # the keys after a row lie in the block's diagonal square only
+            above = torch.ones(rows, rows, dtype=torch.bool, device=keys.device).triu_(1)
+            logits[:, :, start:].masked_fill_(above, float("-inf"))
+        elif stop > prefix:
+            rows_idx = torch.arange(start, stop, device=keys.device)
+            logits.masked_fill_(window_causal_mask(rows_idx, n, window, torch.float32) < 0, float("-inf"))
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        weights = logits.sum(dim=-1).reciprocal_().unsqueeze(1)  # [H,1,rows]: 1 / each row's softmax normaliser
+        seen = min(cols, prefix)
+        total[:, :, :seen] += torch.bmm(weights, logits[:, :, :seen])
+    return total.view(heads, prefix)
