@@ -16,9 +16,8 @@ from omegaconf import DictConfig
 from kvbench.errors import KvbenchError
 from kvbench.longgen.generate import FILLERS, TASKS, Generator, max_new_tokens
 from kvbench.longgen.metrics import line_scores, task_score
-from kvbench.progress import progress
-from kvbench.ruler.data import render, set_sha256
-from kvbench.ruler.runner import QUERY_MODES, _accepts, _int_list, sample_id, sample_sha, stop_token_ids
+from kvbench.ruler.data import set_sha256
+from kvbench.ruler.runner import QUERY_MODES, _int_list, predict_generated, sample_id
 from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
 
 log = logging.getLogger("kvbench")
@@ -55,40 +54,9 @@ class LongGenPlan:
         return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
 
     def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
-        if self.query == "agnostic" and not _accepts(run_one, "question_ids"):
-            raise KvbenchError("benchmark.query=agnostic needs the engine's two-phase prefill; use "
-                               "benchmark.query=aware")
-        stops = stop_token_ids(model, tokenizer)
-        for task in self.tasks:
-            store.done(task)  # repairs a torn last line before reading
-            done = {r.get("_id"): r.get("sample_sha256") for r in store.records(task)}
-            todo = []
-            for length in self.lengths:
-                for sample in self.datasets[(task, length)]:
-                    sid, digest = sample_id(length, sample["index"]), sample_sha(sample)
-                    if sid in done:
-                        if done[sid] != digest:
-                            raise KvbenchError(f"{store.prediction_file(task)}: sample {sid} was predicted on other "
-                                               f"data; delete {store.root} or choose another output_dir")
-                        continue
-                    todo.append((length, sample, sid, digest))
-            label = f"longgen {task} ({len(done)} done)" if done else f"longgen {task}"
-            for length, sample, sid, digest in progress(todo, len(todo), label, show_progress):
-                rendered = render(sample, tokenizer, self.template)
-                if self.query == "agnostic":
-                    out, text = run_one(rendered.context_ids, sample["max_new_tokens"], stops,
-                                        question_ids=rendered.question_ids)
-                else:
-                    out, text = run_one(rendered.input_ids, sample["max_new_tokens"], stops)
-                record = {"_id": sid, "task": task, "length": length, "index": sample["index"], "pred": text,
-                          "outputs": sample["outputs"], **line_scores(text, sample["outputs"]),
-                          "answer_tokens": sample["answer_tokens"], "query": self.query,
-                          "input_tokens": len(rendered.input_ids), "context_tokens": len(rendered.context_ids),
-                          "question_tokens": len(rendered.question_ids), "sample_sha256": digest,
-                          **out.log_fields()}
-                store.append(task, record)
-                if on_sample:
-                    on_sample(task, record)
+        predict_generated(self, "longgen", store, model, tokenizer, run_one, show_progress, on_sample,
+                          lambda task, text, sample: {**line_scores(text, sample["outputs"]),
+                                                      "answer_tokens": sample["answer_tokens"]})
         return self.summarize(store)
 
     def summarize(self, store) -> dict:

@@ -67,41 +67,9 @@ class RulerPlan:
     def data_sha256(self) -> dict[str, str]:
         return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
 
-    def _call(self, run_one, rendered, max_new_tokens: int, stops: list[int]):
-        if self.query == "agnostic":
-            return run_one(rendered.context_ids, max_new_tokens, stops, question_ids=rendered.question_ids)
-        return run_one(rendered.input_ids, max_new_tokens, stops)
-
     def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
-        if self.query == "agnostic" and not _accepts(run_one, "question_ids"):
-            raise KvbenchError("benchmark.query=agnostic needs the engine's two-phase prefill (context, then "
-                               "question), which this kvbench does not have yet; use benchmark.query=aware")
-        stops = stop_token_ids(model, tokenizer)
-        for task in self.tasks:
-            store.done(task)  # repairs a torn last line (an interrupted write) before reading
-            done = {r.get("_id"): r.get("sample_sha256") for r in store.records(task)}
-            todo = []
-            for length in self.lengths:
-                for sample in self.datasets[(task, length)]:
-                    sid, digest = sample_id(length, sample["index"]), sample_sha(sample)
-                    if sid in done:
-                        if done[sid] != digest:
-                            raise KvbenchError(f"{store.prediction_file(task)}: sample {sid} was predicted on other "
-                                               f"data; delete {store.root} or choose another output_dir")
-                        continue
-                    todo.append((length, sample, sid, digest))
-            label = f"ruler {task} ({len(done)} done)" if done else f"ruler {task}"
-            for length, sample, sid, digest in progress(todo, len(todo), label, show_progress):
-                rendered = render(sample, tokenizer, self.template)
-                out, text = self._call(run_one, rendered, sample["max_new_tokens"], stops)
-                record = {"_id": sid, "task": task, "length": length, "index": sample["index"], "pred": text,
-                          "outputs": sample["outputs"], "score": sample_score(task, text, sample["outputs"]),
-                          "query": self.query, "input_tokens": len(rendered.input_ids),
-                          "context_tokens": len(rendered.context_ids), "question_tokens": len(rendered.question_ids),
-                          "sample_sha256": digest, **out.log_fields()}
-                store.append(task, record)
-                if on_sample:
-                    on_sample(task, record)
+        predict_generated(self, "ruler", store, model, tokenizer, run_one, show_progress, on_sample,
+                          lambda task, text, sample: {"score": sample_score(task, text, sample["outputs"])})
         return self.summarize(store)
 
     def summarize(self, store) -> dict:
@@ -142,6 +110,46 @@ class RulerPlan:
             "skipped": self.skipped,
             "generation_s": round(self.generation_s, 2),
         }
+
+
+def predict_generated(plan, name: str, store, model, tokenizer, run_one, show_progress: bool, on_sample,
+                      score_fields) -> None:
+    """The prediction loop of the generated benchmarks (RULER, longgen): every selected sample not yet on disk
+    (a sample on disk that was predicted on other data is refused), one prediction line each, written as it
+    finishes. `plan` has tasks, lengths, datasets, template and query; `score_fields(task, text, sample)` gives the
+    line's score fields."""
+    if plan.query == "agnostic" and not _accepts(run_one, "question_ids"):
+        raise KvbenchError("benchmark.query=agnostic needs the engine's two-phase prefill (context, then "
+                           "question), which this kvbench does not have yet; use benchmark.query=aware")
+    stops = stop_token_ids(model, tokenizer)
+    for task in plan.tasks:
+        store.done(task)  # repairs a torn last line (an interrupted write) before reading
+        done = {r.get("_id"): r.get("sample_sha256") for r in store.records(task)}
+        todo = []
+        for length in plan.lengths:
+            for sample in plan.datasets[(task, length)]:
+                sid, digest = sample_id(length, sample["index"]), sample_sha(sample)
+                if sid in done:
+                    if done[sid] != digest:
+                        raise KvbenchError(f"{store.prediction_file(task)}: sample {sid} was predicted on other "
+                                           f"data; delete {store.root} or choose another output_dir")
+                    continue
+                todo.append((length, sample, sid, digest))
+        label = f"{name} {task} ({len(done)} done)" if done else f"{name} {task}"
+        for length, sample, sid, digest in progress(todo, len(todo), label, show_progress):
+            rendered = render(sample, tokenizer, plan.template)
+            if plan.query == "agnostic":
+                out, text = run_one(rendered.context_ids, sample["max_new_tokens"], stops,
+                                    question_ids=rendered.question_ids)
+            else:
+                out, text = run_one(rendered.input_ids, sample["max_new_tokens"], stops)
+            record = {"_id": sid, "task": task, "length": length, "index": sample["index"], "pred": text,
+                      "outputs": sample["outputs"], **score_fields(task, text, sample), "query": plan.query,
+                      "input_tokens": len(rendered.input_ids), "context_tokens": len(rendered.context_ids),
+                      "question_tokens": len(rendered.question_ids), "sample_sha256": digest, **out.log_fields()}
+            store.append(task, record)
+            if on_sample:
+                on_sample(task, record)
 
 
 def _accepts(fn, name: str) -> bool:
