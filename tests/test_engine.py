@@ -89,6 +89,10 @@ def test_cache_sizes_and_bytes_follow_the_formula(tiny_llama, name, budget, cach
     heads = cfg.num_attention_heads if cache_heads == "per_query_head" and name != "fullkv" else cfg.num_key_value_heads
     if name == "dynamickv":  # per-layer sizes vary; the total is the budget (4 layers: one final update)
         assert sum(out.layer_kept) == budget * cfg.num_hidden_layers
+    elif name == "chunkkv":  # whole chunks: the prefix counts the method recorded, plus the window
+        assert out.layer_kept == [count + 8 for count in method.layer_counts]
+    elif name == "layer_defensivekv":  # one ranking over all layers and heads: the total is the budget
+        assert sum(out.layer_kept) == pytest.approx(budget * cfg.num_hidden_layers)
     elif name in ("cake", "kvzip"):  # per-layer sizes vary; rounding can leave the total a little below the budget
         assert budget * cfg.num_hidden_layers - 4 <= sum(out.layer_kept) <= budget * cfg.num_hidden_layers
         assert min(out.layer_kept) >= 8

@@ -39,8 +39,10 @@ def test_golden_case(path):
 def test_2026_cases_cover_adakv_and_the_new_baselines():
     counts = {}
     for path in CASES_2026:
-        method = load_case(path)["method"]
-        counts[method] = counts.get(method, 0) + 1
+        case = load_case(path)
+        if case["reference"].startswith(("kvpress==0.5.5", "FFY0/DefensiveKV")):
+            continue  # the wrapper cases: counted in test_method_pipeline.py
+        counts[case["method"]] = counts.get(case["method"], 0) + 1
     assert counts == {"adakv": 11, "adakv_gqa": 9, "adakv_pyramid": 10, "adakv_pyramid_gqa": 9, "knorm": 10,
                       "tova": 10, "cake": 10}
 

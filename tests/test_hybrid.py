@@ -16,7 +16,8 @@ from kvbench.methods import METHODS, build_method
 
 # The 2025-26 baselines (issue 15) are not yet checked on hybrid models: their per-layer formulas here are a
 # follow-up (KVzip refuses local layers; Expected Attention needs bind(model)).
-BASELINES_2026 = {"knorm", "tova", "cake", "expected_attention", "kvzip", "random"}
+BASELINES_2026 = {"knorm", "tova", "cake", "expected_attention", "kvzip", "random", "chunkkv", "criticalkv", "defensivekv",
+                  "layer_defensivekv"}
 
 torch.set_num_threads(1)
 

@@ -79,15 +79,20 @@ def results(tmp_path) -> Path:
     return root
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """The cells of a Markdown table (rule line dropped), stopping at the first blank line."""
+def table_rows(markdown: str, kv: bool = False) -> list[list[str]]:
+    """The cells of a Markdown table (rule line dropped), stopping at the first blank line; without `kv`, the
+    "KV MiB" column (every table has one; `test_kv_bytes_held_are_shown_next_to_the_budget` checks it) is left out."""
     rows = []
     for line in markdown.splitlines():
         if not line.startswith("|"):
             break
         if not set(line) <= set("|-: "):
             rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows
+    header = next((r for r in rows if "KV MiB" in r), None)
+    if header is None or kv:
+        return rows
+    drop = header.index("KV MiB")
+    return [r[:drop] + r[drop + 1:] for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------------- collect
@@ -195,10 +200,10 @@ def test_relative_needs_fullkv(results):
 
 def test_latex_table_uses_booktabs_and_textbf(results):
     tex = longbench_table(collect([results]), fmt="latex")
-    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{4}{c}{}", "Single-Doc QA"):
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{5}{c}{}", "Single-Doc QA"):
         assert rule in tex
-    assert r" &  & DynamicKV & 2 & \textbf{19.00}$^\dagger$ & 35.00 & \textbf{57.00}$^\dagger$ & " in tex
-    assert r"llama3-8b-instruct & Full & FullKV & 2 & 20.00" in tex
+    assert r" &  & DynamicKV & 0.00191 & 2 & \textbf{19.00}$^\dagger$ & 35.00 & \textbf{57.00}$^\dagger$ & " in tex
+    assert r"llama3-8b-instruct & Full & FullKV & 0.00191 & 2 & 20.00" in tex
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
     assert tex.count(r"\midrule") == 3                       # header, then one rule before each new budget
     assert r"{\footnotesize Note: Bold" in tex and r"$\geq$ 0.05" in tex
@@ -206,7 +211,7 @@ def test_latex_table_uses_booktabs_and_textbf(results):
 
 def test_csv_table_parses_back_to_the_same_numbers(results):
     parsed = pd.read_csv(io.StringIO(longbench_table(collect([results]), fmt="csv")))
-    assert list(parsed.columns) == ["model", "budget", "method", "n", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
+    assert list(parsed.columns) == ["model", "budget", "method", "kv mib", "n", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
     assert list(parsed["budget"].astype(str)) == ["Full", "128", "128", "128", "512", "512"]
     assert list(parsed["Avg."]) == [40.0, 30.0, 37.0, 37.0, 39.33, 39.5]
     assert parsed.loc[3, "NrtvQA"] == 19.0 and parsed.loc[5, "Lcc"] == 60.0
@@ -263,8 +268,9 @@ def test_incomplete_runs_are_marked_in_every_table(results, tmp_path, capsys):
     from kvbench.report.__main__ import _needle_summary
     _needle_summary(df, tmp_path / "rep")
     needle = table_rows((tmp_path / "rep" / "needle.md").read_text())
-    assert needle[0] == ["Model", "Method", "Budget", "Score", "95% CI", "Retrieval", "Retrieval 95% CI", "n", "Status"]
-    assert [r[8] for r in needle[1:]] == ["running", ""]          # SnapKV 64 is still running
+    assert needle[0] == ["Model", "Method", "Needles", "Budget", "Score", "95% CI", "Retrieval", "Retrieval 95% CI",
+                         "n", "Status"]
+    assert [r[9] for r in needle[1:]] == ["running", ""]          # SnapKV 64 is still running
 
 
 def test_significance_bold_without_dagger_only_when_the_paired_test_says_so(tmp_path):

@@ -44,18 +44,18 @@ def test_table_layout_and_bold_best(results):
     df = collect_ruler(results)
     md = ruler_table(df, 1024)
     lines = md.splitlines()
-    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["Model", "Query", "Budget", "Method", "S1", "VT",
-                                                              "Avg."]
+    assert [c.strip() for c in lines[0].split("|")[1:-1]] == ["Model", "Query", "Budget", "Method", "KV MiB",
+                                                              "S1", "VT", "Avg."]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[2:]]
     assert [r[2:4] for r in rows] == [["Full", "FullKV"], ["64", "SnapKV"], ["128", "SnapKV"], ["128", "DynamicKV"]]
-    assert rows[0][4:] == ["100.00", "80.00", "90.00"]  # FullKV is the reference, never bold
-    assert rows[2][4] == "**66.67**" and rows[3][5] == "**60.00**" and rows[2][6] == "**53.34**"
+    assert rows[0][5:] == ["100.00", "80.00", "90.00"]  # FullKV is the reference, never bold
+    assert rows[2][5] == "**66.67**" and rows[3][6] == "**60.00**" and rows[2][7] == "**53.34**"
     latex = ruler_table(df, 1024, "latex")
     assert "\\textbf{66.67}" in latex and latex.startswith("\\begin{tabular}")
     csv = ruler_table(df, 1024, "csv")
-    assert "**" not in csv and csv.splitlines()[0] == "Model,Query,Budget,Method,S1,VT,Avg."
+    assert "**" not in csv and csv.splitlines()[0] == "Model,Query,Budget,Method,KV MiB,S1,VT,Avg."
     mean = [[c.strip() for c in line.split("|")[1:-1]] for line in ruler_table(df).splitlines()[2:]]
-    assert mean[0][4:] == ["95.00", "70.00", "82.50"]  # mean over the lengths each run has
+    assert mean[0][5:] == ["95.00", "70.00", "82.50"]  # mean over the lengths each run has
     with pytest.raises(KvbenchError, match="no RULER results"):
         ruler_table(df, 4096)
 
@@ -82,5 +82,5 @@ def test_bold_is_per_budget_and_names_come_from_the_method_registry(tmp_path):
             _run(tmp_path, method, budget, {1024: {"niah_single_1": score}})
     rows = [[c.strip() for c in line.split("|")[1:-1]]
             for line in ruler_table(collect_ruler(tmp_path), 1024).splitlines()[2:]]
-    assert [r[2:5] for r in rows] == [["64", "SnapKV", "**90.00**"], ["64", "Ada-PyramidKV", "10.00"],
-                                      ["128", "SnapKV", "50.00"], ["128", "Ada-PyramidKV", "**60.00**"]]
+    assert [r[2:4] + r[5:6] for r in rows] == [["64", "SnapKV", "**90.00**"], ["64", "Ada-PyramidKV", "10.00"],
+                                               ["128", "SnapKV", "50.00"], ["128", "Ada-PyramidKV", "**60.00**"]]

@@ -19,6 +19,10 @@ Decoding (`_decode`, one query, batch size 1, no padding): the model's mask is n
 layer's length, and compressed layers differ). A full layer's query attends to every token the layer holds; a
 local layer says which of its tokens are still inside the window (or chunk). When a layer stores one row per
 query head (the official GQA layout) the backend is told there is no grouping.
+
+Compression during decoding (`method.decode_interval`): in a `decoding(cache, schedule)` block, every compressed
+layer's queries go to the schedule after the layer's attention, and every N forwards it cuts the layer back to its
+budget there (kvbench.decoding).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import contextvars
 import math
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
@@ -38,6 +43,9 @@ from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
 from kvbench.ragged import layer_of
 
+if TYPE_CHECKING:
+    from kvbench.decoding import DecodeSchedule
+
 PREFIX = "kvbench_"
 MODEL_EAGER = "eager"  # not in ALL_ATTENTION_FUNCTIONS: each modeling file has its own eager_attention_forward
 
@@ -48,6 +56,7 @@ class Session:
     cache: CompressedCache
     method: Method | None = None
     compressed_calls: int = 0  # compressed layers handed to the method (0 after a prefill: the hook never ran)
+    schedule: "DecodeSchedule | None" = None  # decoding-time compression (kvbench.decoding), after the prefill
 
 
 _ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("kvbench_session", default=None)
@@ -67,9 +76,10 @@ def compression(method: Method, cache: CompressedCache):
     return _session(Session(cache, method))
 
 
-def decoding(cache: CompressedCache):
-    """Within this block, decoding steps attend to `cache` layer by layer (windows of local layers respected)."""
-    return _session(Session(cache))
+def decoding(cache: CompressedCache, schedule: "DecodeSchedule | None" = None):
+    """Within this block, decoding steps attend to `cache` layer by layer (windows of local layers respected); with
+    a `schedule`, each compressed layer's queries are buffered and the layer cut when the schedule says so."""
+    return _session(Session(cache, schedule=schedule))
 
 
 class _Ungrouped:
@@ -96,7 +106,7 @@ def _backend(impl: str, module):
 def _refuse_unscorable(method: Method, kwargs: dict) -> None:
     """A method that scores tokens by attention cannot select correctly where the model's attention has terms its
     scores ignore. Position- or key-only methods (`attention_free = True`) are unaffected."""
-    if getattr(method, "attention_free", False):
+    if method.attention_free:
         return
     why = None
     if kwargs.get("softcap") is not None:
@@ -121,8 +131,8 @@ def _compress(session: Session, module, query, key, value, kwargs: dict) -> None
     if held < n:  # a local layer holds the last `window - 1` tokens: the method compresses those
         query, key, value = query[:, :, -held:], key[:, :, -held:], value[:, :, -held:]
         cache.layers[layer_idx].offset = n - held
-    if method.keeps_all(held):
-        return
+    if method.keeps_all(held) and not getattr(method, "decode_interval", None):
+        return  # (a decode schedule scores later: the method sees the prompt anyway, e.g. H2O's accumulation)
     _refuse_unscorable(method, kwargs)
     scaling = kwargs.get("scaling")
     dim = query.shape[-1]
@@ -185,30 +195,39 @@ def cached_prefix_mask(query: torch.Tensor, key: torch.Tensor, impl: str) -> tor
 
 def _make_wrapper(impl: str):
     def kvbench_attention(module, query, key, value, attention_mask, **kwargs):
-        ragged = layer_of(key)  # a per-head variable-length layer (kvbench.ragged) attends itself
-        if ragged is not None:
-            return ragged.attend(query, kwargs.get("scaling")), None
-        if query.shape[2] == 1:
-            return _decode(impl, module, query, key, value, kwargs)
+        output = _attention(impl, module, query, key, value, attention_mask, kwargs)
         session = _ACTIVE.get()
-        if key.shape[2] > query.shape[2] and (session is None or session.method is None):
-            # Several new tokens over a (compressed) cache outside any compression: the query-agnostic question
-            # forward. Layers hold different numbers of tokens, so the mask is built here, per layer.
-            groups = getattr(module, "num_key_value_groups", 1)
-            module = _Ungrouped(module) if key.shape[1] == query.shape[1] and groups > 1 else module
-            return _backend(impl, module)(module, query, key, value, cached_prefix_mask(query, key, impl), **kwargs)
-        output = _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
-        session = _ACTIVE.get()
-        if session is not None and session.method is not None and key.shape[2] == query.shape[2]:
-            with torch.no_grad():  # a prefill: the layer's keys are exactly the prompt
-                _compress(session, module, query, key, value, kwargs)
-        elif session is not None and session.method is not None and key.shape[2] > query.shape[2]:
-            with torch.no_grad():  # a multi-token pass over a filled cache (KVzip's reconstruction passes)
-                _observe(session, module, query, key, kwargs)
+        if session is not None and session.schedule is not None:
+            session.schedule.after_attention(session.cache, module.layer_idx, query, kwargs)
         return output
 
     kvbench_attention.__name__ = f"{PREFIX}{impl}"
     return kvbench_attention
+
+
+def _attention(impl: str, module, query, key, value, attention_mask, kwargs: dict):
+    """The attention of one layer (backend, ragged layer or masked decoding), and at prefill the compression."""
+    ragged = layer_of(key)  # a per-head variable-length layer (kvbench.ragged) attends itself
+    if ragged is not None:
+        return ragged.attend(query, kwargs.get("scaling")), None
+    if query.shape[2] == 1:
+        return _decode(impl, module, query, key, value, kwargs)
+    session = _ACTIVE.get()
+    if key.shape[2] > query.shape[2] and (session is None or session.method is None):
+        # Several new tokens over a (compressed) cache outside any compression: the query-agnostic question
+        # forward. Layers hold different numbers of tokens, so the mask is built here, per layer.
+        groups = getattr(module, "num_key_value_groups", 1)
+        module = _Ungrouped(module) if key.shape[1] == query.shape[1] and groups > 1 else module
+        return _backend(impl, module)(module, query, key, value, cached_prefix_mask(query, key, impl), **kwargs)
+    output = _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
+    session = _ACTIVE.get()
+    if session is not None and session.method is not None and key.shape[2] == query.shape[2]:
+        with torch.no_grad():  # a prefill: the layer's keys are exactly the prompt
+            _compress(session, module, query, key, value, kwargs)
+    elif session is not None and session.method is not None and key.shape[2] > query.shape[2]:
+        with torch.no_grad():  # a multi-token pass over a filled cache (KVzip's reconstruction passes)
+            _observe(session, module, query, key, kwargs)
+    return output
 
 
 def register(impl: str = "sdpa") -> str:

@@ -59,6 +59,8 @@ def compare_samples(a: pd.DataFrame, b: pd.DataFrame, names: tuple[str, str] = (
     Returns {"tasks": {task: {mean_a, mean_b, mean_diff, ci_low, ci_high, p_value, n}}, "average": {same keys}},
     where mean_diff = mean_a - mean_b and "average" is over the tasks' means (the table's Avg.).
     """
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise KvbenchError(f"confidence={confidence}: give a level between 0 and 1, e.g. 0.95")
     paired = pair_samples(a, b, names, tasks)
     order = list(paired)
     result = paired_comparison([paired[t]["a"].to_numpy() for t in order], [paired[t]["b"].to_numpy() for t in order],

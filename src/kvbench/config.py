@@ -35,12 +35,26 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_
         return hydra_compose(config_name="config", overrides=list(overrides or []))
 
 
+def compression_ratio(cfg: DictConfig) -> float | None:
+    """`method.compression_ratio` when the run asks for one (it then replaces the top-level budget), else None."""
+    return cfg.method.get("compression_ratio")
+
+
+def budget_text(cfg: DictConfig) -> str:
+    """What the run asked for: `128`, `0.25` (a fraction) or `ratio0.9` (`method.compression_ratio`)."""
+    ratio = compression_ratio(cfg)
+    if ratio is not None:
+        return f"ratio{ratio:g}"
+    return f"{cfg.budget:g}" if isinstance(cfg.budget, float) else f"{cfg.budget}"
+
+
 def run_name(cfg: DictConfig) -> str:
-    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_<tag>]`: the budget is left out when the method
-    ignores it (FullKV), the protocol when it is the default preset or the benchmark does not use it (needle)."""
+    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_decode<N>][_<tag>]`: the budget is left out when
+    the method ignores it (FullKV), `ratio<r>` when `method.compression_ratio` replaces it, the protocol when it is
+    the default preset or the benchmark does not use it (needle)."""
     name = cfg.method.name
     if not cfg.method.get("budget_agnostic", False):
-        name += f"_{cfg.budget:g}" if isinstance(cfg.budget, float) else f"_{cfg.budget}"
+        name += f"_{budget_text(cfg)}"
     uses_protocol = cfg.benchmark.name in LONGBENCH_KINDS
     if uses_protocol and cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a default folder
         name += f"_{cfg.protocol.name}"
@@ -48,6 +62,8 @@ def run_name(cfg: DictConfig) -> str:
         name += f"_{cfg.benchmark.query}"
     if cfg.benchmark.get("multi_needle", False):
         name += "_multineedle"
+    if cfg.method.get("decode_interval"):  # decoding-time compression never shares a folder with prefill-only
+        name += f"_decode{cfg.method.decode_interval}"
     return f"{name}_{cfg.tag}" if cfg.get("tag") else name
 
 
@@ -169,10 +185,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     KvbenchError naming the key and the fix. Returns `cfg`, with whole-number budgets made integers."""
     from omegaconf.errors import OmegaConfBaseException
 
-    import kvbench.methods
+    from kvbench.methods import registry
     from kvbench.models import ModelSpec
-
-    methods = getattr(kvbench.methods, "METHODS", {})
 
     try:
         OmegaConf.resolve(cfg)
@@ -185,8 +199,8 @@ def validate(cfg: DictConfig) -> DictConfig:
                 raise KvbenchError(f"{key}={cfg[key]} is a file, not a folder; give a folder for the results")
         method = cfg.method
         _check_section(method, {"name": STR, "budget_agnostic": BOOL}, "method.")
-        if method.name in methods:  # an unknown name is reported by the method registry with the valid names
-            _check_section(method, _dataclass_schema(methods[method.name]), "method.")
+        if registry.is_registered(method.name):  # an unknown name: the registry's error lists the valid names
+            _check_section(method, _dataclass_schema(registry.get(method.name).cls), "method.")
         _check_section(cfg.model, {**_dataclass_schema(ModelSpec), "max_input_len": _optional(POS_INT),
                                    "trained_len": _optional(POS_INT)}, "model.")
         _check_section(cfg.benchmark, BENCHMARK, "benchmark.")
@@ -195,4 +209,34 @@ def validate(cfg: DictConfig) -> DictConfig:
         _check_section(cfg.protocol, PROTOCOL, "protocol.")
         if isinstance(cfg.protocol.get("methods"), DictConfig):
             _check_section(cfg.protocol.methods, PROTOCOL_METHODS, "protocol.methods.")
+    _check_ratio(cfg)
     return cfg
+
+
+def _budget_on_command_line() -> bool:
+    """True when this (Hydra) run was given `budget=` explicitly; False outside Hydra (the compose API)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    except (ImportError, ValueError):
+        return False
+    return any(o.lstrip("+~").split("=", 1)[0] == "budget" for o in overrides)
+
+
+def _check_ratio(cfg: DictConfig) -> None:
+    """`method.compression_ratio` replaces the budget: both given is refused, as is a ratio that keeps no token of
+    the longest prompt (`budget=0` is refused likewise); shorter prompts are checked by the method."""
+    ratio = compression_ratio(cfg)
+    if ratio is None:
+        return
+    if not _is_number(ratio) or not 0 <= ratio < 1:
+        raise KvbenchError(f"method.compression_ratio={_show(ratio)}: expected a number in [0, 1) (the share of the "
+                           f"prompt removed, e.g. 0.875 keeps 1 token in 8)")
+    if _budget_on_command_line():
+        raise KvbenchError(f"budget={cfg.budget} and method.compression_ratio={ratio:g} both set the KV size; give "
+                           f"one of them (the run is named after the ratio)")
+    longest = cfg.model.get("max_input_len")
+    if longest and int(longest * (1 - ratio)) < 1:
+        raise KvbenchError(f"method.compression_ratio={ratio:g} keeps 0 of the {longest} tokens of the longest prompt "
+                           f"(model.max_input_len); use a ratio below {1 - 1 / longest:.6g}")

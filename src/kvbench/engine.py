@@ -21,6 +21,7 @@ import torch
 
 from kvbench.attention import compression, decoding
 from kvbench.cache import CompressedCache
+from kvbench.decoding import DecodeSchedule, KvPeak, restore, schedule_for, snapshot
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 from kvbench.query import check_agnostic_model
@@ -43,6 +44,11 @@ class GenerationOutput:
     context_tokens: int | None = None
     question_prefill_s: float | None = None
     context_reused: bool | None = None
+    # The most tokens any head held and the most KV bytes held, over every state after a forward (and, with a
+    # decode schedule, just before each cut); cuts: decoding-time compressions done (None: prefill only).
+    peak_kv_tokens: int = 0
+    peak_kv_bytes: int = 0
+    decode_cuts: int | None = None
 
     @property
     def kv_tokens(self) -> int:
@@ -60,6 +66,9 @@ class GenerationOutput:
             "prefill_s": round(self.prefill_s, 4),
             "decode_s": round(self.decode_s, 4),
             "new_tokens": len(self.token_ids),
+            "peak_kv_tokens": self.peak_kv_tokens,
+            "peak_kv_bytes": self.peak_kv_bytes,
+            **({"decode_cuts": self.decode_cuts} if self.decode_cuts is not None else {}),
             "stopped": self.stopped,
             **({"method": self.method_record} if self.method_record else {}),
             **({"query": "agnostic", "context_part_tokens": self.context_tokens,
@@ -92,7 +101,7 @@ def cache_kwargs(model, cache) -> dict:
 
 def new_cache(model, method: Method) -> CompressedCache:
     """A cache that mirrors `model`'s layer types, compressed as `method.local_layers` says."""
-    return CompressedCache.for_model(model.config, getattr(method, "local_layers", "keep"))
+    return CompressedCache.for_model(model.config, method.local_layers)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -127,7 +136,7 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
             f"Set method.local_layers=compress to compress them too, or use method=fullkv"
         )
     held = {cache.held_at_prefill(i, n) for i in cache.compressed_layers}
-    if getattr(method, "equal_length_layers", False) and len(held) > 1 and not method.keeps_all(n):
+    if method.equal_length_layers and len(held) > 1 and not method.keeps_all(n):
         raise KvbenchError(
             f"{method.name} compares scores across layers, but with method.local_layers=compress this model's "
             f"compressed layers hold different numbers of tokens ({sorted(held)}: local windows vs the whole "
@@ -151,12 +160,25 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
 
 
 @torch.inference_mode()
-def decode_step(model, token_id: torch.Tensor, position: int, cache: CompressedCache) -> torch.Tensor:
-    """One decoding step: token `token_id` [1, 1] at its true `position`; returns the next logits [1, vocab]."""
-    with decoding(cache):
+def decode_step(model, token_id: torch.Tensor, position: int, cache: CompressedCache,
+                schedule: DecodeSchedule | None = None) -> torch.Tensor:
+    """One decoding step: token `token_id` [1, 1] at its true `position`; returns the next logits [1, vocab].
+    With a `schedule` (method.decode_interval) this step may cut every compressed layer back to its budget."""
+    with decoding(cache, schedule):
+        if schedule is not None:
+            schedule.begin_forward(position, 1)
         out = model(input_ids=token_id, position_ids=torch.tensor([[position]], device=token_id.device),
                     use_cache=True, **cache_kwargs(model, cache))
+        if schedule is not None:
+            schedule.end_forward(cache)
     return out.logits[:, -1].float()
+
+
+def check_interval(method: Method, max_new_tokens: int) -> None:
+    interval = method.decode_interval
+    if interval and interval > max_new_tokens:
+        raise KvbenchError(f"method.decode_interval={interval} is above max_new_tokens={max_new_tokens}: no "
+                           f"decoding-time compression would ever run; lower method.decode_interval")
 
 
 @torch.inference_mode()
@@ -173,14 +195,20 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
                                  stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
                                  repetition_penalty=repetition_penalty, contexts=contexts)
     method = method or FullKV()
+    check_interval(method, max_new_tokens)
     state = prefill(model, input_ids, method)
     n, cache, prefill_s = state.prompt_tokens, state.cache, state.prefill_s
     kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
+    schedule = schedule_for(method, model)
+    peak = schedule.peak if schedule is not None else KvPeak()
+    peak.observe(cache)
     tokens, stopped, decode_s = greedy_decode(model, state.logits, cache, input_ids, n, max_new_tokens=max_new_tokens,
                                               stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
-                                              repetition_penalty=repetition_penalty)
+                                              repetition_penalty=repetition_penalty, schedule=schedule)
+    peak.observe(cache)  # prefill-only: the cache only grew since the prefill
     return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, method.record(),
-                            cache.any_compressed(), layer_types(cache))
+                            cache.any_compressed(), layer_types(cache), peak_kv_tokens=peak.tokens,
+                            peak_kv_bytes=peak.bytes, decode_cuts=schedule.cuts if schedule is not None else None)
 
 
 def layer_types(cache: CompressedCache) -> list[str] | None:
@@ -191,7 +219,8 @@ def layer_types(cache: CompressedCache) -> list[str] | None:
 @torch.inference_mode()
 def greedy_decode(model, logits: torch.Tensor, cache: CompressedCache, seen: torch.Tensor, position: int, *,
                   max_new_tokens: int, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
-                  repetition_penalty: float = 1.0) -> tuple[list[int], str, float]:
+                  repetition_penalty: float = 1.0,
+                  schedule: DecodeSchedule | None = None) -> tuple[list[int], str, float]:
     """Greedy decoding from the logits of the last prompt token; the first new token goes to `position` (the true
     position after the whole prompt). `seen` [1, n] is the prompt (for the repetition penalty).
     Returns (tokens, "stop_token" | "max_new_tokens", seconds)."""
@@ -213,7 +242,7 @@ def greedy_decode(model, logits: torch.Tensor, cache: CompressedCache, seen: tor
         if step == max_new_tokens - 1:
             break
         seen = torch.cat([seen, next_id], dim=1) if repetition_penalty != 1.0 else seen
-        logits = decode_step(model, next_id, position + step, cache)
+        logits = decode_step(model, next_id, position + step, cache, schedule)
     _sync(device)
     return tokens, stopped, time.perf_counter() - start
 
@@ -272,31 +301,47 @@ def question_forward(model, question_ids: torch.Tensor, position: int, cache: Co
 @torch.inference_mode()
 def answer_question(model, context: CompressedContext, question_ids: torch.Tensor, *, max_new_tokens: int,
                     stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0, repetition_penalty: float = 1.0,
-                    reused: bool = False) -> GenerationOutput:
+                    reused: bool = False, method: Method | None = None) -> GenerationOutput:
     """Feed the question over the compressed context, decode greedily, then trim the cache back to its
     post-compression state (so the next question sees exactly the compressed context)."""
     if question_ids.shape[1] < 1:
         raise KvbenchError("query-agnostic generation needs at least one question token (the question part of the "
                            "prompt is empty)")
     state, device = context.prefilled, question_ids.device
-    c = state.prompt_tokens
+    c, q = state.prompt_tokens, question_ids.shape[1]
+    # Decoding-time compression cuts the context too: the layers are put back as they were after the answer.
+    schedule = schedule_for(method, model) if method is not None else None
+    saved = snapshot(state.cache, method) if schedule is not None else None
+    peak = schedule.peak if schedule is not None else KvPeak()
+    peak.observe(state.cache)
     try:
         _sync(device)
         start = time.perf_counter()
-        logits = question_forward(model, question_ids, c, state.cache)
+        with decoding(state.cache, schedule):  # the question chunk is one step of the schedule (as kvpress)
+            if schedule is not None:
+                schedule.begin_forward(c, q)
+            logits = question_forward(model, question_ids, c, state.cache)
+            if schedule is not None:
+                schedule.end_forward(state.cache)
         _sync(device)
         question_s = time.perf_counter() - start
         seen = torch.cat([context.context_ids, question_ids], dim=1)
         tokens, stopped, decode_s = greedy_decode(
-            model, logits, state.cache, seen, c + question_ids.shape[1], max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
+            model, logits, state.cache, seen, c + q, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+            schedule=schedule)
+        peak.observe(state.cache)
     finally:
-        restore_cache(state.cache, context.lengths)
+        if saved is not None:
+            restore(state.cache, method, saved)
+        else:
+            restore_cache(state.cache, context.lengths)
     cache = state.cache
-    return GenerationOutput(tokens, c + question_ids.shape[1], 0.0 if reused else state.prefill_s, decode_s,
+    return GenerationOutput(tokens, c + q, 0.0 if reused else state.prefill_s, decode_s,
                             context.kv_bytes, list(context.layer_kept), stopped, dict(context.record),
                             cache.any_compressed(), layer_types(cache), context_tokens=c,
-                            question_prefill_s=question_s, context_reused=reused)
+                            question_prefill_s=question_s, context_reused=reused, peak_kv_tokens=peak.tokens,
+                            peak_kv_bytes=peak.bytes, decode_cuts=schedule.cuts if schedule is not None else None)
 
 
 class ContextCache:
@@ -337,9 +382,11 @@ def generate_agnostic(model, context_ids: torch.Tensor, question_ids: torch.Tens
     """Query-agnostic generation: compress `context_ids` [1, C] (or reuse it from `contexts`), then answer
     `question_ids` [1, q] at positions C.. and decode. FullKV gives the tokens of `generate` on context+question."""
     method = method or FullKV()
+    check_interval(method, max_new_tokens)
     if contexts is not None:
         context, reused = contexts.get(model, context_ids, method)
     else:
         context, reused = compress_context(model, context_ids, method), False
     return answer_question(model, context, question_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                           min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, reused=reused)
+                           min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, reused=reused,
+                           method=method)

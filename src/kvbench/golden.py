@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
@@ -39,6 +41,39 @@ def synthetic_layer(seed: int, layer: int, num_heads: int, num_kv_heads: int, se
         keys[0, kv, heavy] += 3.0 * direction
         queries[0, kv * group:(kv + 1) * group] += 1.5 * direction
     return queries * scale, keys, values
+
+
+def synthetic_o_proj(seed: int, layer: int, num_heads: int, head_dim: int) -> torch.Tensor:
+    """The stand-in output projection [H*d, H*d] of kvpress-wrapper cases (FORMAT-kvpress055.md): randn / sqrt(H*d)
+    from its own generator, so the query/key/value inputs are untouched."""
+    width = num_heads * head_dim
+    gen = torch.Generator().manual_seed(7919 * seed + 104729 + layer)
+    return torch.randn(width, width, generator=gen) / math.sqrt(width)
+
+
+class IdentityRotaryEmbedding(nn.Module):
+    """cos = 1, sin = 0 at every position: the stand-in's RoPE is the identity (pre- = post-RoPE queries)."""
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        shape = (*position_ids.shape, x.shape[-1])
+        return torch.ones(shape, dtype=x.dtype), torch.zeros(shape, dtype=x.dtype)
+
+
+def stand_in_model(case: dict) -> nn.Module:
+    """What a method that needs the model (`Method.needs_model`) reads from it, as the case's official run had it:
+    the identity rotary embedding and each layer's output projection `o_proj`."""
+    if case.get("stand_in", {}).get("rotary") != "identity":
+        raise KvbenchError(f"method {case['method']} needs the model, and the case defines no stand-in for it")
+    layers = nn.ModuleList()
+    for layer in range(case["num_layers"]):
+        weight = synthetic_o_proj(case["seed"], layer, case["num_heads"], case["head_dim"])
+        if sha256_of(weight) != case["layers"][layer]["sha256_o_proj"]:
+            raise KvbenchError(f"layer {layer}: regenerated o_proj does not match the case's sha256")
+        attention = nn.Module()
+        attention.o_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        attention.o_proj.weight.data.copy_(weight)
+        layers.append(attention)
+    return nn.ModuleDict({"rotary_emb": IdentityRotaryEmbedding(), "layers": layers})
 
 
 def sha256_of(tensor: torch.Tensor) -> str:
@@ -70,6 +105,8 @@ def method_for_case(case: dict):
 def run_case(case: dict) -> list[list[list[int]]]:
     """Kept original positions [layer][head] for the case, computed by our method on the regenerated inputs."""
     method = method_for_case(case)
+    if method.needs_model:
+        method.bind(stand_in_model(case))
     num_layers, seq_len = case["num_layers"], case["seq_len"]
     cache = CompressedCache(num_layers)
     method.begin(seq_len, num_layers)

@@ -126,6 +126,10 @@ def prepare(cfg: DictConfig) -> Job:
     """Resolve and validate everything that does not need the model (types, method, data files, grid)."""
     validate(cfg)
     method = method_from_config(cfg.method, cfg.budget)
+    limit = cfg.benchmark.get("max_new_tokens")
+    if getattr(method, "decode_interval", None) and limit and method.decode_interval > limit:
+        raise KvbenchError(f"method.decode_interval={method.decode_interval} is above benchmark.max_new_tokens="
+                           f"{limit}: no decoding-time compression would ever run; lower method.decode_interval")
     spec = ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)
@@ -241,7 +245,8 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         loading = time.perf_counter()
         model, tokenizer = load_model_once(job.spec, job.device)
         timer.model_load_s = time.perf_counter() - loading  # ~0 when this process loaded it already (a multirun)
-        job.method.bind(model, tokenizer)  # methods that need the model (Expected Attention, KVzip)
+        if job.method.needs_model:  # a declared capability (Expected Attention, KVzip)
+            job.method.bind(model, tokenizer)
         store.open()
         log.info("results: %s", job.out)
         try:

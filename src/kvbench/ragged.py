@@ -130,6 +130,11 @@ class RaggedLayer(DynamicLayer):
                                 self.cu_seqlens, self.max_length, self.tail_keys, self.tail_values, scaling)
 
 
+def register_layer(layer: RaggedLayer) -> None:
+    """Make `layer` the one `layer_of` finds for its prefix keys (a restored copy of a layer)."""
+    _LIVE[id(layer.prefix_keys)] = layer
+
+
 def layer_of(key: torch.Tensor) -> RaggedLayer | None:
     """The ragged layer whose `update` returned `key`, if any (identity, not equality)."""
     layer = _LIVE.get(id(key))

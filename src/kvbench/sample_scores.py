@@ -120,10 +120,49 @@ def backfill(run_dir: str | Path) -> Path:
     else:
         raise KvbenchError(f"{run_dir}: cannot rebuild per-sample scores of benchmark {benchmark!r} here; "
                            f"rerun the same command (finished samples are kept) to write {SAMPLE_SCORES_FILE}")
+    rows = _recorded_selection(run_dir, run, rows)
     written = write_sample_scores(run_dir, rows)
     if written is None:
         raise KvbenchError(f"{run_dir} has no predictions to score")
     return written
+
+
+def _recorded_selection(run_dir: Path, run: dict, rows: list[dict]) -> list[dict]:
+    """The rows of the selection `scores.json` covers (the predictions may hold more: a larger earlier command). A
+    needle grid is selected by its cells; LongBench tasks by name, and each task's rows must then be the samples
+    scores.json counts (its `n` and score), else a KvbenchError: `limit` picks samples by the dataset's order,
+    which the predictions alone do not tell."""
+    path = run_dir / "scores.json"
+    if not path.is_file():  # no scores to agree with (a run that never finished)
+        return rows
+    try:
+        scores = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KvbenchError(f"{path} is corrupt ({exc}); rerun the run's command to rewrite it") from None
+    selection = run.get("selection") or {}
+    if run.get("benchmark") == "needle":
+        if selection.get("lengths") and selection.get("depths"):
+            cells = {f"{length}_{depth}" for length in selection["lengths"] for depth in selection["depths"]}
+            rows = [r for r in rows if r["id"] in cells]
+        counts, means = {"needle": scores.get("n")}, {"needle": _percent(scores.get("mean_score"))}
+    else:
+        tasks = scores.get("tasks") or {}
+        rows = [r for r in rows if r["task"] in tasks]
+        counts, means = scores.get("n") or {}, tasks
+    for task, n in counts.items():
+        values = [r["score"] for r in rows if r["task"] == task]
+        mean = means.get(task)
+        if n is not None and (len(values) != n or (mean is not None and values
+                                                   and abs(100 * sum(values) / len(values) - mean) > 0.006)):
+            command = run.get("command") or "the run's command"
+            raise KvbenchError(f"{run_dir}: the predictions hold {len(values)} scored samples of {task}, but "
+                               f"scores.json covers {n} (the selection {json.dumps(selection)}); rerun `{command}` "
+                               f"(finished samples are kept) to rewrite both")
+    return rows
+
+
+def _percent(value) -> float | None:
+    return None if value is None else 100 * float(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from kvbench.config import LONGBENCH_KINDS, output_dir
+from kvbench.config import LONGBENCH_KINDS, compression_ratio, output_dir
 
 
 def headline(scores: dict) -> float | None:
@@ -15,8 +15,13 @@ def headline(scores: dict) -> float | None:
 
 def print_summary(cfg: DictConfig, scores: dict) -> float | None:
     protocol = f" | protocol={cfg.protocol.name}" if cfg.benchmark.name in LONGBENCH_KINDS else ""
-    print(f"\n{cfg.model.name} | {cfg.benchmark.name} | {cfg.method.name}"
-          f"{'' if cfg.method.get('budget_agnostic') else f' budget={cfg.budget}'}{protocol}")
+    ratio = compression_ratio(cfg)
+    size = "" if cfg.method.get("budget_agnostic") else \
+        f" compression_ratio={ratio:g}" if ratio is not None else f" budget={cfg.budget}"
+    query = cfg.benchmark.get("query", "aware")
+    variant = (" | multi-needle" if cfg.benchmark.get("multi_needle") else "") + \
+        (f" | query={query}" if query != "aware" else "")
+    print(f"\n{cfg.model.name} | {cfg.benchmark.name} | {cfg.method.name}{size}{protocol}{variant}")
     for task, value in scores.get("tasks", {}).items():
         print(f"  {task:24s} {value:6.2f}  (n={scores['n'][task]})")
     value = headline(scores)

@@ -303,6 +303,11 @@ def classify(out: Path, cfg: DictConfig) -> tuple[str, str]:
         record = json.loads(run_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "conflict", f"{run_file} is corrupt; delete {out} to redo it"
+    held, asked = (record.get("config") or {}).get("method"), OmegaConf.to_container(cfg.method, resolve=True)
+    if isinstance(held, dict) and held != asked:  # run.py would refuse the folder (other settings)
+        changed = sorted(k for k in set(held) | set(asked) if held.get(k) != asked.get(k))
+        return "conflict", (f"{out} holds results of other method settings ({', '.join(changed)}); name this "
+                            f"variant with tag=... or output_dir=...")
     return "exists", "" if record.get("status") == "complete" else f"last run {record.get('status', 'unknown')}"
 
 
@@ -330,6 +335,10 @@ def plan(overrides: Sequence[str], cost: CostModel | None = None,
          config_dir: str | Path = CONFIG_DIR) -> tuple[Sweep, list[PlannedJob]]:
     """Expand the sweep, compose each job, drop jobs writing to a folder already planned, classify and cost."""
     sweep = parse_sweep(overrides)
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in sweep.fixed} | {a.key.lstrip("+~") for a in sweep.axes}
+    if {"budget", "method.compression_ratio"} <= keys:  # each job would be refused (kvbench.config)
+        raise SweepError("budget= and method.compression_ratio= both set the KV size; sweep one of them (a ratio "
+                         "run is named after its ratio)")
     composer = _Composer(sweep, Path(config_dir))
     cost = cost or CostModel()
     jobs: dict[Path, PlannedJob] = {}

@@ -38,7 +38,7 @@ class LongBenchPlan:
     max_new_tokens: int | None = None  # a cap on each task's official max_gen (a recorded deviation); None: official
 
     def protocol_name(self) -> str:
-        return self.protocol.name
+        return self.protocol.name + ("_agnostic" if self.query == "agnostic" else "")
 
     def settings(self) -> dict:
         # `limit` and `tasks` are not settings: a larger selection continues the same run.

@@ -11,6 +11,9 @@ from typing import Any, Mapping
 from kvbench.methods import registry
 from kvbench.methods.base import Method, PooledWindowMethod, ScoredMethod
 from kvbench.methods.cake import CAKE
+from kvbench.methods.chunkkv import ChunkKV
+from kvbench.methods.criticalkv import CriticalKV
+from kvbench.methods.defensivekv import DefensiveKV, LayerDefensiveKV
 from kvbench.methods.dynamickv import DynamicKV
 from kvbench.methods.expected_attention import ExpectedAttention
 from kvbench.methods.fullkv import FullKV
@@ -26,7 +29,8 @@ from kvbench.methods.tova import TOVA
 # The method classes (every registered name, configurations included: `registry.names()`).
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV,
-                              KNorm, TOVA, CAKE, ExpectedAttention, KVzip, Random)
+                              KNorm, TOVA, CAKE, ExpectedAttention, KVzip, Random, ChunkKV, CriticalKV,
+                              DefensiveKV, LayerDefensiveKV)
 }
 for _cls in METHODS.values():
     registry.register(_cls)
@@ -42,11 +46,12 @@ def build_method(name: str, **params: Any) -> Method:
 def method_from_config(cfg: Mapping[str, Any], budget: Any = None) -> Method:
     """Build from a `method` config group (keys other than `name` are settings) and the top-level budget."""
     params = {k: v for k, v in dict(cfg).items() if k not in ("name", "budget_agnostic", "budget")}
-    if not cfg.get("budget_agnostic", False):
+    if not cfg.get("budget_agnostic", False) and cfg.get("compression_ratio") is None:  # a ratio replaces the budget
         params["budget"] = cfg.get("budget", budget)
     return build_method(cfg["name"], **params)
 
 
 __all__ = ["METHODS", "Method", "ScoredMethod", "PooledWindowMethod", "build_method", "method_from_config",
            "registry", "FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV",
-           "KNorm", "TOVA", "CAKE", "ExpectedAttention", "KVzip", "Random"]
+           "KNorm", "TOVA", "CAKE", "ExpectedAttention", "KVzip", "Random", "ChunkKV", "CriticalKV", "DefensiveKV",
+           "LayerDefensiveKV"]

@@ -11,7 +11,8 @@ configurations:
 
 Any other scorer takes the same settings (`method=h2o method.allocation=adaptive`). `floor_alpha` is the share of
 the layer budget each head keeps at least; `adaptive_mode=official` reproduces FFY0/AdaKV@efe4e2e's arithmetic
-(its truncated floor keeps slightly fewer tokens than the budget), `exact` keeps exactly the budget.
+(each head's count rounded on its own: a layer keeps a few tokens more or fewer than heads x budget), `exact`
+keeps exactly the budget.
 """
 from __future__ import annotations
 

@@ -11,6 +11,12 @@ For a `ScoredMethod` that is four separate steps:
 - select: the top `count` positions of each head;
 - store: one dense tensor when every head keeps the same count (`keep_tokens`), a per-head variable-length
   `kvbench.ragged.RaggedLayer` otherwise (bytes held = tokens kept).
+`ScoredMethod.compress_layer` is that path, and every scorer runs it: a method changes a step, never the path
+(kvpress-style scorers give `kv_scores`; wrappers such as ChunkKV and CriticalKV change select; CAKE, DynamicKV and
+Layer-DefensiveKV allocate across layers and cut earlier layers in their select step). What a method needs besides
+the path is a declared capability (`needs_model`, `decode_refusal`, `supports_adaptive`, ...), read by the
+pipeline, the engine and validation. Outside it: FullKV (scores nothing) and KVzip (scores in passes after the
+prefill, `after_prefill`).
 
 Conventions (as the KV-compression papers): `budget` is tokens kept per head per layer, the observation window
 included; the window (last `window_size` prompt tokens) is always kept and placed after the selected tokens,
@@ -34,11 +40,12 @@ CACHE_HEADS = ("per_query_head", "per_kv_head")
 POOLINGS = ("avgpool", "maxpool")
 ALLOCATIONS = ("uniform", "adaptive")
 ADAPTIVE_MODES = ("official", "exact")
+DECODE_STYLES = ("kvbench", "kvpress")
 
 
 @dataclass
 class Method:
-    """Base class: keeps everything. Subclasses override `compress_layer` (or, usually, `score`).
+    """Base class: keeps everything (FullKV). Scorers subclass `ScoredMethod` and provide `score`.
 
     Class-level facts the registry (`kvbench.methods.registry`) reads: `name` (config and results name),
     `display_name` (tables, plots), `order` (position in reports), `paper_defaults` (settings of the papers'
@@ -55,9 +62,22 @@ class Method:
     # the budget applies to the full-attention layers; "compress" compresses the tokens they hold too.
     local_layers: str = "keep"
     min_window: ClassVar[int] = 1  # 0 for methods without an observation window (KNorm, the kvpress presses)
+    # Capabilities: what a method needs besides score -> allocate -> select -> store, declared here and read by
+    # the pipeline, the engine, the attention wrapper and validation (never probed).
+    needs_model: ClassVar[bool] = False  # `bind(model, tokenizer)` must run before any prefill
+    supports_adaptive: ClassVar[bool] = False  # `allocation=adaptive` (AdaKV's head budgets) applies
+    attention_free: ClassVar[bool] = False  # scores ignore attention (valid with soft-capped or sink attention)
+    equal_length_layers: ClassVar[bool] = False  # compares scores across layers: all must hold the same tokens
+    # Compression during decoding (kvbench.decoding): every `decode_interval` forwards after the prefill, each
+    # compressed layer goes back to its budget. None: prefill only. A method that cannot score during decoding
+    # says why in `decode_refusal` (None: it can).
+    decode_interval: int | None = None
+    decode_style: str = "kvbench"  # kvbench, or kvpress: kvpress 0.5.5's query phase and row order (decoding.py)
+    decode_refusal: ClassVar[str | None] = "it does not implement decoding-time compression"
 
     def __post_init__(self) -> None:
         self.validate()
+        self.validate_decoding()
         self.prompt_len = 0
         self.num_layers = 0
         self.tokens_budget: int | None = None
@@ -82,13 +102,44 @@ class Method:
                 f"part of the budget; raise the budget or lower method.window_size"
             )
 
+    def validate_decoding(self) -> None:
+        """`decode_interval`: a positive integer, on a method that can score during decoding."""
+        interval = self.decode_interval
+        if self.decode_style not in DECODE_STYLES:
+            raise KvbenchError(f"method.decode_style={self.decode_style!r}: choose kvbench (each buffered query at "
+                               f"its own rotary phase; rows: selection, then window) or kvpress (kvpress 0.5.5's "
+                               f"DecodingPress: current token's phase, rows in top-k order)")
+        if interval is None:
+            if self.decode_style != "kvbench":
+                raise KvbenchError("method.decode_style applies to decoding-time compression only: set "
+                                   "method.decode_interval too, or drop decode_style")
+            return
+        if self.decode_style == "kvpress" and getattr(self, "allocation", "uniform") != "uniform":
+            raise KvbenchError("method.decode_style=kvpress needs method.allocation=uniform (kvpress's AdaKVPress "
+                               "masks keys instead of evicting them during decoding)")
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise KvbenchError(f"method.decode_interval={interval!r} must be a positive integer (tokens generated "
+                               f"between two compressions) or null (compress at prefill only)")
+        if self.decode_refusal:
+            raise KvbenchError(f"method {self.name} cannot compress during decoding: {self.decode_refusal}; drop "
+                               f"method.decode_interval")
+
     def params(self) -> dict:
-        """All settings of the method, for the run record (adaptive-allocation settings only when used)."""
+        """All settings of the method, for the run record (adaptive-allocation settings only when used; the decode
+        schedule only when set, so prefill-only runs keep their fingerprint)."""
         out = {"name": self.name, **dataclasses.asdict(self)}
+        if out.get("decode_interval") is None:
+            out.pop("decode_interval", None)
+            out.pop("decode_style", None)
         if out.get("allocation") == "uniform":
             for key in ("allocation", "floor_alpha", "adaptive_mode"):
                 out.pop(key, None)
         return out
+
+    @classmethod
+    def official_params(cls, params: dict) -> dict:
+        """A golden case's official arguments -> our settings (default: the same names and values)."""
+        return dict(params)
 
     def record(self) -> dict:
         """What the method chose for the last sample (e.g. per-layer or per-head budgets), for the run record.
@@ -121,9 +172,17 @@ class Method:
                        cache: CompressedCache) -> None:
         """Called once per layer at prefill with queries [1,H,n,d], keys/values [1,H_kv,n,d]."""
 
-    # ---- methods that need the model (Expected Attention: its rotary embedding; KVzip: extra passes) ----------
+    def decode_compress_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+                              values: torch.Tensor, cache: CompressedCache, seq_len: int) -> None:
+        """A decoding-time cut of one dense layer (kvbench.decoding): `queries` [1,H,m,d] are the buffered queries
+        of the last m tokens the layer holds, `keys`/`values` [1,S,L,d] everything it holds (S stored heads),
+        `seq_len` the tokens seen so far (prompt + generated). The layer goes back to the budget a prefill of
+        `seq_len` tokens would give it. Methods with `decode_refusal` never get here."""
+        raise NotImplementedError
+
+    # ---- methods that need the model (`needs_model`: Expected Attention's rotary embedding, KVzip's passes) ----
     def bind(self, model, tokenizer=None) -> None:
-        """Called once per run with the loaded model and tokenizer, before any prefill. Default: not needed."""
+        """Called once per run, before any prefill, with the loaded model and tokenizer when `needs_model`."""
 
     def after_prefill(self, model, input_ids: torch.Tensor, cache: CompressedCache) -> None:
         """Called by the engine right after the prefill forward pass, inside the compression context and the
@@ -135,9 +194,6 @@ class Method:
         [1,H_kv,n+m,d] here."""
 
     # ---- helpers shared by the methods -----------------------------------------------------------------------
-    def selection_heads(self, queries: torch.Tensor, keys: torch.Tensor) -> int:
-        return queries.shape[1] if self.cache_heads == "per_query_head" else keys.shape[1]
-
     def reduce_heads(self, scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
         """[H, P] per-query-head scores -> the heads that select: unchanged (official layout) or the mean over
         each query group (`per_kv_head`, KV-head granularity, H/H_kv times less memory)."""
@@ -162,6 +218,15 @@ class Method:
         n = keys.shape[2]
         window = torch.arange(n - self.window_size, n, device=keys.device)
         store_ragged(cache, layer_idx, keys, values, [torch.cat([idx, window]) for idx in prefix_idx])
+
+
+def store_kvpress_order(cache: CompressedCache, layer_idx: int, scores: torch.Tensor, keep: int, keys: torch.Tensor,
+                        values: torch.Tensor, window: int) -> None:
+    """kvpress's `ScorerPress.compress` row order: one top-k over every row's score with the window padded at
+    max + 1, so the window comes first (in top-k's tie order), then the `keep` selected rows by descending score."""
+    padded = torch.cat([scores, scores.new_full((scores.shape[0], window), scores.max().item() + 1)], dim=1)
+    rows = padded.topk(keep + window, dim=-1).indices
+    cache.layers[layer_idx].replace(*gather_tokens(keys, values, rows), rows)
 
 
 def gather_tokens(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
@@ -209,10 +274,13 @@ def window_causal_mask(rows: torch.Tensor, n: int, window: int, dtype: torch.dty
 
 def window_scores(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
     """SnapKV's observation-window score: attention of the last `window` queries (causal inside the window),
-    fp32 softmax cast back to the model dtype, summed over the window queries, prefix columns only -> [H, n-w]."""
+    fp32 softmax cast back to the model dtype, summed over the window queries, prefix columns only -> [H, n-w].
+    During decoding fewer than `window` queries may be buffered (`queries` are those of the last m tokens): the
+    last min(m, window) observe."""
     n = keys.shape[2]
-    logits = grouped_logits(queries[:, :, -window:], keys)
-    rows = torch.arange(n - window, n, device=keys.device)
+    observed = min(window, queries.shape[2])
+    logits = grouped_logits(queries[:, :, -observed:], keys)
+    rows = torch.arange(n - observed, n, device=keys.device)
     logits = logits + window_causal_mask(rows, n, window, logits.dtype)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)
     return probs[0, :, :, : n - window].sum(dim=1)
@@ -241,6 +309,8 @@ class ScoredMethod(Method):
     window. Subclasses provide `score` (and may change the layer budget with `prefix_budget`)."""
 
     min_window: ClassVar[int] = 0  # a scorer may rank every prompt token (no observation window)
+    supports_adaptive: ClassVar[bool] = True  # False where the method allocates across layers itself
+    decode_refusal: ClassVar[str | None] = None  # its scorer runs on the buffered decoding queries
 
     allocation: str = "uniform"  # uniform: every head keeps the layer's budget; adaptive: AdaKV across heads
     floor_alpha: float = 0.2  # adaptive: share of the layer budget every head keeps at least (AdaKV's alpha)
@@ -248,6 +318,12 @@ class ScoredMethod(Method):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_allocation()
+
+    def validate_allocation(self) -> None:
+        if self.allocation == "adaptive" and not self.supports_adaptive:
+            raise KvbenchError(f"method.allocation=adaptive does not apply to {self.name}: it allocates its budget "
+                               f"itself; use method.allocation=uniform")
         if self.allocation not in ALLOCATIONS:
             raise KvbenchError(f"method.allocation={self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
         if self.adaptive_mode not in ADAPTIVE_MODES:
@@ -270,8 +346,10 @@ class ScoredMethod(Method):
         """[H, n - window] scores per query head (higher is kept)."""
         raise NotImplementedError
 
-    def head_scores(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[S, n - window]: the scores of the heads that select (S = H, or H_kv for `per_kv_head`)."""
+    def head_scores(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+                    values: torch.Tensor | None = None) -> torch.Tensor:
+        """[S, n - window]: the scores of the heads that select (S = H, or H_kv for `per_kv_head`). Scorers that
+        read the values (kvpress-style `kv_scores`) take them here."""
         return self.reduce_heads(self.score(layer_idx, queries, keys), keys.shape[1])
 
     # ---- allocate ------------------------------------------------------------------------------------------
@@ -299,11 +377,30 @@ class ScoredMethod(Method):
         self.keep_ragged(cache, layer_idx, [order[h, :c] for h, c in enumerate(counts.tolist())], keys, values)
 
     def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+        """The one path of every scorer: score -> allocate -> select -> store (subclasses change the steps)."""
         n = keys.shape[2]
-        if self.keeps_all(n):
+        if not self.keeps_all(n):
+            scores = self.head_scores(layer_idx, queries, keys, values)
+            counts = self.allocate(layer_idx, scores, n)
+            self.select_and_store(cache, layer_idx, scores, counts, keys, values)
+        self.after_layer(layer_idx, queries, keys, cache)
+
+    def after_layer(self, layer_idx, queries, keys, cache) -> None:
+        """After a layer's prefill compression (or none, when it fits the budget): per-layer state a method keeps
+        for its decoding-time cuts (H2O's accumulated attention). Default: nothing."""
+
+    def decode_compress_layer(self, layer_idx, queries, keys, values, cache, seq_len) -> None:
+        """The same score -> allocate -> select -> store over what the layer holds, with the layer budgets of a
+        prefill of `seq_len` tokens (uniform: `tokens_budget`; PyramidKV: its schedule)."""
+        if keys.shape[2] <= self.window_size:
             return
-        scores = self.head_scores(layer_idx, queries, keys)
-        counts = self.allocate(layer_idx, scores, n)
+        scores = self.head_scores(layer_idx, queries, keys, values)
+        counts = self.allocate(layer_idx, scores, seq_len)
+        if isinstance(counts, int) and counts >= scores.shape[-1]:
+            return  # the layer is within its budget
+        if self.decode_style == "kvpress":
+            store_kvpress_order(cache, layer_idx, scores, counts, keys, values, self.window_size)
+            return
         self.select_and_store(cache, layer_idx, scores, counts, keys, values)
 
     def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
@@ -327,9 +424,10 @@ def head_adaptive_counts(scores: torch.Tensor, budget: int, floor_alpha: float, 
     budget of `budget` prefix tokens per head on average. scores [S, P] -> counts [S] (long).
 
     `official` (FFY0/AdaKV `AdaptiveSnapKVCluster`): one top-k of S x budget over all heads' scores together
-    counts c_h per head; cap_h = round(c_h * (1 - alpha) + int(budget * alpha)) in float32 (half to even). The
-    truncated floor makes a layer keep slightly fewer than S x budget tokens. A budget above the prefix keeps
-    everything.
+    counts c_h per head; cap_h = round(c_h * (1 - alpha) + int(budget * alpha)) in float32 (half to even). Each
+    head is rounded on its own and the floor is truncated, so a layer keeps S x budget - S x frac(budget * alpha)
+    tokens give or take S/2: more or fewer than S x budget (SmolLM2: up to 2 either way). A budget above the
+    prefix keeps everything.
     `exact`: every head keeps its own top int(budget * alpha) (the floor), and one top-k over the remaining scores
     of all heads fills the layer to exactly S x budget (kvpress's AdaKVPress safeguard)."""
     heads, prefix = scores.shape
@@ -363,9 +461,9 @@ class PooledWindowMethod(ScoredMethod):
         raw = window_scores(queries, keys, self.window_size)
         return pool(raw.unsqueeze(0), self.kernel_size, self.pooling)[0]
 
-    def head_scores(self, layer_idx, queries, keys):
+    def head_scores(self, layer_idx, queries, keys, values=None):
         if self.allocation != "adaptive":
-            return super().head_scores(layer_idx, queries, keys)
+            return super().head_scores(layer_idx, queries, keys, values)
         # AdaKV's order (`calcul_attn_sore`): mean over the window rows, the group mean (GQA support) *before*
         # pooling. Scores are compared across heads, so the float rounding of that order matters at near-ties.
         raw = self.reduce_heads(window_scores(queries, keys, self.window_size) / self.window_size, keys.shape[1])

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import Method, grouped_logits, truncate_layer, window_causal_mask
+from kvbench.methods.base import ScoredMethod, grouped_logits, truncate_layer, window_causal_mask
 
 # experiments/LongBench/config/model2tau.json @c4675ce: (tau1, tau2) by model and cache size.
 MODEL2TAU = {
@@ -41,11 +41,13 @@ MODEL2TAU = {
 
 
 @dataclass
-class CAKE(Method):
+class CAKE(ScoredMethod):
     name = "cake"
     display_name = "CAKE"
     order = 74
+    min_window: ClassVar[int] = 1
     equal_length_layers: ClassVar[bool] = True  # one total split over layers that all hold the prompt
+    supports_adaptive: ClassVar[bool] = False  # it allocates across layers itself
     window_size: int = 32
     cache_heads: str = "per_kv_head"
     cascading: bool = True
@@ -54,6 +56,8 @@ class CAKE(Method):
     tau2: float | None = None
     tau_model: str | None = None  # a model2tau.json key, for the official tau values
     kernel_size: int = 5
+    decode_refusal: ClassVar[str | None] = ("its layer budgets come from one split over all layers at prefill, and "
+                                            "its own decoding eviction (antgroup/cakekv) is not implemented")
 
     def validate(self) -> None:
         super().validate()
@@ -99,19 +103,25 @@ class CAKE(Method):
         heads = shape["heads"] if self.cache_heads == "per_query_head" else shape["kv_heads"]
         return sum((size + self.window_size) * heads for size in sizes)
 
-    def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
-        n = keys.shape[2]
-        if self.keeps_all(n):
-            return
+    # The pipeline's steps: score = the layer's preference and eviction indicator; allocate = the cascade's layer
+    # budgets (None until the layer is allocated); select + store = cut every allocated layer to its budget.
+    def head_scores(self, layer_idx, queries, keys, values=None):
         pref, indicator = self.layer_scores(queries, keys)
         self.prefs.append(pref)
-        self.indicators.append(self.reduce_heads(indicator, keys.shape[1]))
+        return self.reduce_heads(indicator, keys.shape[1])
+
+    def allocate(self, layer_idx, scores, prompt_len) -> list[int] | None:
+        self.indicators.append(scores)
         self.sizes.append(None)
-        if self.cascading or layer_idx == self.num_layers - 1:
-            budgets = self.allocate(n)
-            self.allocations.append(budgets)
-            for j, budget in enumerate(budgets):
-                self.cut(cache, j, min(budget, n - self.window_size))
+        if not (self.cascading or layer_idx == self.num_layers - 1):
+            return None
+        budgets = self.layer_budgets(prompt_len)
+        self.allocations.append(budgets)
+        return budgets
+
+    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+        for j, budget in enumerate(counts or []):
+            self.cut(cache, j, min(budget, keys.shape[2] - self.window_size))
 
     def layer_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[np.float32, torch.Tensor]:
         """The layer's preference (float32 scalar) and eviction indicator [H, n - w]."""
@@ -129,7 +139,7 @@ class CAKE(Method):
         indicator = F.avg_pool1d(indicator, self.kernel_size, stride=1, padding=self.kernel_size // 2)
         return pref, indicator
 
-    def allocate(self, n: int) -> list[int]:
+    def layer_budgets(self, n: int) -> list[int]:
         """Budgets of the layers seen so far: shares of the total by preference (numpy float32 as the reference),
         truncated, then `adjust_budgets`."""
         total = (self.tokens_budget - self.window_size) * self.num_layers

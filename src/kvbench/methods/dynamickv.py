@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,7 +31,9 @@ class DynamicKV(PooledWindowMethod):
     display_name = "DynamicKV"
     order = 50
     paper_defaults = {"window_size": 8, "kernel_size": 7, "pooling": "avgpool", "radio_max": 10}
-    equal_length_layers = True  # its global top-k stacks the scores of every compressed layer
+    equal_length_layers: ClassVar[bool] = True  # its global top-k stacks the scores of every compressed layer
+    supports_adaptive: ClassVar[bool] = False  # it allocates across layers itself
+    decode_refusal = "its budgets are re-allocated across layers while the prefill runs layer by layer"
     radio_max: float = 10.0  # "radio" is the official code's spelling of ratio
     update_interval: int = 4
     mode: str = "official"
@@ -43,9 +46,6 @@ class DynamicKV(PooledWindowMethod):
             raise KvbenchError(f"method.radio_max={self.radio_max} must be at least 1 (the paper uses 10; Qwen2 5)")
         if self.update_interval < 1:
             raise KvbenchError(f"method.update_interval={self.update_interval} must be at least 1 (the paper uses 4)")
-        if self.allocation != "uniform":
-            raise KvbenchError("method.allocation=adaptive does not apply to dynamickv: it allocates across layers "
-                               "itself; use adakv or adakv_pyramid for head-adaptive budgets")
 
     def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
         """The whole-model prefix budget over the layers re-allocated so far, the temporary maximum in the layers
@@ -80,23 +80,24 @@ class DynamicKV(PooledWindowMethod):
         self.pooled: list[torch.Tensor] = []  # full pooled score map of every layer seen, never pruned
         self.allocations: list[list[int]] = []  # prefix sizes chosen at each update, for the run record
 
-    def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
-        n = keys.shape[2]
-        if self.keeps_all(n):
-            return
-        prefix = n - self.window_size
-        base = self.tokens_budget - self.window_size
-        temp_max = min(int(self.radio_max * base), prefix)
-        scores = self.reduce_heads(self.score(layer_idx, queries, keys), keys.shape[1])
-        self.keep_tokens(cache, layer_idx, scores.topk(temp_max, dim=-1).indices, keys, values)
+    # score: SnapKV's pooled window scores (inherited).
+    def allocate(self, layer_idx, scores, prompt_len) -> int:
+        """The layer first keeps the temporary maximum; the scores are kept for the re-allocations."""
         self.pooled.append(scores)
-        if self.is_update_layer(layer_idx):
-            sizes = self.reallocate(layer_idx, base, temp_max, prefix)
-            self.allocations.append(sizes)
-            for j, size in enumerate(sizes):
-                if self.mode == "fixed":
-                    size = min(size, cache.layers[j].get_seq_length() - self.window_size)
-                truncate_layer(cache, j, min(size, prefix), self.window_size)
+        return min(int(self.radio_max * (self.tokens_budget - self.window_size)), prompt_len - self.window_size)
+
+    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+        """Store the layer's top `counts`, then at an update layer cut every layer seen to its new size."""
+        super().select_and_store(cache, layer_idx, scores, counts, keys, values)
+        if not self.is_update_layer(layer_idx):
+            return
+        prefix = keys.shape[2] - self.window_size
+        sizes = self.reallocate(layer_idx, self.tokens_budget - self.window_size, counts, prefix)
+        self.allocations.append(sizes)
+        for j, size in enumerate(sizes):
+            if self.mode == "fixed":
+                size = min(size, cache.layers[j].get_seq_length() - self.window_size)
+            truncate_layer(cache, j, min(size, prefix), self.window_size)
 
     def is_update_layer(self, layer_idx: int) -> bool:
         periodic = layer_idx % self.update_interval == self.update_interval - 1

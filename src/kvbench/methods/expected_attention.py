@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,11 +76,14 @@ class ExpectedAttention(KvpressScored):
     name = "expected_attention"
     display_name = "Expected Attention"
     order = 76
+    needs_model: ClassVar[bool] = True  # the model's rotary embedding
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
     use_vnorm: bool = True
     epsilon: float = 0.0
+    decode_refusal = ("its query statistics assume the queries sit at positions 0..n-1 of the prompt it scores, "
+                      "which no longer holds once decoding tokens are mixed with a compressed prompt")
 
     def validate(self) -> None:
         super().validate()
@@ -107,6 +111,8 @@ class ExpectedAttention(KvpressScored):
         return cos[0], sin[0]
 
     def kv_scores(self, layer_idx, queries, keys, values):
+        if values is None:
+            raise KvbenchError("expected_attention weighs its scores by the value norms: pass the values")
         n = keys.shape[2]
         if n <= self.n_sink:
             raise KvbenchError(f"expected_attention: the prompt ({n} tokens) must be longer than n_sink={self.n_sink}")

@@ -11,6 +11,7 @@ class FullKV(Method):
     name = "fullkv"
     display_name = "FullKV"
     order = 0
+    decode_refusal = "FullKV keeps every token, so there is nothing to compress"
 
     def validate(self) -> None:  # no budget to check: FullKV ignores it
         pass

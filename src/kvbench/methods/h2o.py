@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -34,6 +35,8 @@ class H2O(ScoredMethod):
     window_size: int = 32
     mode: str = "official"
     query_block: int = 512  # queries per block on the blocked path; memory is O(heads * query_block * n)
+    decode_refusal = None  # mode=causal only (validate_decoding): the paper's accumulated attention
+    decode_settings: ClassVar[dict] = {"mode": "causal"}  # what decoding-time compression needs (tests read it)
 
     def validate(self) -> None:
         super().validate()
@@ -42,10 +45,66 @@ class H2O(ScoredMethod):
         if self.query_block < 1:
             raise KvbenchError("method.query_block must be at least 1")
 
-    def score(self, layer_idx, queries, keys):
+    def validate_decoding(self) -> None:
+        super().validate_decoding()
+        if self.decode_interval is None:
+            return
+        if self.mode != "causal":
+            raise KvbenchError("h2o compresses during decoding with the paper's accumulated causal attention only: "
+                               "set method.mode=causal (the official mode's window-block mask has no decoding form)")
+        if self.local_layers != "keep":
+            raise KvbenchError("h2o during decoding accumulates scores row by row, which sliding-window layers "
+                               "drop on their own: use method.local_layers=keep")
+        if self.allocation != "uniform" or self.decode_style != "kvbench":
+            raise KvbenchError("h2o during decoding keeps per-head accumulated scores for a uniform allocation: "
+                               "use method.allocation=uniform and method.decode_style=kvbench")
+
+    def score(self, layer_idx, queries, keys, window: int | None = None):
+        window = self.window_size if window is None else window
         if _FLASH_CPU is not None and queries.device.type == "cpu" and queries.dtype == torch.float32:
-            return fused_scores(queries, keys, self.window_size, self.mode == "causal")
-        return blocked_scores(queries, keys, self.window_size, self.mode == "causal", self.query_block)
+            return fused_scores(queries, keys, window, self.mode == "causal")
+        return blocked_scores(queries, keys, window, self.mode == "causal", self.query_block)
+
+    # ---- decoding (the H2O paper, FMInference/H2O `H2OKVCache_LayerWise`): the attention every held token has
+    # received from every query since the prompt, per query head, kept in row order with the layer ------------
+    def begin(self, prompt_len: int, num_layers: int) -> None:
+        super().begin(prompt_len, num_layers)
+        self.accumulated: dict[int, torch.Tensor] = {}  # layer -> [S, H / S, rows]: per query head, row order
+
+    def after_layer(self, layer_idx, queries, keys, cache) -> None:
+        if self.decode_interval is None:
+            return
+        full = self.score(layer_idx, queries, keys, window=0)  # [H, n]: causal column sums over the prompt
+        stored = cache.layers[layer_idx]
+        groups = 1 if self.cache_heads == "per_query_head" else queries.shape[1] // keys.shape[1]
+        full = full.view(-1, groups, full.shape[-1])
+        if stored.positions is not None:  # rows kept, in row order
+            full = full.gather(2, stored.positions[:, None, :].expand(-1, groups, -1))
+        self.accumulated[layer_idx] = full.float()
+
+    def decode_observe(self, layer_idx: int, query: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add the attention of this forward's queries [1,H,m,d] over the layer's held keys [1,S,L,d] (causal
+        among the m new tokens) to every held token's accumulated score."""
+        acc = self.accumulated[layer_idx]
+        m, total = query.shape[2], keys.shape[2]
+        logits = grouped_logits(query, keys)
+        rows = torch.arange(total - m, total, device=keys.device)
+        logits = logits + window_causal_mask(rows, total, m, logits.dtype, full_causal=True)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype).float()[0].sum(dim=1)
+        acc = torch.cat([acc, acc.new_zeros(*acc.shape[:2], total - acc.shape[-1])], dim=-1)
+        self.accumulated[layer_idx] = acc + probs.view(acc.shape)
+
+    def decode_compress_layer(self, layer_idx, queries, keys, values, cache, seq_len) -> None:
+        acc = self.accumulated[layer_idx]
+        if keys.shape[2] <= self.window_size:
+            return
+        scores = acc.mean(dim=1)[:, : keys.shape[2] - self.window_size]  # per stored head
+        counts = self.allocate(layer_idx, scores, seq_len)
+        if counts >= scores.shape[-1]:
+            return
+        self.select_and_store(cache, layer_idx, scores, counts, keys, values)
+        rows = cache.layers[layer_idx].positions  # rows kept, among the rows held before the cut
+        self.accumulated[layer_idx] = acc.gather(2, rows[:, None, :].expand(-1, acc.shape[1], -1))
 
 
 def blocked_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, causal: bool,

@@ -9,16 +9,22 @@ ranked). Budgets, in the order they apply:
   `budget`, what that ratio intends.
 - 0 < `budget` < 1: kvbench's rule for every method, `round(n * budget)` (kvpress's `int()` rounds down instead:
   set `compression_ratio = 1 - budget` for that).
+
+These scorers run the shared pipeline (`ScoredMethod.compress_layer`): `kv_scores` is the score step, so
+`allocation=adaptive` composes with any of them as kvpress's `AdaKVPress(press)` wraps any `ScorerPress`. Their
+adaptive default is `adaptive_mode=exact`: every head keeps its own top `int(budget * floor_alpha)`, one top-k over
+all heads fills the layer to exactly H_kv x budget, which is kvpress 0.5.5's `AdaKVPress` (`alpha_safeguard` =
+`floor_alpha`) where the window is 0 (kvpress's convention; its `max(1, ...)` floor differs only below 5 tokens).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import CACHE_HEADS, ScoredMethod
+from kvbench.methods.base import CACHE_HEADS, ScoredMethod, store_kvpress_order
 
 
 @dataclass
@@ -28,12 +34,24 @@ class KvpressScored(ScoredMethod):
     min_window: ClassVar[int] = 0
     window_size: int = 0
     cache_heads: str = "per_kv_head"  # kvpress keeps one list per KV head
+    adaptive_mode: str = "exact"  # kvpress's AdaKVPress safeguard (window 0)
     compression_ratio: float | None = None  # kvpress semantics; overrides `budget` when set
+
+    @classmethod
+    def official_params(cls, params: dict) -> dict:
+        """A kvpress golden case's arguments -> our settings: `press: AdaKVPress` with `alpha_safeguard` is
+        `allocation=adaptive` with that `floor_alpha` (`adaptive_mode=exact`)."""
+        params = dict(params)
+        if params.pop("press", None) in ("AdaKVPress", "CriticalAdaKVPress"):
+            params.update(allocation="adaptive", adaptive_mode="exact",
+                          floor_alpha=params.pop("alpha_safeguard", 0.2))
+        return params
 
     def validate(self) -> None:
         if self.compression_ratio is None:
             super().validate()
             return
+        self.validate_allocation()
         if self.cache_heads not in CACHE_HEADS:
             raise KvbenchError(f"method.cache_heads={self.cache_heads!r}: choose one of {', '.join(CACHE_HEADS)}")
         if not 0 <= self.compression_ratio < 1:
@@ -44,7 +62,11 @@ class KvpressScored(ScoredMethod):
 
     def resolve_budget(self, prompt_len: int) -> int:
         if self.compression_ratio is not None:
-            return max(self.window_size, int(prompt_len * (1 - self.compression_ratio)))
+            kept = max(self.window_size, int(prompt_len * (1 - self.compression_ratio)))
+            if kept < 1:
+                raise KvbenchError(f"method.compression_ratio={self.compression_ratio:g} keeps 0 of this prompt's "
+                                   f"{prompt_len} tokens; use a ratio below {1 - 1 / prompt_len:.6g}")
+            return kept
         if self.budget < 1:
             return max(self.window_size + 1, round(prompt_len * self.budget))
         return int(self.budget)
@@ -54,13 +76,60 @@ class KvpressScored(ScoredMethod):
         """[H_kv, n] scores of every prompt position per KV head (higher is kept)."""
         raise NotImplementedError
 
-    def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
-        n = keys.shape[2]
-        if self.keeps_all(n):
-            return
-        prefix = n - self.window_size
-        scores = self.kv_scores(layer_idx, queries, keys, values)[:, :prefix]
+    def head_scores(self, layer_idx, queries, keys, values=None):
+        scores = self.kv_scores(layer_idx, queries, keys, values)[:, : keys.shape[2] - self.window_size]
         if self.cache_heads == "per_query_head":  # the same list for every head of a group
             scores = scores.repeat_interleave(queries.shape[1] // keys.shape[1], dim=0)
-        keep = min(self.tokens_budget - self.window_size, prefix)
-        self.keep_tokens(cache, layer_idx, scores.topk(keep, dim=-1).indices, keys, values)
+        return scores
+
+
+@dataclass
+class ScorerWrapper(KvpressScored):
+    """A kvpress-style press around any registered per-layer scorer (kvpress's `ChunkKVPress(press)`,
+    `CriticalKVPress(press)`): `scorer` names it, `scorer_params` sets its own settings; the budget, the head
+    layout, the allocation and (unless set here) the window are shared. The scorer's `head_scores` is the score
+    step; the wrapper changes a later step. The scorer's default is kvbench's `snapkv` (KVCache-Factory's SnapKV,
+    where kvpress's evaluation wraps its own `SnapKVPress`: window 64, kernel 5)."""
+
+    scorer: str = "snapkv"
+    scorer_params: dict = field(default_factory=dict)
+    window_size: int | None = None  # None: the scorer's own window
+
+    def __post_init__(self) -> None:
+        from kvbench.methods import registry  # the registry imports no method module: no circle
+
+        spec = registry.get(self.scorer)
+        if not issubclass(spec.cls, ScoredMethod) or issubclass(spec.cls, ScorerWrapper) \
+                or not spec.cls.supports_adaptive:
+            raise KvbenchError(f"method.scorer={self.scorer!r}: {self.name} wraps a per-layer scorer (e.g. snapkv, "
+                               f"knorm, tova, expected_attention, h2o), not {self.scorer}")
+        clash = sorted(set(self.scorer_params) & {"budget", "cache_heads", "allocation", "compression_ratio"})
+        if clash:
+            raise KvbenchError(f"method.scorer_params sets {clash}: the wrapper shares them with its scorer; set "
+                               f"method.{clash[0]} (or budget=...) instead")
+        shared = {"cache_heads": self.cache_heads, "allocation": self.allocation,
+                  "budget": self.budget if self.compression_ratio is None else 1 - self.compression_ratio}
+        if self.window_size is not None:
+            shared["window_size"] = self.window_size
+        if "compression_ratio" in spec.settings():
+            shared["compression_ratio"] = self.compression_ratio
+        self.scorer_params = dict(self.scorer_params)
+        self.inner = registry.build(self.scorer, **{**shared, **self.scorer_params})
+        self.window_size = self.inner.window_size
+        self.min_window = self.inner.min_window
+        self.needs_model = type(self).needs_model or self.inner.needs_model  # e.g. over expected_attention
+        super().__post_init__()
+
+    def params(self) -> dict:
+        return {**super().params(), "scorer_params": self.inner.params()}
+
+    def bind(self, model, tokenizer=None) -> None:
+        if self.inner.needs_model:
+            self.inner.bind(model, tokenizer)
+
+    def begin(self, prompt_len: int, num_layers: int) -> None:
+        super().begin(prompt_len, num_layers)
+        self.inner.begin(prompt_len, num_layers)
+
+    def head_scores(self, layer_idx, queries, keys, values=None):
+        return self.inner.head_scores(layer_idx, queries, keys, values)

@@ -113,7 +113,10 @@ class KVzip(Method):
     name = "kvzip"
     display_name = "KVzip"
     order = 78
+    decode_refusal: ClassVar[str | None] = ("its scores come from passes that reconstruct the context, not from "
+                                            "the decoding queries")
     equal_length_layers: ClassVar[bool] = True  # one global ranking over all layers
+    needs_model: ClassVar[bool] = True  # the tokenizer and the model's extra passes
     min_window: ClassVar[int] = 0
     window_size: int = 0  # kvpress: none; > 0 keeps the last tokens and ranks the rest
     cache_heads: str = "per_kv_head"  # per_query_head repeats each KV head's selection to its query heads

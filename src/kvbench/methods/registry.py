@@ -46,7 +46,7 @@ def register(cls: type, name: str | None = None, *, display_name: str | None = N
                       order=getattr(cls, "order", 100) if order is None else order, preset=dict(preset or {}),
                       paper_defaults=dict(getattr(cls, "paper_defaults", {}) if paper_defaults is None
                                           else paper_defaults),
-                      official_params=official_params, builtin=builtin)
+                      official_params=official_params or cls.official_params, builtin=builtin)
     unknown = sorted(set(spec.preset) - spec.settings())
     if unknown:
         raise KvbenchError(f"method {name}: preset settings {unknown} are not settings of {cls.__name__}")
@@ -83,11 +83,6 @@ def display_name(name: str) -> str:
 def display_names() -> dict[str, str]:
     """{name: display name} for every registered method, in report order."""
     return {name: _SPECS[name].display_name for name in names()}
-
-
-def method_order() -> list[str]:
-    """Display names in report order (what tables and figures sort by)."""
-    return [_SPECS[name].display_name for name in names()]
 
 
 def build(name: str, **params: Any):

@@ -34,7 +34,8 @@ class NeedlePlan:
     multi_needle: bool = False
 
     def protocol_name(self) -> str:
-        return f"needle_{self.prompt}"
+        return (f"needle_{self.prompt}" + ("_agnostic" if self.query == "agnostic" else "")
+                + ("_multineedle" if self.multi_needle else ""))
 
     def cells(self) -> list[str]:
         return [cell_key(length, depth) for length in self.lengths for depth in self.depths]
@@ -129,6 +130,8 @@ def plan_needle(cfg: DictConfig, spec=None) -> NeedlePlan:
     lengths = context_lengths(int(grid.start), int(grid.end), int(grid.step))
     if not lengths:
         raise KvbenchError(f"the needle grid {grid.start}..{grid.end} step {grid.step} has no context length")
+    if int(grid.depths) > 101:  # rounded percents repeat beyond 101 depths: cells would run twice
+        raise KvbenchError(f"benchmark.grid.depths={grid.depths}: at most 101 (one per whole percent)")
     depths = depth_percents(int(grid.depths))
     multi_needle = bool(bench.get("multi_needle", False))
     if bench.max_new_tokens is None:

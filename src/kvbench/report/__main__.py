@@ -4,7 +4,7 @@ Prints the Markdown tables and writes every table (in the chosen formats) and fi
 (LongBench, RULER, needle and any other) into --out, plus `report.html`: one self-contained page with the sortable
 tables, the figures and each run's settings.
 Scores carry 95% bootstrap CIs from each run's sample_scores.jsonl; warnings (skipped runs, collisions) are
-printed as one line each on stderr.
+printed once each, one line each, on stderr.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
-from kvbench.report.collect import collect, is_fullkv, layer_allocations, method_sort_key
+from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
 from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
-from kvbench.report.tables import (budget_label, build_table, longbench_e_table, markdown_frame, paper_comparison,
-                                   render, table_parts)
+from kvbench.report.tables import (budget_label, build_table, kv_mib_label, longbench_e_table, markdown_frame,
+                                   paper_comparison, render, table_parts)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -112,23 +112,25 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
     if needle.empty:
         return []
     # Papers' order: model, then budget (FullKV first), then method.
+    labels = pd.Series([budget_label(b, r) for b, r in zip(needle["budget"], needle["compression_ratio"])],
+                       index=needle.index)
     order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], needle.at[i, "query"], needle.at[i, "variant"],
-                                                 needle.at[i, "decode"], not pd.isna(needle.at[i, "budget"]),
-                                                 needle.at[i, "budget"] if not pd.isna(needle.at[i, "budget"]) else 0,
+                                                 needle.at[i, "decode_interval"], budget_order(labels[i]),
                                                  method_sort_key(needle.at[i, "method"])))
-    needle = needle.loc[order]
+    needle, labels = needle.loc[order], labels[order]
 
     def ci(low: str, high: str) -> list[str]:
         return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle[low], needle[high])]
 
-    frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"],
-                          "Budget": needle["budget"].map(budget_label), "Score": needle["score"].astype(float),
+    needles = needle["variant"].map(lambda v: "multi" if "multi-needle" in str(v) else "single")
+    frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"], "Needles": needles, "Budget": labels,
+                          "KV MiB": needle["kv_bytes_mean"].map(kv_mib_label), "Score": needle["score"].astype(float),
                           "95% CI": ci("ci_low", "ci_high"), "Retrieval": needle["retrieval"].astype(float),
                           "Retrieval 95% CI": ci("retrieval_ci_low", "retrieval_ci_high"),
-                          "Query": needle["query"], "Decode": needle["decode"], "Variant": needle["variant"],
+                          "Query": needle["query"], "Decode": needle["decode_interval"].map(lambda d: d or ""),
                           "n": needle["n"].astype(str),
                           "Status": needle["status"].map(lambda s: "" if s == "complete" else s)})
-    for column, default in (("Query", "aware"), ("Decode", ""), ("Variant", "")):  # shown when they tell rows apart
+    for column, default in (("Query", "aware"), ("Decode", "")):  # shown when they tell rows apart
         if frame[column].nunique() < 2 and (frame[column] == default).all():
             frame = frame.drop(columns=column)
     text = markdown_frame(frame) + "\n"
@@ -176,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return _report(args, out, ci)
             finally:
-                for warning in caught:
-                    print(f"warning: {warning.message}", file=sys.stderr)
+                for message in dict.fromkeys(str(w.message) for w in caught):  # each table warns: say it once
+                    print(f"warning: {message}", file=sys.stderr)
     except KvbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,14 +30,15 @@ from kvbench.stats import bootstrap_ci
 RESULT_COLUMNS = [
     "model", "hub_id", "benchmark", "method", "budget", "task", "score", "ci_low", "ci_high", "samples_ok", "n",
     "protocol", "tag",
-    "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query",
+    "status", "kv_bytes_mean", "prefill_s_mean", "decode_s_mean", "run_dir", "query", "compression_ratio", "settings",
+    "decode_interval", "peak_kv_bytes_mean", "new_tokens_mean",
 ]
 # Needle runs: the retrieval score (percent of cells naming the needle's key facts) and its CI; NaN for others.
 RESULT_COLUMNS += ["retrieval", "retrieval_ci_low", "retrieval_ci_high"]
 # Settings that tell rows apart, as fields (never parsed back out of labels): the context length of a benchmark that
-# scores per length (RULER; <NA> otherwise), the decode schedule (`method.decode_interval`, "" when none) and the
-# benchmark variant ("multi-needle", "session"; "" for the plain benchmark).
-RESULT_COLUMNS += ["length", "decode", "variant"]
+# scores per length (RULER; <NA> otherwise) and the benchmark variant ("multi-needle", "session"; "" for the plain
+# benchmark); the decode schedule is `decode_interval` (0: compression at prefill only).
+RESULT_COLUMNS += ["length", "variant"]
 VARIANT_KEYS = {"multi_needle": "multi-needle", "session": "session"}  # benchmark config flag -> variant name
 ALLOCATION_COLUMNS = ["model", "benchmark", "method", "query", "budget", "task", "layer", "kept_mean"]
 _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
@@ -85,7 +86,8 @@ def setting_label(row) -> str:
     "agnostic, decode 16, multi-needle"; "" for the aware, plain benchmark. For legends and titles only: code reads
     the columns."""
     parts = [] if row.get("query", "aware") in ("aware", "", None) else [str(row["query"])]
-    parts += [f"decode {row['decode']}"] if row.get("decode") else []
+    interval = row.get("decode_interval")
+    parts += [f"decode {interval}"] if interval and not pd.isna(interval) else []
     return ", ".join(parts + ([str(row["variant"])] if row.get("variant") else []))
 
 
@@ -143,6 +145,25 @@ def _budget(value) -> float:
         raise KvbenchError(f"method budget {value!r} is not a number; fix 'method.budget' in run.json") from None
 
 
+def budget_label(budget, ratio=None) -> str:
+    """The Budget cell: 'Full' for FullKV (no budget), `ratio 0.9` for a run asked with `method.compression_ratio`,
+    integers without '.0', fractions as given."""
+    if ratio is not None and not (isinstance(ratio, float) and math.isnan(ratio)):
+        return f"ratio {float(ratio):g}"
+    if budget is None or (isinstance(budget, float) and math.isnan(budget)) or budget < 0:
+        return "Full"
+    return str(int(budget)) if float(budget).is_integer() else f"{budget:g}"
+
+
+def budget_order(label: str) -> tuple:
+    """Sort key of Budget cells: Full, then token budgets and fractions by size, then ratios by size."""
+    if label == "Full":
+        return (0, 0.0)
+    if label.startswith("ratio "):
+        return (2, float(label.split()[1]))
+    return (1, float(label))
+
+
 def _run_identity(run: dict, run_dir: Path) -> dict:
     """The columns shared by every row of one run, read from its run.json."""
     model = run.get("model") or {}
@@ -152,21 +173,24 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
     name = display_method(method["name"])
     config = run.get("config") if isinstance(run.get("config"), dict) else {}
     bench = config.get("benchmark") if isinstance(config.get("benchmark"), dict) else {}
-    method_config = config.get("method") if isinstance(config.get("method"), dict) else {}
-    decode = method.get("decode_interval", method_config.get("decode_interval"))
+    interval = method.get("decode_interval")
+    # The query mode and the variant are columns: the protocol name drops the suffixes that repeat them.
+    protocol = str(run.get("protocol", "")).replace("_agnostic", "").replace("_multineedle", "")
     return {
         "model": str(model.get("name", run_dir.parts[-3] if len(run_dir.parts) >= 3 else "?")),
         "hub_id": str(model.get("hub_id", "")),
         "benchmark": str(run.get("benchmark", "")),
         "method": name,
         "budget": math.nan if name == "FullKV" else _budget(method.get("budget")),
-        "protocol": str(run.get("protocol", "")),
+        "compression_ratio": math.nan if name == "FullKV" else _budget(method.get("compression_ratio")),
+        "protocol": protocol,
         "tag": str((run.get("config") or {}).get("tag") or ""),
         "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),
         "query": str(bench.get("query") or "aware"),  # a column: no table or figure mixes the two modes
-        "decode": "" if decode in (None, 0, False) else str(decode),
+        "decode_interval": int(interval or 0),  # decoding-time runs (every N tokens) get their own rows
         "variant": ", ".join(label for key, label in VARIANT_KEYS.items() if bench.get(key)),
+        "settings": str(run.get("fingerprint") or ""),  # rows join runs of equal settings only (report.tables)
     }
 
 
@@ -177,7 +201,8 @@ def _mean_of(records: list[dict], key: str) -> float:
 
 def _prediction_stats(pred_file: Path, strict: bool) -> dict:
     """Mean kv_bytes / prefill_s / decode_s of one predictions file (NaN with a warning if unreadable)."""
-    empty = {"kv_bytes_mean": math.nan, "prefill_s_mean": math.nan, "decode_s_mean": math.nan}
+    empty = {"kv_bytes_mean": math.nan, "prefill_s_mean": math.nan, "decode_s_mean": math.nan,
+             "peak_kv_bytes_mean": math.nan, "new_tokens_mean": math.nan}
     if not pred_file.is_file():
         _problem(f"{pred_file} is missing; KV bytes and timings of that task are left empty", strict)
         return empty
@@ -190,6 +215,8 @@ def _prediction_stats(pred_file: Path, strict: bool) -> dict:
         "kv_bytes_mean": _mean_of(records, "kv_bytes"),
         "prefill_s_mean": _mean_of(records, "prefill_s"),
         "decode_s_mean": _mean_of(records, "decode_s"),
+        "peak_kv_bytes_mean": _mean_of(records, "peak_kv_bytes"),
+        "new_tokens_mean": _mean_of(records, "new_tokens"),
     }
 
 
@@ -305,7 +332,7 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
     scores.json, so CIs and paired tests may use them), n, protocol, tag (run.json config.tag, "" if none), status
     (run.json status: "complete", "running", "interrupted", "unknown"), kv_bytes_mean, prefill_s_mean,
     decode_s_mean, run_dir, query ("aware"/"agnostic"), length (context length of a benchmark scored per length,
-    e.g. RULER: one row per length and task; <NA> otherwise), decode (decode schedule, "" when none), variant
+    e.g. RULER: one row per length and task; <NA> otherwise), decode_interval (0: none), variant
     ("multi-needle", "session" or ""); needle runs also retrieval (percent of cells whose answer names the needle's key
     facts: what measures retrieval) with retrieval_ci_low/high (NaN for other runs). Broken runs are skipped with a
     `ReportWarning` (or raise with `strict=True`).

@@ -14,16 +14,16 @@ import pandas as pd
 
 from kvbench.report.collect import method_sort_key
 
-GAP_COLUMNS = ["model", "method", "budget", "benchmark", "variant", "decode", "tasks", "aware", "agnostic", "gap",
+GAP_COLUMNS = ["model", "method", "budget", "benchmark", "variant", "decode_interval", "tasks", "aware", "agnostic", "gap",
                "retrieval_aware", "retrieval_agnostic", "retrieval_gap"]
-_PAIR = ["model", "method", "budget_key", "benchmark", "protocol", "tag", "decode", "variant"]
+_PAIR = ["model", "method", "budget_key", "benchmark", "protocol", "tag", "decode_interval", "variant"]
 
 
 def query_gap(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, method, budget, benchmark) that has both modes: aware, agnostic, gap = aware - agnostic."""
     if "query" not in df.columns or df.empty:
         return pd.DataFrame(columns=GAP_COLUMNS)
-    defaults = {"protocol": "", "tag": "", "decode": "", "variant": "", "length": pd.NA}
+    defaults = {"protocol": "", "tag": "", "decode_interval": 0, "variant": "", "length": pd.NA}
     frame = df.assign(**{c: v for c, v in defaults.items() if c not in df})
     frame = frame.assign(budget_key=frame["budget"].fillna(-1.0),
                          cell=[f"{task}@{length}" for task, length in zip(frame["task"], frame["length"])],
@@ -41,7 +41,7 @@ def query_gap(df: pd.DataFrame) -> pd.DataFrame:
         retrieval = {mode: float(g["retrieval"].mean()) if "retrieval" in g.columns else math.nan
                      for mode, g in group.groupby("query")}  # needle only; NaN for LongBench
         rows.append({"model": model, "method": method, "budget": math.nan if budget == -1.0 else budget,
-                     "benchmark": bench, "variant": variant, "decode": decode, "tasks": len(tasks), "aware": aware,
+                     "benchmark": bench, "variant": variant, "decode_interval": decode, "tasks": len(tasks), "aware": aware,
                      "agnostic": agnostic,
                      "gap": aware - agnostic, "retrieval_aware": retrieval["aware"],
                      "retrieval_agnostic": retrieval["agnostic"],
@@ -50,7 +50,7 @@ def query_gap(df: pd.DataFrame) -> pd.DataFrame:
     if out.empty:
         return out
     order = sorted(out.index, key=lambda i: (out.at[i, "model"], out.at[i, "benchmark"], out.at[i, "variant"],
-                                             out.at[i, "decode"], method_sort_key(out.at[i, "method"]),
+                                             out.at[i, "decode_interval"], method_sort_key(out.at[i, "method"]),
                                              -1 if pd.isna(out.at[i, "budget"]) else out.at[i, "budget"]))
     return out.loc[order].reset_index(drop=True)
 
@@ -69,7 +69,7 @@ def query_gap_markdown(df: pd.DataFrame) -> str:
 
     for r in gap.itertuples():
         budget = "Full" if pd.isna(r.budget) else f"{r.budget:g}"
-        lines.append(f"| {r.model} | {r.benchmark} | {r.variant} | {r.decode} | {r.method} | {budget} | {r.tasks} | "
+        lines.append(f"| {r.model} | {r.benchmark} | {r.variant} | {r.decode_interval or ''} | {r.method} | {budget} | {r.tasks} | "
                      f"{r.aware:.2f} | "
                      f"{r.agnostic:.2f} | {r.gap:+.2f} | {number(r.retrieval_aware)} | "
                      f"{number(r.retrieval_agnostic)} | {number(r.retrieval_gap, '+')} |")

@@ -30,7 +30,8 @@ from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
-from kvbench.report.collect import ReportWarning, is_fullkv, method_sort_key, run_samples, task_samples
+from kvbench.report.collect import (ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
+                                    run_samples, task_samples)
 from kvbench.ruler.constants import ALL_TASKS as RULER_TASKS, SHORT as RULER_SHORT
 from kvbench.sample_scores import SAMPLE_SCORES_FILE
 from kvbench.stats import bootstrap_ci, confidence_intervals
@@ -53,9 +54,14 @@ _LONGBENCH = {"en": (CATEGORIES_EN, ENGLISH_16), "zh": (CATEGORIES_ZH, CHINESE_5
 LAYOUTS = {"longbench": _LONGBENCH, "longbench_e": _LONGBENCH, "ruler": {"": ({"RULER": RULER_TASKS}, None)}}
 CI_VIEWS = (None, "pm", "range")
 ALPHA = 0.05  # significance level of the bold/dagger marks
-_KEYS = ["model", "protocol", "tag", "query", "decode", "variant", "budget_key", "method"]
-_GROUP = ["model", "protocol", "query", "decode", "variant", "budget_key"]  # methods of one group compete for bold
-_SETTINGS = {"query": "Query", "decode": "Decode", "variant": "Variant"}  # row keys shown when they tell rows apart
+_KEYS = ["model", "protocol", "tag", "query", "decode_interval", "variant", "budget_key", "method"]
+_GROUP = _KEYS[:2] + _KEYS[3:-1]  # the methods of one model, protocol, setting and budget compete for bold
+_SETTINGS = {"query": "Query", "decode_interval": "Decode", "variant": "Variant"}  # shown when they tell rows apart
+
+
+def _setting_text(value) -> str:
+    """A setting's cell: the query mode or variant as given, the decode interval ("" for 0: no decode schedule)."""
+    return "" if value in (0, "", None) else str(value)
 
 
 @dataclass
@@ -70,6 +76,7 @@ class _Table:
     dagger: pd.DataFrame                          # bold but not significantly better than the second
     n: pd.Series                                  # index = _KEYS: samples per task ("200" or "150-500")
     status: pd.Series                             # index = _KEYS: "" when complete
+    kv_mib: pd.Series                             # index = _KEYS: mean KV cache held per sample, MiB ("-": unknown)
     decimals: int
     ci: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -83,7 +90,7 @@ class _Table:
         """Protocol / tag / query / decode / variant columns appear only when they tell rows apart (or, query,
         decode, variant and tag, when any row is not the default: agnostic, a decode schedule, a variant, a tag)."""
         values = self.rows.index.get_level_values(level)
-        default = {"tag": "", "query": "aware", "decode": "", "variant": ""}
+        default = {"tag": "", "query": "aware", "decode_interval": 0, "variant": ""}
         return values.nunique() > 1 or (level in default and (values != default[level]).any())
 
 
@@ -132,14 +139,18 @@ def _select(df: pd.DataFrame, part: str, benchmark: str) -> tuple[pd.DataFrame, 
 
 
 def _normalised(data: pd.DataFrame) -> pd.DataFrame:
-    """Key columns filled (budget_key: -1 for FullKV), optional columns defaulted for hand-built frames."""
+    """Key columns filled (budget_key: the Budget cell, e.g. `Full`, `128`, `ratio 0.9`), optional columns
+    defaulted for hand-built frames (`settings`: one kind for all)."""
     defaults = {"protocol": "", "tag": "", "status": "complete", "n": pd.NA, "ci_low": math.nan,
-                "ci_high": math.nan, "samples_ok": False, "run_dir": "", "query": "aware", "decode": "",
-                "variant": "", "length": pd.NA}
+                "ci_high": math.nan, "samples_ok": False, "run_dir": "", "compression_ratio": math.nan,
+                "settings": "", "kv_bytes_mean": math.nan, "query": "aware", "decode_interval": 0, "variant": "",
+                "length": pd.NA}
     data = data.assign(**{col: value for col, value in defaults.items() if col not in data})
-    return data.assign(budget_key=data["budget"].astype(float).fillna(-1.0), protocol=data["protocol"].fillna(""),
+    keys = [budget_label(b, r) for b, r in zip(data["budget"].astype(float), data["compression_ratio"].astype(float))]
+    return data.assign(budget_key=keys, protocol=data["protocol"].fillna(""),
                        tag=data["tag"].fillna("").astype(str), status=data["status"].fillna("unknown").astype(str),
-                       query=data["query"].fillna("aware").astype(str), decode=data["decode"].fillna("").astype(str),
+                       settings=data["settings"].fillna("").astype(str), query=data["query"].fillna("aware").astype(str),
+                       decode_interval=data["decode_interval"].fillna(0).astype(int),
                        variant=data["variant"].fillna("").astype(str))
 
 
@@ -153,35 +164,42 @@ def _over_lengths(data: pd.DataFrame) -> pd.DataFrame:
         values = task_samples(row["run_dir"], row["task"]) if ok else None
         low, high = bootstrap_ci(values.to_numpy()) if values is not None else (math.nan, math.nan)
         rows.append({**row, "score": float(block["score"].mean()), "n": block["n"].sum(min_count=1),
-                     "length": pd.NA, "ci_low": low, "ci_high": high, "samples_ok": values is not None})
+                     "kv_bytes_mean": float(block["kv_bytes_mean"].mean()), "length": pd.NA, "ci_low": low,
+                     "ci_high": high, "samples_ok": values is not None})
     return pd.DataFrame(rows, columns=data.columns)
 
 
+def _short_names(run_dirs: list[str]) -> dict[str, str]:
+    """Each folder's shortest trailing path that no other folder of the list shares (`snapkv_128`, or
+    `r1/llama/longbench/snapkv_128` when only a parent tells them apart)."""
+    parts = {d: Path(d).parts for d in run_dirs}
+    for depth in range(1, max(len(p) for p in parts.values()) + 1):
+        names = {d: "/".join(p[-depth:]) for d, p in parts.items()}
+        if len(set(names.values())) == len(names):
+            return names
+    return {d: d for d in run_dirs}
+
+
 def _resolve_collisions(data: pd.DataFrame) -> pd.DataFrame:
-    """Two runs for one cell (e.g. a `tag=` variant): warn, naming them, and tell them apart in the Tag column."""
-    cell = [k for k in _KEYS if k != "tag"] + ["task"]
-    colliding = data[data.duplicated(cell, keep=False)]
-    for (model, *_, budget_key, method), block in colliding.groupby(cell[:-1], sort=False):
-        dirs = sorted(set(block["run_dir"]))
-        warnings.warn(f"collision: {len(dirs)} runs give {method} budget {budget_label(budget_key)} for {model}: "
-                      f"{', '.join(dirs)}; the tables keep them apart in a Tag column", ReportWarning, stacklevel=4)
-    same_tag = data.duplicated(cell + ["tag"], keep=False)
-    if same_tag.any():  # no tag (or one tag) tells them apart: the run folder's name does
-        data = data.copy()
-        data.loc[same_tag, "tag"] = [Path(d).name for d in data.loc[same_tag, "run_dir"]]
-    if data.duplicated(cell + ["tag"]).any():
-        first = data[data.duplicated(cell + ["tag"], keep=False)].iloc[0]
-        raise KvbenchError(f"several runs in folders named {first['tag']!r} give {first['method']} budget "
-                           f"{budget_label(first['budget'])} {first['task']} for {first['model']}; pass only one "
-                           f"of them to the report")
+    """A row joins runs (e.g. tasks run into two folders) only when their settings fingerprints (run.json
+    `fingerprint`: every setting that changes predictions, the task selection aside) agree. Runs of other settings,
+    or two runs for one cell, are kept apart (by their tags, else by their folders in the Tag column) with one
+    warning per row naming them."""
+    data = data.copy()
+    for (model, *_, budget_key, method), block in data.groupby([k for k in _KEYS if k != "tag"], sort=False):
+        apart = False
+        for _, same_tag in block.groupby("tag", sort=False):
+            if same_tag["settings"].nunique() > 1 or same_tag.duplicated("task").any():
+                names = _short_names(sorted(set(same_tag["run_dir"])))
+                data.loc[same_tag.index, "tag"] = [names[d] for d in same_tag["run_dir"]]
+                apart = True
+        if apart or block.duplicated("task").any():
+            dirs = sorted(set(block["run_dir"]))
+            what = "runs of different settings" if block["settings"].nunique() > 1 else "runs"
+            warnings.warn(f"collision: {len(dirs)} {what} give {method} budget {budget_key} for {model}: "
+                          f"{', '.join(dirs)}; the tables keep them apart in a Tag column", ReportWarning,
+                          stacklevel=4)
     return data
-
-
-def budget_label(budget) -> str:
-    """'Full' for FullKV (no budget), integers without '.0', others as given."""
-    if budget is None or (isinstance(budget, float) and math.isnan(budget)) or budget < 0:
-        return "Full"
-    return str(int(budget)) if float(budget).is_integer() else f"{budget:g}"
 
 
 def _wide(data: pd.DataFrame, column: str, tasks: list[str]) -> pd.DataFrame:
@@ -190,7 +208,7 @@ def _wide(data: pd.DataFrame, column: str, tasks: list[str]) -> pd.DataFrame:
 
 def _row_order(index: pd.Index) -> list:
     """model, protocol, query mode, decode, variant, budget (FullKV first), method (papers' order), tag."""
-    return sorted(index, key=lambda k: (*k[:2], *k[3:7], method_sort_key(k[7]), k[2]))
+    return sorted(index, key=lambda k: (*k[:2], *k[3:6], budget_order(k[6]), method_sort_key(k[7]), k[2]))
 
 
 def _n_label(counts: pd.Series) -> str:
@@ -349,7 +367,8 @@ def build_table(df: pd.DataFrame, benchmark: str, part: str = "", relative: bool
     per_row = data.set_index(_KEYS)
     n = per_row.groupby(level=_KEYS)["n"].apply(_n_label).reindex(order)
     status = per_row.groupby(level=_KEYS)["status"].agg(lambda s: ", ".join(sorted(set(s) - {"complete"})))
-    table = _Table(groups, values, low, high, bold, dagger, n, status.reindex(order), decimals,
+    kv_mib = per_row.groupby(level=_KEYS)["kv_bytes_mean"].mean().map(kv_mib_label).reindex(order)
+    table = _Table(groups, values, low, high, bold, dagger, n, status.reindex(order), kv_mib, decimals,
                    ci if not relative else None)
     table.run_dirs = per_row.groupby(level=_KEYS)["run_dir"].agg(lambda d: sorted(set(d))).reindex(order)
     table.notes = _notes(table, full_count, relative, significance, over_lengths)
@@ -385,6 +404,11 @@ def _notes(table: _Table, full_count: int | None, relative: bool, significance: 
     return notes
 
 
+def kv_mib_label(kv_bytes: float) -> str:
+    """Mean KV-cache bytes held per sample as MiB with 3 significant digits; '-' when unknown."""
+    return "-" if pd.isna(kv_bytes) else f"{kv_bytes / 2 ** 20:.3g}"
+
+
 def _cell(value: float, decimals: int) -> str:
     return "-" if pd.isna(value) else f"{value:.{decimals}f}"
 
@@ -410,7 +434,7 @@ def _cell_text(table: _Table, key, column: str, fmt: str) -> str:
 def _label_columns(table: _Table) -> list[str]:
     return (["Model"] + (["Protocol"] if table.shows("protocol") else []) + (["Tag"] if table.shows("tag") else [])
             + [label for level, label in _SETTINGS.items() if table.shows(level)]
-            + ["Budget", "Method"] + (["Status"] if (table.status != "").any() else []) + ["n"])
+            + ["Budget", "Method", "KV MiB"] + (["Status"] if (table.status != "").any() else []) + ["n"])
 
 
 def _labels(table: _Table, sparse: bool) -> list[list[str]]:
@@ -419,9 +443,9 @@ def _labels(table: _Table, sparse: bool) -> list[list[str]]:
     out, previous = [], None
     for key in table.rows.index:
         model, protocol, tag, query, decode, variant, budget_key, method = key
-        full = {"Model": model, "Protocol": protocol, "Tag": tag, "Query": query, "Decode": decode,
-                "Variant": variant, "Budget": budget_label(budget_key), "Method": method, "Status": table.status[key],
-                "n": table.n[key]}
+        full = {"Model": model, "Protocol": protocol, "Tag": tag, "Query": query,
+                "Decode": str(decode) if decode else "", "Variant": variant, "Budget": budget_key, "Method": method,
+                "KV MiB": table.kv_mib[key], "Status": table.status[key], "n": table.n[key]}
         if sparse and previous is not None:
             if (model, protocol) == previous[:2]:
                 full["Model"] = full["Protocol"] = ""
@@ -501,8 +525,8 @@ def _html(table: _Table) -> str:
     for labels, key in zip(_labels(table, sparse=False), table.rows.index):
         cells = []
         for name, text in zip(_label_columns(table), labels):
-            number = budget_label(key[6]) if name == "Budget" else text
-            sort = -1 if name == "Budget" and number == "Full" else number
+            order = budget_order(text) if name == "Budget" else None  # Full, budgets by size, then ratios
+            sort = order[0] * 1e9 + order[1] if order else text
             cells.append(f'<td data-v="{html.escape(str(sort))}">{html.escape(str(text))}</td>')
         for column in table.columns:
             value = table.rows.loc[key, column]
@@ -579,12 +603,13 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
         samples = samples.assign(task=samples["task"].map(_base_task))
         samples = samples[samples["task"].isin(tasks & set(run["task"]))]
         row = {"Model": first["model"], "Protocol": first["protocol"], "Tag": first["tag"],
-               **{label: first[level] for level, label in _SETTINGS.items()},
-               "Budget": budget_label(first["budget"]), "Method": first["method"],
+               **{label: _setting_text(first[level]) for level, label in _SETTINGS.items()},
+               "Budget": first["budget_key"], "Method": first["method"],
+               "KV MiB": kv_mib_label(run["kv_bytes_mean"].mean()),
                "Status": "" if first["status"] == "complete" else first["status"],
                "Tasks": str(samples["task"].nunique()), "_order": (first["model"], first["protocol"],
                                                                    *(first[level] for level in _SETTINGS),
-                                                                   float(pd.Series([first["budget"]]).fillna(-1)[0]),
+                                                                   budget_order(first["budget_key"]),
                                                                    method_sort_key(first["method"]), first["tag"])}
         for bucket in BUCKETS:
             block = samples[samples["bucket"] == bucket]
@@ -606,7 +631,7 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
     labels = (["Model"] + (["Protocol"] if frame["Protocol"].nunique() > 1 else [])
               + (["Tag"] if (frame["Tag"] != "").any() else [])
               + [label for label in _SETTINGS.values() if frame[label].nunique() > 1 or
-                 (frame[label] != ("aware" if label == "Query" else "")).any()] + ["Budget", "Method"]
+                 (frame[label] != ("aware" if label == "Query" else "")).any()] + ["Budget", "Method", "KV MiB"]
               + (["Status"] if (frame["Status"] != "").any() else []) + ["Tasks"])
     if fmt == "csv":
         keep = labels + [c for b in BUCKETS for c in (b, f"{b} lo", f"{b} hi", f"n {b}")
@@ -691,7 +716,7 @@ def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
 def _papers_protocol(df: pd.DataFrame) -> pd.DataFrame:
     """The rows run as the papers ran them: query-aware, no decode schedule, the plain benchmark."""
     keep = pd.Series(True, index=df.index)
-    for column, value in (("query", "aware"), ("decode", ""), ("variant", "")):
+    for column, value in (("query", "aware"), ("decode_interval", 0), ("variant", "")):
         if column in df:
             keep &= df[column].fillna(value) == value
     return df[keep]
@@ -714,6 +739,8 @@ def _needle_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
     rows = []
     needle = _papers_protocol(df[df["benchmark"] == "needle"])
     for _, run in needle.iterrows():
+        if str(run.get("protocol", "")).endswith("_multineedle"):
+            continue  # the papers' needle numbers are single-needle
         name = paper_model_name(run["model"], run.get("hub_id", ""), paper)
         for entry in paper["needle"]:
             budget_ok = entry["budget"] is None or run["method"] == "FullKV" or run["budget"] == entry["budget"]

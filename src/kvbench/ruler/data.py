@@ -8,6 +8,7 @@ it, a cached set of n samples serves any request for k <= n.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import json
 import os
 from dataclasses import dataclass
@@ -110,21 +111,48 @@ def _read_rows(path: Path) -> list[dict]:
         rows = frame.to_dict(orient="records")
     else:
         rows = read_jsonl(path, "fix that line of the kvpress-format data")
-    for number, row in enumerate(rows, start=1):
-        missing = [c for c in KVPRESS_COLUMNS if c not in row]
-        if missing:
-            raise KvbenchError(f"{path}, row {number}: missing column(s) {', '.join(missing)}; kvpress's RULER format "
-                               f"has {', '.join(KVPRESS_COLUMNS)}")
-    return rows
+    return [_checked_row(row, path, number) for number, row in enumerate(rows, start=1)]
 
 
-def _answers(value) -> list[str]:
+def _checked_row(row, path: Path, number: int) -> dict:
+    """One kvpress-format row with its fields' types checked: a one-line KvbenchError naming file, row and field."""
+    where = f"{path}, row {number}"
+    if not isinstance(row, dict):
+        raise KvbenchError(f"{where}: expected a JSON object with {', '.join(KVPRESS_COLUMNS)}, got "
+                           f"{type(row).__name__}")
+    missing = [c for c in KVPRESS_COLUMNS if c not in row]
+    if missing:
+        raise KvbenchError(f"{where}: missing column(s) {', '.join(missing)}; kvpress's RULER format "
+                           f"has {', '.join(KVPRESS_COLUMNS)}")
+    for column in ("context", "question", "task"):
+        if not isinstance(row[column], str):
+            raise KvbenchError(f"{where}: {column} must be text, got {_shown(row[column])}")
+    if row["answer_prefix"] is not None and not isinstance(row["answer_prefix"], str):
+        raise KvbenchError(f"{where}: answer_prefix must be text, got {_shown(row['answer_prefix'])}")
+    answers = _answers(row["answer"])
+    if answers is None:
+        raise KvbenchError(f"{where}: answer must be a text or a non-empty list of texts, got {_shown(row['answer'])}")
+    tokens = row["max_new_tokens"]
+    if not isinstance(tokens, numbers.Integral) or isinstance(tokens, bool) or tokens < 1:
+        if not (isinstance(tokens, float) and tokens.is_integer() and tokens >= 1):  # parquet may store floats
+            raise KvbenchError(f"{where}: max_new_tokens must be a positive integer, got {_shown(tokens)}")
+    return {**row, "answer": answers, "max_new_tokens": int(tokens)}
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _answers(value) -> list[str] | None:
+    """The answers as texts (one text, or a list / array of texts); None when the value is neither."""
     if isinstance(value, str):
         return [value]
-    try:
-        return [str(v) for v in list(value)]
-    except TypeError:
-        return [str(value)]
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        items = list(value)
+        if items and all(isinstance(v, str) for v in items):
+            return items
+    return None
 
 
 def data_files(folder: Path) -> list[Path]:
@@ -157,7 +185,7 @@ def read_kvpress(folder: Path, length: int) -> tuple[dict[str, list[dict]], str]
             items = by_task.setdefault(task, [])
             items.append({"index": len(items), "task": task, "length": length, "context": str(row["context"]),
                           "question": str(row["question"]), "answer_prefix": str(row["answer_prefix"] or ""),
-                          "outputs": _answers(row["answer"]), "max_new_tokens": int(row["max_new_tokens"]),
+                          "outputs": row["answer"], "max_new_tokens": row["max_new_tokens"],
                           "source": "kvpress"})
     return by_task, digest.hexdigest()
 

@@ -163,17 +163,39 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def _whole(value) -> int:
+    """An integer from a config value; ValueError for anything else (2.5, true, "abc"): never truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(value)
+    return int(value)
+
+
 def _int_list(value, name: str) -> list[int]:
     items = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    if isinstance(items, (int, str)):
+    if isinstance(items, (int, float, str)):
         items = [items]
     try:
-        out = [int(v) for v in items]
+        out = [_whole(v) for v in items]
     except (TypeError, ValueError):
         raise KvbenchError(f"{name}={value}: give a list of integers, e.g. {name}=[1024,2048]") from None
     if not out or any(v <= 0 for v in out):
         raise KvbenchError(f"{name}={value}: give positive integers, e.g. {name}=[1024,2048]")
     return out
+
+
+def _check_unnamed_length(data_dir: Path, source: dict, prompt_tokens: dict[int, list[int]]) -> None:
+    """kvpress files directly in `data_dir` (not in `<data_dir>/<length>/`) do not say which length they were made
+    for: unless the folder is named after the length, their prompts must measure about that length (0.6x to 1.3x:
+    another tokenizer than the data's counts differently), so 1024-token data is never reported as 512."""
+    for length, tokens in prompt_tokens.items():
+        folder = Path(source["files"][str(length)]["folder"])
+        if folder != data_dir.resolve() or folder.name == str(length) or not tokens:
+            continue
+        mean = sum(tokens) / len(tokens)
+        if not 0.6 * length <= mean <= 1.3 * length:
+            raise KvbenchError(f"benchmark.data_dir={data_dir} holds its files directly and their prompts average "
+                               f"{mean:.0f} tokens, not about benchmark.lengths=[{length}]. Fix: put them in "
+                               f"{data_dir}/<their length>/ and select that length")
 
 
 def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
@@ -183,12 +205,15 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     bench = cfg.benchmark
     tasks = list(bench.tasks) if bench.get("tasks") is not None else list(ALL_TASKS)
     unknown = [t for t in tasks if t not in TASKS]
+    twice = sorted({t for t in tasks if tasks.count(t) > 1})
+    if twice:  # one task twice would make a "2-task average" of one task
+        raise KvbenchError(f"benchmark.tasks lists {', '.join(twice)} more than once; list each task once")
     if unknown or not tasks:
         raise KvbenchError(f"benchmark.tasks: unknown RULER task(s) {', '.join(map(str, unknown)) or '(none given)'}; "
                            f"choose from {', '.join(ALL_TASKS)}")
     lengths = _int_list(bench.lengths, "benchmark.lengths")
     try:
-        samples = int(bench.samples)
+        samples = _whole(bench.samples)
     except (TypeError, ValueError):
         raise KvbenchError(f"benchmark.samples={bench.samples!r}: give a positive integer (RULER uses 500)") from None
     if samples < 1:
@@ -246,14 +271,18 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
         source = {"kind": "generated", **gen.identity(),
                   "qa": {t: gen.qa_identity(t) for t in tasks if t in QA_TASKS}}
     generation_s = time.perf_counter() - start
+    prompt_tokens: dict[int, list[int]] = {}
     for (task, length), items in datasets.items():
         for sample in items:
             rendered = render(sample, tokenizer, template)
+            prompt_tokens.setdefault(length, []).append(len(rendered.input_ids))
             total = len(rendered.input_ids) + int(sample["max_new_tokens"])
             if total > limit:
                 raise KvbenchError(f"RULER {task} sample {sample['index']} at length {length} needs {total} tokens "
                                    f"(prompt + {sample['max_new_tokens']} to generate), more than {cfg.model.name}'s "
                                    f"{limit}. Fix: smaller benchmark.lengths")
+    if data_dir is not None:
+        _check_unnamed_length(data_dir, source, prompt_tokens)
     log.info("RULER data ready in %.1f s (%d sets)", generation_s, len(datasets))
     return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s)
 
