@@ -160,7 +160,7 @@ def _write_figures(df: pd.DataFrame, results: list[str], out: Path) -> list[Path
         except KvbenchError as exc:
             print(f"(skipped {name}: {exc})", file=sys.stderr)
     alloc = layer_allocations(results)
-    alloc = alloc[~alloc["method"].map(is_fullkv)]
+    alloc = alloc[~alloc["method"].map(is_fullkv).astype(bool)]
     for (model, benchmark, budget), _ in alloc.groupby(["model", "benchmark", "budget"]):
         stem = out / f"layer_allocation_{_slug(model)}_{benchmark}_b{budget_label(budget)}"
         written += layer_allocation(alloc, stem, model=model, budget=budget, benchmark=benchmark)

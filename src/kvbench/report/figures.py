@@ -98,7 +98,9 @@ def _run_averages(df: pd.DataFrame, benchmark: str, language: str | None = "en",
     if data.empty:
         raise KvbenchError(f"no {benchmark} task scores to plot; collect {benchmark} runs first")
     length = data["length"] if "length" in data else pd.Series(pd.NA, index=data.index)
-    data = data.assign(cell=[f"{t}@{n}" for t, n in zip(data["task"], length)], length=length,
+    # Common cells: tasks at each length (a point averages the same cells), or, along lengths, the same tasks.
+    data = data.assign(cell=data["task"] if by_length else [f"{t}@{n}" for t, n in zip(data["task"], length)],
+                       length=length,
                        line=[line_label(r) for _, r in data.iterrows()])
     rows, task_counts = [], {}
     for model, block in data.groupby("model", sort=True):
