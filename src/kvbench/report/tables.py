@@ -208,7 +208,8 @@ def _wide(data: pd.DataFrame, column: str, tasks: list[str]) -> pd.DataFrame:
 
 def _row_order(index: pd.Index) -> list:
     """model, protocol, query mode, decode, variant, budget (FullKV first), method (papers' order), tag."""
-    return sorted(index, key=lambda k: (*k[:2], *k[3:6], budget_order(k[6]), method_sort_key(k[7]), k[2]))
+    return sorted(index, key=lambda k: (*k[:2], k[3] != "aware", *k[3:6], budget_order(k[6]), method_sort_key(k[7]),
+                                        k[2]))
 
 
 def _n_label(counts: pd.Series) -> str:
