@@ -21,6 +21,20 @@ SHARED_LONGBENCH = next((p for p in (REPO.parent / "shared" / "data" / "longbenc
 TINY = ("tiny_llama", "tiny_mistral", "tiny_qwen2")
 
 
+@functools.lru_cache(maxsize=None)
+def _protocol_yaml(name: str) -> dict:
+    protocol = OmegaConf.to_container(compose([f"protocol={name}"]).protocol, resolve=True)
+    protocol.pop("methods"), protocol.pop("per_model", None)
+    return protocol
+
+
+def protocol_preset(name: str, **overrides):
+    """A LongBench protocol preset as `run.py protocol=<name>` builds it: from configs/protocol/<name>.yaml."""
+    from kvbench.longbench.protocol import Protocol
+
+    return Protocol.from_dict({**_protocol_yaml(name), **overrides})
+
+
 def model_spec(name: str) -> ModelSpec:
     cfg = compose([f"model={name}"])
     return ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True))

@@ -18,7 +18,7 @@ from kvbench.errors import KvbenchError
 from kvbench.golden import synthetic_layer
 from kvbench.methods import build_method
 from kvbench.methods.expected_attention import unrotate
-from kvbench.methods.kvzip import chunk_passes, prune_counts, reconstruction_scores
+from kvbench.methods.kvzip import chunk_passes, kept_per_head, pruned_per_layer, reconstruction_scores
 
 
 @pytest.fixture(autouse=True)
@@ -197,12 +197,19 @@ def test_kvzip_scores_are_the_reference_softmax_max(start, end, block):
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_kvzip_prunes_the_lowest_scores_over_all_layers():
+def test_kvzip_prunes_the_lowest_scores_over_all_layers_then_across_heads():
+    """kvpress `compress_post`: a global bottom-k counts each layer's pruned pairs; a layer then prunes its count
+    across its heads together, so heads keep different numbers and the total is exact."""
     scores = torch.rand(3, 2, 50, generator=torch.Generator().manual_seed(2))
-    counts = prune_counts(scores, 3 * 2 * 20, layerwise=False)
+    pruned = pruned_per_layer(scores, 3 * 2 * 30)
     threshold = scores.flatten().sort().values[-3 * 2 * 20]
-    assert counts == [int((scores[l] >= threshold).sum()) for l in range(3)] and sum(counts) == 120
-    assert prune_counts(scores, 120, layerwise=True) == [40, 40, 40]
+    assert [100 - p for p in pruned] == [int((scores[l] >= threshold).sum()) for l in range(3)]
+    assert sum(pruned) == 180
+    kept = [kept_per_head(scores[l], pruned[l]) for l in range(3)]
+    for l in range(3):
+        assert [idx.tolist() for idx in kept[l]] == [sorted((scores[l, h] >= threshold).nonzero()[:, 0].tolist())
+                                                     for h in range(2)]
+    assert len({len(idx) for layer in kept for idx in layer}) > 1  # heads keep different counts
 
 
 def test_kvzip_end_to_end_matches_eager_attention_of_the_repeat_pass(tiny_llama):
@@ -214,7 +221,7 @@ def test_kvzip_end_to_end_matches_eager_attention_of_the_repeat_pass(tiny_llama)
     method = build_method("kvzip", budget=budget)
     method.bind(model, tok)
     out = generate(model, ids, method, max_new_tokens=1)
-    assert sum(out.layer_kept) <= budget * 4 and sum(out.layer_kept) >= budget * 4 - 4
+    assert sum(out.layer_kept) == budget * 4  # exact: no per-head round-down
     kept = as_sets(prefill(model, ids, method).cache.kept_positions())
 
     first, _, suffix = method.prompt_ids
@@ -231,11 +238,11 @@ def test_kvzip_end_to_end_matches_eager_attention_of_the_repeat_pass(tiny_llama)
         model.set_attn_implementation(impl)
     kv_heads = model.config.num_key_value_heads
     scores = torch.stack([a[0, :, :, :n].reshape(kv_heads, -1, n).amax(dim=1) for a in attn])  # [L, H_kv, n]
-    # (the sinks' initial score 1 is overwritten by the first chunk's pass, which starts at 0)
-    counts = prune_counts(scores, 4 * kv_heads * budget, layerwise=False)
-    expected = [[sorted(h.tolist()) for h in scores[l].topk(c // kv_heads, dim=-1).indices]
-                for l, c in enumerate(counts)]
+    scores[..., :4] = scores.amax() + 1  # kvpress 0.5.5: the sinks are always kept
+    pruned = pruned_per_layer(scores, scores.numel() - 4 * kv_heads * budget)
+    expected = [[idx.tolist() for idx in kept_per_head(scores[l], p)] for l, p in enumerate(pruned)]
     assert kept == expected
+    assert all(h[:4] == [0, 1, 2, 3] for layer in kept for h in layer)
 
 
 def test_kvzip_needs_the_tokenizer(tiny_llama):

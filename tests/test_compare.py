@@ -9,8 +9,9 @@ import pytest
 
 from kvbench.compare import compare_runs, main
 from kvbench.errors import KvbenchError
-from kvbench.sample_scores import (SAMPLE_SCORES_FILE, backfill, pop_and_write, read_sample_scores, sample_row,
+from kvbench.sample_rows import (SAMPLE_SCORES_FILE, pop_and_write, read_sample_scores, sample_row,
                                    write_sample_scores)
+from kvbench.sample_scores import backfill
 
 
 def make_run(root: Path, name: str, scores: dict[str, list[float]], ids=None, benchmark="longbench") -> Path:
@@ -139,3 +140,12 @@ def test_pipeline_writes_sample_scores_that_compare_and_report_read(tmp_path):
     assert set(read_sample_scores(dirs[0])["id"]) == {"id1", "id2"}
     df = collect([tmp_path / "results"])
     assert df["ci_low"].notna().all() and (df["ci_low"] <= df["score"]).all()
+
+
+def test_sample_scores_cli_still_runs_as_a_module(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kvbench.sample_scores", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "nowhere" in done.stderr and "Traceback" not in done.stderr

@@ -8,7 +8,8 @@ import torch
 from conftest import random_prompt
 from kvbench.attention import compression
 from kvbench.cache import CompressedCache
-from kvbench.engine import cache_kwargs, generate
+from kvbench.cache import cache_kwargs
+from kvbench.engine import generate
 from kvbench.errors import KvbenchError
 from kvbench.methods import METHODS, build_method
 

@@ -43,8 +43,8 @@ def test_2026_cases_cover_adakv_and_the_new_baselines():
         if case["reference"].startswith(("kvpress==0.5.5", "FFY0/DefensiveKV")):
             continue  # the wrapper cases: counted in test_method_pipeline.py
         counts[case["method"]] = counts.get(case["method"], 0) + 1
-    assert counts == {"adakv": 11, "adakv_gqa": 9, "adakv_pyramid": 10, "adakv_pyramid_gqa": 9, "knorm": 10,
-                      "tova": 10, "cake": 10}
+    assert counts == {"adakv": 11, "adakv_gqa": 9 + 12, "adakv_pyramid": 10, "adakv_pyramid_gqa": 9, "knorm": 10,
+                      "tova": 10, "cake": 10, "keydiff": 8, "lagkv": 16}  # adakv_gqa: + 12 of kvpress's AdaKVPress
 
 
 @pytest.mark.parametrize("path", CASES_2026, ids=[p.stem for p in CASES_2026])

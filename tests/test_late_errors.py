@@ -159,7 +159,8 @@ def test_finished_run_on_a_read_only_mount(tmp_path, monkeypatch, capsys):
 
 # ---- item 10 -----------------------------------------------------------------------------------------------------
 def test_agnostic_question_longer_than_max_input_len_is_truncated_as_aware_mode_does():
-    from kvbench.longbench.protocol import build_prompt, build_split_prompt, get_protocol
+    from conftest import protocol_preset as get_protocol
+    from kvbench.longbench.protocol import build_prompt, build_split_prompt
     from kvbench.models import EMBEDDED, load_tokenizer
 
     tok = load_tokenizer(EMBEDDED)

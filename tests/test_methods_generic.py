@@ -25,7 +25,8 @@ SYNTHETIC_GAPS = {"expected_attention": "needs method.bind(model) (rotary embedd
                   "layer_defensivekv": "needs method.bind(model) (output projections); its golden cases bind a "
                                        "stand-in",
                   "kvzip": "scores come from reconstruction passes through the model (after_prefill); the model tests "
-                           "below check it"}
+                           "below check it",
+                  "kvzip_plus": "as kvzip (KVzip+ is a configuration of it)"}
 FORMULA_GAPS = {}
 SYNTH = dict(seq_len=400, heads=8, kv_heads=2, head_dim=16, layers=4)
 

@@ -14,18 +14,16 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, GenerationConfig
 
+from conftest import protocol_preset as get_protocol
 from kvbench.errors import KvbenchError
 from kvbench.longbench.data import DataSource, load_task
 from kvbench.longbench.protocol import (
     OFFICIAL_PROMPTS_SHA256,
-    PRESETS,
     PROMPTS,
     Protocol,
     build_prompt,
     generation_settings,
-    get_protocol,
     newline_token_id,
-    postprocess,
 )
 from kvbench.longbench.tasks import TASKS
 
@@ -203,31 +201,32 @@ def test_min_new_tokens_none_and_custom_newline_stop(tok):
     assert (news.min_new_tokens, news.stop_token_ids) == (0, [2])
 
 
-def test_postprocess_keeps_the_raw_prediction():
-    assert postprocess("samsum", "\n A summary.\nSecond line ") == "\n A summary.\nSecond line "
-    with pytest.raises(KvbenchError):
-        postprocess("not_a_task", "x")
-
-
 # ---- Protocol objects ------------------------------------------------------------------------------------------
 
 def test_presets_have_the_documented_values():
-    assert asdict(PRESETS["dynamickv"]) == {
+    """The presets are configs/protocol/*.yaml, the one place they are written."""
+    assert asdict(get_protocol("dynamickv")) == {
         "name": "dynamickv", "chat_template": "none", "min_new_tokens_tasks": "samsum",
         "eos": "generation_config", "samsum_newline_stop": True, "truncation": "middle", "add_special_tokens": True,
     }
-    kvf = PRESETS["kvcache_factory"]
+    kvf = get_protocol("kvcache_factory")
     assert (kvf.chat_template, kvf.min_new_tokens_tasks, kvf.eos, kvf.samsum_newline_stop) == (
         "none", "all", "tokenizer", False,
     )
-    official = PRESETS["official"]
+    official = get_protocol("official")
     official_values = (official.chat_template, official.min_new_tokens_tasks, official.eos)
     assert official_values == ("model", "samsum", "generation_config")
 
 
-def test_get_protocol_errors_and_overrides():
-    with pytest.raises(KvbenchError, match="'pyramid'; choose one of: dynamickv, kvcache_factory, official"):
-        get_protocol("pyramid")
+def test_the_library_holds_no_second_copy_of_the_presets():
+    import kvbench.longbench.protocol as protocol
+
+    assert not hasattr(protocol, "PRESETS") and not hasattr(protocol, "get_protocol")
+    with pytest.raises(TypeError):
+        protocol.Protocol(name="dynamickv")  # no defaults: a preset's values live in its YAML only
+
+
+def test_overrides_are_checked():
     with pytest.raises(KvbenchError, match="unknown protocol setting.*chat"):
         get_protocol("dynamickv", chat=True)
     with pytest.raises(KvbenchError, match="chat_template must be one of none, model"):
@@ -239,16 +238,18 @@ def test_protocol_round_trips_through_plain_dicts_and_hydra_configs():
     protocol = get_protocol("kvcache_factory", samsum_newline_stop=True)
     assert Protocol.from_dict(protocol.to_dict()) == protocol
     assert Protocol(**asdict(protocol)) == protocol
-    from_hydra = Protocol.from_dict(OmegaConf.create({"name": "official", "eos": "tokenizer"}))
+    from_hydra = Protocol.from_dict(OmegaConf.create(dict(asdict(get_protocol("official")), eos="tokenizer")))
     assert from_hydra == get_protocol("official", eos="tokenizer")
-    custom = dict(asdict(PRESETS["dynamickv"]), name="mine")
+    custom = dict(asdict(get_protocol("dynamickv")), name="mine")
     assert Protocol.from_dict(custom).name == "mine"
 
 
 def test_from_dict_errors():
-    with pytest.raises(KvbenchError, match="missing: chat_template"):
+    with pytest.raises(KvbenchError, match="misses setting.*chat_template"):
         Protocol.from_dict({"name": "mine", "eos": "tokenizer"})
+    with pytest.raises(KvbenchError, match="misses setting.*eos"):  # a preset name no longer fills the rest
+        Protocol.from_dict({"name": "dynamickv", "chat_template": "none"})
     with pytest.raises(KvbenchError, match="unknown protocol setting.*stop"):
-        Protocol.from_dict({"name": "dynamickv", "stop": "\n"})
+        Protocol.from_dict({**asdict(get_protocol("dynamickv")), "stop": "\n"})
     with pytest.raises(KvbenchError, match="samsum_newline_stop must be true or false"):
-        Protocol.from_dict({"name": "dynamickv", "samsum_newline_stop": "yes"})
+        Protocol.from_dict({**asdict(get_protocol("dynamickv")), "samsum_newline_stop": "yes"})

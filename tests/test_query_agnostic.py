@@ -151,8 +151,9 @@ def test_restore_cache_trims_each_layer_with_crop(tiny_llama):
 
 
 # ---- the split: context + question ids == the aware prompt's ids --------------------------------------------------
-from kvbench.longbench.protocol import (PROMPTS, build_prompt, build_split_prompt, get_protocol,  # noqa: E402
-                                        question_kind, split_template)
+from conftest import protocol_preset as get_protocol  # noqa: E402
+from kvbench.longbench.protocol import (PROMPTS, build_prompt, build_split_prompt, question_kind,  # noqa: E402
+                                        split_template)
 from kvbench.models import EMBEDDED, load_tokenizer  # noqa: E402
 from kvbench.needle.prompt import (build_context_ids, build_multi_context_ids, build_prompt_ids,  # noqa: E402
                                    build_split_prompt_ids, needle_question)

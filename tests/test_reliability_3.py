@@ -14,7 +14,8 @@ from kvbench.config import compose, output_dir
 from kvbench.errors import KvbenchError
 from kvbench.pipeline import evaluate, prepare
 from kvbench.report import ReportWarning, collect, longbench_table
-from kvbench.sample_scores import SAMPLE_SCORES_FILE, backfill, read_sample_scores
+from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
+from kvbench.sample_scores import backfill
 from test_pipeline import ONE_THREAD, TASK, no_model, overrides  # noqa: F401  (no_model is a fixture)
 from test_report import MODEL, table_rows, write_run
 

@@ -14,7 +14,7 @@ from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.report import (ReportWarning, budget_curve, collect, layer_allocation, layer_allocations,
                             longbench_e_table, longbench_table, paper_comparison, score_vs_bytes)
 from kvbench.report.__main__ import main
-from kvbench.sample_scores import sample_row, write_sample_scores
+from kvbench.sample_rows import sample_row, write_sample_scores
 
 MODEL = {"name": "llama3-8b-instruct", "hub_id": "meta-llama/Meta-Llama-3-8B-Instruct"}
 TASKS = ["narrativeqa", "hotpotqa", "lcc"]

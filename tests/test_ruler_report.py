@@ -10,7 +10,7 @@ import pytest
 from kvbench.errors import KvbenchError
 from kvbench.report import collect
 from kvbench.report.tables import benchmark_table
-from kvbench.sample_scores import sample_row, write_sample_scores
+from kvbench.sample_rows import sample_row, write_sample_scores
 
 SAMPLES = 3
 

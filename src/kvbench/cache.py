@@ -21,6 +21,8 @@ compressed layer, and budget schedules over layers (PyramidKV, DynamicKV) run ov
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -262,3 +264,14 @@ class CompressedCache(Cache):
     def kept_positions(self) -> list[list[list[int]]]:
         """Original prompt positions held, as [layer][head] lists."""
         return [layer.kept_positions() for layer in self.layers]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """{name: cache} for a forward call, under the name this transformers version uses."""
+    return {_cache_argument(type(model)): cache}

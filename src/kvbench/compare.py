@@ -15,7 +15,7 @@ import pandas as pd
 
 from kvbench.atomic import write_json_atomic
 from kvbench.errors import KvbenchError
-from kvbench.sample_scores import read_sample_scores
+from kvbench.sample_rows import read_sample_scores
 from kvbench.stats import CONFIDENCE, N_PERMUTATIONS, N_RESAMPLES, SEED, paired_comparison
 
 __all__ = ["pair_samples", "compare_samples", "compare_runs", "main"]

@@ -22,8 +22,20 @@ def _subtract(a: Any, b: Any) -> Any:
     return a - b
 
 
+def _per_model(table: str, setting: str, default: Any, *, _root_: DictConfig) -> Any:
+    """`${kvb_per_model:<table>,<setting>,<default>}`: the value that the config node `table` (hub id -> settings)
+    gives `setting` for this run's model (`model.hub_id`), else `default`. Lets a protocol or benchmark config hold
+    the settings its papers used for specific models, so that a model config needs only `name` and `hub_id`."""
+    per_model = OmegaConf.select(_root_, table, default=None) or {}
+    hub_id = OmegaConf.select(_root_, "model.hub_id", default=None)
+    entry = per_model.get(hub_id) if hub_id is not None else None
+    return default if entry is None else entry.get(setting, default)
+
+
 if not OmegaConf.has_resolver("kvb_sub"):
     OmegaConf.register_new_resolver("kvb_sub", _subtract)
+if not OmegaConf.has_resolver("kvb_per_model"):
+    OmegaConf.register_new_resolver("kvb_per_model", _per_model)
 
 
 def compose(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_DIR) -> DictConfig:
@@ -187,6 +199,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     from kvbench.methods import registry
     from kvbench.models import ModelSpec
+    from kvbench.results import MOVED_MODEL_KEYS
 
     try:
         OmegaConf.resolve(cfg)
@@ -203,6 +216,9 @@ def validate(cfg: DictConfig) -> DictConfig:
             _check_section(method, _dataclass_schema(registry.get(method.name).cls), "method.")
         _check_section(cfg.model, {**_dataclass_schema(ModelSpec), "max_input_len": _optional(POS_INT),
                                    "trained_len": _optional(POS_INT)}, "model.")
+        for key, place in MOVED_MODEL_KEYS.items():
+            if key in cfg.model:
+                raise KvbenchError(f"model.{key} is no longer a model setting; set {place} instead")
         _check_section(cfg.benchmark, BENCHMARK, "benchmark.")
         if isinstance(cfg.benchmark.get("grid"), DictConfig):
             _check_section(cfg.benchmark.grid, NEEDLE_GRID, "benchmark.grid.")

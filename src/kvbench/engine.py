@@ -11,8 +11,6 @@ The cache is passed under the argument name the installed transformers uses (`ca
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -20,7 +18,7 @@ from typing import Sequence
 import torch
 
 from kvbench.attention import compression, decoding
-from kvbench.cache import CompressedCache
+from kvbench.cache import CompressedCache, cache_kwargs
 from kvbench.decoding import DecodeSchedule, KvPeak, restore, schedule_for, snapshot
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
@@ -86,17 +84,6 @@ def _sync(device: torch.device) -> None:
 def num_layers_of(model) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return config.num_hidden_layers
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_argument(model_class: type) -> str:
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_kwargs(model, cache) -> dict:
-    """{name: cache} for a forward call, under the name this transformers version uses."""
-    return {_cache_argument(type(model)): cache}
 
 
 def new_cache(model, method: Method) -> CompressedCache:

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,6 +56,19 @@ class ModelSpec:
 
     def record(self) -> dict:
         return asdict(self)
+
+
+def with_trained_len(spec: ModelSpec) -> ModelSpec:
+    """`spec` with `trained_len` read from the model's own config (`max_position_embeddings`) when the model config
+    does not set it. Reads only the small config file (tiny models: their `tiny` settings), so it runs before any
+    weights load; an embedded GGUF model, whose metadata is slow to parse, must set it in its config."""
+    if spec.trained_len is not None or spec.gguf_package or (spec.tiny is None and not spec.hub_id):
+        return spec
+    if spec.tiny is None:
+        check_hub_source(spec.hub_id)
+    config = tiny_config(spec, vocab_size=8) if spec.tiny is not None else model_config(spec, tokenizer=None)
+    trained_len = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return replace(spec, trained_len=trained_len) if isinstance(trained_len, int) and trained_len > 0 else spec
 
 
 def resolve_dtype(spec: ModelSpec, device: str) -> torch.dtype:

@@ -29,10 +29,11 @@ from kvbench.engine import ContextCache, GenerationOutput, generate
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
-from kvbench.models import ModelSpec, load_model, load_tokenizer, model_config, resolve_attention, resolve_dtype
+from kvbench.models import (ModelSpec, load_model, load_tokenizer, model_config, resolve_attention, resolve_dtype,
+                            with_trained_len)
 from kvbench.query import check_agnostic_model
 from kvbench.results import RunStore
-from kvbench.sample_scores import pop_and_write
+from kvbench.sample_rows import pop_and_write
 
 log = logging.getLogger("kvbench")
 VERSIONED_PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "rouge", "rouge-score", "fuzzywuzzy",
@@ -111,6 +112,7 @@ BENCHMARKS = {
     "longbench_e": "kvbench.longbench.runner:plan_longbench",
     "needle": "kvbench.needle.runner:plan_needle",
     "ruler": "kvbench.ruler.runner:plan_ruler",
+    "longgen": "kvbench.longgen.runner:plan_longgen",
 }
 
 
@@ -122,15 +124,21 @@ def plan_benchmark(cfg: DictConfig, spec: ModelSpec):
     return getattr(importlib.import_module(module), function)(cfg, spec)
 
 
+def benchmark_hook(name: str, attribute: str):
+    """An optional module-level function of a benchmark's planner module (e.g. `sweep_work`), or None."""
+    module = BENCHMARKS[name].split(":")[0] if name in BENCHMARKS else None
+    return getattr(importlib.import_module(module), attribute, None) if module else None
+
+
 def prepare(cfg: DictConfig) -> Job:
     """Resolve and validate everything that does not need the model (types, method, data files, grid)."""
     validate(cfg)
     method = method_from_config(cfg.method, cfg.budget)
     limit = cfg.benchmark.get("max_new_tokens")
-    if getattr(method, "decode_interval", None) and limit and method.decode_interval > limit:
+    if method.decode_interval and limit and method.decode_interval > limit:
         raise KvbenchError(f"method.decode_interval={method.decode_interval} is above benchmark.max_new_tokens="
                            f"{limit}: no decoding-time compression would ever run; lower method.decode_interval")
-    spec = ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True))
+    spec = with_trained_len(ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True)))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)
     plan = plan_benchmark(cfg, spec)

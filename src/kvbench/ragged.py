@@ -231,26 +231,3 @@ def _flash_prefix(q, keys, values, cu_seqlens, max_length, scale, group, m):
     out = out.view(stored, m, group, d).transpose(1, 2).reshape(stored, group * m, d).float()
     lse = lse.view(group, stored, m).permute(1, 0, 2).reshape(stored, group * m).float()  # lse: [heads, total_q]
     return out, lse
-
-
-def dense_reference(query, per_head_keys, per_head_values, scaling=None) -> torch.Tensor:
-    """Reference for the tests: pad every head to the longest, mask the padding, one softmax. query [1,H,m,d];
-    per_head_keys: S tensors [len_s, d] whose last m rows are the queries' own tokens. Returns [1, m, H, d]."""
-    _, heads, m, d = query.shape
-    stored = len(per_head_keys)
-    longest = max(k.shape[0] for k in per_head_keys)
-    keys = torch.zeros(stored, longest, d, dtype=torch.float64)
-    values = torch.zeros(stored, longest, d, dtype=torch.float64)
-    allowed = torch.zeros(stored, m, longest, dtype=torch.bool)
-    for s, (k, v) in enumerate(zip(per_head_keys, per_head_values)):
-        n = k.shape[0]
-        keys[s, :n], values[s, :n] = k.double(), v.double()
-        for i in range(m):
-            allowed[s, i, : n - m + i + 1] = True
-    scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
-    group = heads // stored
-    kv = torch.arange(heads) // group
-    logits = torch.einsum("hmd,hnd->hmn", query[0].double(), keys[kv]) * scale
-    logits = logits.masked_fill(~allowed[kv], float("-inf"))
-    out = torch.einsum("hmn,hnd->hmd", torch.softmax(logits, dim=-1), values[kv])
-    return out.transpose(0, 1).unsqueeze(0)

@@ -47,6 +47,23 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Model-config keys that moved to the protocol / needle configs, and where they are set now. Validation refuses
+# them; runs recorded before the move carry them in `settings.model.extra` and are the same settings without them
+# (the method's and the needle's own settings record their values).
+MOVED_MODEL_KEYS = {"paper_pooling": "protocol.methods.pooling (or the protocol's per_model table)",
+                    "paper_radio_max": "protocol.methods.radio_max (or the protocol's per_model table)",
+                    "needle_prompt": "benchmark.prompt (or the needle config's per_model table)"}
+
+
+def _fingerprints(record: dict) -> set[str]:
+    """The fingerprint a run record carries, and that of its settings without the moved model keys."""
+    settings = json.loads(json.dumps(record.get("settings", {}), default=str))
+    extra = (settings.get("model") or {}).get("extra") or {}
+    for key in MOVED_MODEL_KEYS:
+        extra.pop(key, None)
+    return {record.get("fingerprint"), fingerprint(settings)}
+
+
 def read_predictions(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     """Records of a prediction file ([] when there is none). A last line without its newline is the trace of an
     interrupted write: with `repair` it is cut off the file (and a warning says so), otherwise it is an error like
@@ -194,7 +211,7 @@ class RunStore:
                                f"results_root= or output_dir= to a writable folder")
 
     def _refuse_other_settings(self, previous: dict | None) -> None:
-        if previous is not None and previous.get("fingerprint") != self.fingerprint and self.has_predictions():
+        if previous is not None and self.fingerprint not in _fingerprints(previous) and self.has_predictions():
             changed = _changed_keys(previous.get("settings", {}), self.settings)
             raise KvbenchError(
                 f"{self.root} holds results of different settings (changed: {', '.join(changed) or 'unknown'}); "
@@ -218,7 +235,7 @@ class RunStore:
     def check_locked(self) -> None:
         previous = self._read_previous()
         self._refuse_other_settings(previous)  # a run of other settings may have written it since check()
-        if previous is not None and previous.get("fingerprint") == self.fingerprint:
+        if previous is not None and self.fingerprint in _fingerprints(previous):
             self._previous = previous
             return
         # A new folder, or one holding no prediction (a failed start): this run's record replaces any other.

@@ -22,8 +22,10 @@ def print_summary(cfg: DictConfig, scores: dict) -> float | None:
     variant = (" | multi-needle" if cfg.benchmark.get("multi_needle") else "") + \
         (f" | query={query}" if query != "aware" else "")
     print(f"\n{cfg.model.name} | {cfg.benchmark.name} | {cfg.method.name}{size}{protocol}{variant}")
+    generated = scores.get("new_tokens_mean") or {}  # long-output benchmarks report the mean generated length
     for task, value in scores.get("tasks", {}).items():
-        print(f"  {task:24s} {value:6.2f}  (n={scores['n'][task]})")
+        length = f", {generated[task]:.1f} tokens generated on average" if generated.get(task) is not None else ""
+        print(f"  {task:24s} {value:6.2f}  (n={scores['n'][task]}{length})")
     value = headline(scores)
     if value is not None:
         if scores.get("benchmark") == "needle":

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvbench.config import CONFIG_DIR, compose, output_dir, run_name
+from kvbench.config import CONFIG_DIR, LONGBENCH_KINDS, compose, output_dir, run_name
 from kvbench.errors import KvbenchError
 from kvbench.results import PREDICTIONS, RUN_FILE, folder_locked
 from kvbench.slurm import WAITING, queued_jobs
@@ -211,6 +211,13 @@ def job_work(cfg: DictConfig) -> list[Work]:
         return [_needle_work(cfg)]
     if cfg.benchmark.name == "ruler":
         return [_ruler_work(cfg, task) for task in cfg.benchmark.tasks]
+    if cfg.benchmark.name not in LONGBENCH_KINDS:  # another benchmark: its planner module's sweep_work(cfg)
+        from kvbench.pipeline import benchmark_hook
+
+        hook = benchmark_hook(cfg.benchmark.name, "sweep_work")
+        if hook is None:
+            raise SweepError(f"benchmark {cfg.benchmark.name!r} cannot be swept (its module has no sweep_work)")
+        return [Work(*unit) for unit in hook(cfg)]
     return [_longbench_work(cfg, task) for task in cfg.benchmark.tasks]
 
 

@@ -1,6 +1,5 @@
-"""The LongBench prompt and decoding protocol, as presets that reproduce specific published pipelines.
-
-Presets (see the protocol reference, sections 4-5 and 11):
+"""The LongBench prompt and decoding protocol. Its presets, configs/protocol/*.yaml, reproduce specific published
+pipelines (see the protocol reference, sections 4-5 and 11):
 - `dynamickv`: the DynamicKV paper's `pred.py`: raw prompt (no chat template); only samsum gets min 1 new token and
   stops at [eos, "\\n"]; every other task stops on the model's generation_config EOS ids.
 - `kvcache_factory`: PyramidKV / KVCache-Factory (Jul 2024 - Jan 2025): raw prompt; min 1 new token on all tasks;
@@ -14,7 +13,7 @@ belongs to scoring, not here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from kvbench.errors import KvbenchError
@@ -123,7 +122,7 @@ class ProtocolError(KvbenchError):
 
 @dataclass(frozen=True)
 class Protocol:
-    """How prompts are built and decoding is configured; presets reproduce published pipelines.
+    """How prompts are built and decoding is configured (the presets: configs/protocol/*.yaml).
 
     chat_template: "none" = raw templated prompt (the KV papers); "model" = the chat tasks are wrapped in the
         tokenizer's chat template as one user message (the six no-chat tasks stay raw).
@@ -136,12 +135,12 @@ class Protocol:
     """
 
     name: str
-    chat_template: str = "none"
-    min_new_tokens_tasks: str = "samsum"
-    eos: str = "generation_config"
-    samsum_newline_stop: bool = True
-    truncation: str = "middle"
-    add_special_tokens: bool = True
+    chat_template: str
+    min_new_tokens_tasks: str
+    eos: str
+    samsum_newline_stop: bool
+    truncation: str
+    add_special_tokens: bool
 
     def __post_init__(self) -> None:
         _check_choice("chat_template", self.chat_template, _CHAT_TEMPLATES)
@@ -158,18 +157,13 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "Protocol":
-        """Build from a plain dict / Hydra config. A preset `name` fills the keys left out; a custom name needs all."""
+        """Build from a plain dict / Hydra config: every setting given (the presets are configs/protocol/*.yaml)."""
         values = dict(config)
         _check_known_keys(values)
-        name = values.get("name")
-        if name in PRESETS:
-            return replace(PRESETS[name], **values)
-        missing = [f.name for f in fields(cls) if f.name not in values and f.name != "name"]
-        if name is None or missing:
-            raise ProtocolError(
-                f"protocol {name!r} is not a preset ({', '.join(PRESETS)}), so every setting must be given; "
-                f"missing: {', '.join(missing) or 'name'}"
-            )
+        missing = [f.name for f in fields(cls) if f.name not in values]
+        if missing:
+            raise ProtocolError(f"protocol {values.get('name')!r} misses setting(s) {', '.join(missing)}; give every "
+                                f"setting, or start from a preset (protocol=dynamickv|kvcache_factory|official)")
         return cls(**values)
 
 
@@ -183,30 +177,6 @@ def _check_known_keys(values: Mapping[str, Any]) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ProtocolError(f"unknown protocol setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-
-
-PRESETS: dict[str, Protocol] = {
-    "dynamickv": Protocol(
-        name="dynamickv", chat_template="none", min_new_tokens_tasks="samsum", eos="generation_config",
-        samsum_newline_stop=True,
-    ),
-    "kvcache_factory": Protocol(
-        name="kvcache_factory", chat_template="none", min_new_tokens_tasks="all", eos="tokenizer",
-        samsum_newline_stop=False,
-    ),
-    "official": Protocol(
-        name="official", chat_template="model", min_new_tokens_tasks="samsum", eos="generation_config",
-        samsum_newline_stop=True,
-    ),
-}
-
-
-def get_protocol(name: str, **overrides: Any) -> Protocol:
-    """A preset by name (dynamickv | kvcache_factory | official), optionally with some settings overridden."""
-    if name not in PRESETS:
-        raise ProtocolError(f"unknown LongBench protocol {name!r}; choose one of: {', '.join(PRESETS)}")
-    _check_known_keys(overrides)
-    return replace(PRESETS[name], **overrides)
 
 
 @dataclass(frozen=True)
@@ -455,13 +425,3 @@ def generation_settings(task: str, tokenizer: Any, generation_config: Any, proto
         stop_ids = _model_eos_ids(tokenizer, generation_config)
     min_new = 1 if _forces_first_token(spec.name, protocol) else 0
     return GenSettings(max_new_tokens=spec.max_new_tokens, min_new_tokens=min_new, stop_token_ids=stop_ids)
-
-
-def postprocess(task: str, text: str) -> str:
-    """The prediction as stored: the decoded new tokens, unchanged.
-
-    The official pipeline only post-processes for xgen/internlm-specific chat markers; for every other model the
-    raw decode is written, unstripped. The first-line cut (trec/triviaqa/samsum/lsht) is applied by scoring.
-    """
-    task_spec(task)
-    return text

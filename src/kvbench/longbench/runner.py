@@ -156,7 +156,8 @@ def plan_longbench(cfg: DictConfig, spec: ModelSpec) -> LongBenchPlan:
         check_hub_data(bench.hub_id)  # offline: fails here, before the model loads
     _check_max_input_len(spec.max_input_len)
     protocol_cfg = OmegaConf.to_container(cfg.protocol, resolve=True)
-    protocol_cfg.pop("methods", None)
+    protocol_cfg.pop("methods", None)  # the method defaults and per-model table of the same papers
+    protocol_cfg.pop("per_model", None)
     source = DataSource(path=bench.data_dir, hub_id=bench.hub_id, verify=bench.verify_checksums,
                         limit=bench.limit)
     return LongBenchPlan(tasks, source, Protocol.from_dict(protocol_cfg), spec.max_input_len, is_e,

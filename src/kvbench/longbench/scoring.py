@@ -8,7 +8,7 @@ Official rules reproduced here:
   an empty bucket is NaN (numpy would say NaN too, plus a RuntimeWarning we avoid).
 
 `score_folder` also returns the per-sample scores its task scores average (key `sample_scores`, rows of
-`kvbench.sample_scores`): the pipeline writes them to `sample_scores.jsonl` for confidence intervals and paired tests.
+`kvbench.sample_rows`): the pipeline writes them to `sample_scores.jsonl` for confidence intervals and paired tests.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from kvbench.errors import KvbenchError
 from kvbench.jsonl import numbered_jsonl
 from kvbench.longbench import metrics
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, ENGLISH_16, task_spec
-from kvbench.sample_scores import SAMPLES_KEY, sample_row
+from kvbench.sample_rows import SAMPLES_KEY, sample_row
 
 __all__ = [
     "BUCKETS", "score_sample", "score_task", "score_task_e", "summarize", "read_predictions",

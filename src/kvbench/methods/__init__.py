@@ -18,8 +18,10 @@ from kvbench.methods.dynamickv import DynamicKV
 from kvbench.methods.expected_attention import ExpectedAttention
 from kvbench.methods.fullkv import FullKV
 from kvbench.methods.h2o import H2O
+from kvbench.methods.keydiff import KeyDiff
 from kvbench.methods.knorm import KNorm
 from kvbench.methods.kvzip import KVzip
+from kvbench.methods.lagkv import LagKV
 from kvbench.methods.pyramidkv import PyramidKV
 from kvbench.methods.random import Random
 from kvbench.methods.snapkv import SnapKV
@@ -29,7 +31,7 @@ from kvbench.methods.tova import TOVA
 # The method classes (every registered name, configurations included: `registry.names()`).
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (FullKV, StreamingLLM, H2O, SnapKV, PyramidKV, DynamicKV,
-                              KNorm, TOVA, CAKE, ExpectedAttention, KVzip, Random, ChunkKV, CriticalKV,
+                              KNorm, TOVA, CAKE, ExpectedAttention, KVzip, KeyDiff, LagKV, Random, ChunkKV, CriticalKV,
                               DefensiveKV, LayerDefensiveKV)
 }
 for _cls in METHODS.values():
@@ -53,5 +55,5 @@ def method_from_config(cfg: Mapping[str, Any], budget: Any = None) -> Method:
 
 __all__ = ["METHODS", "Method", "ScoredMethod", "PooledWindowMethod", "build_method", "method_from_config",
            "registry", "FullKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV", "DynamicKV",
-           "KNorm", "TOVA", "CAKE", "ExpectedAttention", "KVzip", "Random", "ChunkKV", "CriticalKV", "DefensiveKV",
+           "KNorm", "TOVA", "CAKE", "ExpectedAttention", "KVzip", "KeyDiff", "LagKV", "Random", "ChunkKV", "CriticalKV", "DefensiveKV",
            "LayerDefensiveKV"]

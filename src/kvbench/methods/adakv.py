@@ -12,7 +12,11 @@ configurations:
 Any other scorer takes the same settings (`method=h2o method.allocation=adaptive`). `floor_alpha` is the share of
 the layer budget each head keeps at least; `adaptive_mode=official` reproduces FFY0/AdaKV@efe4e2e's arithmetic
 (each head's count rounded on its own: a layer keeps a few tokens more or fewer than heads x budget), `exact`
-keeps exactly the budget.
+keeps exactly the budget, with a floor of
+`int((budget - window) * floor_alpha)` prefix tokens per head, and `kvpress` is kvpress 0.5.5's `AdaKVPress`
+safeguard: exactly the budget, each head's top `int(budget * floor_alpha)` positions counted with the window
+(`base.kvpress_safeguard`; kvpress's `AdaKVPress(SnapKVPress())` is `adakv_gqa` with window_size=64, kernel_size=5,
+pooling=avgpool, adaptive_mode=kvpress).
 """
 from __future__ import annotations
 
@@ -26,9 +30,12 @@ PAPER = {"window_size": 32, "kernel_size": 7, "pooling": "maxpool", "floor_alpha
 
 
 def official_params(params: dict) -> dict:
-    """The official `AdaptiveSnapKVCluster` arguments of a golden case -> our settings (settings the official
+    """The official `AdaptiveSnapKVCluster` (or kvpress `AdaKVPress`) arguments of a golden case -> our settings (settings the official
     scripts never change must have their default value; anything else is a clear error)."""
     params = dict(params)
+    if "alpha_safeguard" in params:  # kvpress 0.5.5 AdaKVPress(SnapKVPress): the case's budget is n_kept
+        return {"window_size": params["window_size"], "kernel_size": params["kernel_size"], "pooling": "avgpool",
+                "floor_alpha": params["alpha_safeguard"], "adaptive_mode": "kvpress"}
     fixed = {"skip": 0, "normalize": None, "gqa_func": "mean"}
     for key, value in fixed.items():
         if params.pop(key, value) != value:

@@ -39,7 +39,7 @@ from kvbench.errors import KvbenchError
 CACHE_HEADS = ("per_query_head", "per_kv_head")
 POOLINGS = ("avgpool", "maxpool")
 ALLOCATIONS = ("uniform", "adaptive")
-ADAPTIVE_MODES = ("official", "exact")
+ADAPTIVE_MODES = ("official", "exact", "kvpress")
 DECODE_STYLES = ("kvbench", "kvpress")
 
 
@@ -314,7 +314,7 @@ class ScoredMethod(Method):
 
     allocation: str = "uniform"  # uniform: every head keeps the layer's budget; adaptive: AdaKV across heads
     floor_alpha: float = 0.2  # adaptive: share of the layer budget every head keeps at least (AdaKV's alpha)
-    adaptive_mode: str = "official"  # adaptive: official (FFY0/AdaKV arithmetic) or exact (sums to the budget)
+    adaptive_mode: str = "official"  # adaptive: official (FFY0/AdaKV), exact (sums to the budget), kvpress (AdaKVPress)
 
     def validate(self) -> None:
         super().validate()
@@ -363,7 +363,7 @@ class ScoredMethod(Method):
         if self.allocation == "uniform":
             return min(self.prefix_budget(layer_idx, prompt_len), prefix)
         counts = head_adaptive_counts(scores, self.prefix_budget(layer_idx, prompt_len), self.floor_alpha,
-                                      self.adaptive_mode)
+                                      self.adaptive_mode, self.window_size)
         self.head_budgets[layer_idx] = counts.tolist()
         return counts
 
@@ -419,7 +419,8 @@ class ScoredMethod(Method):
                    for i in range(layers))
 
 
-def head_adaptive_counts(scores: torch.Tensor, budget: int, floor_alpha: float, mode: str = "official"):
+def head_adaptive_counts(scores: torch.Tensor, budget: int, floor_alpha: float, mode: str = "official",
+                         window: int = 0):
     """AdaKV's allocation: how many of its prefix tokens each of the S heads of a layer keeps, for a layer
     budget of `budget` prefix tokens per head on average. scores [S, P] -> counts [S] (long).
 
@@ -428,12 +429,13 @@ def head_adaptive_counts(scores: torch.Tensor, budget: int, floor_alpha: float, 
     head is rounded on its own and the floor is truncated, so a layer keeps S x budget - S x frac(budget * alpha)
     tokens give or take S/2: more or fewer than S x budget (SmolLM2: up to 2 either way). A budget above the
     prefix keeps everything.
-    `exact`: every head keeps its own top int(budget * alpha) (the floor), and one top-k over the remaining scores
-    of all heads fills the layer to exactly S x budget (kvpress's AdaKVPress safeguard)."""
+    `exact` (kvbench's): every head keeps its own top int(budget * alpha) prefix tokens (the floor, counted outside
+    the window), and one top-k over the remaining scores of all heads fills the layer to exactly S x budget.
+    `kvpress` (kvpress 0.5.5 `AdaKVPress`): the same fill, with kvpress's floor `kvpress_safeguard`."""
     heads, prefix = scores.shape
     if budget > prefix:
         return torch.full((heads,), prefix, dtype=torch.long, device=scores.device)
-    floor = int(budget * floor_alpha)
+    floor = kvpress_safeguard(budget, window, floor_alpha) if mode == "kvpress" else int(budget * floor_alpha)
     if mode == "official":
         winners = scores.flatten().topk(heads * budget).indices
         counts = torch.bincount(winners // prefix, minlength=heads)
@@ -443,6 +445,17 @@ def head_adaptive_counts(scores: torch.Tensor, budget: int, floor_alpha: float, 
         boosted.scatter_(1, scores.topk(floor, dim=-1).indices, float("inf"))
     winners = boosted.flatten().topk(heads * budget).indices
     return torch.bincount(winners // prefix, minlength=heads)
+
+
+def kvpress_safeguard(budget: int, window: int, alpha: float) -> int:
+    """kvpress's AdaKVPress floor in prefix tokens: every head keeps its top `int(n_kept * alpha)` positions (at
+    least 1 when alpha > 0), n_kept = budget + window counting the window, which its scorers rank first (SnapKV pads
+    the window with max + 1), so the window takes the first `window` of them."""
+    n_kept = budget + window
+    n_safe = int(n_kept * alpha)
+    if alpha > 0 and n_kept > 0:
+        n_safe = max(1, n_safe)
+    return max(0, n_safe - window)
 
 
 @dataclass

@@ -12,9 +12,9 @@ ranked). Budgets, in the order they apply:
 
 These scorers run the shared pipeline (`ScoredMethod.compress_layer`): `kv_scores` is the score step, so
 `allocation=adaptive` composes with any of them as kvpress's `AdaKVPress(press)` wraps any `ScorerPress`. Their
-adaptive default is `adaptive_mode=exact`: every head keeps its own top `int(budget * floor_alpha)`, one top-k over
-all heads fills the layer to exactly H_kv x budget, which is kvpress 0.5.5's `AdaKVPress` (`alpha_safeguard` =
-`floor_alpha`) where the window is 0 (kvpress's convention; its `max(1, ...)` floor differs only below 5 tokens).
+adaptive default is `adaptive_mode=kvpress`, kvpress 0.5.5's `AdaKVPress` (`alpha_safeguard` = `floor_alpha`): every
+head keeps its own top `max(1, int(n_kept * floor_alpha))` (`base.kvpress_safeguard`), one top-k over all heads fills
+the layer to exactly H_kv x budget.
 """
 from __future__ import annotations
 
@@ -34,16 +34,16 @@ class KvpressScored(ScoredMethod):
     min_window: ClassVar[int] = 0
     window_size: int = 0
     cache_heads: str = "per_kv_head"  # kvpress keeps one list per KV head
-    adaptive_mode: str = "exact"  # kvpress's AdaKVPress safeguard (window 0)
+    adaptive_mode: str = "kvpress"  # kvpress's AdaKVPress safeguard
     compression_ratio: float | None = None  # kvpress semantics; overrides `budget` when set
 
     @classmethod
     def official_params(cls, params: dict) -> dict:
         """A kvpress golden case's arguments -> our settings: `press: AdaKVPress` with `alpha_safeguard` is
-        `allocation=adaptive` with that `floor_alpha` (`adaptive_mode=exact`)."""
+        `allocation=adaptive` with that `floor_alpha` (`adaptive_mode=kvpress`)."""
         params = dict(params)
         if params.pop("press", None) in ("AdaKVPress", "CriticalAdaKVPress"):
-            params.update(allocation="adaptive", adaptive_mode="exact",
+            params.update(allocation="adaptive", adaptive_mode="kvpress",
                           floor_alpha=params.pop("alpha_safeguard", 0.2))
         return params
 

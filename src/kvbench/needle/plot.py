@@ -29,7 +29,7 @@ from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
 from kvbench.needle.scoring import cell_retrieval
-from kvbench.report.collect import display_method
+from kvbench.labels import display_method
 
 # The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
 CMAP = LinearSegmentedColormap.from_list("custom_cmap", ["#F0496E", "#EBB839", "#0CD79F"])

@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from kvbench.errors import KvbenchError
 from kvbench.needle.prompt import EXPECTED_ANSWER, KEY_FACTS, NEEDLE, needle_facts
+from kvbench.sample_rows import sample_row
 
 _EXPECTED_WORDS = EXPECTED_ANSWER.lower().split()  # 12 words, 11 distinct ("a" twice)
 DIVISORS = ("distinct", "len")
@@ -79,8 +80,6 @@ def needle_sample_scores(records: list[dict]) -> list[dict]:
     The records' stored `score` is used as is (the run scored each cell once when it generated it); `retrieval` too,
     and lines without it (older runs) are scored from their response.
     """
-    from kvbench.sample_scores import sample_row
-
     return [sample_row("needle", r.get("cell", f"{r['context_length']}_{r['depth_percent']}"), r["score"],
                        retrieval=cell_retrieval(r), context_length=r["context_length"],
                        depth_percent=r["depth_percent"]) for r in records]

@@ -207,6 +207,8 @@ def _report(args, out: Path, ci: str | None) -> int:
     written.append(atomic_write(out / "paper_comparison.md", comparison))
     parts.append(("Paper vs ours", "paper_comparison", markdown_html(comparison)))
     written += _write_figures(df, args.results, out)
+    from kvbench.longgen.report import write_longgen_report  # long-output: generated length and its ratio
+    written += write_longgen_report(args.results, out)
     written.append(write_html(out / "report.html", parts, [p for p in written if p.suffix == ".png"],
                               sorted(set(df["run_dir"]))))
     print(f"wrote {len(written)} files to {out}/ (open {out / 'report.html'})")

@@ -24,7 +24,8 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
-from kvbench.sample_scores import SAMPLE_SCORES_FILE, read_sample_scores
+from kvbench.labels import display_method, is_fullkv, method_display_names, method_sort_key, setting_label  # noqa: F401
+from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 
 RESULT_COLUMNS = [
@@ -44,51 +45,8 @@ ALLOCATION_COLUMNS = ["model", "benchmark", "method", "query", "budget", "task",
 _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
 
 
-def method_display_names() -> dict[str, str]:
-    """{config name: display name}, in the papers' display order: the one place the report and the needle plot
-    learn method names and order (point it at the method registry to add methods)."""
-    from kvbench.methods.registry import display_names  # the method registry (imported on first use)
-
-    return display_names()
-
-
 class ReportWarning(UserWarning):
     """A run was skipped or is incomplete; the message names the file."""
-
-
-def display_method(name: str) -> str:
-    """The papers' spelling of a method name (`snapkv` -> `SnapKV`); unknown names are kept as given."""
-    names = method_display_names()
-    key = str(name).lower()
-    aliases = {"full": "fullkv", "streaming_llm": "streamingllm", "streaming": "streamingllm"}
-    key = aliases.get(key, key)
-    if key in names:
-        return names[key]
-    by_display = {display.lower(): display for display in names.values()}
-    return by_display.get(key, str(name))
-
-
-def is_fullkv(method: str) -> bool:
-    """FullKV (the reference rows, never a compressed method); the query mode is the `query` column."""
-    return str(method) == "FullKV"
-
-
-def method_sort_key(name: str) -> tuple[int, str]:
-    """Sort key putting the known methods first, in display order, and any others after, alphabetically."""
-    order = list(method_display_names().values())
-    if name in order:
-        return (order.index(name), "")
-    return (len(order), str(name).lower())
-
-
-def setting_label(row) -> str:
-    """A display label of a row's settings beyond the method (query mode, decode schedule, variant), e.g.
-    "agnostic, decode 16, multi-needle"; "" for the aware, plain benchmark. For legends and titles only: code reads
-    the columns."""
-    parts = [] if row.get("query", "aware") in ("aware", "", None) else [str(row["query"])]
-    interval = row.get("decode_interval")
-    parts += [f"decode {interval}"] if interval and not pd.isna(interval) else []
-    return ", ".join(parts + ([str(row["variant"])] if row.get("variant") else []))
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:

@@ -33,7 +33,7 @@ from kvbench.longbench.scoring import BUCKETS
 from kvbench.report.collect import (ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
                                     run_samples, task_samples)
 from kvbench.ruler.constants import ALL_TASKS as RULER_TASKS, SHORT as RULER_SHORT
-from kvbench.sample_scores import SAMPLE_SCORES_FILE
+from kvbench.sample_rows import SAMPLE_SCORES_FILE
 from kvbench.stats import bootstrap_ci, confidence_intervals
 
 ABBREVIATIONS = {

@@ -224,7 +224,10 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     template_name = str(bench.template)
     if template_name not in TEMPLATES:
         raise KvbenchError(f"benchmark.template={template_name!r}: choose one of {', '.join(TEMPLATES)}")
-    limit = int(cfg.model.trained_len)
+    limit = spec.trained_len
+    if limit is None:
+        raise KvbenchError(f"RULER needs {cfg.model.name}'s context length and its config does not say it "
+                           f"(no max_position_embeddings). Fix: model.trained_len=<tokens>")
     too_long = [n for n in lengths if n > limit]
     if too_long:
         raise KvbenchError(f"benchmark.lengths {too_long} exceed {cfg.model.name}'s context of {limit} tokens. "

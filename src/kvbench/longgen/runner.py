@@ -1,0 +1,213 @@
+"""Long-output runs: one prediction line per (length, sample) in `predictions/<task>.jsonl`, resumable.
+
+Modelled on the RULER runner: the plan generates (or loads from the cache) every selected sample and checks it fits
+the model before any model loads; selection (tasks, lengths, samples) is not a setting, so a larger selection
+continues a run. Each line records the generated length (`new_tokens`) beside the reference's (`answer_tokens`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from kvbench.errors import KvbenchError
+from kvbench.longgen.generate import FILLERS, TASKS, Generator, max_new_tokens
+from kvbench.longgen.metrics import line_scores, task_score
+from kvbench.progress import progress
+from kvbench.ruler.data import render, set_sha256
+from kvbench.ruler.runner import QUERY_MODES, _accepts, _int_list, sample_id, sample_sha, stop_token_ids
+from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
+
+log = logging.getLogger("kvbench")
+MIN_OUTPUT_TOKENS = 256  # the benchmark's promise: every reference answer is at least this long
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 2) if values else None
+
+
+@dataclass
+class LongGenPlan:
+    tasks: list[str]
+    lengths: list[int]
+    samples: int
+    output_tokens: int
+    template: ModelTemplate
+    query: str
+    source: dict
+    datasets: dict[tuple[str, int], list[dict]]
+    generation_s: float = 0.0
+
+    def protocol_name(self) -> str:
+        return f"longgen_{self.template.name}" + ("_agnostic" if self.query == "agnostic" else "")
+
+    def settings(self) -> dict:
+        return {"name": "longgen", "template": self.template.name, "query": self.query,
+                "output_tokens": self.output_tokens, "source": self.source}
+
+    def selection(self) -> dict:
+        return {"tasks": list(self.tasks), "lengths": list(self.lengths), "samples": self.samples}
+
+    def data_sha256(self) -> dict[str, str]:
+        return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
+
+    def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
+        if self.query == "agnostic" and not _accepts(run_one, "question_ids"):
+            raise KvbenchError("benchmark.query=agnostic needs the engine's two-phase prefill; use "
+                               "benchmark.query=aware")
+        stops = stop_token_ids(model, tokenizer)
+        for task in self.tasks:
+            store.done(task)  # repairs a torn last line before reading
+            done = {r.get("_id"): r.get("sample_sha256") for r in store.records(task)}
+            todo = []
+            for length in self.lengths:
+                for sample in self.datasets[(task, length)]:
+                    sid, digest = sample_id(length, sample["index"]), sample_sha(sample)
+                    if sid in done:
+                        if done[sid] != digest:
+                            raise KvbenchError(f"{store.prediction_file(task)}: sample {sid} was predicted on other "
+                                               f"data; delete {store.root} or choose another output_dir")
+                        continue
+                    todo.append((length, sample, sid, digest))
+            label = f"longgen {task} ({len(done)} done)" if done else f"longgen {task}"
+            for length, sample, sid, digest in progress(todo, len(todo), label, show_progress):
+                rendered = render(sample, tokenizer, self.template)
+                if self.query == "agnostic":
+                    out, text = run_one(rendered.context_ids, sample["max_new_tokens"], stops,
+                                        question_ids=rendered.question_ids)
+                else:
+                    out, text = run_one(rendered.input_ids, sample["max_new_tokens"], stops)
+                record = {"_id": sid, "task": task, "length": length, "index": sample["index"], "pred": text,
+                          "outputs": sample["outputs"], **line_scores(text, sample["outputs"]),
+                          "answer_tokens": sample["answer_tokens"], "query": self.query,
+                          "input_tokens": len(rendered.input_ids), "context_tokens": len(rendered.context_ids),
+                          "question_tokens": len(rendered.question_ids), "sample_sha256": digest,
+                          **out.log_fields()}
+                store.append(task, record)
+                if on_sample:
+                    on_sample(task, record)
+        return self.summarize(store)
+
+    def summarize(self, store) -> dict:
+        """Scores of exactly this selection, with the mean generated and reference lengths."""
+        by_length: dict[str, dict] = {}
+        rows: list[dict] = []
+        per_task: dict[str, list[float]] = {t: [] for t in self.tasks}
+        generated: dict[str, list[int]] = {t: [] for t in self.tasks}
+        for length in self.lengths:
+            tasks, counts, details = {}, {}, {}
+            for task in self.tasks:
+                wanted = {sample_id(length, s["index"]) for s in self.datasets[(task, length)]}
+                records = {r["_id"]: r for r in store.records(task) if r.get("_id") in wanted} \
+                    if store.prediction_file(task).exists() else {}
+                ordered = [records[sid] for sid in sorted(records, key=lambda s: int(s.split("_")[1]))]
+                scores = [line_scores(r["pred"], r["outputs"]) for r in ordered]
+                rows += [{"task": task, "id": r["_id"], "score": s["score"], "context_length": length,
+                          "new_tokens": r.get("new_tokens"), "answer_tokens": r.get("answer_tokens")}
+                         for r, s in zip(ordered, scores)]
+                per_task[task] += [s["score"] for s in scores]
+                generated[task] += [int(r.get("new_tokens", 0)) for r in ordered]
+                tasks[task], counts[task] = task_score([s["score"] for s in scores]), len(scores)
+                details[task] = {"new_tokens_mean": _mean([r.get("new_tokens", 0) for r in ordered]),
+                                     "answer_tokens_mean": _mean([r["answer_tokens"] for r in ordered]),
+                                     "exact": task_score([s["exact"] for s in scores]),
+                                     "prefix": task_score([s["prefix"] for s in scores])}
+            present = [tasks[t] for t in self.tasks if tasks[t] is not None]
+            by_length[str(length)] = {"tasks": tasks, "n": counts, "details": details, "avg": _mean(present)}
+        scores_by_task = {t: task_score(v) for t, v in per_task.items()}
+        present = [v for v in scores_by_task.values() if v is not None]
+        return {
+            "benchmark": "longgen", "query": self.query, "template": self.template.name,
+            "output_tokens": self.output_tokens,
+            "lengths": by_length,
+            "tasks": {t: v for t, v in scores_by_task.items() if v is not None},
+            "n": {t: len(v) for t, v in per_task.items()},
+            "new_tokens_mean": {t: _mean(v) for t, v in generated.items() if v},
+            "avg": _mean(present),
+            "sample_scores": rows,
+            "data_sha256": self.data_sha256(),
+            "generation_s": round(self.generation_s, 2),
+        }
+
+
+def _positive(bench, key: str, example: str) -> int:
+    value = bench.get(key)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or str(number) != str(value).strip() or number < 1:
+        raise KvbenchError(f"benchmark.{key}={value!r}: give a positive integer, e.g. benchmark.{key}={example}")
+    return number
+
+
+def plan_longgen(cfg: DictConfig, spec) -> LongGenPlan:
+    """Validate the selection, then build every sample (cached) and check it fits the model."""
+    from kvbench.models import load_tokenizer
+
+    bench = cfg.benchmark
+    tasks = list(bench.tasks) if bench.get("tasks") is not None else list(TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise KvbenchError(f"benchmark.tasks: unknown long-output task(s) {', '.join(map(str, unknown)) or '(none)'}"
+                           f"; choose from {', '.join(TASKS)}")
+    lengths = _int_list(bench.lengths, "benchmark.lengths")
+    samples = _positive(bench, "samples", "5")
+    output_tokens = _positive(bench, "output_tokens", str(MIN_OUTPUT_TOKENS))
+    if output_tokens < MIN_OUTPUT_TOKENS:
+        raise KvbenchError(f"benchmark.output_tokens={output_tokens}: a long-output task writes at least "
+                           f"{MIN_OUTPUT_TOKENS} tokens per sample. Fix: benchmark.output_tokens={MIN_OUTPUT_TOKENS}"
+                           f" or more")
+    query = str(bench.get("query") or "aware")
+    if query not in QUERY_MODES:
+        raise KvbenchError(f"benchmark.query={query!r}: choose one of {', '.join(QUERY_MODES)}")
+    template_name = str(bench.get("template") or "auto")
+    if template_name not in TEMPLATES:
+        raise KvbenchError(f"benchmark.template={template_name!r}: choose one of {', '.join(TEMPLATES)}")
+    filler = str(bench.get("filler") or "noise")
+    if filler not in FILLERS:
+        raise KvbenchError(f"benchmark.filler={filler!r}: choose one of {', '.join(FILLERS)}")
+    limit = spec.trained_len
+    if limit is None:
+        raise KvbenchError(f"longgen needs {cfg.model.name}'s context length and its config does not say it "
+                           f"(no max_position_embeddings). Fix: model.trained_len=<tokens>")
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise KvbenchError(f"benchmark.lengths {too_long} exceed {cfg.model.name}'s context of {limit} tokens. "
+                           f"Fix: benchmark.lengths=[...] up to {limit}")
+
+    tokenizer = load_tokenizer(spec)
+    template = model_template(tokenizer, template_name)
+    gen = Generator(tokenizer, template, int(cfg.seed), filler, bench.get("haystack_dir"))
+    cache = bench.get("cache_dir") or str(Path(cfg.results_root) / ".cache" / "longgen")
+    cache_dir = Path(cache) if str(cache) not in ("", "none", "None") else None
+    start = time.perf_counter()
+    datasets = {(task, length): gen.samples(task, length, output_tokens, samples, cache_dir)
+                for task in tasks for length in lengths}
+    generation_s = time.perf_counter() - start
+    for (task, length), items in datasets.items():
+        for sample in items:
+            total = sample["prompt_tokens"] + sample["max_new_tokens"]
+            if total > limit:
+                raise KvbenchError(f"longgen {task} sample {sample['index']} at length {length} needs {total} tokens "
+                                   f"(prompt + {sample['max_new_tokens']} to generate), more than {cfg.model.name}'s "
+                                   f"{limit}. Fix: smaller benchmark.lengths or benchmark.output_tokens")
+    log.info("long-output data ready in %.1f s (%d sets)", generation_s, len(datasets))
+    return LongGenPlan(tasks, lengths, samples, output_tokens, template, query,
+                       {"kind": "generated", **gen.identity()}, datasets, generation_s)
+
+
+def sweep_work(cfg: DictConfig) -> list[tuple[str, int, float, float]]:
+    """The sweep's cost estimate per task: (task, samples, prompt tokens, tokens to generate, upper bound); a
+    list of output_tokens takes at most max_new_tokens(output_tokens + one item of ~40 tokens) to write."""
+    lengths = _int_list(cfg.benchmark.lengths, "benchmark.lengths")
+    samples = int(cfg.benchmark.samples) * len(lengths)
+    new_tokens = max_new_tokens(int(cfg.benchmark.output_tokens) + 40)
+    return [(task, samples, float(sum(lengths) * int(cfg.benchmark.samples)), float(new_tokens * samples))
+            for task in cfg.benchmark.tasks]
+
+
+__all__ = ["LongGenPlan", "plan_longgen", "sweep_work"]
