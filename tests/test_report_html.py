@@ -76,3 +76,21 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run(flags + [f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_any_benchmark_gets_the_common_table_without_a_special_case(tmp_path):
+    """A benchmark the report has never heard of (here `toybench`) gets the same table: CIs, n, bold + dagger."""
+    from test_report import write_run
+
+    model = {"name": "m", "hub_id": "m"}
+    for method, budget, samples in (("fullkv", None, [1.0, 1.0, 0.0]), ("snapkv", 64, [1.0, 0.0, 0.0]),
+                                    ("h2o", 64, [0.0, 0.0, 0.0])):
+        write_run(tmp_path / "results", model, method, budget, {"t1": 0.0}, benchmark="toybench",
+                  samples={"t1": samples}, layer_kept=(1,))
+    assert main([str(tmp_path / "results"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "toybench_scores.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:6]]
+    assert rows[0] == ["Model", "Budget", "Method", "KV MiB", "n", "t1", "Avg."]
+    assert rows[1][2] == "FullKV" and rows[1][5].startswith("66.67 ± ") and "**" not in rows[1][5]
+    assert rows[3][2] == "SnapKV" and rows[3][4] == "3" and rows[3][5] == "**33.33 ± 50.00**†"  # 3 samples: n.s.
+    assert '<h2 id="toybench_scores">' in (tmp_path / "out" / "report.html").read_text()
