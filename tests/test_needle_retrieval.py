@@ -109,8 +109,9 @@ def test_report_tables_gap_and_heatmaps_show_both_and_old_runs_rescore(needle_ru
     assert report([str(root), "--out", str(tmp_path / "rep")]) == 0
     needle_md = (tmp_path / "rep" / "needle.md").read_text()
     header = [cell.strip() for cell in needle_md.splitlines()[0].strip("|").split("|")]
-    at = header.index("Score")
-    assert header[at:at + 4] == ["Score", "95% CI", "Retrieval", "Retrieval 95% CI"] and "25.00 | [0.00, " in needle_md
+    start = header.index("Score")
+    assert header[start:start + 4] == ["Score", "95% CI", "Retrieval", "Retrieval 95% CI"]
+    assert "25.00 | [0.00, " in needle_md and "Query" in header  # aware and agnostic runs: the mode is a column
     assert "measures retrieval" in needle_md and "measures retrieval" in (tmp_path / "rep" / "query_gap.md").read_text()
     assert "| 25.00 | 0.00 | +25.00 |" in (tmp_path / "rep" / "query_gap.md").read_text()
     written = [p.name for p in plot_run(aware, tmp_path / "fig")]

@@ -366,19 +366,21 @@ def test_query_gap_view():
     from kvbench.report.query_gap import query_gap, query_gap_markdown
     rows = []
     for method, query, task, score in [("SnapKV", "aware", "a", 50), ("SnapKV", "aware", "b", 30),
-                                       ("SnapKV (agnostic)", "agnostic", "a", 40),  # b not run agnostic
-                                       ("SnapKV", "aware", "needle", 90), ("SnapKV (agnostic)", "agnostic", "needle", 60),
+                                       ("SnapKV", "agnostic", "a", 40),  # b not run agnostic
+                                       ("SnapKV", "aware", "needle", 90), ("SnapKV", "agnostic", "needle", 60),
                                        ("H2O", "aware", "a", 10)]:
         rows.append({"model": "m", "method": method, "budget": 128.0, "query": query, "task": task, "score": score,
-                     "benchmark": "needle" if task == "needle" else "longbench",
-                     "run_dir": f"/r/m/x/{method.split()[0].lower()}_128{'_agnostic' if query == 'agnostic' else ''}"})
-    # A variant (the K-needle haystack) pairs only with its own variant, never with the single-needle runs.
-    rows.append({"model": "m", "method": "SnapKV (agnostic)", "budget": 128.0, "query": "agnostic", "task": "needle",
-                 "score": 0, "benchmark": "needle", "run_dir": "/r/m/needle/snapkv_128_agnostic_multineedle"})
+                     "benchmark": "needle" if task == "needle" else "longbench", "variant": ""})
+    # A variant (the K-needle haystack) pairs only with its own variant, never with the single-needle runs: the
+    # settings are columns, never parsed out of folder names or labels.
+    rows.append({"model": "m", "method": "SnapKV", "budget": 128.0, "query": "agnostic", "task": "needle",
+                 "score": 0, "benchmark": "needle", "variant": "multi-needle"})
     gap = query_gap(pd.DataFrame(rows))
     assert gap[["benchmark", "method", "tasks", "aware", "agnostic", "gap"]].values.tolist() == [
         ["longbench", "SnapKV", 1, 50.0, 40.0, 10.0], ["needle", "SnapKV", 1, 90.0, 60.0, 30.0]]
-    assert "| m | needle | SnapKV | 128 | 1 | 90.00 | 60.00 | +30.00 |" in query_gap_markdown(pd.DataFrame(rows))
+    assert "| m | needle |  |  | SnapKV | 128 | 1 | 90.00 | 60.00 | +30.00 |" in query_gap_markdown(pd.DataFrame(rows))
+    rows[-1]["variant"] = ""  # the same settings: now it competes for the same cell (mean of the two agnostic runs)
+    assert query_gap(pd.DataFrame(rows))["agnostic"].tolist() == [40.0, 30.0]
 
 
 def test_agnostic_refuses_hybrid_models_clearly():

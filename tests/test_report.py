@@ -179,12 +179,15 @@ def test_relative_agnostic_rows_are_percent_of_the_agnostic_fullkv(tmp_path):
     write_run(root, MODEL, "fullkv", None, dict(zip(TASKS, [20.0, 40.0, 60.0])))
     write_run(root, MODEL, "snapkv", 128, dict(zip(TASKS, [10.0, 20.0, 30.0])))
     _agnostic(write_run(root, MODEL, "snapkv", 128, dict(zip(TASKS, [5.0, 10.0, 15.0])), folder="snapkv_128_agnostic"))
-    rows = {r[2]: r[4:] for r in table_rows(longbench_table(collect([root]), relative=True))[2:]}
-    assert rows["SnapKV (agnostic)"] == ["25.0", "25.0", "25.0", "25.0"]  # no agnostic FullKV: the aware one
+    table = table_rows(longbench_table(collect([root]), relative=True))
+    assert table[1][:5] == ["Model", "Query", "Budget", "Method", "n"]  # the query mode is a column, not a label
+    rows = {(r[1], r[3]): r[5:] for r in table[2:]}
+    assert rows[("agnostic", "SnapKV")] == ["25.0", "25.0", "25.0", "25.0"]  # no agnostic FullKV: the aware one
     _agnostic(write_run(root, MODEL, "fullkv", None, dict(zip(TASKS, [10.0, 20.0, 30.0])), folder="fullkv_agnostic"))
-    rows = {r[2]: r[4:] for r in table_rows(longbench_table(collect([root]), relative=True))[2:]}
-    assert rows["SnapKV (agnostic)"] == ["50.0", "50.0", "50.0", "50.0"]
-    assert rows["FullKV (agnostic)"] == ["100.0"] * 4 and rows["SnapKV"] == ["50.0"] * 4 and rows["FullKV"] == ["100.0"] * 4
+    rows = {(r[1], r[3]): r[5:] for r in table_rows(longbench_table(collect([root]), relative=True))[2:]}
+    assert rows[("agnostic", "SnapKV")] == ["50.0", "50.0", "50.0", "50.0"]
+    assert rows[("agnostic", "FullKV")] == ["100.0"] * 4 and rows[("aware", "SnapKV")] == ["50.0"] * 4
+    assert rows[("aware", "FullKV")] == ["100.0"] * 4
     # Bold ranks the compressed methods of one query mode: each SnapKV row is alone in its mode, so none is bold.
     assert not any("**" in c for r in rows.values() for c in r)
 
@@ -221,7 +224,7 @@ def test_chinese_table_and_language_errors(results, tmp_path):
     with pytest.raises(KvbenchError, match="'en' or 'zh'"):
         longbench_table(df, language="fr")
     with pytest.raises(KvbenchError, match="fmt must be one of"):
-        longbench_table(df, fmt="html")
+        longbench_table(df, fmt="pdf")
     with pytest.raises(KvbenchError, match="ci must be one of"):
         longbench_table(df, ci="sd")
     write_run(tmp_path / "zh", MODEL, "fullkv", None, {"dureader": 30.0, "lsht": 20.0, "narrativeqa": 5.0})

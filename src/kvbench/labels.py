@@ -1,8 +1,7 @@
-"""Method labels of reports and figures: the papers' spelling of method names, their display order, and the label
-suffix of query-agnostic runs. Below the report, the needle plot and the RULER report, which all use them."""
+"""Method labels of reports and figures: the papers' spelling of method names, their display order, and legend
+labels of a row's settings (built from the report's columns, never parsed back). Below the report and the needle
+plot, which use them."""
 from __future__ import annotations
-
-import re
 
 
 def method_display_names() -> dict[str, str]:
@@ -25,33 +24,24 @@ def display_method(name: str) -> str:
     return by_display.get(key, str(name))
 
 
-AGNOSTIC = " (agnostic)"  # the label suffix of query-agnostic runs, so that no table mixes the two modes
-DECODE = " (decode {})"  # the label suffix of decoding-time compression runs (every N tokens), never mixed either
-
-
-def _decode_interval(label: str) -> int:
-    """`SnapKV (decode 16)` -> 16; 0 for prefill-only labels."""
-    match = re.search(r" \(decode (\d+)\)$", base_method(label))
-    return int(match.group(1)) if match else 0
-
-
-def base_method(label: str) -> str:
-    """`SnapKV (agnostic)` -> `SnapKV`."""
-    return str(label).removesuffix(AGNOSTIC)
-
-
-def is_fullkv(label: str) -> bool:
-    """FullKV in either query mode (`FullKV`, `FullKV (agnostic)`): the reference rows, never a compressed method."""
-    return base_method(label) == "FullKV"
+def is_fullkv(method: str) -> bool:
+    """FullKV (the reference rows, never a compressed method); the query mode is a column, never a label suffix."""
+    return str(method) == "FullKV"
 
 
 def method_sort_key(name: str) -> tuple[int, str]:
-    """Sort key putting the known methods first, in display order, and any others after, alphabetically; a
-    query-agnostic run (`SnapKV (agnostic)`) right after its aware sibling."""
+    """Sort key putting the known methods first, in display order, and any others after, alphabetically."""
     order = list(method_display_names().values())
-    interval = _decode_interval(name)
-    name, agnostic = base_method(name), str(name).endswith(AGNOSTIC)
-    name = name.removesuffix(DECODE.format(interval)) if interval else name
     if name in order:
-        return (order.index(name), "", interval, agnostic)
-    return (len(order), str(name).lower(), interval, agnostic)
+        return (order.index(name), "")
+    return (len(order), str(name).lower())
+
+
+def setting_label(row) -> str:
+    """A display label of a row's settings beyond the method (query mode, decode schedule, variant), e.g.
+    "agnostic, decode 16, multi-needle"; "" for the aware, plain benchmark. For legends only: code reads the
+    report's columns (query, decode_interval, variant), never this label."""
+    parts = [] if row.get("query", "aware") in ("aware", "", None) else [str(row["query"])]
+    interval = row.get("decode_interval")
+    parts += [f"decode {interval}"] if interval and interval == interval else []  # NaN != NaN
+    return ", ".join(parts + ([str(row["variant"])] if row.get("variant") else []))

@@ -1,6 +1,8 @@
 """`python -m kvbench.report RESULTS... [--out DIR] [--format md,latex,csv] [--ci pm|range|none]`.
 
-Prints the Markdown tables and writes every table (in the chosen formats) and figure (PNG + PDF) into --out.
+Prints the Markdown tables and writes every table (in the chosen formats) and figure (PNG + PDF) of every benchmark
+(LongBench, RULER, needle and any other) into --out, plus `report.html`: one self-contained page with the sortable
+tables, the figures and each run's settings.
 Scores carry 95% bootstrap CIs from each run's sample_scores.jsonl; warnings (skipped runs, collisions) are
 printed once each, one line each, on stderr.
 """
@@ -17,10 +19,11 @@ import pandas as pd
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
 from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
+from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
-from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
-from kvbench.report.tables import (budget_label, kv_mib_label, longbench_e_table, longbench_table, markdown_frame,
-                                   paper_comparison)
+from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
+from kvbench.report.tables import (budget_label, build_table, kv_mib_label, longbench_e_table, markdown_frame,
+                                   paper_comparison, render, table_parts)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -54,25 +57,39 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", str(text)).strip("_")
 
 
-def _write_longbench_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | None) -> list[Path]:
-    """Every LongBench table that the results support (benchmark x language x absolute/relative), and the
-    LongBench-E tables by length bucket."""
+def _table_views(df: pd.DataFrame):
+    """(file name, title, build kwargs) of every table the results support: each benchmark's parts (LongBench:
+    languages), each length and the mean over lengths (a benchmark scored per length), absolute and relative."""
+    for benchmark in sorted(df["benchmark"].unique()):
+        block = df[df["benchmark"] == benchmark]
+        lengths = sorted(int(n) for n in block["length"].dropna().unique())
+        for part in table_parts(df, benchmark):
+            for length in (lengths + [None]) if lengths else [None]:
+                for relative in (False, True):
+                    at = "" if not lengths else ("_mean" if length is None else f"_{length}")
+                    name = f"{benchmark}{f'_{part}' if part else ''}{at}" or benchmark
+                    name += "_scores" if name == benchmark else ""
+                    where = ", ".join(filter(None, [_LANGUAGE_NAMES.get(part, part), "" if not lengths else
+                                                    ("mean over lengths" if length is None else f"length {length}")]))
+                    title = f"{benchmark}{f' ({where})' if where else ''}, {'percent of FullKV' if relative else 'scores'}"
+                    yield (name + ("_relative" if relative else ""), title,
+                           {"benchmark": benchmark, "part": part, "relative": relative, "length": length})
+
+
+def _write_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | None,
+                  html_parts: list) -> list[Path]:
+    """Every benchmark table (see `_table_views`) in every format, and the LongBench-E tables by length bucket."""
     written = []
-    for benchmark in ("longbench", "longbench_e"):
-        for language in ("en", "zh"):
-            for relative in (False, True):
-                name = f"{benchmark}_{language}{'_relative' if relative else ''}"
-                try:
-                    tables = {fmt: longbench_table(df, language, fmt, relative, benchmark, ci) for fmt in formats}
-                    markdown = tables.get("markdown") or longbench_table(df, language, "markdown", relative,
-                                                                         benchmark, ci)
-                except KvbenchError as exc:
-                    if relative and "FullKV" in str(exc):  # say why the percent view is missing
-                        print(f"(skipped {name}: {exc})\n", file=sys.stderr)
-                    continue
-                view = "percent of FullKV" if relative else "scores"
-                print(f"## {benchmark} ({_LANGUAGE_NAMES[language]}), {view}\n\n{markdown}")
-                written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
+    for name, title, view in _table_views(df):
+        try:
+            table = build_table(df, ci=ci, **view)
+        except KvbenchError as exc:
+            if view["relative"] and "FullKV" in str(exc):  # say why the percent view is missing
+                print(f"(skipped {name}: {exc})\n", file=sys.stderr)
+            continue
+        print(f"## {title}\n\n{render(table, 'markdown')}")
+        written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", render(table, fmt)) for fmt in formats]
+        html_parts.append((title, name, render(table, "html")))
     for language in ("en", "zh"):
         name = f"longbench_e_{language}_by_length"
         try:
@@ -84,6 +101,8 @@ def _write_longbench_tables(df: pd.DataFrame, out: Path, formats: list[str], ci:
             continue
         print(f"## longbench_e ({_LANGUAGE_NAMES[language]}) by input length\n\n{markdown}")
         written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
+        html_parts.append((f"longbench_e ({_LANGUAGE_NAMES[language]}) by input length", name,
+                           markdown_html(markdown)))
     return written
 
 
@@ -95,19 +114,25 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
     # Papers' order: model, then budget (FullKV first), then method.
     labels = pd.Series([budget_label(b, r) for b, r in zip(needle["budget"], needle["compression_ratio"])],
                        index=needle.index)
-    order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], budget_order(labels[i]),
+    order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], needle.at[i, "query"], needle.at[i, "variant"],
+                                                 needle.at[i, "decode_interval"], budget_order(labels[i]),
                                                  method_sort_key(needle.at[i, "method"])))
     needle, labels = needle.loc[order], labels[order]
 
     def ci(low: str, high: str) -> list[str]:
         return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle[low], needle[high])]
 
-    needles = needle["protocol"].map(lambda p: "multi" if str(p).endswith("_multineedle") else "single")
+    needles = needle["variant"].map(lambda v: "multi" if "multi-needle" in str(v) else "single")
     frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"], "Needles": needles, "Budget": labels,
                           "KV MiB": needle["kv_bytes_mean"].map(kv_mib_label), "Score": needle["score"].astype(float),
                           "95% CI": ci("ci_low", "ci_high"), "Retrieval": needle["retrieval"].astype(float),
-                          "Retrieval 95% CI": ci("retrieval_ci_low", "retrieval_ci_high"), "n": needle["n"].astype(str),
+                          "Retrieval 95% CI": ci("retrieval_ci_low", "retrieval_ci_high"),
+                          "Query": needle["query"], "Decode": needle["decode_interval"].map(lambda d: d or ""),
+                          "n": needle["n"].astype(str),
                           "Status": needle["status"].map(lambda s: "" if s == "complete" else s)})
+    for column, default in (("Query", "aware"), ("Decode", "")):  # shown when they tell rows apart
+        if frame[column].nunique() < 2 and (frame[column] == default).all():
+            frame = frame.drop(columns=column)
     text = markdown_frame(frame) + "\n"
     text += ("\nScore: the papers' heatmap score (share of the expected answer's words in the response). Retrieval: "
              "share of cells whose response names the needle's key facts (what measures retrieval).\n")
@@ -115,16 +140,27 @@ def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
     return [atomic_write(out / "needle.md", text)]
 
 
+def _figures(df: pd.DataFrame):
+    """(file stem, draw) of every figure that may apply: LongBench's budget curve and score vs bytes (the papers'),
+    and for every other benchmark its budget curve and, scored per length, its score vs length."""
+    yield "budget_curve", budget_curve
+    yield "score_vs_bytes", score_vs_bytes
+    for benchmark in sorted(set(df["benchmark"]) - {"longbench"}):
+        yield f"{benchmark}_score_vs_budget", lambda d, o, b=benchmark: budget_curve(d, o, b, None)
+        if df.loc[df["benchmark"] == benchmark, "length"].notna().any():
+            yield f"{benchmark}_score_vs_length", lambda d, o, b=benchmark: score_vs_length(d, o, b)
+
+
 def _write_figures(df: pd.DataFrame, results: list[str], out: Path) -> list[Path]:
     """All figures the results support; a figure that does not apply is skipped with its reason."""
     written = []
-    for name, draw in (("budget_curve", budget_curve), ("score_vs_bytes", score_vs_bytes)):
+    for name, draw in _figures(df):
         try:
             written += draw(df, out / name)
         except KvbenchError as exc:
             print(f"(skipped {name}: {exc})", file=sys.stderr)
     alloc = layer_allocations(results)
-    alloc = alloc[~alloc["method"].map(is_fullkv)]
+    alloc = alloc[~alloc["method"].map(is_fullkv).astype(bool)]
     for (model, benchmark, budget), _ in alloc.groupby(["model", "benchmark", "budget"]):
         stem = out / f"layer_allocation_{_slug(model)}_{benchmark}_b{budget_label(budget)}"
         written += layer_allocation(alloc, stem, model=model, budget=budget, benchmark=benchmark)
@@ -156,21 +192,26 @@ def _report(args, out: Path, ci: str | None) -> int:
     """Collect, print and write every table and figure; returns the exit status."""
     df = collect(args.results)
     written = [atomic_write(out / "results.csv", df.to_csv(index=False))]
-    written += _write_longbench_tables(df, out, args.formats, ci)
-    written += _needle_summary(df, out)
-    gap = query_gap_markdown(df)  # per method: aware minus agnostic (LongBench average, needle)
+    parts: list[tuple[str, str, str]] = []  # (title, anchor, HTML) of report.html's sections
+    written += _write_tables(df, out, args.formats, ci, parts)
+    for path in _needle_summary(df, out):
+        written.append(path)
+        parts.append(("Needle-in-a-Haystack (in percent)", "needle", markdown_html(path.read_text(encoding="utf-8"))))
+    gap = query_gap_markdown(df)  # per method: aware minus agnostic (every benchmark run both ways)
     if gap:
         print(f"## Query-aware gap\n\n{gap}")
         written.append(atomic_write(out / "query_gap.md", gap))
+        parts.append(("Query-aware gap", "query_gap", markdown_html(gap)))
     comparison = paper_comparison(df)
     print(f"## Paper vs ours\n\n{comparison}")
     written.append(atomic_write(out / "paper_comparison.md", comparison))
+    parts.append(("Paper vs ours", "paper_comparison", markdown_html(comparison)))
     written += _write_figures(df, args.results, out)
-    from kvbench.ruler.report import write_ruler_report  # RULER's own tables and figures
-    written += write_ruler_report(args.results, out, args.formats)
-    from kvbench.longgen.report import write_longgen_report  # long-output: score and generated length
+    from kvbench.longgen.report import write_longgen_report  # long-output: generated length and its ratio
     written += write_longgen_report(args.results, out)
-    print(f"wrote {len(written)} files to {out}/")
+    written.append(write_html(out / "report.html", parts, [p for p in written if p.suffix == ".png"],
+                              sorted(set(df["run_dir"]))))
+    print(f"wrote {len(written)} files to {out}/ (open {out / 'report.html'})")
     return 0
 
 

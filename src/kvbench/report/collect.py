@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from pathlib import Path
 from functools import lru_cache
@@ -25,7 +24,7 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
-from kvbench.labels import AGNOSTIC, DECODE, base_method, display_method, is_fullkv, method_sort_key  # noqa: F401
+from kvbench.labels import display_method, is_fullkv, method_display_names, method_sort_key, setting_label  # noqa: F401
 from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 
@@ -37,7 +36,12 @@ RESULT_COLUMNS = [
 ]
 # Needle runs: the retrieval score (percent of cells naming the needle's key facts) and its CI; NaN for others.
 RESULT_COLUMNS += ["retrieval", "retrieval_ci_low", "retrieval_ci_high"]
-ALLOCATION_COLUMNS = ["model", "benchmark", "method", "budget", "task", "layer", "kept_mean"]
+# Settings that tell rows apart, as fields (never parsed back out of labels): the context length of a benchmark that
+# scores per length (RULER; <NA> otherwise) and the benchmark variant ("multi-needle", "session"; "" for the plain
+# benchmark); the decode schedule is `decode_interval` (0: compression at prefill only).
+RESULT_COLUMNS += ["length", "variant"]
+VARIANT_KEYS = {"multi_needle": "multi-needle", "session": "session"}  # benchmark config flag -> variant name
+ALLOCATION_COLUMNS = ["model", "benchmark", "method", "query", "budget", "task", "layer", "kept_mean"]
 _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
 
 
@@ -126,12 +130,10 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         raise KvbenchError(f"{run_dir / 'run.json'} lacks 'model'/'method.name'; rerun that run")
     name = display_method(method["name"])
     config = run.get("config") if isinstance(run.get("config"), dict) else {}
-    query = str((config.get("benchmark") or {}).get("query") or "aware")
+    bench = config.get("benchmark") if isinstance(config.get("benchmark"), dict) else {}
     interval = method.get("decode_interval")
-    name = name + DECODE.format(interval) if interval else name  # decoding-time runs get their own rows
-    protocol = str(run.get("protocol", "")).replace("_agnostic", "")  # the query column says it (tables pair modes)
-    if (config.get("benchmark") or {}).get("multi_needle") and not protocol.endswith("_multineedle"):
-        protocol += "_multineedle"  # runs recorded before the protocol said so
+    # The query mode and the variant are columns: the protocol name drops the suffixes that repeat them.
+    protocol = str(run.get("protocol", "")).replace("_agnostic", "").replace("_multineedle", "")
     return {
         "model": str(model.get("name", run_dir.parts[-3] if len(run_dir.parts) >= 3 else "?")),
         "hub_id": str(model.get("hub_id", "")),
@@ -143,11 +145,10 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "tag": str((run.get("config") or {}).get("tag") or ""),
         "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),
-        "query": query,
-        "decode_interval": interval or 0,
+        "query": str(bench.get("query") or "aware"),  # a column: no table or figure mixes the two modes
+        "decode_interval": int(interval or 0),  # decoding-time runs (every N tokens) get their own rows
+        "variant": ", ".join(label for key, label in VARIANT_KEYS.items() if bench.get(key)),
         "settings": str(run.get("fingerprint") or ""),  # rows join runs of equal settings only (report.tables)
-        # Query-agnostic runs are labelled in every table and figure, and never share a cell with aware ones.
-        **({"method": f"{name}{AGNOSTIC}"} if query != "aware" else {}),
     }
 
 
@@ -190,19 +191,24 @@ def _cached_samples(run_dir: str, _mtime: int) -> pd.DataFrame:
     return read_sample_scores(run_dir)
 
 
-def task_samples(run_dir: str, task: str) -> pd.Series | None:
-    """Per-sample scores of one task in score points (0..100), indexed by sample id; None when not available."""
+def task_samples(run_dir: str, task: str, length=None) -> pd.Series | None:
+    """Per-sample scores of one task (at one context length, when given) in score points (0..100), indexed by
+    sample id; None when not available."""
     samples = run_samples(run_dir)
     if samples is None:
         return None
     block = samples[samples["task"] == task]
+    if length is not None and not pd.isna(length):
+        if "context_length" not in block:
+            return None
+        block = block[block["context_length"] == int(length)]
     return None if block.empty else block.set_index("id")["score"] * 100.0
 
 
-def _check_samples(run_dir: Path, task: str, score: float, n, strict: bool) -> pd.Series | None:
+def _check_samples(run_dir: Path, task: str, score: float, n, strict: bool, length=None) -> pd.Series | None:
     """The task's samples if they match scores.json (count and mean), else None with a warning naming the file."""
     try:
-        values = task_samples(str(run_dir), task)
+        values = task_samples(str(run_dir), task, length)
     except KvbenchError as exc:
         _problem(f"{exc}; that run's confidence intervals are left out", strict)
         return None
@@ -210,7 +216,7 @@ def _check_samples(run_dir: Path, task: str, score: float, n, strict: bool) -> p
         return None
     mean = float(values.mean())
     if (n is not None and len(values) != n) or (not math.isnan(score) and abs(mean - score) > _SCORE_TOLERANCE):
-        _problem(f"{run_dir / SAMPLE_SCORES_FILE}: task {task} has {len(values)} samples averaging {mean:.2f}, but "
+        _problem(f"{run_dir / SAMPLE_SCORES_FILE}: task {task}{'' if length is None else f' at length {length}'} has {len(values)} samples averaging {mean:.2f}, but "
                  f"scores.json says n={n}, {score:.2f}; its CI is left out - rewrite the file with "
                  f"`python -m kvbench.sample_scores {run_dir}`", strict)
         return None
@@ -219,7 +225,7 @@ def _check_samples(run_dir: Path, task: str, score: float, n, strict: bool) -> p
 
 def _with_ci(row: dict, run_dir: Path, strict: bool) -> dict:
     """Add ci_low/ci_high (score points) from the run's per-sample scores; NaN without them."""
-    values = _check_samples(run_dir, row["task"], row["score"], row["n"], strict)
+    values = _check_samples(run_dir, row["task"], row["score"], row["n"], strict, row.get("length"))
     low, high = bootstrap_ci(values.to_numpy()) if values is not None else (math.nan, math.nan)
     return {**row, "ci_low": low, "ci_high": high, "samples_ok": values is not None}
 
@@ -247,6 +253,7 @@ def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
     """One row per task of a run (needle: one row, task 'needle', score in percent)."""
     identity = _run_identity(_read_json(run_dir / "run.json"), run_dir)
     scores = _read_json(run_dir / "scores.json")
+    identity["benchmark"] = identity["benchmark"] or str(scores.get("benchmark") or "")
     if identity["benchmark"] == "needle" or scores.get("benchmark") == "needle":
         if "mean_score" not in scores:
             raise KvbenchError(f"{run_dir / 'scores.json'} lacks 'mean_score'; rescore the needle run")
@@ -255,16 +262,22 @@ def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
                "n": scores.get("n"), **stats}
         row = _with_ci(row, run_dir, strict)
         return [{**row, **_needle_retrieval(run_dir, scores, row["samples_ok"])}]
-    tasks = scores.get("tasks")
-    if not isinstance(tasks, dict):
-        raise KvbenchError(f"{run_dir / 'scores.json'} lacks the 'tasks' mapping; rescore the run")
-    counts = scores.get("n") or {}
+    # A benchmark scored per context length (RULER's `lengths`) gives one row per length and task.
+    lengths = scores.get("lengths") if isinstance(scores.get("lengths"), dict) else {None: scores}
     rows = []
-    for task, score in tasks.items():
-        stats = _prediction_stats(run_dir / "predictions" / f"{task}.jsonl", strict)
-        score = math.nan if score is None else float(score)
-        rows.append(_with_ci({**identity, "task": task, "score": score, "n": counts.get(task), **stats}, run_dir,
-                             strict))
+    for length, part in lengths.items():
+        tasks = part.get("tasks") if isinstance(part, dict) else None
+        if not isinstance(tasks, dict):
+            raise KvbenchError(f"{run_dir / 'scores.json'} lacks the 'tasks' mapping; rescore the run")
+        counts = part.get("n") or {}
+        for task, score in tasks.items():
+            if score is None and length is not None:
+                continue  # a task not run at this length
+            stats = _prediction_stats(run_dir / "predictions" / f"{task}.jsonl", strict)
+            score = math.nan if score is None else float(score)
+            row = {**identity, "task": task, "score": score, "n": counts.get(task), **stats,
+                   "length": None if length is None else int(length)}
+            rows.append(_with_ci(row, run_dir, strict))
     return rows
 
 
@@ -276,7 +289,9 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
     from the run's sample_scores.jsonl; NaN without it), samples_ok (the task's per-sample scores exist and match
     scores.json, so CIs and paired tests may use them), n, protocol, tag (run.json config.tag, "" if none), status
     (run.json status: "complete", "running", "interrupted", "unknown"), kv_bytes_mean, prefill_s_mean,
-    decode_s_mean, run_dir, query; needle runs also retrieval (percent of cells whose answer names the needle's key
+    decode_s_mean, run_dir, query ("aware"/"agnostic"), length (context length of a benchmark scored per length,
+    e.g. RULER: one row per length and task; <NA> otherwise), decode_interval (0: none), variant
+    ("multi-needle", "session" or ""); needle runs also retrieval (percent of cells whose answer names the needle's key
     facts: what measures retrieval) with retrieval_ci_low/high (NaN for other runs). Broken runs are skipped with a
     `ReportWarning` (or raise with `strict=True`).
     """
@@ -293,6 +308,7 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
                            f"run the benchmark first, e.g. `python run.py method=snapkv budget=128`")
     frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     frame["n"] = pd.to_numeric(frame["n"], errors="coerce").astype("Int64")
+    frame["length"] = pd.to_numeric(frame["length"], errors="coerce").astype("Int64")
     return frame
 
 
@@ -312,7 +328,7 @@ def _allocation_rows(run_dir: Path, strict: bool) -> list[dict]:
             continue
         means = np.asarray(kept, dtype=float).mean(axis=0)
         rows.extend({"model": identity["model"], "benchmark": identity["benchmark"], "method": identity["method"],
-                     "budget": identity["budget"], "task": pred_file.stem, "layer": layer,
+                     "query": identity["query"], "budget": identity["budget"], "task": pred_file.stem, "layer": layer,
                      "kept_mean": float(value)} for layer, value in enumerate(means))
     return rows
 
@@ -320,7 +336,7 @@ def _allocation_rows(run_dir: Path, strict: bool) -> list[dict]:
 def layer_allocations(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.DataFrame:
     """Mean tokens kept per head in each layer, per (model, method, budget, task), from the predictions' `layer_kept`.
 
-    Columns: model, benchmark, method, budget, task, layer (0-based), kept_mean. Runs without `layer_kept` give no rows.
+    Columns: model, benchmark, method, query, budget, task, layer (0-based), kept_mean. Runs without `layer_kept` give no rows.
     """
     rows: list[dict] = []
     for run_dir in find_run_dirs(paths):

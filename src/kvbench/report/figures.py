@@ -1,4 +1,7 @@
-"""Figures: budget curve, score vs KV-cache bytes, and per-layer budget allocation.
+"""Figures: budget curve, score vs KV-cache bytes, score vs context length, and per-layer budget allocation.
+
+A line is one method in one setting (query mode, decode schedule, variant: read from the columns, named in the
+legend, e.g. "SnapKV (agnostic)"); any benchmark's rows draw the budget curve and, scored per length, the length curve.
 
 Budget curves carry 95% CI bands and score-vs-bytes points CI error bars, from the runs' sample_scores.jsonl.
 
@@ -19,7 +22,7 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import is_fullkv, method_sort_key, task_samples
+from kvbench.report.collect import is_fullkv, method_sort_key, setting_label, task_samples
 from kvbench.stats import confidence_intervals
 from kvbench.report.tables import ABBREVIATIONS, budget_label
 
@@ -37,6 +40,7 @@ _MIB = 2 ** 20
 
 def _style(method: str) -> dict:
     """Colour and marker of a method; unknown methods get stable colours from a spare palette."""
+    method = method.split(" (")[0]  # a line label: the method's colour in every setting
     if method in METHOD_STYLE:
         return METHOD_STYLE[method]
     return {"color": _OTHER_COLOURS[sum(map(ord, method)) % len(_OTHER_COLOURS)], "marker": "P"}
@@ -72,38 +76,55 @@ def _grid(n_panels: int, max_cols: int, panel_size: tuple[float, float], share: 
     return fig, axes[:n_panels]
 
 
-def _run_averages(df: pd.DataFrame, benchmark: str, language: str) -> tuple[pd.DataFrame, dict]:
-    """Per run: average score over the tasks every run of that model has, mean KV bytes, and the task counts.
+def line_label(row) -> str:
+    """A legend entry: the method and, beyond the default, its settings ("SnapKV (agnostic, decode 16)")."""
+    settings = setting_label(row)
+    return f"{row['method']} ({settings})" if settings else str(row["method"])
 
-    Averaging over a common task set keeps points of one model comparable when runs cover different tasks.
+
+_LANGUAGE_TASKS = {"en": ENGLISH_16, "zh": CHINESE_5}
+
+
+def _run_averages(df: pd.DataFrame, benchmark: str, language: str | None = "en",
+                  by_length: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Per run (and length, with `by_length`): average score over the cells (task, length) every run of that model
+    has, mean KV bytes, and the cell counts. `language` picks LongBench's tasks; None: every task.
+
+    Averaging over a common cell set keeps points of one model comparable when runs cover different tasks.
     """
-    tasks = ENGLISH_16 if language == "en" else CHINESE_5
-    data = df[(df["benchmark"] == benchmark) & df["task"].isin(tasks)]
+    data = df[df["benchmark"] == benchmark]
+    if language is not None and benchmark.startswith("longbench"):
+        data = data[data["task"].isin(_LANGUAGE_TASKS[language])]
     if data.empty:
-        raise KvbenchError(f"no {benchmark} {language} task scores to plot; collect LongBench runs first")
+        raise KvbenchError(f"no {benchmark} task scores to plot; collect {benchmark} runs first")
+    length = data["length"] if "length" in data else pd.Series(pd.NA, index=data.index)
+    # Common cells: tasks at each length (a point averages the same cells), or, along lengths, the same tasks.
+    data = data.assign(cell=data["task"] if by_length else [f"{t}@{n}" for t, n in zip(data["task"], length)],
+                       length=length,
+                       line=[line_label(r) for _, r in data.iterrows()])
     rows, task_counts = [], {}
     for model, block in data.groupby("model", sort=True):
-        per_run = block.groupby("run_dir")["task"].apply(set)
-        common = set.intersection(*per_run)
+        common = set.intersection(*(set(cells) for _, cells in block.groupby("run_dir")["cell"]))
         if not common:
             raise KvbenchError(f"the {model} runs share no task, so their averages are not comparable; "
                                f"run the same tasks for every method")
-        task_counts[model] = len(common)
-        for run_dir, run in block[block["task"].isin(common)].groupby("run_dir"):
+        task_counts[model] = len({c.split("@")[0] for c in common})
+        keys = ["run_dir", "length"] if by_length else ["run_dir"]
+        for _, run in block[block["cell"].isin(common)].groupby(keys, dropna=False):
             first = run.iloc[0]
-            low, high = _average_ci(run_dir, run)
-            rows.append({"model": model, "method": first["method"], "budget": first["budget"],
-                         "score": run["score"].mean(), "kv_bytes": run["kv_bytes_mean"].mean(),
-                         "ci_low": low, "ci_high": high})
+            low, high = _average_ci(first["run_dir"], run)
+            rows.append({"model": model, "method": first["method"], "line": first["line"], "query": first.get("query"),
+                         "budget": first["budget"], "length": first["length"], "score": run["score"].mean(),
+                         "kv_bytes": run["kv_bytes_mean"].mean(), "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows), task_counts
 
 
 def _average_ci(run_dir: str, run: pd.DataFrame) -> tuple[float, float]:
-    """95% CI of a run's average over these tasks (resampled within each task), from its sample_scores.jsonl;
-    NaN when a task's samples are missing or did not match scores.json (collect left its CI out)."""
+    """95% CI of a run's average over these cells (resampled within each task and length), from its
+    sample_scores.jsonl; NaN when samples are missing or did not match scores.json (collect left its CI out)."""
     if "samples_ok" not in run or not run["samples_ok"].fillna(False).astype(bool).all():
         return math.nan, math.nan
-    groups = [task_samples(run_dir, task) for task in run["task"]]
+    groups = [task_samples(run_dir, task, length) for task, length in zip(run["task"], run["length"])]
     if any(g is None for g in groups):
         return math.nan, math.nan
     return confidence_intervals([g.to_numpy() for g in groups])["average_ci"]
@@ -125,7 +146,7 @@ def _finish_legend(fig: Figure, axes, ncol_max: int = 7, location: str = "outsid
             if label not in handles:
                 handles[label] = handle
                 labels.append(label)
-    labels.sort(key=lambda label: method_sort_key(label.split(" = ")[-1]))
+    labels.sort(key=lambda label: (method_sort_key(label.split(" = ")[-1].split(" (")[0]), label))
     fig.legend([handles[lb] for lb in labels], labels, loc=location,
                ncol=min(len(labels), ncol_max), frameon=False, fontsize=10)
 
@@ -138,8 +159,10 @@ def _budget_axis(ax, budgets) -> None:
     ax.set_xticklabels([budget_label(b) for b in sorted(budgets)])
 
 
-def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench", language: str = "en") -> list[Path]:
-    """Average LongBench score against KV budget, one line per method, FullKV as a dashed reference; one panel per model."""
+def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench",
+                 language: str | None = "en") -> list[Path]:
+    """Average score of a benchmark's runs (LongBench: the `language`'s tasks) against KV budget, one line per
+    method and setting, FullKV as a dashed reference; one panel per model."""
     runs, task_counts = _run_averages(df, benchmark, language)
     compressed = runs[~runs["method"].map(is_fullkv)]
     if compressed.empty:
@@ -148,18 +171,19 @@ def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench"
     fig, axes = _grid(len(models), 2, (6.0, 4.2))
     for ax, model in zip(axes, models):
         block = runs[runs["model"] == model]
-        for method, line in sorted(block[~block["method"].map(is_fullkv)].groupby("method"),
-                                   key=lambda m: method_sort_key(m[0])):
+        compressed = block[~block["method"].map(is_fullkv)]
+        for (method, label), line in sorted(compressed.groupby(["method", "line"]),
+                                            key=lambda m: (method_sort_key(m[0][0]), m[0][1])):
             line = line.sort_values("budget")
-            ax.plot(line["budget"], line["score"], label=method, **_style(method), **_emphasis(method))
+            ax.plot(line["budget"], line["score"], label=label, **_style(method), **_emphasis(method))
             _band(ax, line["budget"].to_numpy(), line["ci_low"].to_numpy(), line["ci_high"].to_numpy(), method)
-        for label, full in block[block["method"].map(is_fullkv)].groupby("method"):  # one reference per query mode
+        for label, full in block[block["method"].map(is_fullkv)].groupby("line"):  # one reference per setting
             ax.axhline(full["score"].iloc[0], color="black", linestyle="--" if label == "FullKV" else ":",
                        linewidth=1.2, label=label, zorder=2)
             if pd.notna(full["ci_low"].iloc[0]):
                 ax.axhspan(full["ci_low"].iloc[0], full["ci_high"].iloc[0], color="black", alpha=0.07, zorder=1)
         _budget_axis(ax, block["budget"].dropna().unique())
-        ax.set_title(model, fontsize=12)
+        ax.set_title(f"{model}, {benchmark}", fontsize=12)
         ax.set_xlabel("KV budget (tokens per head per layer)", fontsize=10)
         ax.set_ylabel(f"Average score ({task_counts[model]} tasks)", fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -193,19 +217,20 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
     fig, axes = _grid(len(models), 2, (6.0, 4.2))
     for ax, model in zip(axes, models):
         block = runs[runs["model"] == model]
-        for method, line in sorted(block.groupby("method"), key=lambda m: method_sort_key(m[0])):
+        for (method, label), line in sorted(block.groupby(["method", "line"]),
+                                            key=lambda m: (method_sort_key(m[0][0]), m[0][1])):
             line = line.sort_values("kv_bytes")
             style = {**_style(method), **_emphasis(method)}
             if is_fullkv(method):  # a single reference point: a big star, no line
                 style.update(markersize=12, linestyle="none")
-            ax.plot(line["kv_bytes"] / _MIB, line["score"], label=method, **style)
+            ax.plot(line["kv_bytes"] / _MIB, line["score"], label=label, **style)
             known = line["ci_low"].notna()
             if known.any():
                 ax.errorbar(line["kv_bytes"][known] / _MIB, line["score"][known],
                             yerr=[(line["score"] - line["ci_low"])[known], (line["ci_high"] - line["score"])[known]],
                             fmt="none", ecolor=style["color"], elinewidth=1.0, capsize=3, alpha=0.8,
                             zorder=style["zorder"])
-            if method == "DynamicKV":  # every method ran the same budgets: labelling one line is enough
+            if label == "DynamicKV":  # every method ran the same budgets: labelling one line is enough
                 for _, point in line.iterrows():
                     _bytes_label(ax, point["kv_bytes"] / _MIB, point["score"], f"b={budget_label(point['budget'])}")
         ax.set_xscale("log")
@@ -216,6 +241,39 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
         ax.grid(True, which="both", alpha=0.3)
     _finish_legend(fig, axes)
     _ci_caption(fig, runs, "Error bars")
+    return _save(fig, out)
+
+
+def score_vs_length(df: pd.DataFrame, out: str | Path, benchmark: str = "ruler") -> list[Path]:
+    """Average score against context length (a benchmark scored per length, e.g. RULER), one line per method,
+    budget and setting, with CI bands; one panel per model and query mode."""
+    runs, _ = _run_averages(df, benchmark, None, by_length=True)
+    runs = runs.dropna(subset=["length"])
+    if runs.empty or runs["length"].nunique() < 2:
+        raise KvbenchError(f"score vs length needs {benchmark} runs at two or more lengths")
+    panels = sorted(runs[["model", "query"]].drop_duplicates().itertuples(index=False))
+    fig, axes = _grid(len(panels), 2, (6.0, 4.2))
+    for ax, (model, query) in zip(axes, panels):
+        block = runs[(runs["model"] == model) & (runs["query"] == query)]
+        for (method, label, budget), line in sorted(block.groupby(["method", "line", block["budget"].fillna(-1)]),
+                                                    key=lambda m: (m[0][2], method_sort_key(m[0][0]), m[0][1])):
+            line = line.sort_values("length")
+            x = line["length"].astype(float).to_numpy()
+            name = label if budget < 0 else f"{label}, {budget_label(budget)}"
+            ax.plot(x, line["score"], label=name, linestyle="--" if is_fullkv(method) else "-", **_style(method),
+                    **_emphasis(method))
+            _band(ax, x, line["ci_low"].to_numpy(), line["ci_high"].to_numpy(), method)
+        lengths = sorted(int(n) for n in block["length"].unique())
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(lengths))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+        ax.set_title(f"{model}, {benchmark}, query {query}", fontsize=12)
+        ax.set_xlabel("context length (tokens)", fontsize=10)
+        ax.set_ylabel("Average score", fontsize=10)
+        ax.grid(True, alpha=0.3)
+    _finish_legend(fig, axes, ncol_max=4)
+    _ci_caption(fig, runs, "Bands")
     return _save(fig, out)
 
 
@@ -250,6 +308,8 @@ def layer_allocation(alloc_df: pd.DataFrame, out: str | Path, model: str | None 
     the scale). With several models, budgets or benchmarks, pass `model=` / `budget=` / `benchmark=`.
     """
     data = alloc_df[~alloc_df["method"].map(is_fullkv)]
+    if "query" in data and not data.empty:  # one line per method and query mode
+        data = data.assign(method=data.apply(line_label, axis=1))
     if data.empty:
         raise KvbenchError("no per-layer allocations of a compressed method; runs must record 'layer_kept'")
     model = _pick(data, "model", model, "model")

@@ -1,14 +1,19 @@
-"""LongBench tables in the KV-compression papers' layout, and the paper-vs-ours comparison.
+"""Benchmark tables in the KV-compression papers' layout (LongBench, RULER and any other benchmark), and the
+paper-vs-ours comparison.
 
 Layout (PyramidKV / SnapKV / DynamicKV tables): rows grouped by model, then budget (FullKV once, at the top), then
-method in the papers' order; columns are the tasks grouped by LongBench category, then the average. The best
+method in the papers' order; columns are the tasks grouped by category (LongBench's categories; RULER's task order;
+other benchmarks: their tasks as found), then the average. The query mode, decode schedule and variant are row keys
+with their own columns (shown when they tell rows apart); a benchmark scored per context length (RULER) gets one
+table per length and one over all lengths. The best
 compressed method of each budget is bold in every column, with a dagger where a paired test on the same samples
 does not show it better than the second best. Cells can carry 95% bootstrap CIs (from sample_scores.jsonl); every
 table has an n column, a Status column for runs that did not complete and a Tag column for colliding runs.
-Rendered by pandas (`to_markdown` via tabulate, `Styler.to_latex` via jinja2, `to_csv`).
+Rendered by pandas (`to_markdown` via tabulate, `Styler.to_latex` via jinja2, `to_csv`) or as an HTML table.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -25,10 +30,11 @@ from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
-from kvbench.report.collect import (AGNOSTIC, ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
+from kvbench.report.collect import (ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
                                     run_samples, task_samples)
+from kvbench.ruler.constants import ALL_TASKS as RULER_TASKS, SHORT as RULER_SHORT
 from kvbench.sample_rows import SAMPLE_SCORES_FILE
-from kvbench.stats import confidence_intervals
+from kvbench.stats import bootstrap_ci, confidence_intervals
 
 ABBREVIATIONS = {
     "narrativeqa": "NrtvQA", "qasper": "Qasper", "multifieldqa_en": "MF-en", "hotpotqa": "HotpotQA",
@@ -36,16 +42,26 @@ ABBREVIATIONS = {
     "multi_news": "MultiNews", "trec": "TREC", "triviaqa": "TriviaQA", "samsum": "SAMSum",
     "passage_count": "PCount", "passage_retrieval_en": "PRe", "lcc": "Lcc", "repobench-p": "RB-P",
     "multifieldqa_zh": "MF-zh", "dureader": "DuReader", "vcsum": "VCSum", "lsht": "LSHT",
-    "passage_retrieval_zh": "PR-zh",
+    "passage_retrieval_zh": "PR-zh", **RULER_SHORT,
 }
 CATEGORY_LABELS = {"Code Completion": "Code"}  # the papers' short header
 AVG = "Avg."
-FORMATS = ("markdown", "latex", "csv")
-_LANGUAGES = {"en": (ENGLISH_16, CATEGORIES_EN), "zh": (CHINESE_5, CATEGORIES_ZH)}
+FORMATS = ("markdown", "latex", "csv", "html")
+_LONGBENCH = {"en": (CATEGORIES_EN, ENGLISH_16), "zh": (CATEGORIES_ZH, CHINESE_5)}
+# Column layouts: benchmark -> {part (LongBench: language): (task groups in column order, the papers' task list: the
+# tasks of the part, whose count an average of all of them has; None: no published set)}.
+# A benchmark not listed gets one part, its tasks as found.
+LAYOUTS = {"longbench": _LONGBENCH, "longbench_e": _LONGBENCH, "ruler": {"": ({"RULER": RULER_TASKS}, None)}}
 CI_VIEWS = (None, "pm", "range")
 ALPHA = 0.05  # significance level of the bold/dagger marks
-_KEYS = ["model", "protocol", "tag", "budget_key", "method"]
-_GROUP = ["model", "protocol", "budget_key"]  # the methods of one budget compete for bold
+_KEYS = ["model", "protocol", "tag", "query", "decode_interval", "variant", "budget_key", "method"]
+_GROUP = _KEYS[:2] + _KEYS[3:-1]  # the methods of one model, protocol, setting and budget compete for bold
+_SETTINGS = {"query": "Query", "decode_interval": "Decode", "variant": "Variant"}  # shown when they tell rows apart
+
+
+def _setting_text(value) -> str:
+    """A setting's cell: the query mode or variant as given, the decode interval ("" for 0: no decode schedule)."""
+    return "" if value in (0, "", None) else str(value)
 
 
 @dataclass
@@ -64,15 +80,18 @@ class _Table:
     decimals: int
     ci: str | None = None
     notes: list[str] = field(default_factory=list)
+    run_dirs: pd.Series | None = None             # index = _KEYS: the row's run folder(s), for links
 
     @property
     def columns(self) -> list[str]:
         return [task for _, tasks in self.groups for task in tasks] + [AVG]
 
     def shows(self, level: str) -> bool:
-        """Protocol / tag columns appear only when they tell rows apart."""
-        return self.rows.index.get_level_values(level).nunique() > 1 or \
-            (level == "tag" and (self.rows.index.get_level_values("tag") != "").any())
+        """Protocol / tag / query / decode / variant columns appear only when they tell rows apart (or, query,
+        decode, variant and tag, when any row is not the default: agnostic, a decode schedule, a variant, a tag)."""
+        values = self.rows.index.get_level_values(level)
+        default = {"tag": "", "query": "aware", "decode_interval": 0, "variant": ""}
+        return values.nunique() > 1 or (level in default and (values != default[level]).any())
 
 
 def _base_task(name: str) -> str:
@@ -80,24 +99,43 @@ def _base_task(name: str) -> str:
     return name[:-2] if name.endswith("_e") and name[:-2] in ABBREVIATIONS else name
 
 
-def _select(df: pd.DataFrame, language: str, benchmark: str) -> tuple[pd.DataFrame, list[tuple[str, list[str]]]]:
-    """The rows of one benchmark and language, and the present tasks grouped by category in paper order."""
-    if language not in _LANGUAGES:
-        raise KvbenchError(f"language must be 'en' or 'zh', not {language!r}")
-    wanted, categories = _LANGUAGES[language]
+def _layout(df: pd.DataFrame, benchmark: str) -> dict:
+    """{part: (task groups, the papers' task count)} of a benchmark (see LAYOUTS)."""
+    if benchmark in LAYOUTS:
+        return LAYOUTS[benchmark]
+    tasks = list(dict.fromkeys(df.loc[df["benchmark"] == benchmark, "task"]))
+    return {"": ({benchmark: tasks}, None)}
+
+
+def table_parts(df: pd.DataFrame, benchmark: str) -> list[str]:
+    """The parts (LongBench: languages) of a benchmark that have tasks in these results."""
+    present = set(df.loc[df["benchmark"] == benchmark, "task"].map(_base_task))
+    return [part for part, (groups, papers) in _layout(df, benchmark).items()
+            if present & set(papers or [t for tasks in groups.values() for t in tasks])]
+
+
+def _select(df: pd.DataFrame, part: str, benchmark: str) -> tuple[pd.DataFrame, list[tuple[str, list[str]]], int]:
+    """The rows of one benchmark and part, the present tasks grouped by category in paper order, the papers' task
+    count (None: no published count)."""
     missing = {"model", "benchmark", "method", "budget", "task", "score"} - set(df.columns)
     if missing:
         raise KvbenchError(f"the results table lacks columns {sorted(missing)}; build it with kvbench.report.collect()")
+    layout = _layout(df, benchmark)
+    if part not in layout:
+        raise KvbenchError(f"{benchmark} tables have parts {' or '.join(map(repr, layout))}, not {part!r}"
+                           + (" (language must be 'en' or 'zh')" if layout is _LONGBENCH else ""))
+    categories, papers = layout[part]
+    wanted = set(papers) if papers else {t for tasks in categories.values() for t in tasks}
     data = df[df["benchmark"] == benchmark].copy()
     data["task"] = data["task"].map(_base_task)
     data = data[data["task"].isin(wanted)]
     if data.empty:
-        raise KvbenchError(f"no {'English' if language == 'en' else 'Chinese'} {benchmark} tasks in these results; "
-                           f"tasks found: {sorted(df['task'].unique())}")
+        what = {"en": "English ", "zh": "Chinese "}.get(part, "") if layout is _LONGBENCH else ""
+        raise KvbenchError(f"no {what}{benchmark} tasks in these results; tasks found: {sorted(df['task'].unique())}")
     present = set(data["task"])
     groups = [(CATEGORY_LABELS.get(cat, cat), [t for t in tasks if t in present and t in wanted])
               for cat, tasks in categories.items()]
-    return data, [(cat, tasks) for cat, tasks in groups if tasks]
+    return data, [(cat, tasks) for cat, tasks in groups if tasks], len(papers) if papers else None
 
 
 def _normalised(data: pd.DataFrame) -> pd.DataFrame:
@@ -105,12 +143,30 @@ def _normalised(data: pd.DataFrame) -> pd.DataFrame:
     defaulted for hand-built frames (`settings`: one kind for all)."""
     defaults = {"protocol": "", "tag": "", "status": "complete", "n": pd.NA, "ci_low": math.nan,
                 "ci_high": math.nan, "samples_ok": False, "run_dir": "", "compression_ratio": math.nan,
-                "settings": "", "kv_bytes_mean": math.nan}
+                "settings": "", "kv_bytes_mean": math.nan, "query": "aware", "decode_interval": 0, "variant": "",
+                "length": pd.NA}
     data = data.assign(**{col: value for col, value in defaults.items() if col not in data})
     keys = [budget_label(b, r) for b, r in zip(data["budget"].astype(float), data["compression_ratio"].astype(float))]
     return data.assign(budget_key=keys, protocol=data["protocol"].fillna(""),
                        tag=data["tag"].fillna("").astype(str), status=data["status"].fillna("unknown").astype(str),
-                       settings=data["settings"].fillna("").astype(str))
+                       settings=data["settings"].fillna("").astype(str), query=data["query"].fillna("aware").astype(str),
+                       decode_interval=data["decode_interval"].fillna(0).astype(int),
+                       variant=data["variant"].fillna("").astype(str))
+
+
+def _over_lengths(data: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a benchmark scored per length, one per run and task over its lengths: the mean of the lengths'
+    scores, n summed, and the CI of all the task's samples (when every length's samples matched)."""
+    rows = []
+    for (_, _), block in data.groupby(["run_dir", "task"], sort=False):
+        row = block.iloc[0].to_dict()
+        ok = bool(block["samples_ok"].fillna(False).astype(bool).all())
+        values = task_samples(row["run_dir"], row["task"]) if ok else None
+        low, high = bootstrap_ci(values.to_numpy()) if values is not None else (math.nan, math.nan)
+        rows.append({**row, "score": float(block["score"].mean()), "n": block["n"].sum(min_count=1),
+                     "kv_bytes_mean": float(block["kv_bytes_mean"].mean()), "length": pd.NA, "ci_low": low,
+                     "ci_high": high, "samples_ok": values is not None})
+    return pd.DataFrame(rows, columns=data.columns)
 
 
 def _short_names(run_dirs: list[str]) -> dict[str, str]:
@@ -130,8 +186,7 @@ def _resolve_collisions(data: pd.DataFrame) -> pd.DataFrame:
     or two runs for one cell, are kept apart (by their tags, else by their folders in the Tag column) with one
     warning per row naming them."""
     data = data.copy()
-    for (model, _, budget_key, method), block in data.groupby(["model", "protocol", "budget_key", "method"],
-                                                              sort=False):
+    for (model, *_, budget_key, method), block in data.groupby([k for k in _KEYS if k != "tag"], sort=False):
         apart = False
         for _, same_tag in block.groupby("tag", sort=False):
             if same_tag["settings"].nunique() > 1 or same_tag.duplicated("task").any():
@@ -152,7 +207,9 @@ def _wide(data: pd.DataFrame, column: str, tasks: list[str]) -> pd.DataFrame:
 
 
 def _row_order(index: pd.Index) -> list:
-    return sorted(index, key=lambda k: (k[0], k[1], budget_order(k[3]), method_sort_key(k[4]), k[2]))
+    """model, protocol, query mode, decode, variant, budget (FullKV first), method (papers' order), tag."""
+    return sorted(index, key=lambda k: (*k[:2], k[3] != "aware", *k[3:6], budget_order(k[6]), method_sort_key(k[7]),
+                                        k[2]))
 
 
 def _n_label(counts: pd.Series) -> str:
@@ -162,61 +219,60 @@ def _n_label(counts: pd.Series) -> str:
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def _samples_of(run_dirs: pd.Series, tasks: list[str]) -> list[pd.Series] | None:
-    """Per-sample scores (score points) of each task of one row, or None if any is missing."""
+def _samples_of(run_dirs: pd.Series, tasks: list[str], length=None) -> list[pd.Series] | None:
+    """Per-sample scores (score points) of each task of one row (at one length), or None if any is missing."""
     out = []
     for task in tasks:
         run_dir = run_dirs.get(task)
-        values = task_samples(run_dir, task) if isinstance(run_dir, str) and run_dir else None
+        values = task_samples(run_dir, task, length) if isinstance(run_dir, str) and run_dir else None
         if values is None:
             return None
         out.append(values)
     return out
 
 
-def _average_ci(run_dirs: pd.DataFrame, tasks: list[str], scores: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+def _average_ci(run_dirs: pd.DataFrame, tasks: list[str], scores: pd.DataFrame,
+                length=None) -> tuple[pd.Series, pd.Series]:
     """CI of each row's Avg. (resampling within each task, then averaging), where every task has samples
     that match the table's score (the per-task CI columns are NaN otherwise)."""
     low, high = pd.Series(math.nan, index=run_dirs.index), pd.Series(math.nan, index=run_dirs.index)
     for key in run_dirs.index:
         if scores.loc[key].isna().any():
             continue
-        groups = _samples_of(run_dirs.loc[key], tasks)
+        groups = _samples_of(run_dirs.loc[key], tasks, length)
         if groups is not None:
             low[key], high[key] = confidence_intervals([g.to_numpy() for g in groups])["average_ci"]
     return low, high
 
 
 def _relative(values: pd.DataFrame) -> pd.DataFrame:
-    """Percent of the FullKV row of the same model, protocol and query mode, column by column (Avg.: ratio of
-    averages). A query-agnostic row without an agnostic FullKV run falls back to the aware one (FullKV keeps every
-    token either way; the table notes it)."""
+    """Percent of the FullKV row of the same model, protocol, variant and query mode, column by column (Avg.: ratio
+    of averages). A row whose query mode has no FullKV run falls back to the aware one (FullKV keeps every token
+    either way; the table notes it)."""
     out = values.copy()
-    for (model, protocol), block in values.groupby(level=["model", "protocol"], sort=False):
-        names = block.index.get_level_values("method")
-        full = {label: block[names == label] for label in ("FullKV", f"FullKV{AGNOSTIC}")}
-        if full["FullKV"].empty and full[f"FullKV{AGNOSTIC}"].empty:
+    for (model, protocol, _), block in values.groupby(level=["model", "protocol", "variant"], sort=False):
+        full = block[[is_fullkv(m) for m in block.index.get_level_values("method")]]
+        if full.empty:
             raise KvbenchError(f"relative=True needs a FullKV run of {model}"
                                f"{f' ({protocol})' if protocol else ''}; add its folder or use relative=False")
-        for agnostic in (False, True):
-            rows = block[[str(m).endswith(AGNOSTIC) == agnostic for m in names]]
-            if rows.empty:
-                continue
-            own = full[f"FullKV{AGNOSTIC}" if agnostic else "FullKV"]
-            reference = (own if not own.empty else next(f for f in full.values() if not f.empty)).iloc[0]
+        modes = block.index.get_level_values("query")
+        for mode in dict.fromkeys(modes):
+            own = full[full.index.get_level_values("query") == mode]
+            aware = full[full.index.get_level_values("query") == "aware"]
+            reference = (own if not own.empty else aware if not aware.empty else full).iloc[0]
+            rows = block[modes == mode]
             out.loc[rows.index] = rows.div(reference.replace(0.0, np.nan), axis=1) * 100.0
     return out
 
 
 def _bold_mask(values: pd.DataFrame) -> pd.DataFrame:
-    """True for the best compressed method per (model, protocol, budget, query mode) and column; ties all bold.
-
-    Only budgets with at least two compressed methods get bold (a lone method is not 'best' of anything).
+    """True for the best compressed method per (model, protocol, query mode, decode, variant, budget) and column;
+    ties all bold. Only groups with at least two compressed methods get bold (a lone method is not 'best' of
+    anything); FullKV is the reference, never bold.
     """
     bold = pd.DataFrame(False, index=values.index, columns=values.columns)
     compressed = values[[not is_fullkv(m) for m in values.index.get_level_values("method")]]
-    mode = [str(m).endswith(AGNOSTIC) for m in compressed.index.get_level_values("method")]
-    for _, block in compressed.groupby([*(compressed.index.get_level_values(g) for g in _GROUP), mode], sort=False):
+    for _, block in compressed.groupby(level=_GROUP, sort=False):
         if len(block) < 2:
             continue
         best = block.max(axis=0)
@@ -224,11 +280,11 @@ def _bold_mask(values: pd.DataFrame) -> pd.DataFrame:
     return bold
 
 
-def _paired_p(run_dirs: pd.DataFrame, best, second, tasks: list[str]) -> float | None:
+def _paired_p(run_dirs: pd.DataFrame, best, second, tasks: list[str], length=None) -> float | None:
     """p-value of the paired test best vs second on these tasks; None when they cannot be paired."""
     dirs = [tuple(str(run_dirs.loc[key].get(t, "")) for t in tasks) for key in (best, second)]
     stamps = tuple(_mtime(d) for d in dirs[0] + dirs[1])  # a rewritten sample file is read again
-    return _cached_p(dirs[0], dirs[1], tuple(tasks), stamps)
+    return _cached_p(dirs[0], dirs[1], tuple(tasks), None if length is None else int(length), stamps)
 
 
 def _mtime(run_dir: str) -> int:
@@ -237,11 +293,12 @@ def _mtime(run_dir: str) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _cached_p(dirs_a: tuple[str, ...], dirs_b: tuple[str, ...], tasks: tuple[str, ...], _stamps) -> float | None:
+def _cached_p(dirs_a: tuple[str, ...], dirs_b: tuple[str, ...], tasks: tuple[str, ...], length,
+              _stamps) -> float | None:
     """Same pair, same tasks: the same p (the absolute and percent tables ask twice)."""
     frames = []
     for dirs in (dirs_a, dirs_b):
-        groups = _samples_of(pd.Series(dirs, index=list(tasks)), list(tasks))
+        groups = _samples_of(pd.Series(dirs, index=list(tasks)), list(tasks), length)
         if groups is None:
             return None
         frames.append(pd.DataFrame({"task": np.repeat(list(tasks), [len(g) for g in groups]),
@@ -253,31 +310,43 @@ def _cached_p(dirs_a: tuple[str, ...], dirs_b: tuple[str, ...], tasks: tuple[str
         return None
 
 
-def _dagger_mask(values: pd.DataFrame, bold: pd.DataFrame, run_dirs: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-    """True on bold cells whose method is not significantly better than the second best of its budget
+def _dagger_mask(values: pd.DataFrame, bold: pd.DataFrame, run_dirs: pd.DataFrame, tasks: list[str],
+                 length=None) -> pd.DataFrame:
+    """True on bold cells whose method is not significantly better than the second best of its group
     (a tie, p >= ALPHA in the paired test, or no per-sample scores to pair)."""
     dagger = pd.DataFrame(False, index=values.index, columns=values.columns)
+    position = [_KEYS.index(g) for g in _GROUP]
     for column in values.columns:
         for key in bold.index[bold[column]]:
-            group = [k for k in values.index if k[0] == key[0] and k[1] == key[1] and k[3] == key[3]
-                     and not is_fullkv(k[4]) and k != key and k[4].endswith(AGNOSTIC) == key[4].endswith(AGNOSTIC) and pd.notna(values.loc[k, column])]
+            group = [k for k in values.index if all(k[i] == key[i] for i in position)
+                     and not is_fullkv(k[-1]) and k != key and pd.notna(values.loc[k, column])]
             if not group:
                 continue
             second = max(group, key=lambda k: values.loc[k, column])
             if values.loc[second, column] == values.loc[key, column]:
                 dagger.loc[key, column] = True
                 continue
-            p = _paired_p(run_dirs, key, second, tasks if column == AVG else [column])
+            p = _paired_p(run_dirs, key, second, tasks if column == AVG else [column], length)
             dagger.loc[key, column] = p is None or p >= ALPHA
     return dagger
 
 
-def _build(df: pd.DataFrame, language: str, relative: bool, benchmark: str, ci: str | None = None,
-           significance: bool = True) -> _Table:
+def build_table(df: pd.DataFrame, benchmark: str, part: str = "", relative: bool = False, ci: str | None = None,
+                significance: bool = True, length: int | None = None) -> _Table:
+    """The table of one benchmark (and part: LongBench's language) from `collect()` rows, ready to render. A
+    benchmark scored per context length: the rows at `length`, or (None) each run's mean over its lengths."""
     if ci not in CI_VIEWS:
         raise KvbenchError(f"ci must be one of None, 'pm' (± half-width) or 'range' ([lo, hi]), not {ci!r}")
-    data, groups = _select(df, language, benchmark)
-    data = _resolve_collisions(_normalised(data))
+    data, groups, full_count = _select(df, part, benchmark)
+    data = _normalised(data)
+    over_lengths = length is None and data["length"].notna().any()
+    if length is not None:
+        data = data[data["length"] == length]
+        if data.empty:
+            raise KvbenchError(f"no {benchmark} results at length {length}")
+    elif over_lengths:
+        data = _over_lengths(data)
+    data = _resolve_collisions(data)
     tasks = [t for _, ts in groups for t in ts]
     scores = _wide(data, "score", tasks)
     order = _row_order(scores.index)
@@ -286,7 +355,7 @@ def _build(df: pd.DataFrame, language: str, relative: bool, benchmark: str, ci: 
     run_dirs = _wide(data.assign(run_dir=data["run_dir"].where(data["samples_ok"].fillna(False).astype(bool), "")),
                      "run_dir", tasks).loc[order]
     values = scores.assign(**{AVG: scores.mean(axis=1).where(scores.notna().all(axis=1))})
-    avg_low, avg_high = _average_ci(run_dirs, tasks, scores)
+    avg_low, avg_high = _average_ci(run_dirs, tasks, scores, length)
     low = _wide(data, "ci_low", tasks).loc[order].assign(**{AVG: avg_low})
     high = _wide(data, "ci_high", tasks).loc[order].assign(**{AVG: avg_high})
     decimals = 1 if relative else 2
@@ -295,35 +364,38 @@ def _build(df: pd.DataFrame, language: str, relative: bool, benchmark: str, ci: 
         low[:], high[:] = math.nan, math.nan  # a CI of a ratio to FullKV is not the CI of either run
     values, low, high = values.round(decimals), low.round(decimals), high.round(decimals)
     bold = _bold_mask(values)  # decided on the numbers as shown, so displayed ties are all bold
-    dagger = _dagger_mask(values, bold, run_dirs, tasks) if significance else bold & False
+    dagger = _dagger_mask(values, bold, run_dirs, tasks, length) if significance else bold & False
     per_row = data.set_index(_KEYS)
     n = per_row.groupby(level=_KEYS)["n"].apply(_n_label).reindex(order)
     status = per_row.groupby(level=_KEYS)["status"].agg(lambda s: ", ".join(sorted(set(s) - {"complete"})))
     kv_mib = per_row.groupby(level=_KEYS)["kv_bytes_mean"].mean().map(kv_mib_label).reindex(order)
     table = _Table(groups, values, low, high, bold, dagger, n, status.reindex(order), kv_mib, decimals,
                    ci if not relative else None)
-    table.notes = _notes(table, language, relative, significance)
+    table.run_dirs = per_row.groupby(level=_KEYS)["run_dir"].agg(lambda d: sorted(set(d))).reindex(order)
+    table.notes = _notes(table, full_count, relative, significance, over_lengths)
     return table
 
 
-def _notes(table: _Table, language: str, relative: bool, significance: bool) -> list[str]:
-    full_count = 16 if language == "en" else 5
+def _notes(table: _Table, full_count: int | None, relative: bool, significance: bool,
+           over_lengths: bool = False) -> list[str]:
     n_tasks = len(table.columns) - 1
     notes = []
-    if n_tasks < full_count:
+    if over_lengths:
+        notes.append("Scores: each run's mean over its context lengths; n: samples over all lengths.")
+    if full_count and n_tasks < full_count:
         notes.append(f"{AVG} is the mean over the {n_tasks} task(s) shown, not the papers' {full_count}-task average.")
     if table.rows.drop(columns=AVG).isna().any().any():
         notes.append(f"'-': no score; {AVG} is left empty for rows missing a task.")
     if relative:
-        notes.append(f"Percent of FullKV (same model and query mode: agnostic rows against FullKV (agnostic) "
-                     f"where it was run, else FullKV): score / FullKV score x 100; {AVG} = method average / "
+        notes.append(f"Percent of FullKV (same model and query mode: agnostic rows against the agnostic FullKV "
+                     f"where it was run, else the aware one): score / FullKV score x 100; {AVG} = method average / "
                      f"FullKV average x 100.")
     if table.ci:
         view = "± half-width of" if table.ci == "pm" else "[low, high]:"
         notes.append(f"{view} the 95% percentile bootstrap CI (2000 resamples of the samples of each task; {AVG}: "
                      f"resampled within each task, then averaged); none where a run has no sample_scores.jsonl.")
     if table.bold.any().any():
-        text = "Bold: best compressed method of each budget (ties all bold)."
+        text = "Bold: best compressed method of each budget (ties all bold; FullKV is the reference, never bold)."
         if significance:
             text += (f" †: not significantly better than the second best (tie, paired sign-flip permutation test "
                      f"p ≥ {ALPHA}, or no per-sample scores to pair); bold without † is significant at {ALPHA}.")
@@ -362,6 +434,7 @@ def _cell_text(table: _Table, key, column: str, fmt: str) -> str:
 
 def _label_columns(table: _Table) -> list[str]:
     return (["Model"] + (["Protocol"] if table.shows("protocol") else []) + (["Tag"] if table.shows("tag") else [])
+            + [label for level, label in _SETTINGS.items() if table.shows(level)]
             + ["Budget", "Method", "KV MiB"] + (["Status"] if (table.status != "").any() else []) + ["n"])
 
 
@@ -370,13 +443,14 @@ def _labels(table: _Table, sparse: bool) -> list[list[str]]:
     names = _label_columns(table)
     out, previous = [], None
     for key in table.rows.index:
-        model, protocol, tag, budget_key, method = key
-        full = {"Model": model, "Protocol": protocol, "Tag": tag, "Budget": budget_key, "Method": method,
+        model, protocol, tag, query, decode, variant, budget_key, method = key
+        full = {"Model": model, "Protocol": protocol, "Tag": tag, "Query": query,
+                "Decode": str(decode) if decode else "", "Variant": variant, "Budget": budget_key, "Method": method,
                 "KV MiB": table.kv_mib[key], "Status": table.status[key], "n": table.n[key]}
         if sparse and previous is not None:
             if (model, protocol) == previous[:2]:
                 full["Model"] = full["Protocol"] = ""
-                if budget_key == previous[3]:
+                if key[3:7] == previous[3:7]:
                     full["Budget"] = ""
         out.append([full[name] for name in names])
         previous = key
@@ -389,7 +463,7 @@ def _header(table: _Table) -> tuple[list[str], list[str]]:
     category_row = [""] * n_labels
     for category, tasks in table.groups:
         category_row += [category] + [""] * (len(tasks) - 1)
-    return category_row + [""], _label_columns(table) + [ABBREVIATIONS[t] for t in table.columns[:-1]] + [AVG]
+    return category_row + [""], _label_columns(table) + [ABBREVIATIONS.get(t, t) for t in table.columns[:-1]] + [AVG]
 
 
 def _body(table: _Table, fmt: str, sparse: bool) -> list[list[str]]:
@@ -440,6 +514,33 @@ def _latex_text(text: str) -> str:
     return "".join(_LATEX_TEXT.get(ch, ch) for ch in text)
 
 
+def _html(table: _Table) -> str:
+    """A <table class="sortable">: category and task header rows, every label filled (rows sort on their own),
+    each value cell carrying its number in `data-v` (the sort key) and its CI; notes in a <p> under it."""
+    category_row, abbrev_row = _header(table)
+    n_labels = len(_label_columns(table))
+    spans = "".join(f'<th colspan="{len(tasks)}">{html.escape(cat)}</th>' for cat, tasks in table.groups)
+    head = (f'<tr class="groups"><th colspan="{n_labels}"></th>{spans}<th></th></tr>'
+            "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in abbrev_row) + "</tr>")
+    body = []
+    for labels, key in zip(_labels(table, sparse=False), table.rows.index):
+        cells = []
+        for name, text in zip(_label_columns(table), labels):
+            order = budget_order(text) if name == "Budget" else None  # Full, budgets by size, then ratios
+            sort = order[0] * 1e9 + order[1] if order else text
+            cells.append(f'<td data-v="{html.escape(str(sort))}">{html.escape(str(text))}</td>')
+        for column in table.columns:
+            value = table.rows.loc[key, column]
+            text = html.escape(_cell_text(table, key, column, "csv"))
+            if table.bold.loc[key, column]:
+                text = f"<b>{text}</b>{'†' if table.dagger.loc[key, column] else ''}"
+            cells.append(f'<td class="num" data-v="{"" if pd.isna(value) else value}">{text}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f"<p class=\"note\">{html.escape(n)}</p>" for n in _note_lines(table))
+    return (f'<table class="sortable"><thead>{head}</thead><tbody>\n' + "\n".join(body)
+            + f"\n</tbody></table>{notes}\n")
+
+
 def _csv(table: _Table) -> str:
     """Flat CSV: label columns, one column per task (plain numbers) and, with a CI view, <task> lo / <task> hi."""
     frame = pd.DataFrame(_labels(table, sparse=False), columns=[c.lower() for c in _label_columns(table)])
@@ -454,6 +555,21 @@ def _csv(table: _Table) -> str:
     return frame.to_csv(index=False, float_format=f"%.{table.decimals}f", lineterminator="\n")
 
 
+def render(table: _Table, fmt: str) -> str:
+    """A built table as Markdown, LaTeX, CSV or an HTML <table>."""
+    if fmt not in FORMATS:
+        raise KvbenchError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return {"markdown": _markdown, "latex": _latex, "csv": _csv, "html": _html}[fmt](table)
+
+
+def benchmark_table(df: pd.DataFrame, benchmark: str, part: str = "", fmt: str = "markdown", relative: bool = False,
+                    ci: str | None = None, significance: bool = True, length: int | None = None) -> str:
+    """Any benchmark's table (see `build_table`), rendered (see `render`)."""
+    if fmt not in FORMATS:
+        raise KvbenchError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return render(build_table(df, benchmark, part, relative, ci, significance, length), fmt)
+
+
 def longbench_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", relative: bool = False,
                     benchmark: str = "longbench", ci: str | None = None, significance: bool = True) -> str:
     """A LongBench table in the papers' layout from `collect()` output.
@@ -465,21 +581,18 @@ def longbench_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown
     significance: mark bold cells whose method is not significantly better than the second best with a dagger.
     Every table has an n column (samples per task) and, when a run did not complete, a Status column.
     """
-    if fmt not in FORMATS:
-        raise KvbenchError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    table = _build(df, language, relative, benchmark, ci, significance)
-    return {"markdown": _markdown, "latex": _latex, "csv": _csv}[fmt](table)
+    return benchmark_table(df, benchmark, language, fmt, relative, ci, significance)
 
 
 def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", ci: str | None = "pm") -> str:
     """LongBench-E by input length: per run, the mean over its tasks of each length bucket's score (0-4k, 4-8k,
     8k+), with the bucket's 95% CI (resampled within each task's bucket, then averaged) and n (samples in the
     bucket). Reads the runs' sample_scores.jsonl; runs without it are listed as missing in the note."""
-    if fmt not in FORMATS:
-        raise KvbenchError(f"fmt must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt not in FORMATS[:3]:
+        raise KvbenchError(f"fmt must be one of {', '.join(FORMATS[:3])}, not {fmt!r}")
     if ci not in CI_VIEWS:
         raise KvbenchError(f"ci must be one of None, 'pm' or 'range', not {ci!r}")
-    data, groups = _select(df, language, "longbench_e")
+    data, groups, _ = _select(df, language, "longbench_e")
     tasks = {t for _, ts in groups for t in ts}
     rows, missing = [], []
     for run_dir, run in _normalised(data).groupby("run_dir", sort=False):
@@ -491,10 +604,12 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
         samples = samples.assign(task=samples["task"].map(_base_task))
         samples = samples[samples["task"].isin(tasks & set(run["task"]))]
         row = {"Model": first["model"], "Protocol": first["protocol"], "Tag": first["tag"],
+               **{label: _setting_text(first[level]) for level, label in _SETTINGS.items()},
                "Budget": first["budget_key"], "Method": first["method"],
                "KV MiB": kv_mib_label(run["kv_bytes_mean"].mean()),
                "Status": "" if first["status"] == "complete" else first["status"],
                "Tasks": str(samples["task"].nunique()), "_order": (first["model"], first["protocol"],
+                                                                   *(first[level] for level in _SETTINGS),
                                                                    budget_order(first["budget_key"]),
                                                                    method_sort_key(first["method"]), first["tag"])}
         for bucket in BUCKETS:
@@ -515,7 +630,9 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
     frame = pd.DataFrame(rows)
     frame = frame.iloc[sorted(range(len(frame)), key=lambda i: frame["_order"].iloc[i])].drop(columns="_order")
     labels = (["Model"] + (["Protocol"] if frame["Protocol"].nunique() > 1 else [])
-              + (["Tag"] if (frame["Tag"] != "").any() else []) + ["Budget", "Method", "KV MiB"]
+              + (["Tag"] if (frame["Tag"] != "").any() else [])
+              + [label for label in _SETTINGS.values() if frame[label].nunique() > 1 or
+                 (frame[label] != ("aware" if label == "Query" else "")).any()] + ["Budget", "Method", "KV MiB"]
               + (["Status"] if (frame["Status"] != "").any() else []) + ["Tasks"])
     if fmt == "csv":
         keep = labels + [c for b in BUCKETS for c in (b, f"{b} lo", f"{b} hi", f"n {b}")
@@ -577,7 +694,7 @@ def paper_model_name(model: str, hub_id: str = "", paper: dict | None = None) ->
 def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
     """Our 16-task English averages for runs at the paper's LongBench setting (paper model, budget 512 or FullKV)."""
     published = paper["longbench_kv512"]
-    data = df[df["benchmark"] == published["benchmark"]]
+    data = _papers_protocol(df[df["benchmark"] == published["benchmark"]])
     rows = []
     for run_dir, run in data.groupby("run_dir", sort=True):
         first = run.iloc[0]
@@ -597,6 +714,15 @@ def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
     return rows
 
 
+def _papers_protocol(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows run as the papers ran them: query-aware, no decode schedule, the plain benchmark."""
+    keep = pd.Series(True, index=df.index)
+    for column, value in (("query", "aware"), ("decode_interval", 0), ("variant", "")):
+        if column in df:
+            keep &= df[column].fillna(value) == value
+    return df[keep]
+
+
 def _ci_text(low: float, high: float) -> str:
     return "-" if pd.isna(low) or pd.isna(high) else f"[{low:.2f}, {high:.2f}]"
 
@@ -612,7 +738,7 @@ def _status_text(status) -> str:
 def _needle_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
     """Our needle scores for the paper's needle settings (same model; same budget where the paper states one)."""
     rows = []
-    needle = df[df["benchmark"] == "needle"]
+    needle = _papers_protocol(df[df["benchmark"] == "needle"])
     for _, run in needle.iterrows():
         if str(run.get("protocol", "")).endswith("_multineedle"):
             continue  # the papers' needle numbers are single-needle

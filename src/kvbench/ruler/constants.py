@@ -113,3 +113,8 @@ def family_of(task: str) -> str:
 
 def tokens_to_generate(task: str) -> int:
     return FAMILIES[family_of(task)]["tokens_to_generate"]
+
+# The report's column headers (task abbreviations).
+SHORT = {"niah_single_1": "S1", "niah_single_2": "S2", "niah_single_3": "S3", "niah_multikey_1": "MK1",
+         "niah_multikey_2": "MK2", "niah_multikey_3": "MK3", "niah_multivalue": "MV", "niah_multiquery": "MQ",
+         "vt": "VT", "cwe": "CWE", "fwe": "FWE", "qa_1": "QA1", "qa_2": "QA2"}
