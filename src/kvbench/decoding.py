@@ -198,7 +198,7 @@ def cut_ragged(method: Method, rank: int, queries, layer: RaggedLayer, cache: Co
                last_position: int) -> None:
     """Score each stored head over the tokens it holds, allocate across heads as at prefill (budgets of the
     prefill), keep each head's top tokens plus its last `window_size`, store ragged again."""
-    heads, window = layer.heads_stored, method.window_size
+    heads = layer.heads_stored
     group = queries.shape[1] // heads
     tail = layer.tail_keys.shape[-2]
     new = torch.arange(last_position - tail + 1, last_position + 1, device=layer.device)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
-from kvbench.report.collect import display_method, method_sort_key
+from kvbench.labels import display_method, method_sort_key
 from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import CACHE_HEADS, ScoredMethod, store_kvpress_order
+from kvbench.methods.base import CACHE_HEADS, ScoredMethod
 
 
 @dataclass
