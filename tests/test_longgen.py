@@ -250,10 +250,10 @@ def test_sweep_plans_longgen_jobs_with_their_cost(tmp_path):
     assert job.seconds_left == pytest.approx(3 * (600 + 800) / 1000 + 6 * max_new_tokens(296) * 0.5)
 
 
-def _fake_run(folder, method, budget, rows, query="aware"):
+def _fake_run(folder, method, budget, rows, query="aware", decode=None):
     folder.mkdir(parents=True)
     full = method == "fullkv"
-    run = {"benchmark": "longgen", "model": {"name": "m"}, "method": {"name": method},
+    run = {"benchmark": "longgen", "model": {"name": "m"}, "method": {"name": method, "decode_interval": decode},
            "config": {"budget": budget, "method": {"budget_agnostic": full}},
            "settings": {"model": {"name": "m"}, "method": {"name": method}, "seed": 42,
                         "benchmark": {"name": "longgen", "query": query, "output_tokens": 256}}}
@@ -269,6 +269,7 @@ def test_report_compares_generated_length_with_fullkv(tmp_path):
     _fake_run(tmp_path / "full", "fullkv", 128, [(1.0, 300), (0.5, 280), (1.0, 290)])
     _fake_run(tmp_path / "snap", "snapkv", 128, [(0.5, 330), (0.0, 280)])  # 2 of the 3 samples
     _fake_run(tmp_path / "agn", "snapkv", 128, [(0.5, 100)], query="agnostic")  # no FullKV with its settings
+    _fake_run(tmp_path / "dec", "snapkv", 128, [(0.0, 310)], decode=16)  # decoding-time compression: its own row
     frame = longgen_frame(tmp_path)
     full, snap, agn = (frame[frame["run_dir"].str.endswith(name)].iloc[0] for name in ("full", "snap", "agn"))
     assert full["score"] == pytest.approx(250 / 3) and full["new_tokens_vs_fullkv"] == 1.0 and full["n"] == 3
@@ -278,4 +279,5 @@ def test_report_compares_generated_length_with_fullkv(tmp_path):
     assert full["ci_low"] <= full["score"] <= full["ci_high"]
     written = write_longgen_report(tmp_path, tmp_path / "out")
     text = (tmp_path / "out" / "longgen.md").read_text()
-    assert len(written) == 2 and "| m | aware | copy_list | 700 | SnapKV | 128 | 25.00 |" in text and "| 1.05 |" in text
+    assert len(written) == 2 and "| m | aware | copy_list | 700 | SnapKV | 128 | prefill | 25.00 |" in text
+    assert "| 1.05 |" in text and "| m | aware | copy_list | 700 | SnapKV | 128 | every 16 | 0.00 |" in text

@@ -40,6 +40,7 @@ def _runs(paths) -> list[dict]:
                          "method": display_method((run.get("method") or {}).get("name", "?")),
                          "budget": math.nan if full else float(run["config"].get("budget", math.nan)),
                          "full": full, "query": (settings.get("benchmark") or {}).get("query", "aware"),
+                         "decode": int((run.get("method") or {}).get("decode_interval") or 0),
                          "same": json.dumps({k: v for k, v in settings.items() if k != "method"}, sort_keys=True),
                          "samples": read_sample_scores(folder), "run_dir": str(folder)})
     return runs
@@ -60,7 +61,8 @@ def longgen_frame(paths) -> pd.DataFrame:
                 if len(joined) and joined["new_tokens_full"].sum() > 0:
                     ratio = joined["new_tokens"].sum() / joined["new_tokens_full"].sum()
             rows.append({"model": run["model"], "query": run["query"], "task": task, "length": int(length),
-                         "budget": run["budget"], "method": run["method"], "score": 100 * part["score"].mean(),
+                         "budget": run["budget"], "method": run["method"], "decode": run["decode"],
+                         "score": 100 * part["score"].mean(),
                          "ci_low": 100 * low, "ci_high": 100 * high, "n": len(part),
                          "new_tokens": part["new_tokens"].mean(), "answer_tokens": part["answer_tokens"].mean(),
                          "new_tokens_vs_fullkv": ratio, "run_dir": run["run_dir"]})
@@ -70,18 +72,20 @@ def longgen_frame(paths) -> pd.DataFrame:
     order = sorted(frame.index, key=lambda i: (frame.at[i, "model"], frame.at[i, "query"], frame.at[i, "task"],
                                                frame.at[i, "length"], not math.isnan(frame.at[i, "budget"]),
                                                0 if math.isnan(frame.at[i, "budget"]) else frame.at[i, "budget"],
-                                               method_sort_key(frame.at[i, "method"])))
+                                               method_sort_key(frame.at[i, "method"]), frame.at[i, "decode"]))
     return frame.loc[order].reset_index(drop=True)
 
 
 def longgen_markdown(frame: pd.DataFrame) -> str:
     fmt = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)  # noqa
-    lines = ["| Model | Query | Task | Length | Method | Budget | Score | 95% CI | n | Generated | Reference | "
-             "Generated / FullKV |", "|" + "---|" * 12]
+    lines = ["| Model | Query | Task | Length | Method | Budget | Decode | Score | 95% CI | n | Generated | Reference | "
+             "Generated / FullKV |", "|" + "---|" * 13]
     for r in frame.itertuples():
         ci = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]" if not math.isnan(r.ci_low) else "-"
         budget = "Full" if math.isnan(r.budget) else f"{r.budget:g}"
-        lines.append(f"| {r.model} | {r.query} | {r.task} | {r.length} | {r.method} | {budget} | {r.score:.2f} | "
+        decode = f"every {r.decode}" if r.decode else "prefill"  # when the method compresses
+        lines.append(f"| {r.model} | {r.query} | {r.task} | {r.length} | {r.method} | {budget} | {decode} | "
+                     f"{r.score:.2f} | "
                      f"{ci} | {r.n} | {fmt(r.new_tokens, '.1f')} | {fmt(r.answer_tokens, '.1f')} | "
                      f"{fmt(r.new_tokens_vs_fullkv, '.2f')} |")
     return "\n".join(lines) + "\n"
