@@ -17,7 +17,7 @@ from kvbench.errors import KvbenchError
 from kvbench.longgen.generate import FILLERS, TASKS, Generator, max_new_tokens
 from kvbench.longgen.metrics import line_scores, task_score
 from kvbench.ruler.data import set_sha256
-from kvbench.ruler.runner import QUERY_MODES, _int_list, predict_generated, sample_id
+from kvbench.ruler.runner import QUERY_MODES, _int_list, check_lengths_fit, predict_generated, sample_id
 from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
 
 log = logging.getLogger("kvbench")
@@ -138,14 +138,7 @@ def plan_longgen(cfg: DictConfig, spec) -> LongGenPlan:
     filler = str(bench.get("filler") or "noise")
     if filler not in FILLERS:
         raise KvbenchError(f"benchmark.filler={filler!r}: choose one of {', '.join(FILLERS)}")
-    limit = spec.trained_len
-    if limit is None:
-        raise KvbenchError(f"longgen needs {cfg.model.name}'s context length and its config does not say it "
-                           f"(no max_position_embeddings). Fix: model.trained_len=<tokens>")
-    too_long = [n for n in lengths if n > limit]
-    if too_long:
-        raise KvbenchError(f"benchmark.lengths {too_long} exceed {cfg.model.name}'s context of {limit} tokens. "
-                           f"Fix: benchmark.lengths=[...] up to {limit}")
+    limit = check_lengths_fit("longgen", cfg.model.name, spec.trained_len, lengths)
 
     tokenizer = load_tokenizer(spec)
     template = model_template(tokenizer, template_name)

@@ -152,6 +152,18 @@ def predict_generated(plan, name: str, store, model, tokenizer, run_one, show_pr
                 on_sample(task, record)
 
 
+def check_lengths_fit(benchmark: str, model: str, context: int | None, lengths: list[int]) -> int:
+    """The generated benchmarks' check, before the model loads: every asked length fits the model's context
+    (returned)."""
+    if context is None:
+        raise KvbenchError(f"{benchmark} needs {model}'s context length and its config does not say it "
+                           f"(no max_position_embeddings). Fix: model.trained_len=<tokens>")
+    too_long = [n for n in lengths if n > context]
+    if too_long:
+        raise KvbenchError(f"benchmark.lengths {too_long} exceed {model}'s context of {context} tokens. "
+                           f"Fix: benchmark.lengths=[...] up to {context}")
+    return context
+
 def _accepts(fn, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -232,14 +244,7 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     template_name = str(bench.template)
     if template_name not in TEMPLATES:
         raise KvbenchError(f"benchmark.template={template_name!r}: choose one of {', '.join(TEMPLATES)}")
-    limit = spec.trained_len
-    if limit is None:
-        raise KvbenchError(f"RULER needs {cfg.model.name}'s context length and its config does not say it "
-                           f"(no max_position_embeddings). Fix: model.trained_len=<tokens>")
-    too_long = [n for n in lengths if n > limit]
-    if too_long:
-        raise KvbenchError(f"benchmark.lengths {too_long} exceed {cfg.model.name}'s context of {limit} tokens. "
-                           f"Fix: benchmark.lengths=[...] up to {limit}")
+    limit = check_lengths_fit("RULER", cfg.model.name, spec.trained_len, lengths)
     data_dir = Path(bench.data_dir) if bench.get("data_dir") else None
     if data_dir is not None and not data_dir.is_dir():
         raise KvbenchError(f"benchmark.data_dir={data_dir} is not a folder; point it at kvpress-format RULER data "
