@@ -264,7 +264,7 @@ def _fake_run(folder, method, budget, rows, query="aware", decode=None):
 
 
 def test_report_compares_generated_length_with_fullkv(tmp_path):
-    from kvbench.longgen.report import longgen_frame, write_longgen_report
+    from kvbench.report.generated_length import longgen_frame, write_longgen_report
 
     _fake_run(tmp_path / "full", "fullkv", 128, [(1.0, 300), (0.5, 280), (1.0, 290)])
     _fake_run(tmp_path / "snap", "snapkv", 128, [(0.5, 330), (0.0, 280)])  # 2 of the 3 samples

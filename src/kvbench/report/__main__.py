@@ -19,6 +19,7 @@ import pandas as pd
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
 from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
+from kvbench.report.generated_length import write_longgen_report  # long outputs: generated length vs FullKV
 from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
@@ -207,7 +208,6 @@ def _report(args, out: Path, ci: str | None) -> int:
     written.append(atomic_write(out / "paper_comparison.md", comparison))
     parts.append(("Paper vs ours", "paper_comparison", markdown_html(comparison)))
     written += _write_figures(df, args.results, out)
-    from kvbench.longgen.report import write_longgen_report  # long-output: generated length and its ratio
     written += write_longgen_report(args.results, out)
     written.append(write_html(out / "report.html", parts, [p for p in written if p.suffix == ".png"],
                               sorted(set(df["run_dir"]))))

@@ -1,7 +1,8 @@
 """Long-output report: per run, the score with its CI and the mean generated length, compared sample by sample with
 the FullKV run of the same model and settings (a method that makes outputs longer costs decoding time).
 
-`python -m kvbench.longgen.report RESULTS... [--out DIR]`; `python -m kvbench.report` calls `write_longgen_report`.
+`python -m kvbench.report.generated_length RESULTS... [--out DIR]`; `python -m kvbench.report` calls
+`write_longgen_report`. It lives with the report (below nothing of the benchmark packages it reads run folders of).
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def write_longgen_report(paths, out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvbench.longgen.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kvbench.report.generated_length",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+")
     parser.add_argument("--out", default="reports")
     args = parser.parse_args(argv)
