@@ -161,10 +161,12 @@ def decode_step(model, token_id: torch.Tensor, position: int, cache: CompressedC
     return out.logits[:, -1].float()
 
 
-def check_interval(method: Method, max_new_tokens: int) -> None:
+def check_interval(method: Method, max_new_tokens: int, key: str = "max_new_tokens") -> None:
+    """A decode schedule must be able to cut: its interval at most the tokens generated (`key` names the cap in the
+    message: the engine's argument, or the benchmark setting the pipeline checks before the model loads)."""
     interval = method.decode_interval
     if interval and interval > max_new_tokens:
-        raise KvbenchError(f"method.decode_interval={interval} is above max_new_tokens={max_new_tokens}: no "
+        raise KvbenchError(f"method.decode_interval={interval} is above {key}={max_new_tokens}: no "
                            f"decoding-time compression would ever run; lower method.decode_interval")
 
 

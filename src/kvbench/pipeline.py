@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import kvbench
 from kvbench.config import LONGBENCH_KINDS, output_dir, run_name, validate
-from kvbench.engine import ContextCache, GenerationOutput, generate
+from kvbench.engine import ContextCache, GenerationOutput, check_interval, generate
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
@@ -135,9 +135,8 @@ def prepare(cfg: DictConfig) -> Job:
     validate(cfg)
     method = method_from_config(cfg.method, cfg.budget)
     limit = cfg.benchmark.get("max_new_tokens")
-    if method.decode_interval and limit and method.decode_interval > limit:
-        raise KvbenchError(f"method.decode_interval={method.decode_interval} is above benchmark.max_new_tokens="
-                           f"{limit}: no decoding-time compression would ever run; lower method.decode_interval")
+    if limit:
+        check_interval(method, limit, "benchmark.max_new_tokens")
     spec = with_trained_len(ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True)))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)
