@@ -159,3 +159,21 @@ def test_a_model_that_bypasses_the_attention_interface_is_an_error_not_a_silent_
     finally:
         model.set_attn_implementation(previous)
     assert model.config._attn_implementation == previous
+
+
+def test_generate_requests_answers_each_request_as_generate_does(tiny_llama):
+    """The pipeline's one entry to the engine: every request answered, in order at batch 1, tokens as `generate`."""
+    from kvbench.engine import generate_requests
+    from kvbench.methods import build_method
+    from kvbench.requests import Request
+    model, _ = tiny_llama
+    method = build_method("snapkv", budget=24, window_size=8, kernel_size=5)
+    prompts = [random_prompt(n, model.config.vocab_size, seed=n) for n in (40, 57)]
+    requests = [Request(p[0].tolist(), max_new_tokens=6, key=i) for i, p in enumerate(prompts)]
+    requests.append(Request(prompts[0][0, :30].tolist(), 6, question_ids=prompts[0][0, 30:].tolist(), key=2))
+    got = list(generate_requests(model, requests, method))
+    assert [r.key for r, _ in got] == [0, 1, 2]
+    for (request, out), prompt in zip(got[:2], prompts):
+        assert out.token_ids == generate(model, prompt, method, max_new_tokens=6).token_ids
+    agnostic = generate(model, prompts[0][:, :30], method, max_new_tokens=6, question_ids=prompts[0][:, 30:])
+    assert got[2][1].token_ids == agnostic.token_ids

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from kvbench.decoding import DecodeSchedule, KvPeak, restore, schedule_for, snap
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 from kvbench.query import check_agnostic_model
+from kvbench.requests import Request
 
 
 @dataclass
@@ -379,3 +380,17 @@ def generate_agnostic(model, context_ids: torch.Tensor, question_ids: torch.Tens
     return answer_question(model, context, question_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
                            min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, reused=reused,
                            method=method)
+
+
+def generate_requests(model, requests: Iterable[Request], method: Method | None = None, *,
+                      repetition_penalty: float = 1.0, contexts: ContextCache | None = None,
+                      ) -> Iterator[tuple[Request, GenerationOutput]]:
+    """Answer each request in turn (batch 1), yielding (request, output) as each finishes."""
+    device = next(model.parameters()).device
+    for request in requests:
+        question = None if request.question_ids is None else torch.tensor([request.question_ids], device=device)
+        out = generate(model, torch.tensor([request.input_ids], device=device), method,
+                       max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
+                       min_new_tokens=request.min_new_tokens, repetition_penalty=repetition_penalty,
+                       question_ids=question, contexts=contexts)
+        yield request, out
