@@ -41,7 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
-from kvbench.ragged import layer_of
+from kvbench.ragged import RaggedLayer, layer_of, register_layer
 
 if TYPE_CHECKING:
     from kvbench.decoding import DecodeSchedule
@@ -57,6 +57,7 @@ class Session:
     method: Method | None = None
     compressed_calls: int = 0  # compressed layers handed to the method (0 after a prefill: the hook never ran)
     schedule: "DecodeSchedule | None" = None  # decoding-time compression (kvbench.decoding), after the prefill
+    sequences: "list[Session] | None" = None  # a batched decoding step: row b attends as sequences[b] alone
 
 
 _ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("kvbench_session", default=None)
@@ -80,6 +81,30 @@ def decoding(cache: CompressedCache, schedule: "DecodeSchedule | None" = None):
     """Within this block, decoding steps attend to `cache` layer by layer (windows of local layers respected); with
     a `schedule`, each compressed layer's queries are buffered and the layer cut when the schedule says so."""
     return _session(Session(cache, schedule=schedule))
+
+
+def decoding_batch(cache, sequences: "list[Session]"):
+    """Within this block, a decoding forward over a batch (kvbench.batching): row b of every layer attends, as a
+    batch-1 step would, to the layer of `sequences[b]` (a `decoding` Session with its own cache and schedule);
+    `cache` is the `BatchedCache` that says what each sequence's layer returned."""
+    return _session(Session(cache, sequences=sequences))
+
+
+def _batched(impl: str, module, query, kwargs: dict, session: Session) -> torch.Tensor:
+    outputs = []
+    for b, (sequence, (key, value)) in enumerate(zip(session.sequences, session.cache.returned(module.layer_idx))):
+        layer = sequence.cache.layers[module.layer_idx]
+        if isinstance(layer, RaggedLayer):  # questions over one compressed context share its prefix tensors
+            register_layer(layer)
+        token = _ACTIVE.set(sequence)
+        try:
+            row = query[b:b + 1]
+            outputs.append(_attention(impl, module, row, key, value, None, kwargs)[0])
+            if sequence.schedule is not None:
+                sequence.schedule.after_attention(sequence.cache, module.layer_idx, row, kwargs)
+        finally:
+            _ACTIVE.reset(token)
+    return torch.cat(outputs)
 
 
 class _Ungrouped:
@@ -195,8 +220,10 @@ def cached_prefix_mask(query: torch.Tensor, key: torch.Tensor, impl: str) -> tor
 
 def _make_wrapper(impl: str):
     def kvbench_attention(module, query, key, value, attention_mask, **kwargs):
-        output = _attention(impl, module, query, key, value, attention_mask, kwargs)
         session = _ACTIVE.get()
+        if session is not None and session.sequences is not None:
+            return _batched(impl, module, query, kwargs, session), None
+        output = _attention(impl, module, query, key, value, attention_mask, kwargs)
         if session is not None and session.schedule is not None:
             session.schedule.after_attention(session.cache, module.layer_idx, query, kwargs)
         return output

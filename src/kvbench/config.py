@@ -136,8 +136,11 @@ def _budget_ok(v: Any) -> bool:
 BUDGET = _Kind("a whole number of tokens (e.g. 128) or a fraction of each prompt in (0, 1) (e.g. 0.2)", _budget_ok,
                lambda v: int(v) if v >= 1 else float(v))
 
+BATCH_SIZE = _Kind("a positive integer (samples decoded together) or auto (picked from free memory and the longest "
+                   "prompt)", lambda v: v == "auto" or (_is_int(v) and v > 0))
+
 TOP_LEVEL = {"budget": BUDGET, "seed": INT, "device": DEVICE, "results_root": STR, "output_dir": _optional(STR),
-             "tag": _optional(NAME), "progress": BOOL}
+             "tag": _optional(NAME), "progress": BOOL, "batch_size": BATCH_SIZE}
 # Benchmark keys, whatever the benchmark kind (a key a kind does not have is simply absent).
 BENCHMARK = {"name": STR, "tasks": STR_LIST, "data_dir": _optional(STR), "hub_id": STR, "verify_checksums": BOOL,
              "limit": _optional(POS_INT), "haystack_dir": _optional(STR), "prompt": STR, "buffer": NONNEG_INT,

@@ -1,0 +1,87 @@
+"""Batched decoding over compressed caches: one model forward for every live sequence, each with its own cache.
+
+`batch_size` (a top-level setting) runs N samples at once through `engine.generate_requests`. The plan, chosen for
+exactness first:
+- prefill and compression stay per sample (batch 1: the prefill, the method's selection, the query-agnostic
+  question forward and the shared-context reuse are the code paths of a single sample, so every sequence keeps
+  exactly the positions and per-head counts it keeps alone);
+- decoding is batched: one forward for all live sequences per step ([B, 1] tokens at each sequence's own true
+  position), so every weight matrix is read once per step for B tokens -- where the speed comes from;
+- inside that forward, each layer's new key/value row b goes to sequence b's own cache layer (any kind: full,
+  sliding/chunked, ragged per-head, per-query-head layout) through `BatchedCache`, and the attention wrapper
+  (kvbench.attention) attends row b over that layer exactly as a batch-1 decoding step would, then hands row b's
+  query to sequence b's decode schedule (decoding-time compression). Attention is a small part of a decoding
+  step next to the weights; the loop over sequences inside each layer runs B small attention calls.
+
+What differs from batch 1 is only the batched matrix products outside attention (a [B, d] GEMM instead of B
+[1, d] ones): they may sum in another order, so logits can differ in the last bits (measured and bounded in the
+tests); the tokens and kept positions are tested equal to batch 1 on the tiny models.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvbench.cache import CompressedCache, CompressedLayers
+from kvbench.ragged import RaggedLayer, register_layer
+
+
+class _RowsLayer(DynamicLayer):
+    """Decoder layer `index` over a batch: row b is sequence b's own layer (`caches[b].layers[index]`, looked up at
+    each call: a decoding-time cut may have replaced it). `returned[b]` is what that layer's `update` returned."""
+
+    def __init__(self, caches: Sequence[CompressedCache], index: int) -> None:
+        super().__init__()
+        self.caches, self.index = caches, index
+        self.is_sliding = caches[0].kinds[index].local
+        self.returned: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.returned = [cache.layers[self.index].update(key_states[b:b + 1], value_states[b:b + 1], *args, **kwargs)
+                         for b, cache in enumerate(self.caches)]
+        return key_states, value_states  # the wrapper reads `returned`; these only flow to it
+
+    def get_seq_length(self) -> int:
+        return max(cache.layers[self.index].get_seq_length() for cache in self.caches)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0  # the mask is not used: each row attends its own layer
+
+
+class BatchedCache(Cache):
+    """The cache a batched decoding forward sees: one `_RowsLayer` per decoder layer over the sequences' caches."""
+
+    def __init__(self, caches: Sequence[CompressedCache]) -> None:
+        super().__init__(layers=[_RowsLayer(caches, i) for i in range(len(caches[0].layers))])
+        self.caches = list(caches)
+
+    def returned(self, layer_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence, the (keys, values) its layer `layer_idx` returned in this forward."""
+        return self.layers[layer_idx].returned
+
+
+def fork_cache(cache: CompressedCache) -> CompressedCache:
+    """A cache of its own over the same compressed tensors (appending and cutting replace a layer's tensors, never
+    write into them): several questions over one compressed context decode side by side, and the context stays as
+    compressed for the next sample."""
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in fork.layers:
+        if isinstance(layer, RaggedLayer):
+            register_layer(layer)
+    fork.compressed = CompressedLayers(fork, fork.compressed_layers)
+    return fork
+
+
+def fork_method(method):
+    """A copy of `method` with its own per-sample containers (H2O's accumulated scores, per-head budgets), for a
+    sequence whose decode schedule cuts while other samples are prefilled with the original."""
+    fork = copy.copy(method)
+    for name, value in vars(method).items():
+        if isinstance(value, (dict, list)):
+            setattr(fork, name, copy.copy(value))
+    return fork

@@ -1,0 +1,203 @@
+"""Batched evaluation (`batch_size`, kvbench.batching): batched decoding equals batch 1 token for token with the
+same kept positions for every registered method, both query modes and decoding-time compression; continuous
+batching; batch_size=auto; bad input and out of memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import random_prompt
+from kvbench.engine import ContextCache, auto_batch_size, check_batch_size, generate, generate_requests
+from kvbench.errors import KvbenchError
+from kvbench.methods import build_method, registry
+from kvbench.requests import Request
+from test_decoding import SCHEDULED, decoding_method
+from test_methods_generic import paper
+
+NAMES = registry.names(builtin_only=True)
+LENGTHS = (70, 41, 96, 58, 83, 47)  # prompts of different lengths (all above the budget)
+NEW = (9, 4, 13, 7, 11, 6)  # and different stop points (max_new_tokens; stop tokens below)
+BUDGET = 32
+
+
+def build(name: str, model, tok, interval: int | None = None):
+    if interval:
+        method = decoding_method(name, budget=BUDGET, interval=interval)
+    else:
+        method = paper(name, budget=BUDGET)
+    if method.needs_model:
+        method.bind(model, tok)
+    return method
+
+
+def make_requests(model, agnostic: bool, stops: dict[int, int] | None = None) -> list[Request]:
+    """Six requests; query-agnostic: the first two share a context (ask-many), the question is the last 12 tokens."""
+    vocab, stops = model.config.vocab_size, stops or {}
+    requests = []
+    for i, (n, new) in enumerate(zip(LENGTHS, NEW)):
+        ids = random_prompt(n, vocab, seed=100 + i)[0].tolist()
+        if agnostic and i == 1:  # request 0's context, another question
+            ids = requests[0].input_ids + random_prompt(12, vocab, seed=7)[0].tolist()
+        stop = (stops[i],) if i in stops else ()
+        if agnostic:
+            requests.append(Request(ids[:-12], new, stop, min_new_tokens=2 if i == 3 else 0,
+                                    question_ids=ids[-12:], key=i))
+        else:
+            requests.append(Request(ids, new, stop, min_new_tokens=2 if i == 3 else 0, key=i))
+    return requests
+
+
+def run(model, requests, method, batch_size, agnostic):
+    contexts = ContextCache() if agnostic else None
+    return list(generate_requests(model, requests, method, batch_size=batch_size, contexts=contexts,
+                                  record_kept=True, repetition_penalty=1.1))
+
+
+def assert_same(one, many):
+    assert sorted(r.key for r, _ in many) == [r.key for r, _ in one]
+    by_key = {r.key: out for r, out in many}
+    for request, alone in one:
+        batched = by_key[request.key]
+        assert batched.token_ids == alone.token_ids, request.key
+        assert batched.stopped == alone.stopped
+        assert batched.kept_positions == alone.kept_positions, request.key
+        assert batched.layer_kept == alone.layer_kept and batched.kv_bytes == alone.kv_bytes
+        assert batched.method_record == alone.method_record
+        assert batched.decode_cuts == alone.decode_cuts and batched.peak_kv_bytes == alone.peak_kv_bytes
+
+
+def check_method(model, tok, name, agnostic, interval=None):
+    method = build(name, model, tok, interval)
+    probe = run(model, make_requests(model, agnostic), method, 1, agnostic)
+    # stop tokens that end requests 1 and 4 early (at their 3rd and 5th token), min_new_tokens on request 3
+    stops = {1: probe[1][1].token_ids[2], 4: probe[4][1].token_ids[4], 3: probe[3][1].token_ids[0]}
+    requests = make_requests(model, agnostic, stops)
+    one = run(model, requests, method, 1, agnostic)
+    assert [r.key for r, _ in one] == list(range(len(requests)))  # batch 1: in order
+    many = run(model, requests, method, 4, agnostic)
+    assert_same(one, many)
+    return one, many
+
+
+@pytest.mark.parametrize("agnostic", [False, True], ids=["aware", "agnostic"])
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_equals_batch_1_for_every_method(tiny_llama, name, agnostic):
+    model, tok = tiny_llama
+    one, many = check_method(model, tok, name, agnostic)
+    assert any(out.stopped == "stop_token" for _, out in one)  # the stop points differ
+    if name != "fullkv":
+        assert any(out.compressed for _, out in one)
+    # completion order: a short request finishes before a longer one admitted earlier
+    assert [r.key for r, _ in many] != [r.key for r, _ in one]
+
+
+@pytest.mark.parametrize("agnostic", [False, True], ids=["aware", "agnostic"])
+@pytest.mark.parametrize("name", SCHEDULED)
+def test_batched_equals_batch_1_with_decoding_time_compression(tiny_llama, name, agnostic):
+    model, tok = tiny_llama
+    one, _ = check_method(model, tok, name, agnostic, interval=3)
+    assert any(out.decode_cuts for _, out in one)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv"])
+def test_batched_equals_batch_1_on_every_tiny_architecture(tiny, name):
+    model, tok = tiny
+    check_method(model, tok, name, agnostic=False)
+
+
+def test_batch_1_is_generate(tiny_llama):
+    model, tok = tiny_llama
+    method = build("adakv", model, tok)
+    requests = make_requests(model, agnostic=False)
+    for request, out in generate_requests(model, requests, method, batch_size=1):
+        alone = generate(model, torch.tensor([request.input_ids]), method, max_new_tokens=request.max_new_tokens)
+        assert out.token_ids == alone.token_ids and out.layer_kept == alone.layer_kept
+
+
+def test_batched_logits_differ_from_batch_1_only_in_the_last_bits(tiny_llama):
+    """Batching changes only the order of sums in the matrix products outside attention: bounded here."""
+    from kvbench.batching import BatchedCache
+    from kvbench.attention import Session, decoding_batch
+    from kvbench.cache import cache_kwargs
+    from kvbench.engine import decode_step, prefill
+
+    model, _ = tiny_llama
+    method = build_method("snapkv", budget=BUDGET, window_size=8)
+    prompts = [random_prompt(n, model.config.vocab_size, seed=n) for n in LENGTHS[:4]]
+    alone, caches = [], []
+    for p in prompts:
+        state = prefill(model, p, method)
+        caches.append(state.cache)
+        token = state.logits.argmax(-1, keepdim=True)
+        alone.append((token, decode_step(model, token, p.shape[1], prefill(model, p, method).cache)))
+    batch = BatchedCache(caches)
+    with torch.inference_mode(), decoding_batch(batch, [Session(c) for c in caches]):
+        out = model(input_ids=torch.cat([t for t, _ in alone]), position_ids=torch.tensor([[p.shape[1]] for p in prompts]),
+                    use_cache=True, **cache_kwargs(model, batch))
+    diff = max((out.logits[b, -1] - logits[0]).abs().max().item() for b, (_, logits) in enumerate(alone))
+    assert diff < 1e-4
+    assert [int(out.logits[b, -1].argmax()) for b in range(4)] == [int(l.argmax()) for _, l in alone]
+
+
+def test_continuous_batching_refills_slots_in_completion_order(tiny_llama):
+    model, _ = tiny_llama
+    vocab = model.config.vocab_size
+    long, short = (Request(random_prompt(40, vocab, seed=i)[0].tolist(), new, key=k)
+                   for i, (new, k) in enumerate(((20, "long"), (2, "short"))))
+    third = Request(random_prompt(40, vocab, seed=9)[0].tolist(), 3, key="third")
+    order = [r.key for r, _ in generate_requests(model, [long, short, third], None, batch_size=2)]
+    assert order == ["short", "third", "long"]  # "third" took the slot "short" left and finished first
+
+
+@pytest.mark.parametrize("bad", [0, -3, "abc", "1.5", True])
+def test_bad_batch_size_is_a_one_line_error(bad):
+    with pytest.raises(KvbenchError, match="batch_size") as err:
+        check_batch_size(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_batch_size_in_the_config_is_validated_before_the_model_loads(tmp_path):
+    from kvbench.config import compose, validate
+
+    assert validate(compose(["batch_size=4"])).batch_size == 4
+    assert validate(compose(["batch_size=auto"])).batch_size == "auto"
+    assert validate(compose([])).batch_size == 1
+    for bad in ("0", "-1", "abc"):
+        with pytest.raises(KvbenchError, match="batch_size"):
+            validate(compose([f"batch_size={bad}"]))
+
+
+def test_auto_batch_size_follows_free_memory_and_prompt_length(tiny_llama):
+    model, _ = tiny_llama
+    method = build_method("snapkv", budget=BUDGET, window_size=8)
+    per = auto_batch_size(model, method, 1000, 10 ** 12)[1]["kv_bytes_per_sequence"]
+    small, why = auto_batch_size(model, method, 1000, 2 * (per * 3 + 10 ** 6))
+    assert 1 <= small <= 3 and why["free_bytes"] == 2 * (per * 3 + 10 ** 6)
+    assert auto_batch_size(model, method, 1000, 1)[0] == 1  # nothing free: one at a time
+    assert auto_batch_size(model, method, 1000, 10 ** 12)[0] == 16  # the CPU cap
+    assert auto_batch_size(model, method, 4000, 2 * (per * 3 + 10 ** 6))[0] < small or small == 1
+    report = {}
+    requests = make_requests(model, agnostic=False)
+    outs = list(generate_requests(model, requests, method, batch_size="auto", report=report))
+    assert len(outs) == len(requests) and report["batch_size"] >= 1 and "batch_size_auto" in report
+
+
+def test_out_of_memory_names_batch_size_and_yields_only_finished_samples(tiny_llama, monkeypatch):
+    from kvbench import engine
+
+    model, _ = tiny_llama
+    requests = make_requests(model, agnostic=False)
+    real = engine.BatchedCache
+
+    def failing(caches):
+        if len(caches) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(caches)
+
+    monkeypatch.setattr(engine, "BatchedCache", failing)
+    done = []
+    with pytest.raises(KvbenchError, match="batch_size=4") as err:
+        for request, out in generate_requests(model, requests, None, batch_size=4):
+            done.append(request.key)
+    assert "lower batch_size" in str(err.value) and "\n" not in str(err.value)
+    assert done == []  # nothing finished, nothing yielded
