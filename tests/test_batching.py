@@ -201,3 +201,22 @@ def test_out_of_memory_names_batch_size_and_yields_only_finished_samples(tiny_ll
             done.append(request.key)
     assert "lower batch_size" in str(err.value) and "\n" not in str(err.value)
     assert done == []  # nothing finished, nothing yielded
+
+
+def test_resume_after_a_kill_mid_batch_gives_the_same_predictions(tiny_llama):
+    """A run stopped while a batch is in flight keeps only what was yielded; rerunning the rest (what a resumed run
+    does) gives the predictions of an uninterrupted run."""
+    model, tok = tiny_llama
+    method = build("snapkv", model, tok)
+    requests = make_requests(model, agnostic=False)
+    whole = {r.key: out.token_ids for r, out in generate_requests(model, requests, method, batch_size=4)}
+    stream = generate_requests(model, requests, method, batch_size=4)
+    kept = {}
+    for request, out in stream:
+        kept[request.key] = out.token_ids
+        if len(kept) == 2:
+            break  # killed: the other live sequences never finish and are not written
+    stream.close()
+    rest = [r for r in requests if r.key not in kept]
+    kept.update({r.key: out.token_ids for r, out in generate_requests(model, rest, method, batch_size=4)})
+    assert kept == whole
