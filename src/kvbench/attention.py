@@ -20,6 +20,9 @@ layer's length, and compressed layers differ). A full layer's query attends to e
 local layer says which of its tokens are still inside the window (or chunk). When a layer stores one row per
 query head (the official GQA layout) the backend is told there is no grouping.
 
+Batched decoding (`decoding_batch`, kvbench.batching): one forward for several samples; row b of each layer attends
+to sample b's own cache layer through the path above, as a batch-1 step would, and feeds b's decode schedule.
+
 Compression during decoding (`method.decode_interval`): in a `decoding(cache, schedule)` block, every compressed
 layer's queries go to the schedule after the layer's attention, and every N forwards it cuts the layer back to its
 budget there (kvbench.decoding).
