@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
+from kvbench.benchmark import Benchmark, Prompt, Sample
 
 TESTS = Path(__file__).resolve().parent
 SEARCH = f"hydra.searchpath=[file://{TESTS / 'toy_passkey' / 'configs'}]"
@@ -79,3 +82,57 @@ def test_toy_benchmark_runs_through_every_tool(tmp_path):
 def test_kvbench_does_not_name_the_toy():
     source = "\n".join(p.read_text() for p in (REPO / "src" / "kvbench").rglob("*.py"))
     assert "toy_passkey" not in source and "passkey" not in source
+
+
+def test_an_unknown_benchmark_package_is_one_line(tmp_path):
+    from kvbench.config import compose, validate
+    from kvbench.errors import KvbenchError
+
+    cfg = compose([SEARCH, "benchmark=toy_passkey", "benchmark.name=toy_other", "benchmark.package=no_such_module"])
+    with pytest.raises(KvbenchError, match="benchmark.package=no_such_module does not import"):
+        validate(cfg)
+
+
+class _Echo(Benchmark):
+    """Samples a..d in two tasks; the prompt's first token is the sample's number, the 'answer' echoes it."""
+    name = "echo_test"
+
+    def select(self):
+        return [Sample("t1" if i < 2 else "t2", key, i) for i, key in enumerate("abcd")]
+
+    def prompts(self, todo, tokenizer, model):
+        for sample in todo:
+            yield sample, Prompt([sample.data, 7], 3, info={"n": sample.data})
+
+    def record(self, sample, prompt, out, text):
+        return {"_id": sample.key, "echo": text, "n": prompt.info["n"]}
+
+    def summarize(self, store):
+        return {t: [(r["_id"], r["echo"]) for r in store.records(t)] for t in ("t1", "t2")}
+
+
+def test_the_pipeline_finds_each_sample_by_its_request_key_in_any_order(tmp_path):
+    """A batching engine answers in completion order: every answer lands on its own sample, done samples are
+    skipped on resume."""
+    from kvbench.pipeline import predict
+    from kvbench.results import RunStore
+
+    def reversed_engine(requests):
+        requests = list(requests)
+        for request in reversed(requests):
+            yield request, _Out(), str(request.input_ids[0])
+
+    store = RunStore(tmp_path / "run", {"x": 1}, {})
+    store.open()
+    seen = []
+    scores = predict(_Echo(), store, None, None, reversed_engine, on_sample=lambda task, r: seen.append(r["_id"]))
+    assert seen == ["b", "a", "d", "c"]
+    assert scores == {"t1": [("b", "1"), ("a", "0")], "t2": [("d", "3"), ("c", "2")]}
+    asked = []
+    assert predict(_Echo(), store, None, None, lambda rs: (asked.append(r) or (r, _Out(), "") for r in rs)) == scores
+    assert asked == []
+
+
+class _Out:
+    def log_fields(self):
+        return {}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -32,8 +31,8 @@ def cell_key(length: int, depth: int) -> str:
 class NeedlePlan(Benchmark):
     name = "needle"
     key = "cell"
-    schema = {"haystack_dir": optional(STR), "prompt": STR, "buffer": NONNEG_INT, "max_new_tokens": optional(POS_INT),
-              "query": STR, "multi_needle": BOOL,
+    schema = {"haystack_dir": optional(STR), "prompt": STR, "buffer": NONNEG_INT,
+              "max_new_tokens": optional(POS_INT), "query": STR, "multi_needle": BOOL,
               "grid": {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}}
     row_extras = {"retrieval": "retrieval"}
 
