@@ -194,7 +194,7 @@ def test_report_keeps_decode_time_runs_apart_and_labelled(tmp_path):
     assert [(r[decode_col], r[score_col]) for r in rows] == [("", "30.00"), ("16", "20.00")]  # prefill-only first
 
 
-@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o"])
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o", "cake"])
 def test_ask_many_answers_every_question_from_the_same_compressed_context(tiny_llama, name):
     """Decoding-time cuts change the context's layers too; after each answer they are put back, so a question
     answered from a reused context gets exactly the tokens of a fresh compression."""

@@ -136,6 +136,12 @@ class CAKE(ScoredMethod):
         for j, budget in enumerate(counts or []):
             self.cut(cache, j, min(budget, keys.shape[2] - self.window_size))
 
+    def record(self) -> dict:
+        out = super().record()
+        if self.decode_interval is not None and self.prompt_len:  # the layers' fixed decoding budgets
+            out["decode_prefix_budgets"] = [self.prefix_budget(l) for l in range(self.num_layers)]
+        return out
+
     # ---- decoding (cakekv `CakeDecodingKVCache_LayerWise`, called by `llama_attn_forward_cake` every step) -------
     def prefix_budget(self, layer_idx: int, prompt_len: int | None = None) -> int:
         """Prefix tokens the layer keeps while decoding (the official `hh_size = layer_budget[l]`): its share in the
