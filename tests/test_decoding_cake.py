@@ -18,12 +18,13 @@ from kvbench.methods import registry
 CASES = sorted((Path(__file__).parent / "golden" / "decoding" / "cake").glob("*.json"))
 
 
-def kvbench_steps(case: dict, interval: int = 1):
+def kvbench_steps(case: dict, interval: int = 1, cache_heads: str = "per_kv_head"):
     """Prefill then one synthetic token per forward through kvbench's schedule; the positions every layer holds
     (per stored head, row order) after the prefill and after each step, and the method."""
     p = case["params"]
     method = registry.build("cake", budget=case["budget"], window_size=p["window_size"], cascading=p["cascading"],
-                            tau1=p["tau1"], tau2=p["tau2"], gamma=p["gamma"], decode_interval=interval)
+                            tau1=p["tau1"], tau2=p["tau2"], gamma=p["gamma"], decode_interval=interval,
+                            cache_heads=cache_heads)
     layers, n, steps = case["num_layers"], case["seq_len"], case["decode_steps"]
     inputs = [synthetic_layer(case["seed"], l, case["num_heads"], case["num_kv_heads"], n + steps, case["head_dim"])
               for l in range(layers)]
@@ -57,6 +58,14 @@ def test_cake_decoding_keeps_the_official_rows_at_every_step(path):
         assert ours == theirs, f"step {step}: kept rows differ from cakekv's"
     sizes = [[len(layer[0]) for layer in state] for state in want]
     assert any(now < before + 1 for a, b in zip(sizes, sizes[1:]) for before, now in zip(a, b))  # evictions ran
+
+def test_per_query_head_layout_keeps_the_same_rows_without_gqa():
+    """`cache_heads=per_query_head` scores every query head on its own; with one query head per KV head that is the
+    official rule, so the MHA case must come out the same."""
+    case = json.loads((CASES[0].parent / "cake_s0_L8_H8x8_n512_b128_w32_casc.json").read_text())
+    held, _ = kvbench_steps(case, cache_heads="per_query_head")
+    assert held == [case["prefill_kept_positions"]] + [s["kept_positions"] for s in case["steps"]]
+
 
 def test_the_cases_cover_the_official_quirks():
     cases = {p.stem: json.loads(p.read_text()) for p in CASES}

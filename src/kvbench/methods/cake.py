@@ -156,11 +156,16 @@ class CAKE(ScoredMethod):
         held = keys.shape[2]
         if held <= keep + w:
             return
-        queries, dim = queries[0, :, -w:], queries.shape[-1]
-        # One product per query head, as the reference's matmul over keys repeated to the query heads (the same
-        # float32 bits on CPU; `grouped_logits` rounds a single row differently, which reorders exact pooled ties).
-        group = queries.shape[0] // keys.shape[1]
-        logits = torch.stack([q @ keys[0, h // group].T for h, q in enumerate(queries)]) / math.sqrt(dim)
+        queries = queries[:, :, -w:]
+        if keys.device.type == "cpu":
+            # One product per query head, as the reference's matmul over keys repeated to the query heads: the same
+            # float32 bits on CPU, where `grouped_logits` rounds a single row differently and so reorders exact ties
+            # of the pooled scores (elsewhere one GEMM per KV head: no launch per head, no exactness claimed).
+            group = queries.shape[1] // keys.shape[1]
+            logits = torch.stack([q @ keys[0, h // group].T for h, q in enumerate(queries[0])])
+            logits = logits / math.sqrt(queries.shape[-1])
+        else:
+            logits = grouped_logits(queries, keys)[0]
         attn = torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)  # [H, m, held]
         scores = attn.mean(dim=-2)[:, : held - w]  # [H, held - w], in row order
         scores = F.avg_pool1d(scores, self.kernel_size, stride=1, padding=self.kernel_size // 2)
