@@ -209,7 +209,8 @@ class CAKE(ScoredMethod):
             self.keep_tokens(cache, layer_idx, order, layer.keys, layer.values)
         else:
             held = layer.keys.shape[2]
-            rows = torch.cat([order, torch.arange(held - self.window_size, held).expand(order.shape[0], -1)], dim=1)
+            window = torch.arange(held - self.window_size, held, device=order.device)
+            rows = torch.cat([order, window.expand(order.shape[0], -1)], dim=1)
             layer.replace(*gather_tokens(layer.keys, layer.values, rows), layer.positions.gather(1, rows))
         self.indicators[layer_idx] = scores.gather(-1, order)
         self.sizes[layer_idx] = budget
