@@ -125,8 +125,8 @@ def run(spec, synth, modules) -> dict:
     name = f"cake_s{seed}_L{layers}_H{heads}x{kv_heads}_n{n}_b{budget}_w{window}_{'casc' if cascading else 'nocasc'}"
     return name, {
         "method": "cake",
-        "reference": f"antgroup/cakekv@{COMMIT} cake/model/modify_llama.py llama_attn_forward_cake + cake/cake_cache.py "
-                     f"CakeCache, CakeprefillKVCache, CakeDecodingKVCache_LayerWise",
+        "reference": f"antgroup/cakekv@{COMMIT} cake/model/modify_llama.py llama_attn_forward_cake + "
+                     f"cake/cake_cache.py CakeCache, CakeprefillKVCache, CakeDecodingKVCache_LayerWise",
         "transformers": modules[0].transformers.__version__, "torch": torch.__version__,
         "budget": budget, "params": {"window_size": window, "cascading": cascading, "tau1": tau1, "tau2": tau2,
                                      "gamma": 200.0},
