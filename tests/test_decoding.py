@@ -111,15 +111,11 @@ def test_no_head_holds_more_than_budget_plus_interval(tiny_llama, name, query):
     schedule = schedule_for(method, model)
     if query == "agnostic":
         from kvbench.engine import question_forward
-        from kvbench.attention import decoding
 
         ctx, q = ids[:, :100], ids[:, 100:]
         cache = prefill(model, ctx, method).cache
         sizes = [layer_size(layer) for layer in cache.layers]
-        with decoding(cache, schedule):
-            schedule.begin_forward(100, q.shape[1])
-            question_forward(model, q, 100, cache)
-            schedule.end_forward(cache)
+        question_forward(model, q, 100, cache, schedule)
         extra, position = q.shape[1], PROMPT
     else:
         cache = prefill(model, ids, method).cache
