@@ -89,16 +89,16 @@ class EqualCountsRagged(ScoredMethod):
     number of tokens: decoding must match the dense path."""
     name = "equal_counts_ragged"
 
-    def score(self, layer_idx, queries, keys):
+    def score(self, rank, queries, keys):
         scores = keys[0].norm(dim=-1)[:, : keys.shape[2] - self.window_size]
         return scores.repeat_interleave(queries.shape[1] // keys.shape[1], dim=0)
 
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values):
+    def select_and_store(self, cache, rank, scores, counts, keys, values):
         order = scores.topk(counts, dim=-1).indices
         if self.force_ragged:
-            self.keep_ragged(cache, layer_idx, list(order), keys, values)
+            self.keep_ragged(cache, rank, list(order), keys, values)
         else:
-            self.keep_tokens(cache, layer_idx, order, keys, values)
+            self.keep_tokens(cache, rank, order, keys, values)
 
 
 @pytest.mark.parametrize("cache_heads", ["per_query_head", "per_kv_head"])

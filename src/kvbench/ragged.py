@@ -132,12 +132,13 @@ class RaggedLayer(DynamicLayer):
                                 self.cu_seqlens, self.max_length, self.tail_keys, self.tail_values, scaling)
 
 
-def store_ragged(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
+def store_ragged(cache, rank: int, keys: torch.Tensor, values: torch.Tensor,
                  positions: list[torch.Tensor]) -> RaggedLayer:
-    """Replace layer `layer_idx` of `cache` by a ragged layer holding, for stored head s, the prompt tokens at
-    `positions[s]` of keys/values [1, H_kv, n, d] (head s reads KV head s // (S / H_kv))."""
+    """Replace layer `cache.layers[rank]` (a method's view of the compressed layers, `CompressedCache.compressed`)
+    by a ragged layer holding, for stored head s, the prompt tokens at `positions[s]` of keys/values [1, H_kv, n, d]
+    (head s reads KV head s // (S / H_kv))."""
     heads, kv_heads = len(positions), keys.shape[1]
-    previous = cache.layers[layer_idx]
+    previous = cache.layers[rank]
     if getattr(getattr(previous, "kind", None), "local", False):
         from kvbench.errors import KvbenchError
 
@@ -148,7 +149,7 @@ def store_ragged(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
     kv_of_token = torch.repeat_interleave(torch.arange(heads, device=keys.device) // (heads // kv_heads), lengths)
     layer = RaggedLayer(keys[0, kv_of_token, flat_pos], values[0, kv_of_token, flat_pos], positions, lengths,
                         offset=getattr(previous, "offset", 0))
-    cache.layers[layer_idx] = layer
+    cache.layers[rank] = layer
     return layer
 
 

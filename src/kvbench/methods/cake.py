@@ -118,21 +118,21 @@ class CAKE(ScoredMethod):
 
     # The pipeline's steps: score = the layer's preference and eviction indicator; allocate = the cascade's layer
     # budgets (None until the layer is allocated); select + store = cut every allocated layer to its budget.
-    def head_scores(self, layer_idx, queries, keys, values=None):
+    def head_scores(self, rank, queries, keys, values=None):
         pref, indicator = self.layer_scores(queries, keys)
         self.prefs.append(pref)
         return self.reduce_heads(indicator, keys.shape[1])
 
-    def allocate(self, layer_idx, scores, prompt_len) -> list[int] | None:
+    def allocate(self, rank, scores, prompt_len) -> list[int] | None:
         self.indicators.append(scores)
         self.sizes.append(None)
-        if not (self.cascading or layer_idx == self.num_layers - 1):
+        if not (self.cascading or rank == self.num_layers - 1):
             return None
         budgets = self.layer_budgets(prompt_len)
         self.allocations.append(budgets)
         return budgets
 
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+    def select_and_store(self, cache, rank, scores, counts, keys, values) -> None:
         for j, budget in enumerate(counts or []):
             self.cut(cache, j, min(budget, keys.shape[2] - self.window_size))
 
@@ -143,16 +143,16 @@ class CAKE(ScoredMethod):
         return out
 
     # ---- decoding (cakekv `CakeDecodingKVCache_LayerWise`, called by `llama_attn_forward_cake` every step) -------
-    def prefix_budget(self, layer_idx: int, prompt_len: int | None = None) -> int:
+    def prefix_budget(self, rank: int, prompt_len: int | None = None) -> int:
         """Prefix tokens the layer keeps while decoding (the official `hh_size = layer_budget[l]`): its share in the
         last allocation of the prefill, capped at the prompt's prefix; `budget - window` when the prompt was not cut
         (the official `key_size`). Fixed for the sample, whatever the length so far."""
         if self.keeps_all(self.prompt_len):
             return self.tokens_budget - self.window_size
-        return min(self.allocations[-1][layer_idx], self.prompt_len - self.window_size)
+        return min(self.allocations[-1][rank], self.prompt_len - self.window_size)
 
-    def decode_compress_layer(self, layer_idx, queries, keys, values, cache, seq_len) -> None:
-        keep, w = self.prefix_budget(layer_idx), self.window_size
+    def decode_compress_layer(self, rank, queries, keys, values, cache, seq_len) -> None:
+        keep, w = self.prefix_budget(rank), self.window_size
         held = keys.shape[2]
         if held <= keep + w:
             return
@@ -170,7 +170,7 @@ class CAKE(ScoredMethod):
         scores = attn.mean(dim=-2)[:, : held - w]  # [H, held - w], in row order
         scores = F.avg_pool1d(scores, self.kernel_size, stride=1, padding=self.kernel_size // 2)
         scores = self.reduce_heads(scores, keys.shape[1])
-        self.keep_tokens(cache, layer_idx, scores.topk(keep, dim=-1).indices, keys, values)
+        self.keep_tokens(cache, rank, scores.topk(keep, dim=-1).indices, keys, values)
 
     def layer_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[np.float32, torch.Tensor]:
         """The layer's preference (float32 scalar) and eviction indicator [H, n - w]."""
@@ -196,24 +196,24 @@ class CAKE(ScoredMethod):
         shares = [int(pref / pref_sum * total) for pref in self.prefs]
         return adjust_budgets(shares, total, n - self.window_size)
 
-    def cut(self, cache, layer_idx: int, budget: int) -> None:
+    def cut(self, cache, rank: int, budget: int) -> None:
         """`CakeprefillKVCache.evcit_layer_kvcache`: keep the top `budget` prefix rows of a layer by its current
         indicator (never more than it holds), in top-k order, then the window; the indicator is cut with them.
         A layer cut before is ranked again over the rows it holds (the same rows, or fewer; re-ranking a tie can
         reorder it, and the order is what decoding pools over)."""
-        scores = self.indicators[layer_idx]
+        scores = self.indicators[rank]
         budget = min(budget, scores.shape[-1])
         order = scores.topk(budget, dim=-1).indices
-        layer = cache.layers[layer_idx]
-        if self.sizes[layer_idx] is None:  # the layer holds the whole prompt
-            self.keep_tokens(cache, layer_idx, order, layer.keys, layer.values)
+        layer = cache.layers[rank]
+        if self.sizes[rank] is None:  # the layer holds the whole prompt
+            self.keep_tokens(cache, rank, order, layer.keys, layer.values)
         else:
             held = layer.keys.shape[2]
             window = torch.arange(held - self.window_size, held, device=order.device)
             rows = torch.cat([order, window.expand(order.shape[0], -1)], dim=1)
             layer.replace(*gather_tokens(layer.keys, layer.values, rows), layer.positions.gather(1, rows))
-        self.indicators[layer_idx] = scores.gather(-1, order)
-        self.sizes[layer_idx] = budget
+        self.indicators[rank] = scores.gather(-1, order)
+        self.sizes[rank] = budget
 
 
 def adjust_budgets(budgets: list[int], total: int, cap: int) -> list[int]:
