@@ -58,6 +58,9 @@ class Benchmark:
     table_layout: ClassVar[dict | None] = None  # {part: ({category: [task, ...]}, papers' task list | None)}
     papers_figures: ClassVar[bool] = False  # the report draws the papers' budget curve and score vs bytes for it
     row_extras: ClassVar[dict[str, str]] = {}  # report column -> per-sample field (fallback: scores.json `mean_<f>`)
+    # A one-row-per-run benchmark's list in the report, beside its table: {"title", "anchor" (file stem), "note",
+    # "variants": (column, {variant: label}, label otherwise)}; None: no list.
+    summary_list: ClassVar[dict | None] = None
 
     # ---- one command ------------------------------------------------------------------------------------------
     @classmethod
@@ -142,12 +145,6 @@ class Benchmark:
         """What a finished run prints below its per-task lines."""
         value = cls.headline(scores)
         return [] if value is None else [f"  {'average':24s} {value:6.2f}  (n={sum(scores.get('n', {}).values())})"]
-
-    @classmethod
-    def report_sections(cls, rows) -> list[tuple[str, str, str]]:
-        """Report sections of its own beyond the tables: (title, anchor, Markdown) from its rows of
-        `kvbench.report.collect`."""
-        return []
 
     @classmethod
     def rescore(cls, run_dir: Path) -> list[dict]:

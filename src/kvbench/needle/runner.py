@@ -35,6 +35,11 @@ class NeedlePlan(Benchmark):
               "max_new_tokens": optional(POS_INT), "query": STR, "multi_needle": BOOL,
               "grid": {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}}
     row_extras = {"retrieval": "retrieval"}
+    summary_list = {"title": "Needle-in-a-Haystack (in percent)", "anchor": "needle",
+                    "variants": ("Needles", {"multi-needle": "multi"}, "single"),
+                    "note": "Score: the papers' heatmap score (share of the expected answer's words in the response). "
+                            "Retrieval: share of cells whose response names the needle's key facts (what measures "
+                            "retrieval)."}
 
     lengths: list[int]
     depths: list[int]
@@ -167,12 +172,6 @@ class NeedlePlan(Benchmark):
             lines.append(f"  {'needle retrieval':24s} {scores['mean_retrieval']:6.3f}  (share of cells naming the "
                          f"needle's key facts)")
         return lines
-
-    @classmethod
-    def report_sections(cls, rows) -> list[tuple[str, str, str]]:
-        from kvbench.needle.report import needle_summary  # the report's helpers, only when reporting
-
-        return [("Needle-in-a-Haystack (in percent)", "needle", needle_summary(rows))] if len(rows) else []
 
     @classmethod
     def rescore(cls, run_dir: Path) -> list[dict]:

@@ -19,13 +19,13 @@ import pandas as pd
 from kvbench.benchmark import Benchmark, get
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
-from kvbench.report.collect import collect, is_fullkv, layer_allocations
+from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
 from kvbench.report.generated_length import write_longgen_report  # long outputs: generated length vs FullKV
 from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
-from kvbench.report.tables import (budget_label, build_table, longbench_e_table, paper_comparison, render,
-                                   table_parts)
+from kvbench.report.tables import (budget_label, build_table, kv_mib_label, longbench_e_table, markdown_frame,
+                                   paper_comparison, render, table_parts)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -109,15 +109,50 @@ def _write_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | Non
 
 
 def _benchmark_sections(df: pd.DataFrame, out: Path, html_parts: list) -> list[Path]:
-    """The sections each benchmark adds to the report (`Benchmark.report_sections`: the needle's summary list),
-    each written to `<anchor>.md`."""
+    """The list of each benchmark that declares one (`Benchmark.summary_list`: the needle's), written to
+    `<anchor>.md`."""
     written = []
     for name in sorted(df["benchmark"].unique()):
-        for title, anchor, text in _benchmark(name).report_sections(df[df["benchmark"] == name]):
-            print(f"## {title}\n\n{text}")
-            written.append(atomic_write(out / f"{anchor}.md", text))
-            html_parts.append((title, anchor, markdown_html(text)))
+        benchmark = _benchmark(name)
+        if benchmark.summary_list is None:
+            continue
+        spec = benchmark.summary_list
+        text = _summary_list(df[df["benchmark"] == name], spec, list(benchmark.row_extras))
+        print(f"## {spec['title']}\n\n{text}")
+        written.append(atomic_write(out / f"{spec['anchor']}.md", text))
+        html_parts.append((spec["title"], spec["anchor"], markdown_html(text)))
     return written
+
+
+def _summary_list(rows: pd.DataFrame, spec: dict, extras: list[str]) -> str:
+    """A short Markdown list of one benchmark's runs: its score and extra scores, in percent, with CIs."""
+    # Papers' order: model, then budget (FullKV first), then method.
+    labels = pd.Series([budget_label(b, r) for b, r in zip(rows["budget"], rows["compression_ratio"])],
+                       index=rows.index)
+    order = sorted(rows.index, key=lambda i: (rows.at[i, "model"], rows.at[i, "query"], rows.at[i, "variant"],
+                                               rows.at[i, "decode_interval"], budget_order(labels[i]),
+                                               method_sort_key(rows.at[i, "method"])))
+    rows, labels = rows.loc[order], labels[order]
+
+    def ci(low: str, high: str) -> list[str]:
+        return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(rows[low], rows[high])]
+
+    column, names, otherwise = spec.get("variants") or ("Variant", {}, "")
+    variants = rows["variant"].map(lambda v: next((label for key, label in names.items() if key in str(v)),
+                                                  otherwise if names else v))
+    frame = pd.DataFrame({"Model": rows["model"], "Method": rows["method"], column: variants, "Budget": labels,
+                          "KV MiB": rows["kv_bytes_mean"].map(kv_mib_label), "Score": rows["score"].astype(float),
+                          "95% CI": ci("ci_low", "ci_high"),
+                          **{k: v for extra in extras for k, v in (
+                              (extra.capitalize(), rows[extra].astype(float)),
+                              (f"{extra.capitalize()} 95% CI", ci(f"{extra}_ci_low", f"{extra}_ci_high")))},
+                          "Query": rows["query"], "Decode": rows["decode_interval"].map(lambda d: d or ""),
+                          "n": rows["n"].astype(str),
+                          "Status": rows["status"].map(lambda s: "" if s == "complete" else s)})
+    for name, default in (("Query", "aware"), ("Decode", "")):  # shown when they tell rows apart
+        if frame[name].nunique() < 2 and (frame[name] == default).all():
+            frame = frame.drop(columns=name)
+    return markdown_frame(frame) + "\n" + (f"\n{spec['note']}\n" if spec.get("note") else "")
 
 
 def _benchmark(name: str) -> type[Benchmark]:
