@@ -122,6 +122,9 @@ def prefill(state: dict, req: dict) -> dict:
 
     model = state["model"]
     ids = torch.tensor([req["ids"]])
+    key = tuple(req["ids"])
+    if req.get("kept") and key not in state["full_keys"]:  # before the press: a prefill resets the masks it sets
+        state["full_keys"] = {key: forward(model, ids)}  # one length at a time
     press = build_press(req["press"])
     spent: list[float] = []
     with tokenizer_loads_timed(spent):
@@ -131,9 +134,6 @@ def prefill(state: dict, req: dict) -> dict:
     reply = {"seconds": seconds, "tokenizer_s": sum(spent)}
     try:
         if req.get("kept"):
-            key = tuple(req["ids"])
-            if key not in state["full_keys"]:
-                state["full_keys"] = {key: forward(model, ids)}  # one length at a time
             reply["kept"] = kept_positions(model, cache, state["full_keys"][key])
     finally:
         for layer in model.model.layers:  # a mask left behind would apply to the next run's decoding

@@ -88,12 +88,16 @@ def chosen_pairs(methods: list[str] | None) -> list[Pair]:
     return [p for p in PAIRS if methods is None or p.row in methods]
 
 
+def kvpress_here() -> bool:
+    return importlib.util.find_spec("kvpress") is not None
+
+
 def resolve_python(configured: str | None) -> str | None:
     """The peer's python: `configured` (--peer-python), else $KVBENCH_PEER_PYTHON, else this python when kvpress
     is installed here, else None (no peer column). A python named but not found is a clear error."""
     path = configured or os.environ.get(PEER_ENV) or None
     if path is None:
-        return sys.executable if importlib.util.find_spec("kvpress") else None
+        return sys.executable if kvpress_here() else None
     found = shutil.which(path)
     if found is None:
         raise KvbenchError(f"--peer-python {path} (or ${PEER_ENV}): no such executable; name the python of an "
@@ -240,9 +244,9 @@ def time_pairs(model, tokenizer, peer: Peer, pairs: list[Pair], ids: torch.Tenso
             sides = [("kvbench", ours), ("kvpress", theirs)]
             for side, run in sides if rep % 2 == 0 else sides[::-1]:
                 seconds, _, tokenizer_s = run(pair)
-                rows[pair.name][f"{side}_raw_s"].append(round(seconds, 4))
+                rows[pair.name][f"{side}_raw_s"].append(seconds)
                 if side == "kvpress":
-                    rows[pair.name]["kvpress_tokenizer_raw_s"].append(round(tokenizer_s, 4))
+                    rows[pair.name]["kvpress_tokenizer_raw_s"].append(tokenizer_s)
     for row in rows.values():
         row["kvbench_s"] = statistics.median(row["kvbench_raw_s"])
         row["kvpress_s"] = statistics.median(row["kvpress_raw_s"])
