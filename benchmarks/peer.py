@@ -176,8 +176,15 @@ def same_positions(ours: list, theirs: list) -> dict:
 
 
 def bench_peer(model, tokenizer, settings, python: str | None, ids_for: Callable[[int], torch.Tensor]) -> dict:
-    """The peer section of the bench record: {"skipped": reason} when there is no peer (or it failed), else the
-    versions, the model check and per length and pair the paired timings."""
+    """The peer section of the bench record: {"skipped": reason} when there is no peer (or it failed; the bench
+    goes on, the reason printed), else the versions, the model check and per length and pair the paired timings."""
+    section = _bench_peer(model, tokenizer, settings, python, ids_for)
+    if "skipped" in section:
+        print(f"peer: kvpress column skipped: {section['skipped']}", flush=True)
+    return section
+
+
+def _bench_peer(model, tokenizer, settings, python, ids_for) -> dict:
     if python is None:
         return {"skipped": f"kvpress not found: set --peer-python or ${PEER_ENV} to the python of an environment "
                            f"with kvpress (e.g. its own venv) to time its presses beside kvbench's"}
@@ -196,7 +203,6 @@ def bench_peer(model, tokenizer, settings, python: str | None, ids_for: Callable
         lengths = {str(n): time_pairs(model, tokenizer, peer, pairs, ids_for(n), settings)
                    for n in (settings.peer_lengths or settings.prefill_lengths)}
     except PeerError as err:
-        print(f"peer: kvpress column skipped: {err}", flush=True)
         return {"skipped": f"the peer failed: {err}"}
     finally:
         peer.close()

@@ -109,12 +109,13 @@ def test_a_faster_peer_fails_the_target(tmp_path, monkeypatch, one_thread):
     assert target[0]["target"] == "tova prefill <= 1.05x kvpress TOVAPress" and target[0]["at_tokens"] == 160
 
 
-def test_no_peer_skips_the_column_with_a_note(monkeypatch, one_thread):
+def test_no_peer_skips_the_column_with_a_note(monkeypatch, one_thread, capsys):
     monkeypatch.delenv(peer.PEER_ENV, raising=False)
     monkeypatch.setattr(peer, "kvpress_here", lambda: False)  # whatever this python has
     assert peer.resolve_python(None) is None
     record = bench.run_cpu(bench.Settings(**TINY, methods=["knorm"]), skip_scorers=True)
     assert "kvpress not found" in record["peer"]["skipped"] and record["prefill"]["sdpa"]["160"]["knorm"]
+    assert "peer: kvpress column skipped: kvpress not found" in capsys.readouterr().out
     assert not [t for t in record["targets"] if "kvpress" in t["target"]]
     assert "Peer (kvpress): skipped: kvpress not found" in bench.summary_table(record)
 
