@@ -11,6 +11,10 @@ prints a summary table. Ratios come from one run with the methods interleaved (f
 in an order rotated each repeat) after a warm-up, as the median of the per-repeat paired ratios, so load that
 drifts during the run affects numerator and denominator alike.
 
+With kvpress installed in its own environment (`--peer-python PATH` or KVBENCH_PEER_PYTHON), the CPU run also
+times kvpress's presses beside kvbench's on the same weights and token ids (`benchmarks/peer.py`): the `peer`
+section and table give kvbench_s, kvpress_s and ratio_vs_kvpress per pair; without it, a note and no column.
+
 Peak memory during prefill is sampled: a thread reads the process RSS (/proc/self/statm) every 2 ms while the
 prefill runs (CPU); on a GPU it is torch.cuda.max_memory_allocated.
 """
