@@ -158,9 +158,9 @@ def weights_digest(model) -> str:
 def model_folder(model, tokenizer, scratch: Path) -> Path:
     """A transformers folder holding `model` for the peer to load: the one it was loaded from (the embedded
     model's converted copy), else the model and tokenizer written under `scratch` (tiny models)."""
-    source = Path(model.config.name_or_path or "")
-    if str(source) and (source / "config.json").is_file():
-        return source
+    source = model.config.name_or_path
+    if source and (Path(source) / "config.json").is_file():
+        return Path(source)
     model.save_pretrained(scratch)
     tokenizer.save_pretrained(scratch)
     return scratch
