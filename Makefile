@@ -61,8 +61,11 @@ test-slurm: setup
 demo: setup
 	PYTHON=$(BIN)/python scripts/demo.sh
 
+# The kvpress column of the bench (benchmarks/peer.py): kvpress pins its own transformers, so it runs in its own
+# environment; PEER_PYTHON names its python (default: .venv-kvpress's, if there); none: the column is skipped.
+PEER_PYTHON ?= $(wildcard .venv-kvpress/bin/python)
 bench: setup
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py $(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON))
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/bench_batching.py
 
 support-matrix: setup

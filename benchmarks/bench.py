@@ -11,6 +11,10 @@ prints a summary table. Ratios come from one run with the methods interleaved (f
 in an order rotated each repeat) after a warm-up, as the median of the per-repeat paired ratios, so load that
 drifts during the run affects numerator and denominator alike.
 
+With kvpress installed in its own environment (`--peer-python PATH` or KVBENCH_PEER_PYTHON), the CPU run also
+times kvpress's presses beside kvbench's on the same weights and token ids (`benchmarks/peer.py`): the `peer`
+section and table give kvbench_s, kvpress_s and ratio_vs_kvpress per pair; without it, a note and no column.
+
 Peak memory during prefill is sampled: a thread reads the process RSS (/proc/self/statm) every 2 ms while the
 prefill runs (CPU); on a GPU it is torch.cuda.max_memory_allocated.
 """
@@ -35,6 +39,9 @@ from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.pipeline import git_commit, package_versions
 from kvbench.methods import Method, StreamingLLM, registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's benchmarks package
+from benchmarks import peer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Every registered configuration with its papers' settings (registry `paper_defaults`), in report order; the
@@ -68,6 +75,8 @@ class Settings:
     methods: list[str] | None = None  # a subset of METHOD_ORDER (FullKV, the reference, is always run); None: all
     attn_implementations: list[str] = field(default_factory=lambda: ["sdpa"])
     seed: int = 0
+    peer_python: str | None = None  # the python of an environment with kvpress (benchmarks/peer.py); None: none
+    peer_lengths: list[int] | None = None  # prompt lengths of the peer table; None: the prefill lengths
 
     @classmethod
     def quick(cls, **overrides) -> "Settings":
@@ -473,6 +482,7 @@ def summary_table(record: dict) -> str:
         for length, row in sorted(decode_res.items(), key=lambda kv: int(kv[0])):
             lines.append(f"  {length:>6} tok: " + ", ".join(
                 f"{name} {v['median_ms']:.1f} ({v['speedup_vs_fullkv']:.2f}x)" for name, v in row.items()))
+    lines += peer.table_lines(record.get("peer"))
     if record.get("scorers"):
         lines.append("Scorers: predictions per second")
         lines += [f"  {name:<22}{v['predictions_per_s']:>12.0f}" for name, v in record["scorers"].items()]
@@ -501,15 +511,20 @@ def run_cpu(settings: Settings, skip_scorers: bool = False) -> dict:
     """Every CPU benchmark of `settings`; returns the record written to JSON."""
     machine = machine_info(settings.device)
     bench_methods(settings)  # an unknown --methods name fails before the model loads
+    peer_python = peer.resolve_python(settings.peer_python)  # so does a peer python that is not there
     model, tokenizer = load_bench_model(settings.model, settings.device)
     vocab = len(tokenizer)
     started = time.perf_counter()
     prefill_res = bench_prefill(model, settings, vocab, tokenizer)
+    peer_res = peer.bench_peer(model, tokenizer, settings, peer_python,
+                               lambda n: prompt_ids(n, vocab, settings.device, settings.seed))
     decode_res = bench_decode(model, settings, vocab)
     kv_rows = bench_kv_bytes(model, settings, vocab, tokenizer)
     scorers = {} if skip_scorers else bench_scorers(settings.scorer_seconds)
-    return build_record(settings, machine, model, {"sdpa": prefill_res}, {"sdpa": decode_res}, kv_rows, scorers,
-                        evaluate_targets(prefill_res, decode_res, kv_rows), time.perf_counter() - started)
+    record = build_record(settings, machine, model, {"sdpa": prefill_res}, {"sdpa": decode_res}, kv_rows, scorers,
+                          evaluate_targets(prefill_res, decode_res, kv_rows) + peer.targets(peer_res),
+                          time.perf_counter() - started)
+    return record | {"peer": peer_res}
 
 
 def build_record(settings, machine, model, prefill_res, decode_res, kv_rows, scorers, targets, elapsed) -> dict:
@@ -611,6 +626,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", help=f"only these methods (FullKV always runs): {' '.join(METHOD_ORDER)}")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench", help="folder for the JSON files")
     parser.add_argument("--skip-scorers", action="store_true", help="leave out the scorer throughput benchmark")
+    parser.add_argument("--peer-python", help=f"python of an environment with kvpress: its presses are timed beside "
+                                              f"kvbench's (default: ${peer.PEER_ENV}; unset: no peer column)")
+    parser.add_argument("--peer-lengths", type=int, nargs="+", help="prompt lengths of the peer table "
+                                                                     "(default: the prefill lengths)")
     return parser.parse_args(argv)
 
 
@@ -629,6 +648,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["decode_lengths"] = args.decode_lengths
     if args.methods:
         overrides["methods"] = args.methods
+    if args.peer_python:
+        overrides["peer_python"] = args.peer_python
+    if args.peer_lengths:
+        short = [n for n in args.peer_lengths if n <= Settings.prefill_budget]
+        if short:
+            raise KvbenchError(f"--peer-lengths {short[0]}: a prompt must be longer than the budget "
+                               f"({Settings.prefill_budget} tokens) for a press to compress it")
+        overrides["peer_lengths"] = args.peer_lengths
     return Settings.quick(**overrides) if args.quick else Settings(**overrides)
 
 

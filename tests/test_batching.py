@@ -117,7 +117,7 @@ def test_batch_1_is_generate(tiny_llama):
 def test_batched_logits_differ_from_batch_1_only_in_the_last_bits(tiny_llama):
     """Batching changes only the order of sums in the matrix products outside attention: bounded here."""
     from kvbench.batching import BatchedCache
-    from kvbench.attention import Session, decoding_batch
+    from kvbench.attention import Phase, Session, decoding_batch
     from kvbench.cache import cache_kwargs
     from kvbench.engine import decode_step, prefill
 
@@ -131,7 +131,7 @@ def test_batched_logits_differ_from_batch_1_only_in_the_last_bits(tiny_llama):
         token = state.logits.argmax(-1, keepdim=True)
         alone.append((token, decode_step(model, token, p.shape[1], prefill(model, p, method).cache)))
     batch = BatchedCache(caches)
-    with torch.inference_mode(), decoding_batch(batch, [Session(c) for c in caches]):
+    with torch.inference_mode(), decoding_batch(batch, [Session(c, Phase.DECODE) for c in caches]):
         out = model(input_ids=torch.cat([t for t, _ in alone]), position_ids=torch.tensor([[p.shape[1]] for p in prompts]),
                     use_cache=True, **cache_kwargs(model, batch))
     diff = max((out.logits[b, -1] - logits[0]).abs().max().item() for b, (_, logits) in enumerate(alone))

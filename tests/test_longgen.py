@@ -18,6 +18,7 @@ from kvbench.longgen.generate import Generator, max_new_tokens
 from kvbench.longgen.metrics import line_scores, normalize_lines
 from kvbench.longgen.runner import plan_longgen
 from kvbench.models import ModelSpec, load_tokenizer
+from kvbench.pipeline import predict
 from kvbench.results import RunStore
 from kvbench.ruler.data import render, set_sha256
 from kvbench.ruler.template import ModelTemplate, model_template
@@ -149,12 +150,15 @@ class _Model:
 
 
 def _fake_engine(answers, calls):
-    def run_one(input_ids, max_new_tokens, stop_token_ids, **kwargs):
-        calls.append((len(input_ids), max_new_tokens, kwargs))
-        text = answers(len(calls))
-        out = GenerationOutput(list(range(len(text) // 4)), len(input_ids), 0.0, 0.0, 0, [len(input_ids)], "eos")
-        return out, text
-    return run_one
+    def answer(requests):  # the pipeline's engine side: (request, output, text) per request
+        for request in requests:
+            input_ids = request.input_ids
+            kwargs = {} if request.question_ids is None else {"question_ids": request.question_ids}
+            calls.append((len(input_ids), request.max_new_tokens, kwargs))
+            text = answers(len(calls))
+            out = GenerationOutput(list(range(len(text) // 4)), len(input_ids), 0.0, 0.0, 0, [len(input_ids)], "eos")
+            yield request, out, text
+    return answer
 
 
 def test_run_scores_resumes_and_query_modes(tmp_path, tok):
@@ -166,7 +170,7 @@ def test_run_scores_resumes_and_query_modes(tmp_path, tok):
     # first sample copied exactly, second with its first line left out
     preds = {1: "\n".join(samples[0]["outputs"]), 2: "\n".join(samples[1]["outputs"][1:])}
     calls = []
-    scores = plan.run(store, _Model(), tok, _fake_engine(lambda i: preds[i], calls), False)
+    scores = predict(plan, store, _Model(), tok, _fake_engine(lambda i: preds[i], calls))
     assert [c[1] for c in calls] == [s["max_new_tokens"] for s in samples]
     second = 1 - 1 / samples[1]["items"]
     assert scores["tasks"]["copy_list"] == round((1 + second) / 2 * 100, 2) and scores["n"] == {"copy_list": 2}
@@ -177,13 +181,13 @@ def test_run_scores_resumes_and_query_modes(tmp_path, tok):
     assert scores["new_tokens_mean"]["copy_list"] == (len(preds[1]) // 4 + len(preds[2]) // 4) / 2
     assert lines[0]["answer_tokens"] == samples[0]["answer_tokens"] and lines[1]["prefix"] == 0.0
     # resume: nothing is generated again, the scores are the same
-    assert plan.run(store, _Model(), tok, _fake_engine(lambda i: "", calls), False) == scores and len(calls) == 2
+    assert predict(plan, store, _Model(), tok, _fake_engine(lambda i: "", calls)) == scores and len(calls) == 2
 
     agnostic = plan_longgen(*(lambda c: (c, _spec(c)))(_cfg(tmp_path, "benchmark.query=agnostic")))
     store2 = RunStore(tmp_path / "run2", agnostic.settings(), {})
     store2.open()
     calls.clear()
-    agnostic.run(store2, _Model(), tok, _fake_engine(lambda i: "", calls), False)
+    predict(agnostic, store2, _Model(), tok, _fake_engine(lambda i: "", calls))
     rendered = render(agnostic.datasets[("copy_list", 700)][0], tok, agnostic.template)
     assert calls[0][0] == len(rendered.context_ids) and calls[0][2] == {"question_ids": rendered.question_ids}
     assert agnostic.protocol_name() == "longgen_chat_agnostic" and agnostic.settings() != plan.settings()
@@ -194,10 +198,10 @@ def test_changed_data_is_refused_on_resume(tmp_path, tok):
     plan = plan_longgen(cfg, _spec(cfg))
     store = RunStore(tmp_path / "run", plan.settings(), {})
     store.open()
-    plan.run(store, _Model(), tok, _fake_engine(lambda i: "x", []), False)
+    predict(plan, store, _Model(), tok, _fake_engine(lambda i: "x", []))
     plan.datasets[("copy_list", 700)][0]["outputs"][0] += " changed"
     with pytest.raises(KvbenchError, match="predicted on other data"):
-        plan.run(store, _Model(), tok, _fake_engine(lambda i: "x", []), False)
+        predict(plan, store, _Model(), tok, _fake_engine(lambda i: "x", []))
 
 
 # ----------------------------------------------------------------------------------------------- run.py e2e

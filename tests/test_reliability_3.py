@@ -188,7 +188,7 @@ def test_a_ruler_task_listed_twice_is_refused(tmp_path, no_model):
 
 def test_agnostic_and_multi_needle_runs_say_so_in_record_summary_and_report(tmp_path, capsys):
     from kvbench.pipeline import run_record
-    from kvbench.report.__main__ import _needle_summary
+    from kvbench.report.__main__ import _benchmark_sections
     from kvbench.summary import print_summary
 
     job = prepare(compose(overrides(tmp_path, "method=snapkv", "benchmark.query=agnostic")))
@@ -207,7 +207,7 @@ def test_agnostic_and_multi_needle_runs_say_so_in_record_summary_and_report(tmp_
     # The query mode and the variant are columns; the protocol name drops the suffixes that repeat them.
     assert list(df["query"]) == ["agnostic"] and list(df["protocol"]) == ["needle_raw"]
     assert list(df["variant"]) == ["multi-needle"]
-    _needle_summary(df, tmp_path / "report")
+    _benchmark_sections(df, tmp_path / "report", [])
     rows = table_rows((tmp_path / "report" / "needle.md").read_text(), kv=True)
     assert rows[1][rows[0].index("Needles")] == "multi" and rows[1][rows[0].index("Method")] == "SnapKV"
     assert rows[1][rows[0].index("Query")] == "agnostic"

@@ -265,8 +265,8 @@ def test_incomplete_runs_are_marked_in_every_table(results, tmp_path, capsys):
     assert [r[3] for r in rows[2:] if r[2] == "PyramidKV"] == ["interrupted"]
     assert [r[3] for r in rows[2:] if r[2] != "PyramidKV"] == [""] * 6
     assert "status,n" in longbench_table(df, fmt="csv").splitlines()[0]
-    from kvbench.report.__main__ import _needle_summary
-    _needle_summary(df, tmp_path / "rep")
+    from kvbench.report.__main__ import _benchmark_sections
+    _benchmark_sections(df, tmp_path / "rep", [])
     needle = table_rows((tmp_path / "rep" / "needle.md").read_text())
     assert needle[0] == ["Model", "Method", "Needles", "Budget", "Score", "95% CI", "Retrieval", "Retrieval 95% CI",
                          "n", "Status"]

@@ -13,6 +13,7 @@ from kvbench.config import compose
 from kvbench.engine import GenerationOutput
 from kvbench.errors import KvbenchError
 from kvbench.models import ModelSpec, load_tokenizer
+from kvbench.pipeline import predict
 from kvbench.results import RunStore
 from kvbench.ruler import constants as C
 from kvbench.ruler.data import read_kvpress, render, set_sha256
@@ -272,11 +273,14 @@ class _Model:
 
 
 def _fake_engine(answers, calls):
-    def run_one(input_ids, max_new_tokens, stop_token_ids, **kwargs):
-        calls.append((len(input_ids), max_new_tokens, kwargs))
-        out = GenerationOutput([], len(input_ids), 0.0, 0.0, 0, [len(input_ids)], "max_new_tokens")
-        return out, answers(len(calls))
-    return run_one
+    def answer(requests):  # the pipeline's engine side: (request, output, text) per request
+        for request in requests:
+            input_ids = request.input_ids
+            kwargs = {} if request.question_ids is None else {"question_ids": request.question_ids}
+            calls.append((len(input_ids), request.max_new_tokens, kwargs))
+            out = GenerationOutput([], len(input_ids), 0.0, 0.0, 0, [len(input_ids)], "max_new_tokens")
+            yield request, out, answers(len(calls))
+    return answer
 
 
 def test_run_scores_resumes_and_query_modes(tmp_path, tok):
@@ -288,21 +292,19 @@ def test_run_scores_resumes_and_query_modes(tmp_path, tok):
     calls = []
     # first niah sample right, second wrong; vt: first right, second 2 of 5
     preds = {1: " " + truth[0][0].upper(), 2: "", 3: " ".join(truth[2]), 4: " ".join(truth[3][:2])}
-    scores = plan.run(store, _Model(), tok, _fake_engine(lambda i: preds[i], calls), False)
+    scores = predict(plan, store, _Model(), tok, _fake_engine(lambda i: preds[i], calls))
     assert [c[1] for c in calls] == [128, 128, 30, 30]
     assert scores["lengths"]["1024"]["tasks"] == {"niah_single_1": 50.0, "vt": 70.0}
     vt = [(r["id"], r["score"]) for r in scores["sample_scores"] if r["task"] == "vt"]
     assert vt == [("1024_0", 1.0), ("1024_1", 0.4)] and scores["avg"] == 60.0
     assert scores["avg_label"] == "2-task average" and set(scores["data_sha256"]) == {"niah_single_1@1024", "vt@1024"}
-    assert plan.run(store, _Model(), tok, _fake_engine(lambda i: "", calls), False) == scores and len(calls) == 4
+    assert predict(plan, store, _Model(), tok, _fake_engine(lambda i: "", calls)) == scores and len(calls) == 4
 
     agnostic = plan_ruler(*(lambda c: (c, _spec(c)))(_cfg(tmp_path, "benchmark.query=agnostic")))
     store2 = RunStore(tmp_path / "run2", agnostic.settings(), {})
     store2.open()
-    with pytest.raises(KvbenchError, match="two-phase prefill"):
-        agnostic.run(store2, _Model(), tok, lambda ids, n, stops: None, False)
     calls.clear()
-    agnostic.run(store2, _Model(), tok, _fake_engine(lambda i: "", calls), False)
+    predict(agnostic, store2, _Model(), tok, _fake_engine(lambda i: "", calls))
     sample = agnostic.datasets[("niah_single_1", 1024)][0]
     rendered = render(sample, tok, agnostic.template)
     assert calls[0][0] == len(rendered.context_ids) and calls[0][2] == {"question_ids": rendered.question_ids}

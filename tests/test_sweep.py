@@ -241,7 +241,7 @@ def test_factor_covers_exactly_the_given_jobs(seed):
 
 def test_shards_balance_estimated_cost():
     def job(i: int, seconds: float) -> PlannedJob:
-        cfg = OmegaConf.create({"model": {"name": "m"}, "benchmark": {"name": "b"},
+        cfg = OmegaConf.create({"model": {"name": "m"}, "benchmark": {"name": "longbench"},
                                 "method": {"name": f"x{i}"}, "budget": 1,
                                 "protocol": {"name": "dynamickv"}})
         return PlannedJob({}, cfg, Path(f"/r/{i}"), seconds_left=seconds)

@@ -26,7 +26,6 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvbench.cache import CompressedCache, CompressedLayers
-from kvbench.ragged import RaggedLayer, register_layer
 
 
 class _RowsLayer(DynamicLayer):
@@ -70,9 +69,6 @@ def fork_cache(cache: CompressedCache) -> CompressedCache:
     compressed for the next sample."""
     fork = copy.copy(cache)
     fork.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in fork.layers:
-        if isinstance(layer, RaggedLayer):
-            register_layer(layer)
     fork.compressed = CompressedLayers(fork, fork.compressed_layers)
     return fork
 

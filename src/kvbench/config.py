@@ -11,11 +11,11 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from kvbench.benchmark import of_config
 from kvbench.errors import KvbenchError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_PROTOCOL = "dynamickv"
-LONGBENCH_KINDS = ("longbench", "longbench_e")  # the benchmarks whose prompts the `protocol` group shapes
 
 
 def _subtract(a: Any, b: Any) -> Any:
@@ -67,13 +67,11 @@ def run_name(cfg: DictConfig) -> str:
     name = cfg.method.name
     if not cfg.method.get("budget_agnostic", False):
         name += f"_{budget_text(cfg)}"
-    uses_protocol = cfg.benchmark.name in LONGBENCH_KINDS
-    if uses_protocol and cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a default folder
+    benchmark = of_config(cfg.benchmark)
+    if benchmark.uses_protocol and cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a folder
         name += f"_{cfg.protocol.name}"
-    if cfg.benchmark.get("query", "aware") != "aware":  # query-agnostic runs never share a folder with aware ones
-        name += f"_{cfg.benchmark.query}"
-    if cfg.benchmark.get("multi_needle", False):
-        name += "_multineedle"
+    for part in benchmark.name_parts(cfg.benchmark):  # query-agnostic, multi-needle: never share a folder
+        name += f"_{part}"
     if cfg.method.get("decode_interval"):  # decoding-time compression never shares a folder with prefill-only
         name += f"_decode{cfg.method.decode_interval}"
     return f"{name}_{cfg.tag}" if cfg.get("tag") else name
@@ -141,11 +139,9 @@ BATCH_SIZE = _Kind("a positive integer (samples decoded together) or auto (picke
 
 TOP_LEVEL = {"budget": BUDGET, "seed": INT, "device": DEVICE, "results_root": STR, "output_dir": _optional(STR),
              "tag": _optional(NAME), "progress": BOOL, "batch_size": BATCH_SIZE}
-# Benchmark keys, whatever the benchmark kind (a key a kind does not have is simply absent).
-BENCHMARK = {"name": STR, "tasks": STR_LIST, "data_dir": _optional(STR), "hub_id": STR, "verify_checksums": BOOL,
-             "limit": _optional(POS_INT), "haystack_dir": _optional(STR), "prompt": STR, "buffer": NONNEG_INT,
-             "max_new_tokens": _optional(POS_INT), "trained_len": _optional(POS_INT), "query": STR, "multi_needle": BOOL}
-NEEDLE_GRID = {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}
+optional = _optional
+# Benchmark keys of every benchmark; each benchmark class adds its own (`Benchmark.schema`).
+BENCHMARK = {"name": STR, "package": _optional(STR)}
 PROTOCOL = {"name": STR, "chat_template": STR, "min_new_tokens_tasks": STR, "eos": STR,
             "samsum_newline_stop": BOOL, "truncation": STR, "add_special_tokens": BOOL}
 PROTOCOL_METHODS = {"kernel_size": POS_INT, "pooling": STR, "radio_max": NUMBER}
@@ -175,9 +171,13 @@ def _dataclass_schema(cls: type) -> dict[str, _Kind]:
     return schema
 
 
-def _check_section(cfg: DictConfig, schema: dict[str, _Kind], prefix: str) -> None:
+def _check_section(cfg: DictConfig, schema: dict[str, _Kind | dict], prefix: str) -> None:
     for key, kind in schema.items():
         if key not in cfg:
+            continue
+        if isinstance(kind, dict):  # a nested section (e.g. the needle's benchmark.grid)
+            if isinstance(cfg[key], DictConfig):
+                _check_section(cfg[key], kind, f"{prefix}{key}.")
             continue
         value = cfg[key]
         if isinstance(value, (DictConfig, ListConfig)):
@@ -222,9 +222,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         for key, place in MOVED_MODEL_KEYS.items():
             if key in cfg.model:
                 raise KvbenchError(f"model.{key} is no longer a model setting; set {place} instead")
-        _check_section(cfg.benchmark, BENCHMARK, "benchmark.")
-        if isinstance(cfg.benchmark.get("grid"), DictConfig):
-            _check_section(cfg.benchmark.grid, NEEDLE_GRID, "benchmark.grid.")
+        _check_section(cfg.benchmark, {**BENCHMARK, **of_config(cfg.benchmark).schema}, "benchmark.")
         _check_section(cfg.protocol, PROTOCOL, "protocol.")
         if isinstance(cfg.protocol.get("methods"), DictConfig):
             _check_section(cfg.protocol.methods, PROTOCOL_METHODS, "protocol.methods.")

@@ -38,7 +38,7 @@ import torch
 
 from kvbench.cache import CompressedCache
 from kvbench.methods.base import Method
-from kvbench.ragged import RaggedLayer, register_layer
+from kvbench.ragged import RaggedLayer
 
 def head_peak(layer) -> int:
     """The most tokens any head of `layer` holds."""
@@ -261,5 +261,3 @@ def restore(cache: CompressedCache, method: Method, saved: tuple) -> None:
         method.accumulated = dict(state)
     for i, layer in enumerate(layers):
         cache.layers[i] = copy.copy(layer)
-        if isinstance(layer, RaggedLayer):
-            register_layer(cache.layers[i])

@@ -5,7 +5,6 @@ folder, protocol), so a typo fails in a second with a message, not after minutes
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -18,20 +17,23 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 import kvbench
-from kvbench.config import LONGBENCH_KINDS, output_dir, run_name, validate
-from kvbench.engine import ContextCache, GenerationOutput, check_interval, generate
+from kvbench.benchmark import Benchmark, grouped, of_config
+from kvbench.config import output_dir, run_name, validate
+from kvbench.engine import ContextCache, GenerationOutput, check_interval, generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
 from kvbench.models import (ModelSpec, load_model, load_tokenizer, model_config, resolve_attention, resolve_dtype,
                             with_trained_len)
+from kvbench.progress import progress
 from kvbench.query import check_agnostic_model
+from kvbench.requests import Request
 from kvbench.results import RunStore
 from kvbench.sample_rows import pop_and_write
 
@@ -49,7 +51,7 @@ class Job:
     method: Method
     device: str
     out: Path
-    benchmark: Any  # LongBenchPlan or NeedlePlan (see BENCHMARKS)
+    benchmark: Benchmark  # this command's plan
 
     @property
     def method_is_full(self) -> bool:
@@ -104,32 +106,6 @@ def load_model_once(spec: ModelSpec, device: str):
     return _LOADED[key]
 
 
-# The benchmark kinds: name -> "module:planner". A planner takes (cfg, spec) and returns a plan with
-# `protocol_name()`, `settings()` (the fingerprint part), `selection()` (what this command selects, for the record)
-# and `run(store, model, tokenizer, run_one, show_progress, on_sample) -> scores` (scores of exactly the selection).
-BENCHMARKS = {
-    "longbench": "kvbench.longbench.runner:plan_longbench",
-    "longbench_e": "kvbench.longbench.runner:plan_longbench",
-    "needle": "kvbench.needle.runner:plan_needle",
-    "ruler": "kvbench.ruler.runner:plan_ruler",
-    "longgen": "kvbench.longgen.runner:plan_longgen",
-}
-
-
-def plan_benchmark(cfg: DictConfig, spec: ModelSpec):
-    name = cfg.benchmark.name
-    if name not in BENCHMARKS:
-        raise KvbenchError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}")
-    module, function = BENCHMARKS[name].split(":")
-    return getattr(importlib.import_module(module), function)(cfg, spec)
-
-
-def benchmark_hook(name: str, attribute: str):
-    """An optional module-level function of a benchmark's planner module (e.g. `sweep_work`), or None."""
-    module = BENCHMARKS[name].split(":")[0] if name in BENCHMARKS else None
-    return getattr(importlib.import_module(module), attribute, None) if module else None
-
-
 def prepare(cfg: DictConfig) -> Job:
     """Resolve and validate everything that does not need the model (types, method, data files, grid)."""
     validate(cfg)
@@ -140,7 +116,7 @@ def prepare(cfg: DictConfig) -> Job:
     spec = with_trained_len(ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True)))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)
-    plan = plan_benchmark(cfg, spec)
+    plan = of_config(cfg.benchmark).plan(cfg, spec)
     if cfg.get("output_dir") and cfg.get("tag"):
         log.warning("tag=%s is not used: output_dir=%s names the folder (tag= only names default folders)",
                     cfg.tag, cfg.output_dir)
@@ -173,7 +149,7 @@ def user_command() -> str:
 
 def run_record(job: Job) -> dict:
     config = OmegaConf.to_container(job.cfg, resolve=True)
-    if job.cfg.benchmark.name not in LONGBENCH_KINDS:
+    if not job.benchmark.uses_protocol:
         config.pop("protocol", None)  # the LongBench prompt protocol does not affect other benchmarks
     return {
         "model": job.spec.record(),
@@ -244,9 +220,7 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     timer = Timer()
     try:
         tokenizer = load_tokenizer(job.spec)  # a missing tokenizer or hub model fails here, before the weights
-        check = getattr(job.benchmark, "check_tokenizer", None)
-        if check is not None:
-            check(tokenizer)
+        job.benchmark.check_tokenizer(tokenizer)
         if cfg.benchmark.get("query", "aware") == "agnostic":  # sliding-window models: refused before the weights
             check_agnostic_model(model_config(job.spec, tokenizer, job.device))
         loading = time.perf_counter()
@@ -286,32 +260,54 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
 
     contexts = ContextCache()  # query-agnostic runs: samples sharing a context reuse its compressed cache
 
-    def run_one(input_ids: list[int], max_new_tokens: int, stop_token_ids, min_new_tokens: int = 0,
-                question_ids: list[int] | None = None):
-        """`question_ids` given: query-agnostic, `input_ids` is the context alone (compressed before the question)."""
-        store.begin_session(session)  # the first sample of this session marks the record "running"
-        ids = torch.tensor([input_ids], device=job.device)
-        question = None if question_ids is None else torch.tensor([question_ids], device=job.device)
-        out = generate(model, ids, job.method, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                       min_new_tokens=min_new_tokens, repetition_penalty=job.spec.repetition_penalty,
-                       question_ids=question, contexts=contexts)
-        timer.add(out)
-        extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}
-        return Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    def answer(requests: Iterable[Request]) -> Iterator[tuple[Request, Generated, str]]:
+        def started(requests):
+            for request in requests:
+                store.begin_session(session)  # the first sample of this session marks the record "running"
+                yield request
+        for request, out in generate_requests(model, started(requests), job.method, contexts=contexts,
+                                              repetition_penalty=job.spec.repetition_penalty):
+            timer.add(out)
+            extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}  # this sample's
+            yield request, Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
     # Peak memory of this run's generation (model weights included), sampled every 20 ms.
     with PeakMemory(job.device, interval_s=0.02) as memory:
-        scores = job.benchmark.run(store, model, tokenizer, run_one, job.cfg.progress, on_sample)
-    all_records = [r for task in store.tasks_done() for r in store.records(task, _key_of(task))]
+        scores = predict(job.benchmark, store, model, tokenizer, answer, job.cfg.progress, on_sample)
+    key = job.benchmark.key
+    all_records = [r for task in store.tasks_done() for r in store.records(task, key)]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
     pop_and_write(job.out, scores)  # per-sample scores -> sample_scores.jsonl (kept out of scores.json)
     store.write_scores(scores)
-    selection = getattr(job.benchmark, "selection", None)
-    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": selection() if selection else None},
+    store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": job.benchmark.selection()},
                       timing={**timer.summary(), **(contexts.stats() if contexts.prefills else {})},
                       peak_memory_bytes=int(memory.peak))
     return scores
 
 
-def _key_of(task: str) -> str:
-    return "cell" if task == "needle" else "_id"
+def predict(bench: Benchmark, store: RunStore, model, tokenizer, answer, show_progress: bool = False,
+            on_sample: Callable[[str, dict], None] | None = None) -> dict:
+    """The sample loop: every selected sample not on disk yet (one with another digest on disk is refused) is
+    prompted, answered by `answer(requests) -> (request, output, text)` (in any order: the request's key finds its
+    sample back), scored by the benchmark and written as it finishes; returns the scores of exactly the selection."""
+    for task, samples in grouped(bench.select()).items():
+        done = store.done(task, bench.key)  # repairs a torn last line (an interrupted write) before reading
+        if any(s.digest for s in samples) and done:
+            digests = {r.get(bench.key): r.get("sample_sha256") for r in store.records(task, bench.key)}
+            for sample in samples:
+                if sample.key in digests and sample.digest and digests[sample.key] != sample.digest:
+                    raise KvbenchError(f"{store.prediction_file(task)}: sample {sample.key} was predicted on other "
+                                       f"data; delete {store.root} or choose another output_dir")
+        todo = [s for s in samples if s.key not in done]
+        if not todo:
+            continue
+        requests = (Request(p.input_ids, p.max_new_tokens, tuple(p.stop_token_ids), p.min_new_tokens,
+                            p.question_ids, key=(s, p)) for s, p in bench.prompts(todo, tokenizer, model))
+        label = f"{task} ({len(samples) - len(todo)} done)" if len(todo) < len(samples) else task
+        for request, out, text in progress(answer(requests), len(todo), label, show_progress):
+            sample, prompt = request.key
+            record = bench.record(sample, prompt, out, text)
+            store.append(task, record)
+            if on_sample:
+                on_sample(task, record)
+    return bench.summarize(store)

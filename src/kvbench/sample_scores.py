@@ -6,11 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+from kvbench.benchmark import of_run
 from kvbench.errors import KvbenchError
-from kvbench.longbench.scoring import score_folder
-from kvbench.needle.scoring import needle_sample_scores
-from kvbench.results import read_predictions
-from kvbench.sample_rows import SAMPLE_SCORES_FILE, SAMPLES_KEY, write_sample_scores
+from kvbench.sample_rows import SAMPLE_SCORES_FILE, write_sample_scores
 
 
 def backfill(run_dir: str | Path) -> Path:
@@ -20,14 +18,10 @@ def backfill(run_dir: str | Path) -> Path:
         run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise KvbenchError(f"{run_dir / 'run.json'} is missing or corrupt ({exc}); pass a run folder") from None
-    benchmark = str(run.get("benchmark", ""))
-    if benchmark == "needle":
-        rows = needle_sample_scores(read_predictions(run_dir / "predictions" / "needle.jsonl"))
-    elif benchmark in ("longbench", "longbench_e"):
-        rows = score_folder(run_dir / "predictions", e=benchmark == "longbench_e")[SAMPLES_KEY]
-    else:
-        raise KvbenchError(f"{run_dir}: cannot rebuild per-sample scores of benchmark {benchmark!r} here; "
-                           f"rerun the same command (finished samples are kept) to write {SAMPLE_SCORES_FILE}")
+    try:
+        rows = of_run(run).rescore(run_dir)
+    except KvbenchError as err:
+        raise KvbenchError(f"{run_dir}: {err} to write {SAMPLE_SCORES_FILE}") from None
     rows = _recorded_selection(run_dir, run, rows)
     written = write_sample_scores(run_dir, rows)
     if written is None:
@@ -48,15 +42,7 @@ def _recorded_selection(run_dir: Path, run: dict, rows: list[dict]) -> list[dict
     except (OSError, json.JSONDecodeError) as exc:
         raise KvbenchError(f"{path} is corrupt ({exc}); rerun the run's command to rewrite it") from None
     selection = run.get("selection") or {}
-    if run.get("benchmark") == "needle":
-        if selection.get("lengths") and selection.get("depths"):
-            cells = {f"{length}_{depth}" for length in selection["lengths"] for depth in selection["depths"]}
-            rows = [r for r in rows if r["id"] in cells]
-        counts, means = {"needle": scores.get("n")}, {"needle": _percent(scores.get("mean_score"))}
-    else:
-        tasks = scores.get("tasks") or {}
-        rows = [r for r in rows if r["task"] in tasks]
-        counts, means = scores.get("n") or {}, tasks
+    rows, counts, means = of_run(run).selected_rows(rows, scores, selection)
     for task, n in counts.items():
         values = [r["score"] for r in rows if r["task"] == task]
         mean = means.get(task)
@@ -67,10 +53,6 @@ def _recorded_selection(run_dir: Path, run: dict, rows: list[dict]) -> list[dict
                                f"scores.json covers {n} (the selection {json.dumps(selection)}); rerun `{command}` "
                                f"(finished samples are kept) to rewrite both")
     return rows
-
-
-def _percent(value) -> float | None:
-    return None if value is None else 100 * float(value)
 
 
 def main(argv: list[str] | None = None) -> int:

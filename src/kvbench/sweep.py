@@ -32,13 +32,12 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvbench.config import CONFIG_DIR, LONGBENCH_KINDS, compose, output_dir, run_name
+from kvbench.config import CONFIG_DIR, compose, output_dir, run_name
 from kvbench.errors import KvbenchError
-from kvbench.results import PREDICTIONS, RUN_FILE, folder_locked
+from kvbench.results import RUN_FILE, folder_locked
 from kvbench.slurm import WAITING, queued_jobs
 
 RUN_PY = CONFIG_DIR.parent / "run.py"
-BYTES_PER_TOKEN = 4.0
 STATUSES = ("done", "partial", "todo", "running", "pending", "conflict")
 
 
@@ -206,93 +205,20 @@ def _compose_or_explain(overrides: list[str], config_dir: Path) -> DictConfig:
 
 
 def job_work(cfg: DictConfig) -> list[Work]:
-    """What a job has to run: per LongBench task, or the needle grid, with token counts for the cost model."""
-    if cfg.benchmark.name == "needle":
-        return [_needle_work(cfg)]
-    if cfg.benchmark.name == "ruler":
-        return [_ruler_work(cfg, task) for task in cfg.benchmark.tasks]
-    if cfg.benchmark.name not in LONGBENCH_KINDS:  # another benchmark: its planner module's sweep_work(cfg)
-        from kvbench.pipeline import benchmark_hook
+    """What a job has to run, per unit of its benchmark (LongBench: per task; needle: the grid), with token
+    counts for the cost model."""
+    from kvbench.benchmark import of_config
 
-        hook = benchmark_hook(cfg.benchmark.name, "sweep_work")
-        if hook is None:
-            raise SweepError(f"benchmark {cfg.benchmark.name!r} cannot be swept (its module has no sweep_work)")
-        return [Work(*unit) for unit in hook(cfg)]
-    return [_longbench_work(cfg, task) for task in cfg.benchmark.tasks]
+    return [Work(*unit) for unit in of_config(cfg.benchmark).sweep_work(cfg)]
 
 
-def _ruler_work(cfg: DictConfig, task: str) -> Work:
-    """RULER: `samples` per task and length, each prompt as long as its length, RULER's tokens_to_generate."""
-    from kvbench.ruler.constants import FAMILIES, TASKS
+def samples_done(out: Path, unit: str, cfg: DictConfig) -> int:
+    """Samples of this job's selection already in a result folder, for one unit (LongBench: lines of the task's
+    file, the store selects the first `limit` samples in file order, so a folder holds a prefix; needle: the
+    cells of this grid found in the folder)."""
+    from kvbench.benchmark import of_config
 
-    if task not in TASKS:
-        raise SweepError(f"unknown RULER task {task!r} in benchmark.tasks; choose from {', '.join(TASKS)}")
-    lengths = list(cfg.benchmark.lengths)
-    samples = int(cfg.benchmark.samples) * len(lengths)
-    new_tokens = FAMILIES[TASKS[task]["family"]]["tokens_to_generate"]
-    return Work(task, samples, float(sum(lengths) * cfg.benchmark.samples), float(new_tokens * samples))
-
-
-def _longbench_work(cfg: DictConfig, task: str) -> Work:
-    from kvbench.longbench.data import load_manifest
-    from kvbench.longbench.tasks import task_spec
-
-    entry = load_manifest().get(f"{task}.jsonl")
-    if entry is None:
-        raise SweepError(f"unknown LongBench task {task!r} in benchmark.tasks (no {task}.jsonl in the manifest)")
-    limit = cfg.benchmark.get("limit")
-    samples = min(entry["lines"], limit) if limit else entry["lines"]
-    mean_tokens = entry["bytes_lf"] / entry["lines"] / BYTES_PER_TOKEN
-    cap = cfg.model.get("max_input_len")  # null: no truncation (InternLM2.5-1M)
-    prompt = min(mean_tokens, cap) if cap else mean_tokens
-    return Work(task, samples, prompt * samples, task_spec(task).max_new_tokens * samples)
-
-
-def _needle_work(cfg: DictConfig) -> Work:
-    from kvbench.needle.prompt import context_lengths, depth_percents
-
-    grid = cfg.benchmark.grid
-    lengths = context_lengths(grid.start, grid.end, grid.step)
-    depths = len(depth_percents(grid.depths))
-    cells = len(lengths) * depths
-    return Work("needle", cells, float(sum(lengths) * depths), float(cfg.benchmark.max_new_tokens * cells))
-
-
-def _prediction_lines(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.strip())
-
-
-def _needle_cells_done(path: Path) -> set[str]:
-    cells = set()
-    if path.exists():
-        with open(path, "rb") as handle:
-            for line in handle:
-                try:
-                    cells.add(json.loads(line)["cell"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn or foreign line: the run redoes that cell
-    return cells
-
-
-def samples_done(out: Path, unit: str, cfg: DictConfig | None = None) -> int:
-    """Samples of this job's selection already in a result folder, for one unit. LongBench: lines of the task's
-    file (the store selects the first `limit` samples in file order, so a folder holds a prefix); needle: the cells
-    of this grid found in the folder (with no cfg: every line)."""
-    folder = out / PREDICTIONS
-    if unit == "needle":
-        if cfg is None:
-            return sum(_prediction_lines(p) for p in folder.glob("*.jsonl"))
-        from kvbench.needle.prompt import context_lengths, depth_percents
-        from kvbench.needle.runner import cell_key
-
-        grid = cfg.benchmark.grid
-        wanted = {cell_key(length, depth) for length in context_lengths(grid.start, grid.end, grid.step)
-                  for depth in depth_percents(grid.depths)}
-        return len(wanted & _needle_cells_done(folder / "needle.jsonl"))
-    return _prediction_lines(folder / f"{unit}.jsonl")
+    return of_config(cfg.benchmark).samples_done(out, unit, cfg)
 
 
 def classify(out: Path, cfg: DictConfig) -> tuple[str, str]:

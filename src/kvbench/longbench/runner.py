@@ -7,27 +7,38 @@ as `also_on_disk` in scores.json, never mixed into this command's numbers.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kvbench.benchmark import Benchmark, Prompt, Sample, register
+from kvbench.config import BOOL, POS_INT, STR, STR_LIST, optional
 from kvbench.errors import KvbenchError
-from kvbench.longbench.data import DataSource, check_hub_data, load_task, local_task_file, verify_file
+from kvbench.longbench.data import (DataSource, check_hub_data, load_manifest, load_task, local_task_file,
+                                    verify_file)
 from kvbench.longbench.protocol import (Protocol, ProtocolError, _check_max_input_len, build_prompt,
                                         build_split_prompt, generation_settings)
-from kvbench.longbench.scoring import score_records
-from kvbench.longbench.tasks import task_spec
+from kvbench.longbench.scoring import score_folder, score_records
+from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16, task_spec
 from kvbench.models import ModelSpec
-from kvbench.progress import progress
 from kvbench.query import check_query_mode
+from kvbench.sample_rows import SAMPLES_KEY
 
 log = logging.getLogger("kvbench")
+BYTES_PER_TOKEN = 4.0  # the sweep's prompt-length estimate from a task file's bytes
 
 
 @dataclass
-class LongBenchPlan:
+class LongBenchPlan(Benchmark):
+    name = "longbench"
+    schema = {"tasks": STR_LIST, "data_dir": optional(STR), "hub_id": STR, "verify_checksums": BOOL,
+              "limit": optional(POS_INT), "max_new_tokens": optional(POS_INT), "query": STR}
+    uses_protocol = True
+    papers_figures = True
+    table_layout = {"en": (CATEGORIES_EN, ENGLISH_16), "zh": (CATEGORIES_ZH, CHINESE_5)}
     tasks: list[str]
     source: DataSource
     protocol: Protocol
@@ -36,6 +47,40 @@ class LongBenchPlan:
     context_len: int | None = None  # the model's context (trained_len): longer final prompts get a warning
     query: str = "aware"
     max_new_tokens: int | None = None  # a cap on each task's official max_gen (a recorded deviation); None: official
+    _selected: dict = dataclasses.field(default_factory=dict, repr=False)
+    _warned: bool = dataclasses.field(default=False, repr=False)
+
+    @classmethod
+    def plan(cls, cfg, spec) -> "LongBenchPlan":
+        return plan_longbench(cfg, spec)
+
+    @classmethod
+    def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:
+        """Per task: the task file's mean bytes per sample (bundled manifest) / 4 bytes per token, capped at
+        `model.max_input_len` (prompts are truncated to it), and the task's generation limit."""
+        work = []
+        for task in cfg.benchmark.tasks:
+            entry = load_manifest().get(f"{task}.jsonl")
+            if entry is None:
+                raise KvbenchError(f"unknown LongBench task {task!r} in benchmark.tasks (no {task}.jsonl in the "
+                                   f"manifest)")
+            limit = cfg.benchmark.get("limit")
+            samples = min(entry["lines"], limit) if limit else entry["lines"]
+            mean_tokens = entry["bytes_lf"] / entry["lines"] / BYTES_PER_TOKEN
+            cap = cfg.model.get("max_input_len")  # null: no truncation (InternLM2.5-1M)
+            prompt = min(mean_tokens, cap) if cap else mean_tokens
+            work.append((task, samples, prompt * samples, task_spec(task).max_new_tokens * samples))
+        return work
+
+    @classmethod
+    def headline(cls, scores: dict) -> float | None:
+        return scores.get("avg_en16") if scores.get("avg_en16") is not None else scores.get("avg")
+
+    @classmethod
+    def rescore(cls, run_dir: Path) -> list[dict]:
+        run_dir = Path(run_dir)
+        e = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("benchmark") == "longbench_e"
+        return score_folder(run_dir / "predictions", e=e)[SAMPLES_KEY]
 
     def protocol_name(self) -> str:
         return self.protocol.name + ("_agnostic" if self.query == "agnostic" else "")
@@ -58,55 +103,57 @@ class LongBenchPlan:
             raise ProtocolError(f"protocol={self.protocol.name} wraps chat tasks in the model's chat template, and "
                                 f"this tokenizer has none; use protocol=dynamickv (raw prompts) for a base model")
 
-    def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
-        generation_config = getattr(model, "generation_config", None)
-        selected: dict[str, list] = {}
-        warned = False
+    def select(self) -> list[Sample]:
+        self._selected = {}
+        samples = []
         for task in self.tasks:
             examples = load_task(task, self.source)
-            selected[task] = [ex.get("_id") for ex in examples]
-            done = store.done(task)
-            todo = [ex for ex in examples if ex.get("_id") not in done]
-            base = task_spec(task).name
-            settings = generation_settings(base, tokenizer, generation_config, self.protocol)
-            if self.max_new_tokens and self.max_new_tokens < settings.max_new_tokens:
-                settings = dataclasses.replace(settings, max_new_tokens=self.max_new_tokens)
-            bar_desc = f"{task} ({len(examples) - len(todo)} done)" if len(todo) < len(examples) else task
-            splits = {}
-            if self.query == "agnostic":  # samples sharing a context run back to back: compressed once, asked many
-                splits = {id(ex): build_split_prompt(base, ex, tokenizer, self.protocol, self.max_input_len)
-                          for ex in todo}
-                todo = group_by_context(todo, lambda ex: splits[id(ex)][0].context_ids)
-            for example in progress(todo, len(todo), bar_desc, show_progress):
-                if splits:
-                    split, prompt = splits[id(example)]
-                    final = len(split.input_ids)
-                else:
-                    prompt = build_prompt(base, example, tokenizer, self.protocol, self.max_input_len)
-                    final = len(prompt.input_ids)
-                if self.context_len and final > self.context_len and not warned:
-                    warned = True
-                    log.warning("%s: a final prompt has %d tokens, more than the model's context (%d): the chat "
-                                "template is added after truncation to max_input_len=%s, as LongBench's pred.py "
-                                "does (recorded per sample as prompt_tokens)", task, final, self.context_len,
-                                self.max_input_len)
-                if splits:
-                    out, text = run_one(split.context_ids, settings.max_new_tokens, settings.stop_token_ids,
-                                        settings.min_new_tokens, question_ids=split.question_ids)
-                else:
-                    out, text = run_one(prompt.input_ids, settings.max_new_tokens, settings.stop_token_ids,
-                                        settings.min_new_tokens)
-                record = {"pred": text, "answers": example["answers"], "all_classes": example.get("all_classes"),
-                          "length": example["length"], "_id": example.get("_id"), "truncated": prompt.truncated,
-                          "original_tokens": prompt.original_tokens,
-                          "over_max_input_len": self.max_input_len is not None and final > self.max_input_len,
-                          **out.log_fields()}
-                if splits:
-                    record["split"] = split.info  # question kind, truncation, boundary shift
-                store.append(task, record)
-                if on_sample:
-                    on_sample(task, record)
-        return self.score(store, selected)
+            self._selected[task] = [ex.get("_id") for ex in examples]
+            samples += [Sample(task, ex.get("_id"), ex) for ex in examples]
+        return samples
+
+    def prompts(self, todo, tokenizer, model):
+        task = todo[0].task
+        base = task_spec(task).name
+        settings = generation_settings(base, tokenizer, getattr(model, "generation_config", None), self.protocol)
+        if self.max_new_tokens and self.max_new_tokens < settings.max_new_tokens:
+            settings = dataclasses.replace(settings, max_new_tokens=self.max_new_tokens)
+        limits = (settings.max_new_tokens, tuple(settings.stop_token_ids), settings.min_new_tokens)
+        if self.query == "agnostic":  # samples sharing a context run back to back: compressed once, asked many
+            splits = {s.key: build_split_prompt(base, s.data, tokenizer, self.protocol, self.max_input_len)
+                      for s in todo}
+            for sample in group_by_context(todo, lambda s: splits[s.key][0].context_ids):
+                split, prompt = splits[sample.key]
+                self._warn_long(task, len(split.input_ids))
+                yield sample, Prompt(split.context_ids, *limits, question_ids=split.question_ids,
+                                     info={"prompt": prompt, "final": len(split.input_ids), "split": split.info})
+            return
+        for sample in todo:
+            prompt = build_prompt(base, sample.data, tokenizer, self.protocol, self.max_input_len)
+            self._warn_long(task, len(prompt.input_ids))
+            yield sample, Prompt(prompt.input_ids, *limits, info={"prompt": prompt, "final": len(prompt.input_ids)})
+
+    def _warn_long(self, task: str, final: int) -> None:
+        if self.context_len and final > self.context_len and not self._warned:
+            self._warned = True
+            log.warning("%s: a final prompt has %d tokens, more than the model's context (%d): the chat "
+                        "template is added after truncation to max_input_len=%s, as LongBench's pred.py "
+                        "does (recorded per sample as prompt_tokens)", task, final, self.context_len,
+                        self.max_input_len)
+
+    def record(self, sample, prompt, out, text) -> dict:
+        example, built, final = sample.data, prompt.info["prompt"], prompt.info["final"]
+        record = {"pred": text, "answers": example["answers"], "all_classes": example.get("all_classes"),
+                  "length": example["length"], "_id": example.get("_id"), "truncated": built.truncated,
+                  "original_tokens": built.original_tokens,
+                  "over_max_input_len": self.max_input_len is not None and final > self.max_input_len,
+                  **out.log_fields()}
+        if "split" in prompt.info:
+            record["split"] = prompt.info["split"]  # question kind, truncation, boundary shift
+        return record
+
+    def summarize(self, store) -> dict:
+        return self.score(store, self._selected)
 
     def score(self, store, selected: dict[str, list]) -> dict:
         """Scores of exactly the selected samples; the other records in the folder are counted as also on disk."""
@@ -163,6 +210,17 @@ def plan_longbench(cfg: DictConfig, spec: ModelSpec) -> LongBenchPlan:
     return LongBenchPlan(tasks, source, Protocol.from_dict(protocol_cfg), spec.max_input_len, is_e,
                          spec.trained_len, check_query_mode(bench.get("query", "aware")),
                          bench.get("max_new_tokens"))
+
+
+@register
+class LongBenchE(LongBenchPlan):
+    """LongBench-E: the same plan (`plan_longbench` tells the two apart), scored per length bucket; the papers'
+    figures are LongBench's."""
+    name = "longbench_e"
+    papers_figures = False
+
+
+register(LongBenchPlan)
 
 
 def group_by_context(items: list, context_of) -> list:

@@ -13,11 +13,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from kvbench.benchmark import register
+from kvbench.config import STR, STR_LIST, optional
 from kvbench.errors import KvbenchError
 from kvbench.longgen.generate import FILLERS, TASKS, Generator, max_new_tokens
 from kvbench.longgen.metrics import line_scores, task_score
 from kvbench.ruler.data import set_sha256
-from kvbench.ruler.runner import QUERY_MODES, _int_list, check_lengths_fit, predict_generated, sample_id
+from kvbench.ruler.runner import GeneratedBenchmark, QUERY_MODES, _int_list, check_lengths_fit, sample_id
 from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
 
 log = logging.getLogger("kvbench")
@@ -28,8 +30,12 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 2) if values else None
 
 
+@register
 @dataclass
-class LongGenPlan:
+class LongGenPlan(GeneratedBenchmark):
+    name = "longgen"
+    schema = {"tasks": STR_LIST, "template": STR, "query": STR, "filler": STR,
+              "haystack_dir": optional(STR), "cache_dir": optional(STR)}  # lengths, samples, output_tokens: plan
     tasks: list[str]
     lengths: list[int]
     samples: int
@@ -53,11 +59,22 @@ class LongGenPlan:
     def data_sha256(self) -> dict[str, str]:
         return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
 
-    def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
-        predict_generated(self, "longgen", store, model, tokenizer, run_one, show_progress, on_sample,
-                          lambda task, text, sample: {**line_scores(text, sample["outputs"]),
-                                                      "answer_tokens": sample["answer_tokens"]})
-        return self.summarize(store)
+    def score_fields(self, task: str, text: str, sample: dict) -> dict:
+        return {**line_scores(text, sample["outputs"]), "answer_tokens": sample["answer_tokens"]}
+
+    @classmethod
+    def plan(cls, cfg, spec) -> "LongGenPlan":
+        return plan_longgen(cfg, spec)
+
+    @classmethod
+    def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:
+        """Per task: samples, prompt tokens, tokens to generate (upper bound); a list of output_tokens takes at
+        most max_new_tokens(output_tokens + one item of ~40 tokens) to write."""
+        lengths = _int_list(cfg.benchmark.lengths, "benchmark.lengths")
+        samples = int(cfg.benchmark.samples) * len(lengths)
+        new_tokens = max_new_tokens(int(cfg.benchmark.output_tokens) + 40)
+        return [(task, samples, float(sum(lengths) * int(cfg.benchmark.samples)), float(new_tokens * samples))
+                for task in cfg.benchmark.tasks]
 
     def summarize(self, store) -> dict:
         """Scores of exactly this selection, with the mean generated and reference lengths."""
@@ -161,14 +178,4 @@ def plan_longgen(cfg: DictConfig, spec) -> LongGenPlan:
                        {"kind": "generated", **gen.identity()}, datasets, generation_s)
 
 
-def sweep_work(cfg: DictConfig) -> list[tuple[str, int, float, float]]:
-    """The sweep's cost estimate per task: (task, samples, prompt tokens, tokens to generate, upper bound); a
-    list of output_tokens takes at most max_new_tokens(output_tokens + one item of ~40 tokens) to write."""
-    lengths = _int_list(cfg.benchmark.lengths, "benchmark.lengths")
-    samples = int(cfg.benchmark.samples) * len(lengths)
-    new_tokens = max_new_tokens(int(cfg.benchmark.output_tokens) + 40)
-    return [(task, samples, float(sum(lengths) * int(cfg.benchmark.samples)), float(new_tokens * samples))
-            for task in cfg.benchmark.tasks]
-
-
-__all__ = ["LongGenPlan", "plan_longgen", "sweep_work"]
+__all__ = ["LongGenPlan", "plan_longgen"]

@@ -1,10 +1,14 @@
 """Needle-in-a-Haystack runs: one prediction line per (context length, depth) cell, resumable."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
+from kvbench.benchmark import Benchmark, Prompt, Sample, register
+from kvbench.config import BOOL, NONNEG_INT, POS_INT, STR, optional
 from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
 from kvbench.needle.prompt import (NEEDLE, PROMPT_PRESETS, _validate_cell, build_context_ids,
@@ -12,8 +16,8 @@ from kvbench.needle.prompt import (NEEDLE, PROMPT_PRESETS, _validate_cell, build
                                    depth_percents, needle_facts, needle_question, stop_token_ids)
 from kvbench.needle.scoring import (cell_retrieval, heatmap_score, needle_sample_scores, retrieval_score,
                                     rouge_score_x10)
-from kvbench.progress import progress
 from kvbench.query import check_query_mode
+from kvbench.results import read_predictions
 
 TASK = "needle"
 
@@ -22,8 +26,21 @@ def cell_key(length: int, depth: int) -> str:
     return f"{length}_{depth}"
 
 
+@register
 @dataclass
-class NeedlePlan:
+class NeedlePlan(Benchmark):
+    name = "needle"
+    key = "cell"
+    schema = {"haystack_dir": optional(STR), "prompt": STR, "buffer": NONNEG_INT,
+              "max_new_tokens": optional(POS_INT), "query": STR, "multi_needle": BOOL,
+              "grid": {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}}
+    row_extras = {"retrieval": "retrieval"}
+    summary_list = {"title": "Needle-in-a-Haystack (in percent)", "anchor": "needle",
+                    "variants": ("Needles", {"multi-needle": "multi"}, "single"),
+                    "note": "Score: the papers' heatmap score (share of the expected answer's words in the response). "
+                            "Retrieval: share of cells whose response names the needle's key facts (what measures "
+                            "retrieval)."}
+
     lengths: list[int]
     depths: list[int]
     haystack: Haystack
@@ -58,15 +75,16 @@ class NeedlePlan:
                 **({"query": self.query} if self.query != "aware" else {}),  # aware: the fingerprint of old runs
                 **({"multi_needle": True, "depths": self.depths} if self.multi_needle else {})}
 
-    def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
-        done = store.done(TASK, key="cell")
-        cells = [(length, depth) for length in self.lengths for depth in self.depths
-                 if cell_key(length, depth) not in done]
-        haystack_ids = haystack_token_ids(tokenizer, self.haystack, max(self.lengths)) if cells else []
-        stops = stop_token_ids(tokenizer)
+    def select(self) -> list[Sample]:
+        return [Sample(TASK, cell_key(length, depth), (length, depth)) for length in self.lengths
+                for depth in self.depths]
+
+    def prompts(self, todo, tokenizer, model):
+        haystack_ids = haystack_token_ids(tokenizer, self.haystack, max(self.lengths))
+        stops = tuple(stop_token_ids(tokenizer))
         multi: dict[int, tuple[list[int], list[int]]] = {}  # length -> the K-needle haystack and needle starts
-        for length, depth in progress(cells, len(cells), f"needle ({len(done)} done)" if done else "needle",
-                                      show_progress):
+        for sample in todo:
+            length, depth = sample.data
             needle = self.depths.index(depth) if self.multi_needle else 0
             if self.multi_needle:
                 if length not in multi:
@@ -76,28 +94,98 @@ class NeedlePlan:
             else:
                 context_ids, needle_index = build_context_ids(tokenizer, haystack_ids, length, depth,
                                                               buffer=self.buffer)
+            info = {"needle": needle, "needle_index": needle_index, "context_tokens": len(context_ids)}
             if self.query == "agnostic":  # the cells of one multi-needle haystack share its compressed cache
                 split = build_split_prompt_ids(tokenizer, context_ids, self.prompt, needle=needle)
-                input_ids = split.input_ids
-                out, text = run_one(split.context_ids, self.max_new_tokens, stops, question_ids=split.question_ids)
+                yield sample, Prompt(split.context_ids, self.max_new_tokens, stops, question_ids=split.question_ids,
+                                     info={**info, "input_tokens": len(split.input_ids)})
             else:
                 input_ids = build_prompt_ids(tokenizer, context_ids, self.prompt, needle=needle)
-                out, text = run_one(input_ids, self.max_new_tokens, stops)
-            response = text.strip()
-            needle_text, _, _, expected = needle_question(needle)
-            record = {"cell": cell_key(length, depth), "context_length": length, "depth_percent": depth,
-                      "input_tokens": len(input_ids), "context_tokens": len(context_ids),
-                      "needle_index": needle_index, "response": response,
-                      "score_rouge": rouge_score_x10(response, needle_text),
-                      "score": heatmap_score(response, expected=expected),
-                      "retrieval": retrieval_score(response, needle_facts(needle)), **out.log_fields(),
-                      **({"needle": needle} if self.multi_needle else {})}
-            store.append(TASK, record)
-            if on_sample:
-                on_sample(TASK, record)
-        return self.score(store)
+                yield sample, Prompt(input_ids, self.max_new_tokens, stops,
+                                     info={**info, "input_tokens": len(input_ids)})
 
-    def score(self, store) -> dict:
+    def record(self, sample, prompt, out, text) -> dict:
+        length, depth = sample.data
+        info = prompt.info
+        response = text.strip()
+        needle_text, _, _, expected = needle_question(info["needle"])
+        return {"cell": sample.key, "context_length": length, "depth_percent": depth,
+                "input_tokens": info["input_tokens"], "context_tokens": info["context_tokens"],
+                "needle_index": info["needle_index"], "response": response,
+                "score_rouge": rouge_score_x10(response, needle_text),
+                "score": heatmap_score(response, expected=expected),
+                "retrieval": retrieval_score(response, needle_facts(info["needle"])), **out.log_fields(),
+                **({"needle": info["needle"]} if self.multi_needle else {})}
+
+    @classmethod
+    def plan(cls, cfg, spec) -> "NeedlePlan":
+        return plan_needle(cfg, spec)
+
+    @classmethod
+    def name_parts(cls, bench) -> list[str]:
+        return super().name_parts(bench) + (["multineedle"] if bench.get("multi_needle", False) else [])
+
+    @classmethod
+    def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:
+        grid = cfg.benchmark.grid
+        lengths = context_lengths(grid.start, grid.end, grid.step)
+        depths = len(depth_percents(grid.depths))
+        cells = len(lengths) * depths
+        return [(TASK, cells, float(sum(lengths) * depths), float(cfg.benchmark.max_new_tokens * cells))]
+
+    @classmethod
+    def samples_done(cls, out: Path, unit: str, cfg=None) -> int:
+        """The cells of this grid found in the folder (with no cfg: every line)."""
+        if cfg is None:
+            return super().samples_done(out, unit)
+        grid = cfg.benchmark.grid
+        wanted = {cell_key(length, depth) for length in context_lengths(grid.start, grid.end, grid.step)
+                  for depth in depth_percents(grid.depths)}
+        cells = set()
+        path = out / "predictions" / f"{TASK}.jsonl"
+        if path.exists():
+            with open(path, "rb") as handle:
+                for line in handle:
+                    try:
+                        cells.add(json.loads(line)["cell"])
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn or foreign line: the run redoes that cell
+        return len(wanted & cells)
+
+    @classmethod
+    def score_rows(cls, scores: dict) -> list[dict]:
+        """One row, task 'needle', score in percent."""
+        if "mean_score" not in scores:
+            raise KvbenchError("lacks 'mean_score'; rescore the needle run")
+        return [{"task": TASK, "score": 100.0 * float(scores["mean_score"]), "n": scores.get("n"), "length": None}]
+
+    @classmethod
+    def headline(cls, scores: dict) -> float | None:
+        return scores.get("mean_score")
+
+    @classmethod
+    def summary_lines(cls, scores: dict) -> list[str]:
+        value = scores.get("mean_score")
+        lines = [] if value is None else \
+            [f"  {'mean needle score':24s} {value:6.3f}  (n={scores.get('n')}; the papers' word overlap)"]
+        if value is not None and scores.get("mean_retrieval") is not None:
+            lines.append(f"  {'needle retrieval':24s} {scores['mean_retrieval']:6.3f}  (share of cells naming the "
+                         f"needle's key facts)")
+        return lines
+
+    @classmethod
+    def rescore(cls, run_dir: Path) -> list[dict]:
+        return needle_sample_scores(read_predictions(Path(run_dir) / "predictions" / f"{TASK}.jsonl"))
+
+    @classmethod
+    def selected_rows(cls, rows, scores, selection):
+        if selection.get("lengths") and selection.get("depths"):
+            cells = {cell_key(length, depth) for length in selection["lengths"] for depth in selection["depths"]}
+            rows = [r for r in rows if r["id"] in cells]
+        mean = scores.get("mean_score")
+        return rows, {TASK: scores.get("n")}, {TASK: None if mean is None else 100 * float(mean)}
+
+    def summarize(self, store) -> dict:
         """The summary of exactly this grid's cells; cells of other grids in the folder are counted as also on
         disk."""
         wanted = set(self.cells())

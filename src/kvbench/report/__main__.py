@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvbench.benchmark import Benchmark, get
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
 from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
@@ -107,46 +108,70 @@ def _write_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | Non
     return written
 
 
-def _needle_summary(df: pd.DataFrame, out: Path) -> list[Path]:
-    """A short Markdown list of needle runs: the papers' score and the retrieval score, in percent, with CIs."""
-    needle = df[df["benchmark"] == "needle"]
-    if needle.empty:
-        return []
+def _benchmark_sections(df: pd.DataFrame, out: Path, html_parts: list) -> list[Path]:
+    """The list of each benchmark that declares one (`Benchmark.summary_list`: the needle's), written to
+    `<anchor>.md`."""
+    written = []
+    for name in sorted(df["benchmark"].unique()):
+        benchmark = _benchmark(name)
+        if benchmark.summary_list is None:
+            continue
+        spec = benchmark.summary_list
+        text = _summary_list(df[df["benchmark"] == name], spec, list(benchmark.row_extras))
+        print(f"## {spec['title']}\n\n{text}")
+        written.append(atomic_write(out / f"{spec['anchor']}.md", text))
+        html_parts.append((spec["title"], spec["anchor"], markdown_html(text)))
+    return written
+
+
+def _summary_list(rows: pd.DataFrame, spec: dict, extras: list[str]) -> str:
+    """A short Markdown list of one benchmark's runs: its score and extra scores, in percent, with CIs."""
     # Papers' order: model, then budget (FullKV first), then method.
-    labels = pd.Series([budget_label(b, r) for b, r in zip(needle["budget"], needle["compression_ratio"])],
-                       index=needle.index)
-    order = sorted(needle.index, key=lambda i: (needle.at[i, "model"], needle.at[i, "query"], needle.at[i, "variant"],
-                                                 needle.at[i, "decode_interval"], budget_order(labels[i]),
-                                                 method_sort_key(needle.at[i, "method"])))
-    needle, labels = needle.loc[order], labels[order]
+    labels = pd.Series([budget_label(b, r) for b, r in zip(rows["budget"], rows["compression_ratio"])],
+                       index=rows.index)
+    order = sorted(rows.index, key=lambda i: (rows.at[i, "model"], rows.at[i, "query"], rows.at[i, "variant"],
+                                               rows.at[i, "decode_interval"], budget_order(labels[i]),
+                                               method_sort_key(rows.at[i, "method"])))
+    rows, labels = rows.loc[order], labels[order]
 
     def ci(low: str, high: str) -> list[str]:
-        return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(needle[low], needle[high])]
+        return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(rows[low], rows[high])]
 
-    needles = needle["variant"].map(lambda v: "multi" if "multi-needle" in str(v) else "single")
-    frame = pd.DataFrame({"Model": needle["model"], "Method": needle["method"], "Needles": needles, "Budget": labels,
-                          "KV MiB": needle["kv_bytes_mean"].map(kv_mib_label), "Score": needle["score"].astype(float),
-                          "95% CI": ci("ci_low", "ci_high"), "Retrieval": needle["retrieval"].astype(float),
-                          "Retrieval 95% CI": ci("retrieval_ci_low", "retrieval_ci_high"),
-                          "Query": needle["query"], "Decode": needle["decode_interval"].map(lambda d: d or ""),
-                          "n": needle["n"].astype(str),
-                          "Status": needle["status"].map(lambda s: "" if s == "complete" else s)})
-    for column, default in (("Query", "aware"), ("Decode", "")):  # shown when they tell rows apart
-        if frame[column].nunique() < 2 and (frame[column] == default).all():
-            frame = frame.drop(columns=column)
-    text = markdown_frame(frame) + "\n"
-    text += ("\nScore: the papers' heatmap score (share of the expected answer's words in the response). Retrieval: "
-             "share of cells whose response names the needle's key facts (what measures retrieval).\n")
-    print(f"## Needle-in-a-Haystack (in percent)\n\n{text}")
-    return [atomic_write(out / "needle.md", text)]
+    column, names, otherwise = spec.get("variants") or ("Variant", {}, "")
+    variants = rows["variant"].map(lambda v: next((label for key, label in names.items() if key in str(v)),
+                                                  otherwise if names else v))
+    frame = pd.DataFrame({"Model": rows["model"], "Method": rows["method"], column: variants, "Budget": labels,
+                          "KV MiB": rows["kv_bytes_mean"].map(kv_mib_label), "Score": rows["score"].astype(float),
+                          "95% CI": ci("ci_low", "ci_high"),
+                          **{k: v for extra in extras for k, v in (
+                              (extra.capitalize(), rows[extra].astype(float)),
+                              (f"{extra.capitalize()} 95% CI", ci(f"{extra}_ci_low", f"{extra}_ci_high")))},
+                          "Query": rows["query"], "Decode": rows["decode_interval"].map(lambda d: d or ""),
+                          "n": rows["n"].astype(str),
+                          "Status": rows["status"].map(lambda s: "" if s == "complete" else s)})
+    for name, default in (("Query", "aware"), ("Decode", "")):  # shown when they tell rows apart
+        if frame[name].nunique() < 2 and (frame[name] == default).all():
+            frame = frame.drop(columns=name)
+    return markdown_frame(frame) + "\n" + (f"\n{spec['note']}\n" if spec.get("note") else "")
+
+
+def _benchmark(name: str) -> type[Benchmark]:
+    """A benchmark's class; one that no longer imports is reported the generic way."""
+    try:
+        return get(name)
+    except KvbenchError:
+        return Benchmark
 
 
 def _figures(df: pd.DataFrame):
-    """(file stem, draw) of every figure that may apply: LongBench's budget curve and score vs bytes (the papers'),
-    and for every other benchmark its budget curve and, scored per length, its score vs length."""
-    yield "budget_curve", budget_curve
-    yield "score_vs_bytes", score_vs_bytes
-    for benchmark in sorted(set(df["benchmark"]) - {"longbench"}):
+    """(file stem, draw) of every figure that may apply: the papers' budget curve and score vs bytes for a benchmark
+    that has them (`Benchmark.papers_figures`: LongBench), and for every other benchmark its budget curve and,
+    scored per length, its score vs length."""
+    for benchmark in sorted(set(df["benchmark"])):
+        if _benchmark(benchmark).papers_figures:
+            yield "budget_curve", lambda d, o, b=benchmark: budget_curve(d, o, b)
+            yield "score_vs_bytes", lambda d, o, b=benchmark: score_vs_bytes(d, o, b)
+            continue
         yield f"{benchmark}_score_vs_budget", lambda d, o, b=benchmark: budget_curve(d, o, b, None)
         if df.loc[df["benchmark"] == benchmark, "length"].notna().any():
             yield f"{benchmark}_score_vs_length", lambda d, o, b=benchmark: score_vs_length(d, o, b)
@@ -195,9 +220,7 @@ def _report(args, out: Path, ci: str | None) -> int:
     written = [atomic_write(out / "results.csv", df.to_csv(index=False))]
     parts: list[tuple[str, str, str]] = []  # (title, anchor, HTML) of report.html's sections
     written += _write_tables(df, out, args.formats, ci, parts)
-    for path in _needle_summary(df, out):
-        written.append(path)
-        parts.append(("Needle-in-a-Haystack (in percent)", "needle", markdown_html(path.read_text(encoding="utf-8"))))
+    written += _benchmark_sections(df, out, parts)
     gap = query_gap_markdown(df)  # per method: aware minus agnostic (every benchmark run both ways)
     if gap:
         print(f"## Query-aware gap\n\n{gap}")

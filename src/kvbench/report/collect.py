@@ -22,6 +22,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from kvbench.benchmark import Benchmark, of_run
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
 from kvbench.labels import display_method, is_fullkv, method_display_names, method_sort_key, setting_label  # noqa: F401
@@ -230,54 +231,54 @@ def _with_ci(row: dict, run_dir: Path, strict: bool) -> dict:
     return {**row, "ci_low": low, "ci_high": high, "samples_ok": values is not None}
 
 
-def _needle_retrieval(run_dir: Path, scores: dict, samples_ok: bool) -> dict:
-    """A needle run's retrieval score in percent, with its CI, from the cells' `retrieval` in sample_scores.jsonl
-    (the cells its `score` was checked on); else the `mean_retrieval` of scores.json without a CI; a run scored
-    before kvbench had it gets NaN and a warning naming the command that adds it (from the predictions)."""
-    samples = run_samples(run_dir) if samples_ok else None
+def _extra_score(run_dir: Path, scores: dict, row: dict, column: str, field: str) -> dict:
+    """A benchmark's extra score column (`Benchmark.row_extras`, e.g. the needle's retrieval) in percent, with its
+    CI, from the samples' `field` in sample_scores.jsonl (the samples its `score` was checked on); else the
+    `mean_<field>` of scores.json without a CI; a run scored before kvbench had it gets NaN and a warning naming the
+    command that adds it (from the predictions)."""
+    samples = run_samples(run_dir) if row["samples_ok"] else None
     values = None
-    if samples is not None and "retrieval" in samples.columns:
-        values = samples.loc[samples["task"] == "needle", "retrieval"].to_numpy(dtype=float) * 100.0
+    if samples is not None and field in samples.columns:
+        values = samples.loc[samples["task"] == row["task"], field].to_numpy(dtype=float) * 100.0
     if values is not None and len(values) and not np.isnan(values).any():
         low, high = bootstrap_ci(values)
-        return {"retrieval": float(values.mean()), "retrieval_ci_low": low, "retrieval_ci_high": high}
-    mean = scores.get("mean_retrieval")
+        return {column: float(values.mean()), f"{column}_ci_low": low, f"{column}_ci_high": high}
+    mean = scores.get(f"mean_{field}")
     if mean is None:
-        warnings.warn(f"{run_dir}: no needle retrieval score (scored before kvbench had it); add it from the "
+        warnings.warn(f"{run_dir}: no {row['task']} {column} score (scored before kvbench had it); add it from the "
                       f"predictions with `python -m kvbench.sample_scores {run_dir}`", ReportWarning, stacklevel=4)
-    return {"retrieval": math.nan if mean is None else 100.0 * float(mean), "retrieval_ci_low": math.nan,
-            "retrieval_ci_high": math.nan}
+    return {column: math.nan if mean is None else 100.0 * float(mean), f"{column}_ci_low": math.nan,
+            f"{column}_ci_high": math.nan}
+
+
+def _benchmark_of(run: dict) -> type[Benchmark]:
+    """The run's benchmark class; one that no longer imports is read the generic way (its `tasks` and `n`)."""
+    try:
+        return of_run(run)
+    except KvbenchError:
+        return Benchmark
 
 
 def _rows_of_run(run_dir: Path, strict: bool) -> list[dict]:
-    """One row per task of a run (needle: one row, task 'needle', score in percent)."""
-    identity = _run_identity(_read_json(run_dir / "run.json"), run_dir)
+    """One row per task of a run (and per context length when scored per length); the benchmark says which
+    (`Benchmark.score_rows`: needle, one row 'needle', score in percent)."""
+    run = _read_json(run_dir / "run.json")
+    identity = _run_identity(run, run_dir)
     scores = _read_json(run_dir / "scores.json")
     identity["benchmark"] = identity["benchmark"] or str(scores.get("benchmark") or "")
-    if identity["benchmark"] == "needle" or scores.get("benchmark") == "needle":
-        if "mean_score" not in scores:
-            raise KvbenchError(f"{run_dir / 'scores.json'} lacks 'mean_score'; rescore the needle run")
-        stats = _prediction_stats(run_dir / "predictions" / "needle.jsonl", strict)
-        row = {**identity, "benchmark": "needle", "task": "needle", "score": 100.0 * float(scores["mean_score"]),
-               "n": scores.get("n"), **stats}
-        row = _with_ci(row, run_dir, strict)
-        return [{**row, **_needle_retrieval(run_dir, scores, row["samples_ok"])}]
-    # A benchmark scored per context length (RULER's `lengths`) gives one row per length and task.
-    lengths = scores.get("lengths") if isinstance(scores.get("lengths"), dict) else {None: scores}
+    benchmark = _benchmark_of({**run, "benchmark": identity["benchmark"]})
+    try:
+        parts = benchmark.score_rows(scores)
+    except KvbenchError as exc:
+        raise KvbenchError(f"{run_dir / 'scores.json'} {exc}") from None
     rows = []
-    for length, part in lengths.items():
-        tasks = part.get("tasks") if isinstance(part, dict) else None
-        if not isinstance(tasks, dict):
-            raise KvbenchError(f"{run_dir / 'scores.json'} lacks the 'tasks' mapping; rescore the run")
-        counts = part.get("n") or {}
-        for task, score in tasks.items():
-            if score is None and length is not None:
-                continue  # a task not run at this length
-            stats = _prediction_stats(run_dir / "predictions" / f"{task}.jsonl", strict)
-            score = math.nan if score is None else float(score)
-            row = {**identity, "task": task, "score": score, "n": counts.get(task), **stats,
-                   "length": None if length is None else int(length)}
-            rows.append(_with_ci(row, run_dir, strict))
+    for part in parts:
+        stats = _prediction_stats(run_dir / "predictions" / f"{part['task']}.jsonl", strict)
+        score = math.nan if part["score"] is None else float(part["score"])
+        row = _with_ci({**identity, **part, "score": score, **stats}, run_dir, strict)
+        for column, field in benchmark.row_extras.items():
+            row.update(_extra_score(run_dir, scores, row, column, field))
+        rows.append(row)
     return rows
 
 

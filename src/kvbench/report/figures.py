@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from kvbench.errors import KvbenchError
+from kvbench.benchmark import get
 from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
 from kvbench.atomic import atomic_write
 from kvbench.report.collect import is_fullkv, method_sort_key, setting_label, task_samples
@@ -82,7 +83,13 @@ def line_label(row) -> str:
     return f"{row['method']} ({settings})" if settings else str(row["method"])
 
 
-_LANGUAGE_TASKS = {"en": ENGLISH_16, "zh": CHINESE_5}
+def _part_tasks(benchmark: str, part: str | None) -> list[str] | None:
+    """The papers' task list of one part (LongBench: a language) of a benchmark's table layout; None: all tasks."""
+    try:
+        layout = get(benchmark).table_layout or {}
+    except KvbenchError:
+        return None
+    return layout[part][1] if part in layout else None
 
 
 def _run_averages(df: pd.DataFrame, benchmark: str, language: str | None = "en",
@@ -93,8 +100,9 @@ def _run_averages(df: pd.DataFrame, benchmark: str, language: str | None = "en",
     Averaging over a common cell set keeps points of one model comparable when runs cover different tasks.
     """
     data = df[df["benchmark"] == benchmark]
-    if language is not None and benchmark.startswith("longbench"):
-        data = data[data["task"].isin(_LANGUAGE_TASKS[language])]
+    tasks = _part_tasks(benchmark, language)
+    if tasks is not None:
+        data = data[data["task"].isin(tasks)]
     if data.empty:
         raise KvbenchError(f"no {benchmark} task scores to plot; collect {benchmark} runs first")
     length = data["length"] if "length" in data else pd.Series(pd.NA, index=data.index)

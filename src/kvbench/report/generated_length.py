@@ -1,5 +1,7 @@
-"""Long-output report: per run, the score with its CI and the mean generated length, compared sample by sample with
-the FullKV run of the same model and settings (a method that makes outputs longer costs decoding time).
+"""Long-output report: per run whose samples record their generated and reference lengths (`new_tokens`,
+`answer_tokens` in sample_scores.jsonl: longgen's), the score with its CI and the mean generated length, compared
+sample by sample with the FullKV run of the same model and settings (a method that makes outputs longer costs
+decoding time).
 
 `python -m kvbench.report.generated_length RESULTS... [--out DIR]`; `python -m kvbench.report` calls
 `write_longgen_report`. It lives with the report (below nothing of the benchmark packages it reads run folders of).
@@ -33,8 +35,11 @@ def _runs(paths) -> list[dict]:
             except json.JSONDecodeError as err:
                 print(f"(skipped {folder}: corrupt JSON, {err.msg})", file=sys.stderr)
                 continue
-            if run.get("benchmark") != "longgen" or not (folder / SAMPLE_SCORES_FILE).is_file():
+            if not (folder / SAMPLE_SCORES_FILE).is_file():
                 continue
+            samples = read_sample_scores(folder)
+            if not {"new_tokens", "answer_tokens", "context_length"} <= set(samples.columns):
+                continue  # not a long-output run: its samples have no reference length
             settings = run.get("settings") or {}
             full = bool((run.get("config") or {}).get("method", {}).get("budget_agnostic"))
             runs.append({"model": (run.get("model") or {}).get("name", "?"),
@@ -43,7 +48,7 @@ def _runs(paths) -> list[dict]:
                          "full": full, "query": (settings.get("benchmark") or {}).get("query", "aware"),
                          "decode": int((run.get("method") or {}).get("decode_interval") or 0),
                          "same": json.dumps({k: v for k, v in settings.items() if k != "method"}, sort_keys=True),
-                         "samples": read_sample_scores(folder), "run_dir": str(folder)})
+                         "samples": samples, "run_dir": str(folder)})
     return runs
 
 

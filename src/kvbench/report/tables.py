@@ -27,12 +27,13 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16
+from kvbench.benchmark import get
+from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
 from kvbench.report.collect import (ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
                                     run_samples, task_samples)
-from kvbench.ruler.constants import ALL_TASKS as RULER_TASKS, SHORT as RULER_SHORT
+from kvbench.ruler.constants import SHORT as RULER_SHORT
 from kvbench.sample_rows import SAMPLE_SCORES_FILE
 from kvbench.stats import bootstrap_ci, confidence_intervals
 
@@ -47,11 +48,7 @@ ABBREVIATIONS = {
 CATEGORY_LABELS = {"Code Completion": "Code"}  # the papers' short header
 AVG = "Avg."
 FORMATS = ("markdown", "latex", "csv", "html")
-_LONGBENCH = {"en": (CATEGORIES_EN, ENGLISH_16), "zh": (CATEGORIES_ZH, CHINESE_5)}
-# Column layouts: benchmark -> {part (LongBench: language): (task groups in column order, the papers' task list: the
-# tasks of the part, whose count an average of all of them has; None: no published set)}.
-# A benchmark not listed gets one part, its tasks as found.
-LAYOUTS = {"longbench": _LONGBENCH, "longbench_e": _LONGBENCH, "ruler": {"": ({"RULER": RULER_TASKS}, None)}}
+_LANGUAGES = {"en": "English ", "zh": "Chinese "}  # parts named by a language (LongBench's)
 CI_VIEWS = (None, "pm", "range")
 ALPHA = 0.05  # significance level of the bold/dagger marks
 _KEYS = ["model", "protocol", "tag", "query", "decode_interval", "variant", "budget_key", "method"]
@@ -100,9 +97,15 @@ def _base_task(name: str) -> str:
 
 
 def _layout(df: pd.DataFrame, benchmark: str) -> dict:
-    """{part: (task groups, the papers' task count)} of a benchmark (see LAYOUTS)."""
-    if benchmark in LAYOUTS:
-        return LAYOUTS[benchmark]
+    """{part (LongBench: language): (task groups in column order, the papers' task list: the tasks of the part,
+    whose count an average of all of them has; None: no published set)}: the benchmark's `table_layout`; a
+    benchmark without one gets one part, its tasks as found."""
+    try:
+        layout = get(benchmark).table_layout
+    except KvbenchError:
+        layout = None
+    if layout:
+        return layout
     tasks = list(dict.fromkeys(df.loc[df["benchmark"] == benchmark, "task"]))
     return {"": ({benchmark: tasks}, None)}
 
@@ -123,14 +126,14 @@ def _select(df: pd.DataFrame, part: str, benchmark: str) -> tuple[pd.DataFrame, 
     layout = _layout(df, benchmark)
     if part not in layout:
         raise KvbenchError(f"{benchmark} tables have parts {' or '.join(map(repr, layout))}, not {part!r}"
-                           + (" (language must be 'en' or 'zh')" if layout is _LONGBENCH else ""))
+                           + (" (language must be 'en' or 'zh')" if set(layout) == set(_LANGUAGES) else ""))
     categories, papers = layout[part]
     wanted = set(papers) if papers else {t for tasks in categories.values() for t in tasks}
     data = df[df["benchmark"] == benchmark].copy()
     data["task"] = data["task"].map(_base_task)
     data = data[data["task"].isin(wanted)]
     if data.empty:
-        what = {"en": "English ", "zh": "Chinese "}.get(part, "") if layout is _LONGBENCH else ""
+        what = _LANGUAGES.get(part, "")
         raise KvbenchError(f"no {what}{benchmark} tasks in these results; tasks found: {sorted(df['task'].unique())}")
     present = set(data["task"])
     groups = [(CATEGORY_LABELS.get(cat, cat), [t for t in tasks if t in present and t in wanted])

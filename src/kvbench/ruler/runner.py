@@ -5,7 +5,6 @@ any model is loaded. Selection (tasks, lengths, samples) is not a setting: a lar
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,9 +12,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kvbench.benchmark import Benchmark, Prompt, Sample, register
+from kvbench.config import STR, STR_LIST, optional
 from kvbench.errors import KvbenchError
-from kvbench.progress import progress
-from kvbench.ruler.constants import ALL_TASKS, QA_TASKS, SYNTHETIC_TASKS, TASKS
+from kvbench.ruler.constants import ALL_TASKS, FAMILIES, QA_TASKS, SYNTHETIC_TASKS, TASKS
 from kvbench.ruler.data import (Generator, canonical, kvpress_folder, qa_note, read_kvpress, render, set_sha256,
                                 sha256_text)
 from kvbench.ruler.generate import qa_file
@@ -42,8 +42,46 @@ def average_label(tasks: list[str]) -> str:
     return f"{len(tasks)}-task average"
 
 
+class GeneratedBenchmark(Benchmark):
+    """The generated benchmarks (RULER, longgen): one prediction line per (length, sample) of each task, keyed
+    `<length>_<index>`; a sample on disk that was predicted on other data is refused. A subclass has tasks, lengths,
+    datasets, template and query, and gives each line its score fields (`score_fields`)."""
+
+    def select(self) -> list[Sample]:
+        return [Sample(task, sample_id(length, sample["index"]), (length, sample), sample_sha(sample))
+                for task in self.tasks for length in self.lengths for sample in self.datasets[(task, length)]]
+
+    def prompts(self, todo, tokenizer, model):
+        stops = tuple(stop_token_ids(model, tokenizer))
+        for item in todo:
+            sample = item.data[1]
+            rendered = render(sample, tokenizer, self.template)
+            if self.query == "agnostic":
+                prompt = Prompt(rendered.context_ids, sample["max_new_tokens"], stops,
+                                question_ids=rendered.question_ids)
+            else:
+                prompt = Prompt(rendered.input_ids, sample["max_new_tokens"], stops)
+            prompt.info = {"input_tokens": len(rendered.input_ids), "context_tokens": len(rendered.context_ids),
+                           "question_tokens": len(rendered.question_ids)}
+            yield item, prompt
+
+    def record(self, sample, prompt, out, text) -> dict:
+        length, data = sample.data
+        return {"_id": sample.key, "task": sample.task, "length": length, "index": data["index"], "pred": text,
+                "outputs": data["outputs"], **self.score_fields(sample.task, text, data), "query": self.query,
+                **prompt.info, "sample_sha256": sample.digest, **out.log_fields()}
+
+    def score_fields(self, task: str, text: str, sample: dict) -> dict:
+        raise NotImplementedError
+
+
+@register
 @dataclass
-class RulerPlan:
+class RulerPlan(GeneratedBenchmark):
+    name = "ruler"
+    schema = {"tasks": STR_LIST, "template": STR, "query": STR, "data_dir": optional(STR), "qa_dir": optional(STR),
+              "haystack_dir": optional(STR), "cache_dir": optional(STR)}  # lengths, samples: plan_ruler's messages
+    table_layout = {"": ({"RULER": ALL_TASKS}, None)}
     tasks: list[str]
     lengths: list[int]
     samples: int
@@ -67,10 +105,25 @@ class RulerPlan:
     def data_sha256(self) -> dict[str, str]:
         return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
 
-    def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
-        predict_generated(self, "ruler", store, model, tokenizer, run_one, show_progress, on_sample,
-                          lambda task, text, sample: {"score": sample_score(task, text, sample["outputs"])})
-        return self.summarize(store)
+    @classmethod
+    def plan(cls, cfg, spec) -> "RulerPlan":
+        return plan_ruler(cfg, spec)
+
+    @classmethod
+    def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:
+        """`samples` per task and length, each prompt as long as its length, RULER's tokens_to_generate."""
+        lengths = _int_list(cfg.benchmark.lengths, "benchmark.lengths")
+        work = []
+        for task in cfg.benchmark.tasks:
+            if task not in TASKS:
+                raise KvbenchError(f"unknown RULER task {task!r} in benchmark.tasks; choose from {', '.join(TASKS)}")
+            samples = int(cfg.benchmark.samples) * len(lengths)
+            new_tokens = FAMILIES[TASKS[task]["family"]]["tokens_to_generate"]
+            work.append((task, samples, float(sum(lengths) * cfg.benchmark.samples), float(new_tokens * samples)))
+        return work
+
+    def score_fields(self, task: str, text: str, sample: dict) -> dict:
+        return {"score": sample_score(task, text, sample["outputs"])}
 
     def summarize(self, store) -> dict:
         """Scores of exactly this selection (records of other lengths / samples on disk are left out)."""
@@ -112,46 +165,6 @@ class RulerPlan:
         }
 
 
-def predict_generated(plan, name: str, store, model, tokenizer, run_one, show_progress: bool, on_sample,
-                      score_fields) -> None:
-    """The prediction loop of the generated benchmarks (RULER, longgen): every selected sample not yet on disk
-    (a sample on disk that was predicted on other data is refused), one prediction line each, written as it
-    finishes. `plan` has tasks, lengths, datasets, template and query; `score_fields(task, text, sample)` gives the
-    line's score fields."""
-    if plan.query == "agnostic" and not _accepts(run_one, "question_ids"):
-        raise KvbenchError("benchmark.query=agnostic needs the engine's two-phase prefill (context, then "
-                           "question), which this kvbench does not have yet; use benchmark.query=aware")
-    stops = stop_token_ids(model, tokenizer)
-    for task in plan.tasks:
-        store.done(task)  # repairs a torn last line (an interrupted write) before reading
-        done = {r.get("_id"): r.get("sample_sha256") for r in store.records(task)}
-        todo = []
-        for length in plan.lengths:
-            for sample in plan.datasets[(task, length)]:
-                sid, digest = sample_id(length, sample["index"]), sample_sha(sample)
-                if sid in done:
-                    if done[sid] != digest:
-                        raise KvbenchError(f"{store.prediction_file(task)}: sample {sid} was predicted on other "
-                                           f"data; delete {store.root} or choose another output_dir")
-                    continue
-                todo.append((length, sample, sid, digest))
-        label = f"{name} {task} ({len(done)} done)" if done else f"{name} {task}"
-        for length, sample, sid, digest in progress(todo, len(todo), label, show_progress):
-            rendered = render(sample, tokenizer, plan.template)
-            if plan.query == "agnostic":
-                out, text = run_one(rendered.context_ids, sample["max_new_tokens"], stops,
-                                    question_ids=rendered.question_ids)
-            else:
-                out, text = run_one(rendered.input_ids, sample["max_new_tokens"], stops)
-            record = {"_id": sid, "task": task, "length": length, "index": sample["index"], "pred": text,
-                      "outputs": sample["outputs"], **score_fields(task, text, sample), "query": plan.query,
-                      "input_tokens": len(rendered.input_ids), "context_tokens": len(rendered.context_ids),
-                      "question_tokens": len(rendered.question_ids), "sample_sha256": digest, **out.log_fields()}
-            store.append(task, record)
-            if on_sample:
-                on_sample(task, record)
-
-
 def check_lengths_fit(benchmark: str, model: str, context: int | None, lengths: list[int]) -> int:
     """The generated benchmarks' check, before the model loads: every asked length fits the model's context
     (returned)."""
@@ -163,14 +176,6 @@ def check_lengths_fit(benchmark: str, model: str, context: int | None, lengths: 
         raise KvbenchError(f"benchmark.lengths {too_long} exceed {model}'s context of {context} tokens. "
                            f"Fix: benchmark.lengths=[...] up to {context}")
     return context
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """RULER's HF path stops on the model's EOS ids only (no stop words)."""
@@ -303,4 +308,4 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s)
 
 
-__all__ = ["RulerPlan", "plan_ruler", "stop_token_ids"]
+__all__ = ["GeneratedBenchmark", "RulerPlan", "plan_ruler", "stop_token_ids"]
