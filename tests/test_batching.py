@@ -220,3 +220,26 @@ def test_resume_after_a_kill_mid_batch_gives_the_same_predictions(tiny_llama):
     rest = [r for r in requests if r.key not in kept]
     kept.update({r.key: out.token_ids for r, out in generate_requests(model, rest, method, batch_size=4)})
     assert kept == whole
+
+
+def test_pipeline_run_at_batch_size_4_writes_batch_1_predictions_and_records_it(tmp_path):
+    """End to end (LongBench on the tiny Llama, 4 samples decoding side by side): the same
+    predictions as batch 1, and run.json records the batch size applied."""
+    import json
+
+    from kvbench.config import compose, output_dir
+    from kvbench.pipeline import evaluate
+    from kvbench.results import read_predictions
+    from test_query_agnostic import LB_TASK, SHARED, lb_overrides
+
+    if not SHARED.is_dir():
+        pytest.skip("shared LongBench files not present")
+    preds = {}
+    for size in (1, 4):
+        cfg = compose(lb_overrides(tmp_path / str(size), "method=snapkv", "budget=48", "method.window_size=8", "benchmark.limit=4",
+                                   f"batch_size={size}"))
+        evaluate(cfg)
+        preds[size] = {r["_id"]: r["pred"] for r in read_predictions(output_dir(cfg) / "predictions" / f"{LB_TASK}.jsonl")}
+        run = json.loads((output_dir(cfg) / "run.json").read_text())
+        assert run["config"]["batch_size"] == size and run["sessions"][-1]["timing"]["batch_size"] == size
+    assert len(preds[4]) == 4 and preds[4] == preds[1]

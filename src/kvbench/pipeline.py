@@ -259,6 +259,7 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
                "pid": os.getpid()}
 
     contexts = ContextCache()  # query-agnostic runs: samples sharing a context reuse its compressed cache
+    batching: dict = {}  # batch_size as applied (auto: the choice and its inputs), recorded in run.json
 
     def answer(requests: Iterable[Request]) -> Iterator[tuple[Request, Generated, str]]:
         def started(requests):
@@ -266,7 +267,8 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
                 store.begin_session(session)  # the first sample of this session marks the record "running"
                 yield request
         for request, out in generate_requests(model, started(requests), job.method, contexts=contexts,
-                                              repetition_penalty=job.spec.repetition_penalty):
+                                              repetition_penalty=job.spec.repetition_penalty,
+                                              batch_size=job.cfg.get("batch_size", 1), report=batching):
             timer.add(out)
             extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}  # this sample's
             yield request, Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -280,7 +282,7 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
     pop_and_write(job.out, scores)  # per-sample scores -> sample_scores.jsonl (kept out of scores.json)
     store.write_scores(scores)
     store.end_session("complete", top={"kv_bytes_mean": kv_mean, "selection": job.benchmark.selection()},
-                      timing={**timer.summary(), **(contexts.stats() if contexts.prefills else {})},
+                      timing={**timer.summary(), **batching, **(contexts.stats() if contexts.prefills else {})},
                       peak_memory_bytes=int(memory.peak))
     return scores
 
