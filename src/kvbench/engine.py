@@ -592,6 +592,14 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
             report.update({"batch_size": size, "batch_size_auto": why})
     elif report is not None:
         report["batch_size"] = size
+    if size == 1 and not record_kept:  # batch 1: each request through `generate`, the reference path
+        for request in requests:
+            question = None if request.question_ids is None else torch.tensor([request.question_ids], device=device)
+            yield request, generate(model, torch.tensor([request.input_ids], device=device), method,
+                                    max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
+                                    min_new_tokens=request.min_new_tokens, repetition_penalty=repetition_penalty,
+                                    question_ids=question, contexts=contexts)
+        return
     pending = iter(requests)
     live: list[_Live] = []
     more = True
