@@ -61,7 +61,7 @@ def budget_text(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_decode<N>][_<tag>]`: the budget is left out when
+    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_session[model]][_decode<N>][_<tag>]`: the budget is left out when
     the method ignores it (FullKV), `ratio<r>` when `method.compression_ratio` replaces it, the protocol when it is
     the default preset or the benchmark does not use it (needle)."""
     name = cfg.method.name
@@ -74,6 +74,8 @@ def run_name(cfg: DictConfig) -> str:
         name += f"_{cfg.benchmark.query}"
     if cfg.benchmark.get("multi_needle", False):
         name += "_multineedle"
+    if cfg.benchmark.get("session", False):  # multi-turn sessions: their own folder, per answer mode
+        name += "_session" + ("" if cfg.benchmark.get("session_answers", "gold") == "gold" else "model")
     if cfg.method.get("decode_interval"):  # decoding-time compression never shares a folder with prefill-only
         name += f"_decode{cfg.method.decode_interval}"
     return f"{name}_{cfg.tag}" if cfg.get("tag") else name
@@ -141,7 +143,8 @@ TOP_LEVEL = {"budget": BUDGET, "seed": INT, "device": DEVICE, "results_root": ST
 # Benchmark keys, whatever the benchmark kind (a key a kind does not have is simply absent).
 BENCHMARK = {"name": STR, "tasks": STR_LIST, "data_dir": _optional(STR), "hub_id": STR, "verify_checksums": BOOL,
              "limit": _optional(POS_INT), "haystack_dir": _optional(STR), "prompt": STR, "buffer": NONNEG_INT,
-             "max_new_tokens": _optional(POS_INT), "trained_len": _optional(POS_INT), "query": STR, "multi_needle": BOOL}
+             "max_new_tokens": _optional(POS_INT), "trained_len": _optional(POS_INT), "query": STR, "multi_needle": BOOL,
+             "session": BOOL, "session_answers": STR}
 NEEDLE_GRID = {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}
 PROTOCOL = {"name": STR, "chat_template": STR, "min_new_tokens_tasks": STR, "eos": STR,
             "samsum_newline_stop": BOOL, "truncation": STR, "add_special_tokens": BOOL}

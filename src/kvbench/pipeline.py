@@ -25,13 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import kvbench
 from kvbench.config import LONGBENCH_KINDS, output_dir, run_name, validate
-from kvbench.engine import ContextCache, GenerationOutput, check_interval, generate
+from kvbench.engine import ContextCache, GenerationOutput, check_interval, check_session, generate, generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
 from kvbench.models import (ModelSpec, load_model, load_tokenizer, model_config, resolve_attention, resolve_dtype,
                             with_trained_len)
 from kvbench.query import check_agnostic_model
+from kvbench.requests import Request
 from kvbench.results import RunStore
 from kvbench.sample_rows import pop_and_write
 
@@ -137,6 +138,8 @@ def prepare(cfg: DictConfig) -> Job:
     limit = cfg.benchmark.get("max_new_tokens")
     if limit:
         check_interval(method, limit, "benchmark.max_new_tokens")
+    if cfg.benchmark.get("session", False):  # refused before the model loads: answer mode, turn-boundary cuts
+        check_session(method, cfg.benchmark.get("session_answers", "gold"))
     spec = with_trained_len(ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True)))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)
@@ -247,7 +250,8 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
         check = getattr(job.benchmark, "check_tokenizer", None)
         if check is not None:
             check(tokenizer)
-        if cfg.benchmark.get("query", "aware") == "agnostic":  # sliding-window models: refused before the weights
+        if cfg.benchmark.get("query", "aware") == "agnostic" or cfg.benchmark.get("session", False):
+            # the context is compressed alone (sliding-window models are refused before the weights)
             check_agnostic_model(model_config(job.spec, tokenizer, job.device))
         loading = time.perf_counter()
         model, tokenizer = load_model_once(job.spec, job.device)
@@ -287,9 +291,13 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
     contexts = ContextCache()  # query-agnostic runs: samples sharing a context reuse its compressed cache
 
     def run_one(input_ids: list[int], max_new_tokens: int, stop_token_ids, min_new_tokens: int = 0,
-                question_ids: list[int] | None = None):
-        """`question_ids` given: query-agnostic, `input_ids` is the context alone (compressed before the question)."""
+                question_ids: list[int] | None = None, turns=None, answered=(), on_turn=None):
+        """`question_ids` given: query-agnostic, `input_ids` is the context alone (compressed before the question).
+        `turns` given: a multi-turn session over the context `input_ids` (benchmark.session_answers), its first
+        turns replaying `answered`; `on_turn(i, turn_output, text)` sees each turn as it ends."""
         store.begin_session(session)  # the first sample of this session marks the record "running"
+        if turns is not None:
+            return run_session(input_ids, max_new_tokens, stop_token_ids, min_new_tokens, turns, answered, on_turn)
         ids = torch.tensor([input_ids], device=job.device)
         question = None if question_ids is None else torch.tensor([question_ids], device=job.device)
         out = generate(model, ids, job.method, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
@@ -297,6 +305,19 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
                        question_ids=question, contexts=contexts)
         timer.add(out)
         extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}
+        return Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+    def run_session(input_ids, max_new_tokens, stop_token_ids, min_new_tokens, turns, answered, on_turn):
+        request = Request(list(input_ids), max_new_tokens, tuple(stop_token_ids), min_new_tokens, turns=tuple(turns),
+                          session_answers=job.cfg.benchmark.get("session_answers", "gold"), answered=tuple(answered))
+        extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}
+
+        def turn_done(_request, i, turn):
+            on_turn(i, Generated(turn, extra), tokenizer.decode(turn.token_ids, skip_special_tokens=True))
+
+        (_, out), = generate_requests(model, [request], job.method, repetition_penalty=job.spec.repetition_penalty,
+                                      on_turn=turn_done if on_turn is not None else None)
+        timer.add(out)
         return Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
     # Peak memory of this run's generation (model weights included), sampled every 20 ms.

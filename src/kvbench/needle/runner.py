@@ -8,12 +8,14 @@ from omegaconf import DictConfig
 from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
 from kvbench.needle.prompt import (NEEDLE, PROMPT_PRESETS, _validate_cell, build_context_ids,
-                                   build_multi_context_ids, build_prompt_ids, build_split_prompt_ids, context_lengths,
+                                   build_multi_context_ids, build_prompt_ids, build_session_ids,
+                                   build_split_prompt_ids, context_lengths,
                                    depth_percents, needle_facts, needle_question, stop_token_ids)
 from kvbench.needle.scoring import (cell_retrieval, heatmap_score, needle_sample_scores, retrieval_score,
                                     rouge_score_x10)
 from kvbench.progress import progress
 from kvbench.query import check_query_mode
+from kvbench.sessions import check_session_answers, resume_answers, turn_scores
 
 TASK = "needle"
 
@@ -32,10 +34,13 @@ class NeedlePlan:
     max_new_tokens: int
     query: str = "aware"
     multi_needle: bool = False
+    session: bool = False  # one conversation per length: needle i asked at turn i + 1 (multi_needle)
+    session_answers: str = "gold"
 
     def protocol_name(self) -> str:
         return (f"needle_{self.prompt}" + ("_agnostic" if self.query == "agnostic" else "")
-                + ("_multineedle" if self.multi_needle else ""))
+                + ("_multineedle" if self.multi_needle else "")
+                + (f"_session{'' if self.session_answers == 'gold' else 'model'}" if self.session else ""))
 
     def cells(self) -> list[str]:
         return [cell_key(length, depth) for length in self.lengths for depth in self.depths]
@@ -56,9 +61,13 @@ class NeedlePlan:
         return {"name": "needle", "prompt": self.prompt, "buffer": self.buffer, "max_new_tokens": self.max_new_tokens,
                 "haystack_files": len(self.haystack.files), "haystack_order_sha256": self.haystack.order_sha256,
                 **({"query": self.query} if self.query != "aware" else {}),  # aware: the fingerprint of old runs
-                **({"multi_needle": True, "depths": self.depths} if self.multi_needle else {})}
+                **({"multi_needle": True, "depths": self.depths} if self.multi_needle else {}),
+                **({"session": True, "session_answers": self.session_answers,
+                    "turn_order": list(range(len(self.depths)))} if self.session else {})}  # needle per turn
 
     def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
+        if self.session:
+            return self.run_sessions(store, tokenizer, run_one, show_progress, on_sample)
         done = store.done(TASK, key="cell")
         cells = [(length, depth) for length in self.lengths for depth in self.depths
                  if cell_key(length, depth) not in done]
@@ -97,6 +106,42 @@ class NeedlePlan:
                 on_sample(TASK, record)
         return self.score(store)
 
+    def run_sessions(self, store, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
+        """One session per length over its K-needle haystack: turn i + 1 asks needle i (at the i-th grid depth).
+        Each turn is written as it ends; a killed session resumes at its first unanswered turn, replaying the
+        recorded answers of the earlier ones (engine.generate_session)."""
+        records = store.records(TASK, key="cell")
+        todo = []
+        for length in self.lengths:
+            cells = {cell_key(length, depth) for depth in self.depths}
+            recorded = [r for r in records if r["cell"] in cells]
+            if len(recorded) < len(self.depths):
+                todo.append((length, resume_answers(recorded, len(self.depths))))
+        haystack_ids = haystack_token_ids(tokenizer, self.haystack, max(self.lengths)) if todo else []
+        stops = stop_token_ids(tokenizer)
+        for length, answered in progress(todo, len(todo), "needle sessions", show_progress):
+            context_ids, starts = build_multi_context_ids(tokenizer, haystack_ids, length, self.depths, self.buffer)
+            session_context, turns = build_session_ids(tokenizer, context_ids, len(self.depths), self.prompt)
+
+            def on_turn(i, out, text, length=length, starts=starts, answered=answered):
+                if i < len(answered):  # recorded before the session was killed
+                    return
+                response = text.strip()
+                needle_text, _, _, expected = needle_question(i)
+                record = {"cell": cell_key(length, self.depths[i]), "context_length": length,
+                          "depth_percent": self.depths[i], "turn": i + 1, "session": str(length),
+                          "context_tokens": len(context_ids), "needle_index": starts[i], "needle": i,
+                          "response": response, "answer_ids": list(out.token_ids),
+                          "score_rouge": rouge_score_x10(response, needle_text),
+                          "score": heatmap_score(response, expected=expected),
+                          "retrieval": retrieval_score(response, needle_facts(i)), **out.log_fields()}
+                store.append(TASK, record)
+                if on_sample:
+                    on_sample(TASK, record)
+
+            run_one(session_context, self.max_new_tokens, stops, turns=turns, answered=answered, on_turn=on_turn)
+        return self.score(store)
+
     def score(self, store) -> dict:
         """The summary of exactly this grid's cells; cells of other grids in the folder are counted as also on
         disk."""
@@ -117,8 +162,12 @@ def summarize_needle(records: list[dict]) -> dict:
     mean_rouge = sum(r["score_rouge"] for r in records) / n if n else None
     cells = [cell_retrieval(r) for r in records]
     retrieval = sum(cells) / n if n and None not in cells else None
+    turns = {}
+    if records and all("turn" in r for r in records):  # a session run: the scores per turn (turn 1 .. K)
+        turns = {"turn_scores": turn_scores(records, lambda r: r["score"]),
+                 "turn_retrieval": turn_scores(records, cell_retrieval)}
     return {"benchmark": "needle", "mean_score": mean, "mean_retrieval": retrieval, "mean_score_rouge": mean_rouge,
-            "n": n,
+            "n": n, **turns,
             "sample_scores": needle_sample_scores(records)}
 
 
@@ -138,6 +187,10 @@ def plan_needle(cfg: DictConfig, spec=None) -> NeedlePlan:
         raise KvbenchError("benchmark.max_new_tokens is null; the needle test needs a number, e.g. 30 (its default)")
     if multi_needle:
         needle_question(len(depths) - 1)  # a clear error when the grid has more depths than distinct needles
+    session = bool(bench.get("session", False))
+    if session and not multi_needle:
+        raise KvbenchError("benchmark.session=true needs questions that share a context: on needle, set "
+                           "benchmark.multi_needle=true (one haystack per length, one needle asked per turn)")
     return NeedlePlan(lengths, depths, load_haystack(bench.haystack_dir), bench.prompt,
                       int(bench.buffer), int(bench.max_new_tokens), check_query_mode(bench.get("query", "aware")),
-                      multi_needle)
+                      multi_needle, session, check_session_answers(bench.get("session_answers", "gold")))
