@@ -116,6 +116,8 @@ BENCHMARKS = {
     "longgen": "kvbench.longgen.runner:plan_longgen",
 }
 
+SESSION_BENCHMARKS = ("needle",)  # benchmark.session=true: the kinds that group questions on one context into turns
+
 
 def plan_benchmark(cfg: DictConfig, spec: ModelSpec):
     name = cfg.benchmark.name
@@ -139,6 +141,9 @@ def prepare(cfg: DictConfig) -> Job:
     if limit:
         check_interval(method, limit, "benchmark.max_new_tokens")
     if cfg.benchmark.get("session", False):  # refused before the model loads: answer mode, turn-boundary cuts
+        if cfg.benchmark.name not in SESSION_BENCHMARKS:
+            raise KvbenchError(f"benchmark.session=true: {cfg.benchmark.name} has no multi-turn sessions (samples "
+                               f"sharing a context); sessions run on {', '.join(SESSION_BENCHMARKS)}")
         check_session(method, cfg.benchmark.get("session_answers", "gold"))
     spec = with_trained_len(ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True)))
     device = resolve_device(cfg.device)
