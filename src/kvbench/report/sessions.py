@@ -27,6 +27,10 @@ def decode_label(interval) -> str:
     return f"every {int(interval)}" if interval and interval == interval else "prefill"
 
 
+def _decode_order(label: str) -> int:
+    return 0 if label == "prefill" else int(label.split()[1])
+
+
 def _session_runs(paths) -> list[tuple[Path, dict]]:
     runs = []
     for root in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
@@ -70,7 +74,7 @@ def session_frame(paths) -> pd.DataFrame:
     if frame.empty:
         return frame
     order = sorted(frame.index, key=lambda i: (frame.at[i, "model"], frame.at[i, "benchmark"], frame.at[i, "answers"],
-                                               frame.at[i, "decode"], not math.isnan(frame.at[i, "budget"]),
+                                               _decode_order(frame.at[i, "decode"]), not math.isnan(frame.at[i, "budget"]),
                                                0 if math.isnan(frame.at[i, "budget"]) else frame.at[i, "budget"],
                                                method_sort_key(frame.at[i, "method"]), frame.at[i, "turn"]))
     return frame.loc[order].reset_index(drop=True)
@@ -158,7 +162,7 @@ def cost_frame(df: pd.DataFrame) -> pd.DataFrame:
     frame["peak_kv_mib"] = frame["peak_kv_bytes"] / _MIB
     frame = frame.dropna(subset=["new_tokens", "peak_kv_mib"], how="all")
     order = sorted(frame.index, key=lambda i: (frame.at[i, "model"], frame.at[i, "benchmark"], frame.at[i, "query"],
-                                               str(frame.at[i, "variant"]), frame.at[i, "decode"],
+                                               str(frame.at[i, "variant"]), _decode_order(frame.at[i, "decode"]),
                                                frame.at[i, "budget"], method_sort_key(frame.at[i, "method"])))
     return frame.loc[order].reset_index(drop=True)
 
