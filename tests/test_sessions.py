@@ -273,3 +273,56 @@ def test_needle_session_run_scores_each_turn_and_resumes_after_a_kill(tmp_path, 
     assert resumed_scores["turn_scores"] == scores["turn_scores"]
     run = json.loads((Path(tmp_path / "killed") / "run.json").read_text())
     assert run["settings"]["benchmark"]["turn_order"] == [0, 1, 2]
+
+
+# ---- RULER sessions ----------------------------------------------------------------------------------------------
+def ruler_overrides(tmp_path, *extra):
+    return ["benchmark=ruler", "model=tiny_llama", "benchmark.lengths=[1024]", "benchmark.samples=1",
+            "benchmark.tasks=[niah_multikey_1,niah_multiquery]", f"results_root={tmp_path}", "progress=false",
+            "method=snapkv", "budget=64", "benchmark.session=true", *extra]
+
+
+@pytest.mark.parametrize("template", ["chat", "base"])
+def test_ruler_session_asks_each_needle_of_a_sample_in_turn(tmp_path, template):
+    from kvbench.models import load_tokenizer
+    from kvbench.pipeline import evaluate, prepare
+    from kvbench.results import read_predictions
+    from kvbench.ruler.data import render
+    from kvbench.ruler.session import needles_of, session_ids, session_keys
+
+    cfg = compose(ruler_overrides(tmp_path, f"benchmark.template={template}"))
+    job = prepare(cfg)
+    tok = load_tokenizer(job.spec)
+    plan = job.benchmark
+    for task in plan.tasks:
+        sample = plan.datasets[(task, 1024)][0]
+        context, turns = session_ids(task, sample, tok, plan.template)
+        rendered = render(sample, tok, plan.template)
+        asked = session_keys(task, sample)
+        assert context == rendered.context_ids and len(turns) == 4 and len({k for k, _ in asked}) == 4
+        assert set(asked) <= set(needles_of(sample["context"], "numbers"))
+        if task == "niah_multikey_1":  # turn 1 is the sample's own prompt
+            assert list(turns[0].question_ids) == rendered.question_ids and asked[0][1] == sample["outputs"][0]
+        else:  # multi-query: one of its keys per turn, in the question's order
+            assert [v for _, v in asked] == sample["outputs"]
+        for (key, value), turn in zip(asked, turns):
+            assert key in tok.decode(turn.question_ids) and tok.decode(turn.answer_ids).startswith(f" {value}.")
+    scores = evaluate(cfg)
+    for task in plan.tasks:
+        records = read_predictions(output_dir(cfg) / "predictions" / f"{task}.jsonl")
+        assert [r["_id"] for r in records] == [f"1024_0_t{t}" for t in range(1, 5)]
+        assert [r["outputs"] for r in records] == [[v] for _, v in session_keys(task, plan.datasets[(task, 1024)][0])]
+        assert list(scores["turn_scores"][task]) == ["1", "2", "3", "4"]
+        assert scores["n"][task] == 4
+    assert job.benchmark.settings()["turn_order"].startswith("multiquery")
+
+
+def test_sessions_are_refused_where_questions_do_not_share_a_context(tmp_path):
+    from kvbench.pipeline import prepare
+
+    with pytest.raises(KvbenchError, match="RULER tasks vt ask one question of their context"):
+        prepare(compose(ruler_overrides(tmp_path, "benchmark.tasks=[niah_multiquery,vt]")))
+    with pytest.raises(KvbenchError, match="longbench has no multi-turn sessions"):
+        prepare(compose([f"results_root={tmp_path}", "+benchmark.session=true"]))
+    with pytest.raises(KvbenchError, match="needs generated RULER samples"):
+        prepare(compose(ruler_overrides(tmp_path, f"benchmark.data_dir={tmp_path}")))

@@ -43,6 +43,22 @@ def chat_conversation(tokenizer, context: str, questions: Sequence[str], answers
     return Conversation(prefixes, question_start(prefixes[0], questions[0], "session"), list(answers))
 
 
+_A, _B, _C = "\x00KVBENCH-A\x00", "\x00KVBENCH-B\x00", "\x00KVBENCH-C\x00"
+
+
+def chat_follow_up(tokenizer) -> tuple[str, str]:
+    """(close, user header) of the chat template: what it writes after an assistant message, and before a later
+    user message's content (rendered around markers)."""
+    one = tokenizer.apply_chat_template([{"role": "user", "content": _A}, {"role": "assistant", "content": _B}],
+                                        tokenize=False)
+    two = tokenizer.apply_chat_template([{"role": "user", "content": _A}, {"role": "assistant", "content": _B},
+                                         {"role": "user", "content": _C}], add_generation_prompt=True, tokenize=False)
+    if one.count(_B) != 1 or two.count(_C) != 1 or not two.startswith(one):
+        raise KvbenchError("the chat template does not render a conversation as a growing text; use a base "
+                           "template or drop benchmark.session")
+    return one[one.index(_B) + len(_B):], two[len(one):two.index(_C)]
+
+
 def session_turns(tokenizer, conversation: Conversation, add_special_tokens: bool = False,
                   ) -> tuple[list[int], tuple[Turn, ...]]:
     """(context ids, turns) of `conversation`, cut from the ids of the whole conversation."""

@@ -20,7 +20,9 @@ from kvbench.ruler.data import (Generator, canonical, kvpress_folder, qa_note, r
                                 sha256_text)
 from kvbench.ruler.generate import qa_file
 from kvbench.ruler.metrics import sample_score, task_score
+from kvbench.ruler.session import SESSION_TASKS, TURN_ORDER, TURNS, session_ids, session_keys
 from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
+from kvbench.sessions import check_session_answers, resume_answers, turn_scores
 
 log = logging.getLogger("kvbench")
 QUERY_MODES = ("aware", "agnostic")
@@ -53,12 +55,22 @@ class RulerPlan:
     datasets: dict[tuple[str, int], list[dict]]
     skipped: dict[str, str] = field(default_factory=dict)
     generation_s: float = 0.0
+    session: bool = False  # one conversation per sample: its needles asked one per turn (ruler/session.py)
+    session_answers: str = "gold"
 
     def protocol_name(self) -> str:
-        return f"ruler_{self.template.name}" + ("_agnostic" if self.query == "agnostic" else "")
+        return (f"ruler_{self.template.name}" + ("_agnostic" if self.query == "agnostic" else "")
+                + (f"_session{'' if self.session_answers == 'gold' else 'model'}" if self.session else ""))
 
     def settings(self) -> dict:
-        return {"name": "ruler", "template": self.template.name, "query": self.query, "source": self.source}
+        return {"name": "ruler", "template": self.template.name, "query": self.query, "source": self.source,
+                **({"session": True, "session_answers": self.session_answers, "turns": TURNS,
+                    "turn_order": TURN_ORDER} if self.session else {})}
+
+    def sample_ids(self, length: int, sample: dict) -> list[str]:
+        """A sample's prediction ids: one, or one per turn of its session."""
+        sid = sample_id(length, sample["index"])
+        return [f"{sid}_t{t}" for t in range(1, TURNS + 1)] if self.session else [sid]
 
     def selection(self) -> dict:
         return {"tasks": list(self.tasks), "lengths": list(self.lengths), "samples": self.samples,
@@ -68,6 +80,9 @@ class RulerPlan:
         return {f"{task}@{length}": set_sha256(samples) for (task, length), samples in self.datasets.items()}
 
     def run(self, store, model, tokenizer, run_one, show_progress: bool, on_sample=None) -> dict:
+        if self.session:
+            predict_sessions(self, store, model, tokenizer, run_one, show_progress, on_sample)
+            return self.summarize(store)
         predict_generated(self, "ruler", store, model, tokenizer, run_one, show_progress, on_sample,
                           lambda task, text, sample: {"score": sample_score(task, text, sample["outputs"])})
         return self.summarize(store)
@@ -79,7 +94,7 @@ class RulerPlan:
         for length in self.lengths:
             tasks, counts = {}, {}
             for task in self.tasks:
-                wanted = {sample_id(length, s["index"]) for s in self.datasets[(task, length)]}
+                wanted = {i for s in self.datasets[(task, length)] for i in self.sample_ids(length, s)}
                 records = {r["_id"]: r for r in store.records(task) if r.get("_id") in wanted} \
                     if store.prediction_file(task).exists() else {}
                 ordered = [records[sid] for sid in sorted(records, key=lambda s: int(s.split("_")[1]))]
@@ -98,7 +113,14 @@ class RulerPlan:
             values = [v for v in values if v is not None]
             per_task[task] = round(sum(values) / len(values), 2) if values else None
         averages = [v["avg"] for v in by_length.values() if v["avg"] is not None]
+        turns = {}
+        if self.session:  # per task, the mean over sessions at each turn
+            ids = {i for (task, length), items in self.datasets.items() for s in items
+                   for i in self.sample_ids(length, s)}
+            turns = {"turn_scores": {task: turn_scores([r for r in store.records(task) if r.get("_id") in ids],
+                                                       lambda r: 100 * r["score"]) for task in self.tasks}}
         return {
+            **turns,
             "benchmark": "ruler", "query": self.query, "template": self.template.name,
             "lengths": by_length,
             "tasks": {t: v for t, v in per_task.items() if v is not None},
@@ -150,6 +172,44 @@ def predict_generated(plan, name: str, store, model, tokenizer, run_one, show_pr
             store.append(task, record)
             if on_sample:
                 on_sample(task, record)
+
+
+def predict_sessions(plan: RulerPlan, store, model, tokenizer, run_one, show_progress: bool, on_sample) -> None:
+    """One session per selected sample (ruler/session.py), each turn written as it ends; a session killed midway
+    resumes at its first unanswered turn, replaying the recorded answers."""
+    stops = stop_token_ids(model, tokenizer)
+    for task in plan.tasks:
+        store.done(task)
+        records = store.records(task)
+        todo = []
+        for length in plan.lengths:
+            for sample in plan.datasets[(task, length)]:
+                sid, digest = sample_id(length, sample["index"]), sample_sha(sample)
+                recorded = [r for r in records if r.get("session") == sid]
+                if any(r.get("sample_sha256") != digest for r in recorded):
+                    raise KvbenchError(f"{store.prediction_file(task)}: sample {sid} was predicted on other data; "
+                                       f"delete {store.root} or choose another output_dir")
+                if len(recorded) < TURNS:
+                    todo.append((length, sample, sid, digest, resume_answers(recorded, TURNS)))
+        for length, sample, sid, digest, answered in progress(todo, len(todo), f"ruler {task} sessions",
+                                                              show_progress):
+            context_ids, turns = session_ids(task, sample, tokenizer, plan.template)
+            asked = session_keys(task, sample)
+
+            def on_turn(i, out, text, task=task, length=length, sample=sample, sid=sid, digest=digest,
+                        asked=asked, answered=answered, context_ids=context_ids):
+                if i < len(answered):  # recorded before the session was killed
+                    return
+                key, value = asked[i]
+                record = {"_id": f"{sid}_t{i + 1}", "session": sid, "turn": i + 1, "task": task, "length": length,
+                          "index": sample["index"], "key": key, "pred": text, "outputs": [value],
+                          "score": sample_score(task, text, [value]), "answer_ids": list(out.token_ids),
+                          "context_tokens": len(context_ids), "sample_sha256": digest, **out.log_fields()}
+                store.append(task, record)
+                if on_sample:
+                    on_sample(task, record)
+
+            run_one(context_ids, sample["max_new_tokens"], stops, turns=turns, answered=answered, on_turn=on_turn)
 
 
 def check_lengths_fit(benchmark: str, model: str, context: int | None, lengths: list[int]) -> int:
@@ -244,6 +304,14 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     template_name = str(bench.template)
     if template_name not in TEMPLATES:
         raise KvbenchError(f"benchmark.template={template_name!r}: choose one of {', '.join(TEMPLATES)}")
+    session = bool(bench.get("session", False))
+    answers = check_session_answers(bench.get("session_answers", "gold"))
+    if session and [t for t in tasks if t not in SESSION_TASKS]:
+        raise KvbenchError(f"benchmark.session=true: RULER tasks {', '.join(t for t in tasks if t not in SESSION_TASKS)} "
+                           f"ask one question of their context; sessions run on {', '.join(SESSION_TASKS)} "
+                           f"(benchmark.tasks=[...])")
+    if session and bench.get("data_dir"):
+        raise KvbenchError("benchmark.session=true needs generated RULER samples; drop benchmark.data_dir")
     limit = check_lengths_fit("RULER", cfg.model.name, spec.trained_len, lengths)
     data_dir = Path(bench.data_dir) if bench.get("data_dir") else None
     if data_dir is not None and not data_dir.is_dir():
@@ -300,7 +368,8 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     if data_dir is not None:
         _check_unnamed_length(data_dir, source, prompt_tokens)
     log.info("RULER data ready in %.1f s (%d sets)", generation_s, len(datasets))
-    return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s)
+    return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s, session,
+                     answers)
 
 
 __all__ = ["RulerPlan", "plan_ruler", "stop_token_ids"]
