@@ -326,3 +326,65 @@ def test_sessions_are_refused_where_questions_do_not_share_a_context(tmp_path):
         prepare(compose([f"results_root={tmp_path}", "+benchmark.session=true"]))
     with pytest.raises(KvbenchError, match="needs generated RULER samples"):
         prepare(compose(ruler_overrides(tmp_path, f"benchmark.data_dir={tmp_path}")))
+
+
+# ---- LongBench sessions ------------------------------------------------------------------------------------------
+def longbench_data(tmp_path) -> Path:
+    """multifieldqa_zh rows of the real file, rearranged: two contexts asked twice and once."""
+    rows = [json.loads(line) for line in (Path("/work/shared/data/longbench") / "multifieldqa_zh.jsonl").open()]
+    contexts = [r["context"] for r in rows]
+    shared = min((c for c in set(contexts) if contexts.count(c) > 1), key=len)
+    alone = min((c for c in set(contexts) if contexts.count(c) == 1), key=len)
+    picked = [r for r in rows if r["context"] == shared][:2] + [r for r in rows if r["context"] == alone]
+    folder = tmp_path / "lb"
+    folder.mkdir()
+    (folder / "multifieldqa_zh.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked))
+    return folder
+
+
+@pytest.mark.parametrize("answers", ["gold", "model"])
+def test_longbench_samples_sharing_a_context_are_one_session(tmp_path, answers):
+    if not Path("/work/shared/data/longbench/multifieldqa_zh.jsonl").is_file():
+        pytest.skip("shared LongBench files not present")
+    from kvbench.pipeline import evaluate, prepare
+    from kvbench.results import read_predictions
+
+    data = longbench_data(tmp_path)
+    overrides = ["model=tiny_llama", f"benchmark.data_dir={data}", "benchmark.tasks=[multifieldqa_zh]",
+                 "benchmark.verify_checksums=false", f"results_root={tmp_path}", "progress=false",
+                 "benchmark.max_new_tokens=8", "method=fullkv", "benchmark.session=true",
+                 f"benchmark.session_answers={answers}"]
+    cfg = compose(overrides)
+    scores = evaluate(cfg)
+    records = read_predictions(output_dir(cfg) / "predictions" / "multifieldqa_zh.jsonl")
+    rows = [json.loads(line) for line in (data / "multifieldqa_zh.jsonl").open()]
+    assert [(r["_id"], r["turn"], r["session"]) for r in records] == [
+        (rows[0]["_id"], 1, rows[0]["_id"]), (rows[1]["_id"], 2, rows[0]["_id"]), (rows[2]["_id"], 1, rows[2]["_id"])]
+    assert {k: v["n"] for k, v in scores["turn_scores"]["multifieldqa_zh"].items()} == {"1": 2, "2": 1}
+    # FullKV: turn 2 equals one generate over the conversation (context, question 1, answer 1, question 2).
+    from kvbench.longbench.session import session_ids
+
+    job = prepare(cfg)
+    model, tok = job_model()
+    context, turns = session_ids("multifieldqa_zh", rows[:2], tok, job.benchmark.protocol, job.spec.max_input_len)
+    first = records[0]["answer_ids"]
+    answer = list(turns[0].answer_ids) if answers == "gold" else (
+        (first[:-1] if first[-1] in job_stops(tok) else first) + list(turns[0].close_ids))
+    conversation = context + list(turns[0].question_ids) + answer + list(turns[1].question_ids)
+    ref = generate(model, torch.tensor([conversation]), None, max_new_tokens=8, stop_token_ids=job_stops(tok))
+    assert ref.token_ids == records[1]["answer_ids"]
+
+
+def job_model():
+    from conftest import cached_model
+
+    return cached_model("tiny_llama")
+
+
+def job_stops(tok) -> list[int]:
+    from kvbench.longbench.protocol import generation_settings
+    from conftest import protocol_preset
+
+    model, _ = job_model()
+    return list(generation_settings("multifieldqa_zh", tok, model.generation_config,
+                                    protocol_preset("official")).stop_token_ids)

@@ -116,7 +116,7 @@ BENCHMARKS = {
     "longgen": "kvbench.longgen.runner:plan_longgen",
 }
 
-SESSION_BENCHMARKS = ("needle", "ruler")  # benchmark.session=true: the kinds that group questions on one context into turns
+SESSION_BENCHMARKS = ("needle", "ruler", "longbench")  # benchmark.session=true: the kinds that group questions on one context into turns
 
 
 def plan_benchmark(cfg: DictConfig, spec: ModelSpec):

@@ -49,6 +49,13 @@ _A, _B, _C = "\x00KVBENCH-A\x00", "\x00KVBENCH-B\x00", "\x00KVBENCH-C\x00"
 def chat_follow_up(tokenizer) -> tuple[str, str]:
     """(close, user header) of the chat template: what it writes after an assistant message, and before a later
     user message's content (rendered around markers)."""
+    close, header, _ = chat_pieces(tokenizer)
+    return close, header
+
+
+def chat_pieces(tokenizer) -> tuple[str, str, str]:
+    """(close, user header, suffix): `chat_follow_up`, plus what follows a later user message's content up to the
+    assistant's answer (the end of the user turn and the assistant header)."""
     one = tokenizer.apply_chat_template([{"role": "user", "content": _A}, {"role": "assistant", "content": _B}],
                                         tokenize=False)
     two = tokenizer.apply_chat_template([{"role": "user", "content": _A}, {"role": "assistant", "content": _B},
@@ -56,7 +63,7 @@ def chat_follow_up(tokenizer) -> tuple[str, str]:
     if one.count(_B) != 1 or two.count(_C) != 1 or not two.startswith(one):
         raise KvbenchError("the chat template does not render a conversation as a growing text; use a base "
                            "template or drop benchmark.session")
-    return one[one.index(_B) + len(_B):], two[len(one):two.index(_C)]
+    return one[one.index(_B) + len(_B):], two[len(one):two.index(_C)], two[two.index(_C) + len(_C):]
 
 
 def session_turns(tokenizer, conversation: Conversation, add_special_tokens: bool = False,

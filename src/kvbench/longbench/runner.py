@@ -17,11 +17,13 @@ from kvbench.errors import KvbenchError
 from kvbench.longbench.data import DataSource, check_hub_data, load_task, local_task_file, verify_file
 from kvbench.longbench.protocol import (Protocol, ProtocolError, _check_max_input_len, build_prompt,
                                         build_split_prompt, generation_settings)
-from kvbench.longbench.scoring import score_records
+from kvbench.longbench.scoring import score_records, score_sample
+from kvbench.longbench.session import context_groups, session_ids
 from kvbench.longbench.tasks import task_spec
 from kvbench.models import ModelSpec
 from kvbench.progress import progress
 from kvbench.query import check_query_mode
+from kvbench.sessions import check_session_answers, resume_answers, turn_scores
 
 log = logging.getLogger("kvbench")
 
@@ -36,9 +38,12 @@ class LongBenchPlan:
     context_len: int | None = None  # the model's context (trained_len): longer final prompts get a warning
     query: str = "aware"
     max_new_tokens: int | None = None  # a cap on each task's official max_gen (a recorded deviation); None: official
+    session: bool = False  # the samples sharing a context asked in turn in one conversation (longbench/session.py)
+    session_answers: str = "gold"
 
     def protocol_name(self) -> str:
-        return self.protocol.name + ("_agnostic" if self.query == "agnostic" else "")
+        return (self.protocol.name + ("_agnostic" if self.query == "agnostic" else "")
+                + (f"_session{'' if self.session_answers == 'gold' else 'model'}" if self.session else ""))
 
     def settings(self) -> dict:
         # `limit` and `tasks` are not settings: a larger selection continues the same run.
@@ -46,7 +51,9 @@ class LongBenchPlan:
         return {"name": "longbench_e" if self.longbench_e else "longbench", "protocol": self.protocol.to_dict(),
                 "max_input_len": self.max_input_len, "data": data,
                 **({"query": self.query} if self.query != "aware" else {}),  # aware: the fingerprint of old runs
-                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {})}
+                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}),
+                **({"session": True, "session_answers": self.session_answers,
+                    "turn_order": "samples sharing a context, in data-file order"} if self.session else {})}
 
     def selection(self) -> dict:
         return {"tasks": list(self.tasks), "limit": self.source.limit}
@@ -72,6 +79,9 @@ class LongBenchPlan:
             if self.max_new_tokens and self.max_new_tokens < settings.max_new_tokens:
                 settings = dataclasses.replace(settings, max_new_tokens=self.max_new_tokens)
             bar_desc = f"{task} ({len(examples) - len(todo)} done)" if len(todo) < len(examples) else task
+            if self.session:
+                self.run_sessions(task, examples, store, tokenizer, run_one, settings, show_progress, on_sample)
+                continue
             splits = {}
             if self.query == "agnostic":  # samples sharing a context run back to back: compressed once, asked many
                 splits = {id(ex): build_split_prompt(base, ex, tokenizer, self.protocol, self.max_input_len)
@@ -108,6 +118,31 @@ class LongBenchPlan:
                     on_sample(task, record)
         return self.score(store, selected)
 
+    def run_sessions(self, task, examples, store, tokenizer, run_one, settings, show_progress, on_sample) -> None:
+        """One session per group of samples sharing a context, each turn (sample) written as it ends; a killed
+        session resumes at its first unanswered turn, replaying the recorded answers."""
+        base = task_spec(task).name
+        records = {r.get("_id"): r for r in store.records(task)}
+        groups = [g for g in context_groups(examples) if any(ex.get("_id") not in records for ex in g)]
+        for group in progress(groups, len(groups), f"{task} sessions", show_progress):
+            answered = resume_answers([records[ex["_id"]] for ex in group if ex.get("_id") in records], len(group))
+            context_ids, turns = session_ids(base, group, tokenizer, self.protocol, self.max_input_len)
+
+            def on_turn(i, out, text, group=group, answered=answered, context_ids=context_ids):
+                if i < len(answered):
+                    return
+                example = group[i]
+                record = {"pred": text, "answers": example["answers"], "all_classes": example.get("all_classes"),
+                          "length": example["length"], "_id": example.get("_id"), "session": group[0].get("_id"),
+                          "turn": i + 1, "answer_ids": list(out.token_ids), "context_tokens": len(context_ids),
+                          **out.log_fields()}
+                store.append(task, record)
+                if on_sample:
+                    on_sample(task, record)
+
+            run_one(context_ids, settings.max_new_tokens, settings.stop_token_ids, settings.min_new_tokens,
+                    turns=turns, answered=answered, on_turn=on_turn)
+
     def score(self, store, selected: dict[str, list]) -> dict:
         """Scores of exactly the selected samples; the other records in the folder are counted as also on disk."""
         chosen, also = {}, {}
@@ -124,6 +159,9 @@ class LongBenchPlan:
             if task not in selected:
                 also[task] = len(store.records(task))
         scores = score_records(chosen, e=self.longbench_e)
+        if self.session:  # per task, the mean score (x100) over sessions at each turn
+            scores["turn_scores"] = {task: turn_scores(records, lambda r, t=task: 100 * score_sample(
+                task_spec(t).name, r["pred"], r["answers"], r.get("all_classes"))) for task, records in chosen.items()}
         scores["selection"] = self.selection()
         scores["also_on_disk"] = also
         return scores
@@ -162,7 +200,8 @@ def plan_longbench(cfg: DictConfig, spec: ModelSpec) -> LongBenchPlan:
                         limit=bench.limit)
     return LongBenchPlan(tasks, source, Protocol.from_dict(protocol_cfg), spec.max_input_len, is_e,
                          spec.trained_len, check_query_mode(bench.get("query", "aware")),
-                         bench.get("max_new_tokens"))
+                         bench.get("max_new_tokens"), bool(bench.get("session", False)),
+                         check_session_answers(bench.get("session_answers", "gold")))
 
 
 def group_by_context(items: list, context_of) -> list:
