@@ -322,8 +322,8 @@ def test_sessions_are_refused_where_questions_do_not_share_a_context(tmp_path):
 
     with pytest.raises(KvbenchError, match="RULER tasks vt ask one question of their context"):
         prepare(compose(ruler_overrides(tmp_path, "benchmark.tasks=[niah_multiquery,vt]")))
-    with pytest.raises(KvbenchError, match="longbench has no multi-turn sessions"):
-        prepare(compose([f"results_root={tmp_path}", "+benchmark.session=true"]))
+    with pytest.raises(KvbenchError, match="longbench_e has no multi-turn sessions"):
+        prepare(compose(["benchmark=longbench_e", f"results_root={tmp_path}", "++benchmark.session=true"]))
     with pytest.raises(KvbenchError, match="needs generated RULER samples"):
         prepare(compose(ruler_overrides(tmp_path, f"benchmark.data_dir={tmp_path}")))
 
