@@ -111,15 +111,11 @@ def test_no_head_holds_more_than_budget_plus_interval(tiny_llama, name, query):
     schedule = schedule_for(method, model)
     if query == "agnostic":
         from kvbench.engine import question_forward
-        from kvbench.attention import decoding
 
         ctx, q = ids[:, :100], ids[:, 100:]
         cache = prefill(model, ctx, method).cache
         sizes = [layer_size(layer) for layer in cache.layers]
-        with decoding(cache, schedule):
-            schedule.begin_forward(100, q.shape[1])
-            question_forward(model, q, 100, cache)
-            schedule.end_forward(cache)
+        question_forward(model, q, 100, cache, schedule)
         extra, position = q.shape[1], PROMPT
     else:
         cache = prefill(model, ids, method).cache
@@ -194,7 +190,7 @@ def test_report_keeps_decode_time_runs_apart_and_labelled(tmp_path):
     assert [(r[decode_col], r[score_col]) for r in rows] == [("", "30.00"), ("16", "20.00")]  # prefill-only first
 
 
-@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o"])
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o", "cake"])
 def test_ask_many_answers_every_question_from_the_same_compressed_context(tiny_llama, name):
     """Decoding-time cuts change the context's layers too; after each answer they are put back, so a question
     answered from a reused context gets exactly the tokens of a fresh compression."""

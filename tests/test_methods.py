@@ -120,7 +120,7 @@ def test_window_size_zero_is_allowed_for_scorers_without_a_window():
     class LastKeys(ScoredMethod):
         name = "last_keys_test"
 
-        def score(self, layer_idx, queries, keys):
+        def score(self, rank, queries, keys):
             return torch.arange(keys.shape[2], dtype=torch.float32).expand(queries.shape[1], -1)
 
     cache = run_layers(LastKeys(budget=40, window_size=0), 2, seq_len=300)

@@ -22,7 +22,7 @@ class KeyNormDummy(ScoredMethod):
     order = 1000
     window_size: int = 4
 
-    def score(self, layer_idx, queries, keys):
+    def score(self, rank, queries, keys):
         prefix = keys[0, :, : keys.shape[2] - self.window_size].norm(dim=-1)  # [H_kv, P]
         return prefix.repeat_interleave(queries.shape[1] // keys.shape[1], dim=0)
 

@@ -1,5 +1,17 @@
 """The one mechanism that connects methods to any transformers decoder: a wrapper attention function.
 
+Hot-path contract (engine, attention, cache, ragged):
+- engine.py owns the forward passes: it opens a `Session` (`compression(...)`, `decoding(...)`) for every forward
+  over a kvbench cache and declares its `Phase`; it never reads or writes layer tensors.
+- attention.py (this file) may read the session's cache layers and the tensors the model hands it, run the backend
+  or a ragged layer's `attend`, and hand each compressed layer to the method (`compress_layer`, `observe_layer`) or
+  to the decode schedule; it dispatches on the declared phase only, never infers it from shapes, and a shape that
+  contradicts the phase is an error. It never replaces a layer itself.
+- cache.py holds the layers, knows their kinds and the rank of each compressed layer (`rank(layer_idx)`: the
+  model's decoder-layer index -> the index among compressed layers, what methods receive); it runs no attention.
+- ragged.py stores a per-head variable-length layer and attends over it; it is reached through the cache
+  (`cache.layers[layer_idx]`), keeps no global state and knows nothing of sessions or methods.
+
 Design: we register `kvbench_<impl>` (e.g. `kvbench_sdpa`, `kvbench_eager`, `kvbench_flash_attention_2`) with
 transformers' `AttentionInterface`. Every model that routes attention through `ALL_ATTENTION_FUNCTIONS` (Llama,
 Mistral, Qwen2/3, Gemma 2/3, Phi-3, gpt-oss, ...) then calls us with the post-RoPE queries and the keys/values the
@@ -10,24 +22,31 @@ each compressed layer to the method, which rewrites that layer of the cache.
 Why not forward hooks (kvpress)? A hook on the attention module sees hidden states, not post-RoPE queries; it must
 recompute them per architecture. The attention interface receives them for free and runs on every backend.
 
-Prefill (`_compress`): the method sees the tokens the layer holds after the prefill (a local layer: the last
-`window - 1`), queries rescaled to the 1/sqrt(head_dim) its scores assume (Gemma's `query_pre_attn_scalar`).
-A logit soft-cap or attention sinks change the attention in ways the scores do not model: methods that score
-attention refuse such a model rather than select by the wrong attention.
+Phases (`Phase`, set by the engine on the `Session`):
+- `PREFILL` (`_compress`): the prompt over an empty cache. The method sees the tokens the layer holds after the
+  prefill (a local layer: the last `window - 1`), queries rescaled to the 1/sqrt(head_dim) its scores assume
+  (Gemma's `query_pre_attn_scalar`). A logit soft-cap or attention sinks change the attention in ways the scores
+  do not model: methods that score attention refuse such a model rather than select by the wrong attention.
+- `OBSERVE` (`_observe`): a method's extra multi-token passes over the filled cache after the prefill (KVzip's
+  reconstruction, from `Method.after_prefill`), shown to `Method.observe_layer`.
+- `QUESTION`: query-agnostic runs, the question's tokens over the compressed context, with a mask built per layer
+  (layers hold different numbers of tokens); a one-token question is attended as a decoding step.
+- `DECODE` (`_decode`, one query, batch size 1, no padding): the model's mask is not used (it is built for one
+  layer's length, and compressed layers differ). A full layer's query attends to every token the layer holds; a
+  local layer says which of its tokens are still inside the window (or chunk). When a layer stores one row per
+  query head (the official GQA layout) the backend is told there is no grouping.
+A ragged layer (kvbench.ragged, found as `session.cache.layers[module.layer_idx]`) attends itself in every phase
+after the prefill. Outside any session the wrapper is the plain backend.
 
-Decoding (`_decode`, one query, batch size 1, no padding): the model's mask is not used (it is built for one
-layer's length, and compressed layers differ). A full layer's query attends to every token the layer holds; a
-local layer says which of its tokens are still inside the window (or chunk). When a layer stores one row per
-query head (the official GQA layout) the backend is told there is no grouping.
-
-Compression during decoding (`method.decode_interval`): in a `decoding(cache, schedule)` block, every compressed
-layer's queries go to the schedule after the layer's attention, and every N forwards it cuts the layer back to its
-budget there (kvbench.decoding).
+Compression during decoding (`method.decode_interval`): in a `decoding(cache, schedule)` block (`QUESTION` or
+`DECODE`), every compressed layer's queries go to the schedule after the layer's attention, and every N forwards it
+cuts the layer back to its budget there (kvbench.decoding).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 import math
 import sys
 from dataclasses import dataclass
@@ -41,7 +60,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
-from kvbench.ragged import layer_of
+from kvbench.ragged import RaggedLayer
 
 if TYPE_CHECKING:
     from kvbench.decoding import DecodeSchedule
@@ -50,13 +69,28 @@ PREFIX = "kvbench_"
 MODEL_EAGER = "eager"  # not in ALL_ATTENTION_FUNCTIONS: each modeling file has its own eager_attention_forward
 
 
+class Phase(enum.Enum):
+    """Which forward the engine is running (see the module docstring)."""
+    PREFILL = "prefill"  # the prompt over an empty cache; the method compresses each layer
+    OBSERVE = "observe"  # a method's extra passes over the filled cache (KVzip's reconstruction)
+    QUESTION = "question"  # query-agnostic: the question's tokens over the compressed context
+    DECODE = "decode"  # one new token
+
+
 @dataclass
 class Session:
-    """The cache of the sample being run, and during a compressing prefill its method."""
+    """The cache of the sample being run, the phase the engine declared, and its method or decode schedule."""
     cache: CompressedCache
-    method: Method | None = None
+    phase: Phase
+    method: Method | None = None  # PREFILL and OBSERVE
     compressed_calls: int = 0  # compressed layers handed to the method (0 after a prefill: the hook never ran)
     schedule: "DecodeSchedule | None" = None  # decoding-time compression (kvbench.decoding), after the prefill
+
+    def observe(self) -> None:
+        """After the prefill forward: what follows are the method's observation passes (`Method.after_prefill`)."""
+        if self.phase is not Phase.PREFILL:
+            raise RuntimeError(f"observation passes follow a prefill, not a {self.phase.value} forward")
+        self.phase = Phase.OBSERVE
 
 
 _ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("kvbench_session", default=None)
@@ -72,14 +106,18 @@ def _session(session: Session):
 
 
 def compression(method: Method, cache: CompressedCache):
-    """Within this block, prefill forward passes compress `cache` with `method` (yields the Session)."""
-    return _session(Session(cache, method))
+    """Within this block, forward passes are the prefill that compresses `cache` with `method` (yields the Session;
+    `session.observe()` then declares the method's observation passes)."""
+    return _session(Session(cache, Phase.PREFILL, method))
 
 
-def decoding(cache: CompressedCache, schedule: "DecodeSchedule | None" = None):
-    """Within this block, decoding steps attend to `cache` layer by layer (windows of local layers respected); with
-    a `schedule`, each compressed layer's queries are buffered and the layer cut when the schedule says so."""
-    return _session(Session(cache, schedule=schedule))
+def decoding(cache: CompressedCache, schedule: "DecodeSchedule | None" = None, phase: Phase = Phase.DECODE):
+    """Within this block, forward passes are decoding steps (or, with `phase=Phase.QUESTION`, the query-agnostic
+    question) that attend to `cache` layer by layer (windows of local layers respected); with a `schedule`, each
+    compressed layer's queries are buffered and the layer cut when the schedule says so."""
+    if phase not in (Phase.DECODE, Phase.QUESTION):
+        raise ValueError(f"decoding(...) runs DECODE or QUESTION forwards, not {phase}")
+    return _session(Session(cache, phase, schedule=schedule))
 
 
 class _Ungrouped:
@@ -153,10 +191,9 @@ def _observe(session: Session, module, query, key, kwargs: dict) -> None:
     session.method.observe_layer(rank, query, key)
 
 
-def _decode(impl: str, module, query, key, value, kwargs: dict):
-    session = _ACTIVE.get()
-    layer = session.cache.layers[module.layer_idx] if session is not None else None
-    visible = layer.decode_visible(key.shape[2]) if hasattr(layer, "decode_visible") else None
+def _decode(impl: str, module, query, key, value, kwargs: dict, layer):
+    """One new token over `layer` (the session's cache layer) as the backend's keys `key` returned them."""
+    visible = layer.decode_visible(key.shape[2])
     heads, groups = query.shape[1], getattr(module, "num_key_value_groups", 1)
     if visible is None:
         backend = _backend(impl, module)
@@ -195,9 +232,11 @@ def cached_prefix_mask(query: torch.Tensor, key: torch.Tensor, impl: str) -> tor
 
 def _make_wrapper(impl: str):
     def kvbench_attention(module, query, key, value, attention_mask, **kwargs):
-        output = _attention(impl, module, query, key, value, attention_mask, kwargs)
         session = _ACTIVE.get()
-        if session is not None and session.schedule is not None:
+        if session is None:  # not a kvbench forward (e.g. `model.generate` with its own cache): the plain backend
+            return _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
+        output = _attention(impl, session, module, query, key, value, attention_mask, kwargs)
+        if session.schedule is not None:
             session.schedule.after_attention(session.cache, module.layer_idx, query, kwargs)
         return output
 
@@ -205,28 +244,41 @@ def _make_wrapper(impl: str):
     return kvbench_attention
 
 
-def _attention(impl: str, module, query, key, value, attention_mask, kwargs: dict):
-    """The attention of one layer (backend, ragged layer or masked decoding), and at prefill the compression."""
-    ragged = layer_of(key)  # a per-head variable-length layer (kvbench.ragged) attends itself
-    if ragged is not None:
-        return ragged.attend(query, kwargs.get("scaling")), None
-    if query.shape[2] == 1:
-        return _decode(impl, module, query, key, value, kwargs)
-    session = _ACTIVE.get()
-    if key.shape[2] > query.shape[2] and (session is None or session.method is None):
-        # Several new tokens over a (compressed) cache outside any compression: the query-agnostic question
-        # forward. Layers hold different numbers of tokens, so the mask is built here, per layer.
-        groups = getattr(module, "num_key_value_groups", 1)
-        module = _Ungrouped(module) if key.shape[1] == query.shape[1] and groups > 1 else module
-        return _backend(impl, module)(module, query, key, value, cached_prefix_mask(query, key, impl), **kwargs)
-    output = _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
-    session = _ACTIVE.get()
-    if session is not None and session.method is not None and key.shape[2] == query.shape[2]:
-        with torch.no_grad():  # a prefill: the layer's keys are exactly the prompt
+def _over_cache(impl: str, module, query, key, value, kwargs: dict):
+    """Several new tokens over a (compressed) cache whose layers hold different numbers of tokens: the mask is
+    built here, per layer (the model's own is sized from layer 0)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    module = _Ungrouped(module) if key.shape[1] == query.shape[1] and groups > 1 else module
+    return _backend(impl, module)(module, query, key, value, cached_prefix_mask(query, key, impl), **kwargs)
+
+
+def _attention(impl: str, session: Session, module, query, key, value, attention_mask, kwargs: dict):
+    """One layer's attention in the phase the engine declared; a shape that contradicts the phase is an error."""
+    phase, m = session.phase, query.shape[2]
+    layer = session.cache.layers[module.layer_idx]
+    if phase is Phase.PREFILL:
+        n = key.shape[2]
+        assert n == m and not isinstance(layer, RaggedLayer), (
+            f"prefill: layer {module.layer_idx} returned {n} keys for {m} queries (the cache was not empty)")
+        output = _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
+        with torch.no_grad():  # the layer's keys are exactly the prompt
             _compress(session, module, query, key, value, kwargs)
-    elif session is not None and session.method is not None and key.shape[2] > query.shape[2]:
-        with torch.no_grad():  # a multi-token pass over a filled cache (KVzip's reconstruction passes)
-            _observe(session, module, query, key, kwargs)
+        return output
+    if isinstance(layer, RaggedLayer):  # a per-head variable-length layer (kvbench.ragged) attends itself
+        assert key is layer.prefix_keys, f"layer {module.layer_idx} is ragged but did not return its prefix keys"
+        assert phase is not Phase.OBSERVE, "observation passes run over the dense cache, before any selection"
+        return layer.attend(query, kwargs.get("scaling")), None
+    if phase is Phase.DECODE or (phase is Phase.QUESTION and m == 1):
+        assert m == 1, f"decode: {m} new tokens in one step (one token per decoding forward)"
+        return _decode(impl, module, query, key, value, kwargs, layer)
+    n = key.shape[2]
+    assert n > m, f"{phase.value}: layer {module.layer_idx} returned {n} keys for {m} queries (no cache under them)"
+    if phase is Phase.QUESTION:
+        return _over_cache(impl, module, query, key, value, kwargs)
+    # OBSERVE: a multi-token pass over the filled cache (every layer the same length: the model's mask applies)
+    output = _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
+    with torch.no_grad():
+        _observe(session, module, query, key, kwargs)
     return output
 
 

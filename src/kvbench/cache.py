@@ -1,5 +1,12 @@
 """A KV cache that mirrors the model's layer types and whose layers can be compressed after prefill.
 
+Hot-path contract (engine, attention, cache, ragged): the cache holds one layer per decoder layer and knows each
+layer's kind and, for the compressed ones, its rank (`rank(layer_idx)`). Naming, here and everywhere: `layer_idx`
+is the model's decoder-layer index (`module.layer_idx`, `cache.layers[layer_idx]`); `rank` is the index among the
+compressed layers, what methods receive and what their view `cache.compressed.layers[rank]` is indexed by. Layers
+are replaced by methods (through that view) and by decoding-time cuts; the cache runs no attention, knows nothing
+of sessions or phases, and its ragged layers (ragged.py) are reached through `layers` like any other.
+
 Layer types come from the model's config in one place, `layer_kinds` (transformers' own
 `get_layer_types_and_kwargs`: `layer_types`, `sliding_window`, `use_sliding_window`/`max_window_layers`,
 `attention_chunk_size`):

@@ -40,7 +40,7 @@ from kvbench.cache import CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
 from kvbench.methods.fullkv import FullKV
-from kvbench.ragged import RaggedLayer, register_layer
+from kvbench.ragged import RaggedLayer
 
 def head_peak(layer) -> int:
     """The most tokens any head of `layer` holds."""
@@ -296,5 +296,3 @@ def restore(cache: CompressedCache, method: Method, saved: tuple) -> None:
         method.accumulated = dict(state)
     for i, layer in enumerate(layers):
         cache.layers[i] = copy.copy(layer)
-        if isinstance(layer, RaggedLayer):
-            register_layer(cache.layers[i])

@@ -1,13 +1,18 @@
 """Batch-1 prefill, then greedy decoding in a loop we own.
 
+Hot-path contract (engine, attention, cache, ragged): the engine runs every forward over a kvbench cache inside a
+session it opens (`attention.compression` for the prefill, then `session.observe()` for a method's extra passes;
+`attention.decoding` for the question and decoding steps) and so declares each forward's `Phase`; it creates the
+cache (`new_cache`), reads its sizes and trims it back after a question (`restore_cache`), and never touches layer
+tensors or calls the attention wrapper's internals. The wrapper (attention.py) dispatches on the declared phase,
+the cache (cache.py) and its ragged layers (ragged.py) hold the tokens.
+
 Owning the loop (rather than `model.generate`) gives the methods control of the cache and of positions: the
 prompt is prefilled once at positions 0..n-1 while the method compresses each layer, and every new token gets
 its true position n + step, whatever number of tokens the cache holds. For FullKV it produces exactly the
 tokens of `model.generate(do_sample=False)` (tested), on hybrid models too: the cache mirrors the model's layer
-types (cache.py) and decoding respects each layer's window (attention.py).
-
-The cache is passed under the argument name the installed transformers uses (`cache` from 5.24, where
-`past_key_values` is deprecated; `past_key_values` before), detected once per model class.
+types (cache.py) and decoding respects each layer's window (attention.py). The cache goes to the model under the
+argument name the installed transformers uses (`cache.cache_kwargs`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from kvbench.attention import compression, decoding
+from kvbench.attention import Phase, compression, decoding
 from kvbench.cache import CompressedCache, cache_kwargs
 from kvbench.decoding import (DecodeSchedule, KvPeak, head_peak, restore, schedule_for, session_refusal,
                               session_schedule, snapshot)
@@ -138,7 +143,8 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
     with compression(method, cache) as session:
         out = model(input_ids=input_ids, position_ids=torch.arange(n, device=device)[None],
                     use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        method.after_prefill(model, input_ids, cache)  # extra passes of methods that need them (KVzip)
+        session.observe()  # what runs now are the method's own passes over the filled cache (KVzip's)
+        method.after_prefill(model, input_ids, cache)
     logits = out.logits[:, -1].float()
     _sync(device)
     if not method.keeps_all(n) and session.compressed_calls == 0:
@@ -289,13 +295,21 @@ def compress_context(model, context_ids: torch.Tensor, method: Method | None = N
 
 
 @torch.inference_mode()
-def question_forward(model, question_ids: torch.Tensor, position: int, cache: CompressedCache) -> torch.Tensor:
+def question_forward(model, question_ids: torch.Tensor, position: int, cache: CompressedCache,
+                     schedule: DecodeSchedule | None = None, cut: bool = False) -> torch.Tensor:
     """All question tokens [1, q] in one forward, uncompressed, at their true positions position..position+q-1
-    (position = the uncompressed context length); returns the logits of the last one [1, vocab]."""
+    (position = the uncompressed context length); returns the logits of the last one [1, vocab]. With a
+    `schedule` the question chunk is one step of it (as kvpress), which may cut every compressed layer (`cut`:
+    it does, a session's turn boundary)."""
     q = question_ids.shape[1]
     positions = torch.arange(position, position + q, device=question_ids.device)[None]
-    out = model(input_ids=question_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **cache_kwargs(model, cache))
+    with decoding(cache, schedule, Phase.QUESTION):
+        if schedule is not None:
+            schedule.begin_forward(position, q, cut=cut)
+        out = model(input_ids=question_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **cache_kwargs(model, cache))
+        if schedule is not None:
+            schedule.end_forward(cache)
     return out.logits[:, -1].float()
 
 
@@ -318,12 +332,7 @@ def answer_question(model, context: CompressedContext, question_ids: torch.Tenso
     try:
         _sync(device)
         start = time.perf_counter()
-        with decoding(state.cache, schedule):  # the question chunk is one step of the schedule (as kvpress)
-            if schedule is not None:
-                schedule.begin_forward(c, q)
-            logits = question_forward(model, question_ids, c, state.cache)
-            if schedule is not None:
-                schedule.end_forward(state.cache)
+        logits = question_forward(model, question_ids, c, state.cache, schedule)
         _sync(device)
         question_s = time.perf_counter() - start
         seen = torch.cat([context.context_ids, question_ids], dim=1)
@@ -434,14 +443,8 @@ def chunk_forward(model, ids: Sequence[int], position: int, cache: CompressedCac
                   schedule: DecodeSchedule | None, cut: bool = False) -> torch.Tensor:
     """Feed `ids` in one forward at their true positions as one step of `schedule` (`cut`: ending with a cut back
     to the budget, a turn boundary); returns the last token's logits [1, vocab]."""
-    device = cache_device(model)
-    with decoding(cache, schedule):
-        if schedule is not None:
-            schedule.begin_forward(position, len(ids), cut=cut)
-        logits = question_forward(model, torch.tensor([list(ids)], device=device), position, cache)
-        if schedule is not None:
-            schedule.end_forward(cache)
-    return logits
+    return question_forward(model, torch.tensor([list(ids)], device=cache_device(model)), position, cache, schedule,
+                            cut)
 
 
 def cache_device(model) -> torch.device:

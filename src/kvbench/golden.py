@@ -119,7 +119,7 @@ def run_case(case: dict) -> list[list[list[int]]]:
                 raise KvbenchError(f"layer {layer_idx}: regenerated {name} tensor does not match the case's sha256 "
                                    f"(different torch version or generator?)")
         cache.update(k, v, layer_idx)
-        method.compress_layer(layer_idx, q, k, v, cache)
+        method.compress_layer(cache.rank(layer_idx), q, k, v, cache.compressed)  # as the attention wrapper calls it
     kept = cache.kept_positions()
     if case["cache_heads"] == "per_query_head":  # uncompressed layers hold KV heads; the case lists query heads
         group = case["num_heads"] // case["num_kv_heads"]

@@ -1,5 +1,10 @@
 """Cache layers that hold a different number of tokens per head, and attention over them.
 
+Hot-path contract (engine, attention, cache, ragged): a `RaggedLayer` is one layer of a `CompressedCache`, put
+there by `store_ragged` (a method's store step) or by a decoding-time cut, and found only through the cache
+(`cache.layers[layer_idx]`; no global table). The attention wrapper calls its `attend` for the phases after the
+prefill; this module keeps no global state and knows nothing of sessions, phases or methods.
+
 A head-adaptive method (AdaKV) keeps `c_h` prompt tokens in head `h` of a layer. `RaggedLayer` stores exactly
 those tokens and nothing else: the kept prompt tokens of every head back to back in one flat tensor
 (`prefix_keys` [T, d], T = sum of c_h; `cu_seqlens` [S+1] marks where each of the S stored heads starts, the
@@ -8,8 +13,8 @@ after the context) in a dense tail `[1, S, t, d]`, since every head receives eve
 (T + S * t) * d * element size * 2, exactly: no padding, no granularity.
 
 The prefix is written once and never copied again; appending costs what transformers' DynamicLayer costs (one
-`torch.cat` of the tail). The layer's `update` returns its flat prefix keys/values; the attention wrapper
-recognises them (`layer_of`) and calls `RaggedLayer.attend` instead of the backend.
+`torch.cat` of the tail). The layer's `update` returns its flat prefix keys/values; the attention wrapper, which
+finds the layer in the session's cache, calls `RaggedLayer.attend` instead of the backend.
 
 Attention over a ragged layer (`ragged_attention`): query heads are grouped by the stored head they read (one
 group per head for the official `per_query_head` layout, `H / H_kv` query heads per KV head for `per_kv_head`).
@@ -24,13 +29,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import weakref
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 _HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
-_LIVE: "weakref.WeakValueDictionary[int, RaggedLayer]" = weakref.WeakValueDictionary()
 
 
 class RaggedLayer(DynamicLayer):
@@ -61,12 +64,11 @@ class RaggedLayer(DynamicLayer):
         self.keys, self.values = self.prefix_keys, self.prefix_values
         self.dtype, self.device = keys.dtype, device
         self.is_initialized = True
-        _LIVE[id(self.prefix_keys)] = self
 
     # ---- the cache-layer interface ---------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append new tokens [1, H_in, m, d] to every stored head (expanded to the stored heads when the model
-        hands KV heads to a per-query-head layer); returns the flat prefix, which the wrapper recognises."""
+        hands KV heads to a per-query-head layer); returns the flat prefix (the wrapper attends with `attend`)."""
         if key_states.shape[1] != self.heads_stored:
             groups = self.heads_stored // key_states.shape[1]
             key_states = key_states.repeat_interleave(groups, dim=1)
@@ -130,23 +132,13 @@ class RaggedLayer(DynamicLayer):
                                 self.cu_seqlens, self.max_length, self.tail_keys, self.tail_values, scaling)
 
 
-def register_layer(layer: RaggedLayer) -> None:
-    """Make `layer` the one `layer_of` finds for its prefix keys (a restored copy of a layer)."""
-    _LIVE[id(layer.prefix_keys)] = layer
-
-
-def layer_of(key: torch.Tensor) -> RaggedLayer | None:
-    """The ragged layer whose `update` returned `key`, if any (identity, not equality)."""
-    layer = _LIVE.get(id(key))
-    return layer if layer is not None and layer.prefix_keys is key else None
-
-
-def store_ragged(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor,
+def store_ragged(cache, rank: int, keys: torch.Tensor, values: torch.Tensor,
                  positions: list[torch.Tensor]) -> RaggedLayer:
-    """Replace layer `layer_idx` of `cache` by a ragged layer holding, for stored head s, the prompt tokens at
-    `positions[s]` of keys/values [1, H_kv, n, d] (head s reads KV head s // (S / H_kv))."""
+    """Replace layer `cache.layers[rank]` (a method's view of the compressed layers, `CompressedCache.compressed`)
+    by a ragged layer holding, for stored head s, the prompt tokens at `positions[s]` of keys/values [1, H_kv, n, d]
+    (head s reads KV head s // (S / H_kv))."""
     heads, kv_heads = len(positions), keys.shape[1]
-    previous = cache.layers[layer_idx]
+    previous = cache.layers[rank]
     if getattr(getattr(previous, "kind", None), "local", False):
         from kvbench.errors import KvbenchError
 
@@ -157,7 +149,7 @@ def store_ragged(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
     kv_of_token = torch.repeat_interleave(torch.arange(heads, device=keys.device) // (heads // kv_heads), lengths)
     layer = RaggedLayer(keys[0, kv_of_token, flat_pos], values[0, kv_of_token, flat_pos], positions, lengths,
                         offset=getattr(previous, "offset", 0))
-    cache.layers[layer_idx] = layer
+    cache.layers[rank] = layer
     return layer
 
 

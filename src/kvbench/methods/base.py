@@ -18,6 +18,11 @@ the path is a declared capability (`needs_model`, `decode_refusal`, `supports_ad
 pipeline, the engine and validation. Outside it: FullKV (scores nothing) and KVzip (scores in passes after the
 prefill, `after_prefill`).
 
+Layer numbering: a method sees the compressed layers only. Every per-layer call takes `rank`, the layer's index
+among the compressed layers (0 = the first compressed layer), and the `cache` it gets is the compressed view
+(`CompressedCache.compressed`), whose `layers[rank]` is that layer. The model's decoder-layer index (`layer_idx`
+in attention.py, cache.py and decoding.py) equals the rank only when every layer is compressed.
+
 Conventions (as the KV-compression papers): `budget` is tokens kept per head per layer, the observation window
 included; the window (last `window_size` prompt tokens) is always kept and placed after the selected tokens,
 which are in descending score order as `torch.topk` returns them.
@@ -169,11 +174,11 @@ class Method:
         """A prompt no longer than the budget is left whole (identical to FullKV)."""
         return self.tokens_budget is None or prompt_len <= self.tokens_budget
 
-    def compress_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    def compress_layer(self, rank: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                        cache: CompressedCache) -> None:
         """Called once per layer at prefill with queries [1,H,n,d], keys/values [1,H_kv,n,d]."""
 
-    def decode_compress_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+    def decode_compress_layer(self, rank: int, queries: torch.Tensor, keys: torch.Tensor,
                               values: torch.Tensor, cache: CompressedCache, seq_len: int) -> None:
         """A decoding-time cut of one dense layer (kvbench.decoding): `queries` [1,H,m,d] are the buffered queries
         of the last m tokens the layer holds, `keys`/`values` [1,S,L,d] everything it holds (S stored heads),
@@ -189,7 +194,7 @@ class Method:
         """Called by the engine right after the prefill forward pass, inside the compression context and the
         prefill timer: a method that needs extra forward passes over the prompt runs them here."""
 
-    def observe_layer(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
+    def observe_layer(self, rank: int, queries: torch.Tensor, keys: torch.Tensor) -> None:
         """Multi-token forward passes over an already filled cache inside the compression context (e.g. KVzip's
         reconstruction passes from `after_prefill`) show each layer's post-RoPE queries [1,H,m,d] and all its keys
         [1,H_kv,n+m,d] here."""
@@ -202,15 +207,15 @@ class Method:
             return scores
         return scores.view(num_kv_heads, -1, scores.shape[-1]).mean(dim=1)
 
-    def keep_tokens(self, cache: CompressedCache, layer_idx: int, prefix_idx: torch.Tensor, keys: torch.Tensor,
+    def keep_tokens(self, cache: CompressedCache, rank: int, prefix_idx: torch.Tensor, keys: torch.Tensor,
                     values: torch.Tensor) -> None:
         """Store the selected prefix tokens `prefix_idx` [heads, k] (in the given order) followed by the window."""
         n, heads = keys.shape[2], prefix_idx.shape[0]
         window = torch.arange(n - self.window_size, n, device=keys.device).expand(heads, -1)
         positions = torch.cat([prefix_idx, window], dim=1)
-        cache.layers[layer_idx].replace(*gather_tokens(keys, values, positions), positions)
+        cache.layers[rank].replace(*gather_tokens(keys, values, positions), positions)
 
-    def keep_ragged(self, cache: CompressedCache, layer_idx: int, prefix_idx: list[torch.Tensor],
+    def keep_ragged(self, cache: CompressedCache, rank: int, prefix_idx: list[torch.Tensor],
                     keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store head s's own selection `prefix_idx[s]` (lengths may differ) followed by the window, in a
         per-head variable-length layer."""
@@ -218,16 +223,16 @@ class Method:
 
         n = keys.shape[2]
         window = torch.arange(n - self.window_size, n, device=keys.device)
-        store_ragged(cache, layer_idx, keys, values, [torch.cat([idx, window]) for idx in prefix_idx])
+        store_ragged(cache, rank, keys, values, [torch.cat([idx, window]) for idx in prefix_idx])
 
 
-def store_kvpress_order(cache: CompressedCache, layer_idx: int, scores: torch.Tensor, keep: int, keys: torch.Tensor,
+def store_kvpress_order(cache: CompressedCache, rank: int, scores: torch.Tensor, keep: int, keys: torch.Tensor,
                         values: torch.Tensor, window: int) -> None:
     """kvpress's `ScorerPress.compress` row order: one top-k over every row's score with the window padded at
     max + 1, so the window comes first (in top-k's tie order), then the `keep` selected rows by descending score."""
     padded = torch.cat([scores, scores.new_full((scores.shape[0], window), scores.max().item() + 1)], dim=1)
     rows = padded.topk(keep + window, dim=-1).indices
-    cache.layers[layer_idx].replace(*gather_tokens(keys, values, rows), rows)
+    cache.layers[rank].replace(*gather_tokens(keys, values, rows), rows)
 
 
 def gather_tokens(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
@@ -239,11 +244,11 @@ def gather_tokens(keys: torch.Tensor, values: torch.Tensor, positions: torch.Ten
     return keys[0, rows, positions].unsqueeze(0), values[0, rows, positions].unsqueeze(0)
 
 
-def truncate_layer(cache: CompressedCache, layer_idx: int, keep: int, window_size: int) -> None:
+def truncate_layer(cache: CompressedCache, rank: int, keep: int, window_size: int) -> None:
     """Keep the first `keep` rows of a score-ordered layer plus its last `window_size` rows (the window).
     Like the official DynamicKV code, `keep` larger than the selected part slices into the window, which is then
     appended again (duplicates); callers that want no duplicates cap `keep` first."""
-    layer = cache.layers[layer_idx]
+    layer = cache.layers[rank]
     keys = torch.cat([layer.keys[:, :, :keep], layer.keys[:, :, -window_size:]], dim=2)
     values = torch.cat([layer.values[:, :, :keep], layer.values[:, :, -window_size:]], dim=2)
     positions = torch.cat([layer.positions[:, :keep], layer.positions[:, -window_size:]], dim=1)
@@ -343,66 +348,66 @@ class ScoredMethod(Method):
         return {**super().record(), "head_budgets": getattr(self, "head_budgets", [])}
 
     # ---- score ---------------------------------------------------------------------------------------------
-    def score(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def score(self, rank: int, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[H, n - window] scores per query head (higher is kept)."""
         raise NotImplementedError
 
-    def head_scores(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+    def head_scores(self, rank: int, queries: torch.Tensor, keys: torch.Tensor,
                     values: torch.Tensor | None = None) -> torch.Tensor:
         """[S, n - window]: the scores of the heads that select (S = H, or H_kv for `per_kv_head`). Scorers that
         read the values (kvpress-style `kv_scores`) take them here."""
-        return self.reduce_heads(self.score(layer_idx, queries, keys), keys.shape[1])
+        return self.reduce_heads(self.score(rank, queries, keys), keys.shape[1])
 
     # ---- allocate ------------------------------------------------------------------------------------------
-    def prefix_budget(self, layer_idx: int, prompt_len: int) -> int:
+    def prefix_budget(self, rank: int, prompt_len: int) -> int:
         """Budget policy: prefix tokens (outside the window) each head of this layer keeps. Uniform by default."""
         return self.tokens_budget - self.window_size
 
-    def allocate(self, layer_idx: int, scores: torch.Tensor, prompt_len: int) -> int | torch.Tensor:
+    def allocate(self, rank: int, scores: torch.Tensor, prompt_len: int) -> int | torch.Tensor:
         """Prefix tokens to keep: one count for every head (uniform) or a count per head [S] (adaptive)."""
         prefix = scores.shape[-1]
         if self.allocation == "uniform":
-            return min(self.prefix_budget(layer_idx, prompt_len), prefix)
-        counts = head_adaptive_counts(scores, self.prefix_budget(layer_idx, prompt_len), self.floor_alpha,
+            return min(self.prefix_budget(rank, prompt_len), prefix)
+        counts = head_adaptive_counts(scores, self.prefix_budget(rank, prompt_len), self.floor_alpha,
                                       self.adaptive_mode, self.window_size)
-        self.head_budgets[layer_idx] = counts.tolist()
+        self.head_budgets[rank] = counts.tolist()
         return counts
 
     # ---- select + store ------------------------------------------------------------------------------------
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+    def select_and_store(self, cache, rank, scores, counts, keys, values) -> None:
         if isinstance(counts, int) or bool((counts == counts[0]).all()):
             keep = int(counts) if isinstance(counts, int) else int(counts[0])
-            self.keep_tokens(cache, layer_idx, scores.topk(keep, dim=-1).indices, keys, values)
+            self.keep_tokens(cache, rank, scores.topk(keep, dim=-1).indices, keys, values)
             return
         order = scores.sort(dim=-1, descending=True).indices  # AdaKV: the first cap_h of a descending sort
-        self.keep_ragged(cache, layer_idx, [order[h, :c] for h, c in enumerate(counts.tolist())], keys, values)
+        self.keep_ragged(cache, rank, [order[h, :c] for h, c in enumerate(counts.tolist())], keys, values)
 
-    def compress_layer(self, layer_idx, queries, keys, values, cache) -> None:
+    def compress_layer(self, rank, queries, keys, values, cache) -> None:
         """The one path of every scorer: score -> allocate -> select -> store (subclasses change the steps)."""
         n = keys.shape[2]
         if not self.keeps_all(n):
-            scores = self.head_scores(layer_idx, queries, keys, values)
-            counts = self.allocate(layer_idx, scores, n)
-            self.select_and_store(cache, layer_idx, scores, counts, keys, values)
-        self.after_layer(layer_idx, queries, keys, cache)
+            scores = self.head_scores(rank, queries, keys, values)
+            counts = self.allocate(rank, scores, n)
+            self.select_and_store(cache, rank, scores, counts, keys, values)
+        self.after_layer(rank, queries, keys, cache)
 
-    def after_layer(self, layer_idx, queries, keys, cache) -> None:
+    def after_layer(self, rank, queries, keys, cache) -> None:
         """After a layer's prefill compression (or none, when it fits the budget): per-layer state a method keeps
         for its decoding-time cuts (H2O's accumulated attention). Default: nothing."""
 
-    def decode_compress_layer(self, layer_idx, queries, keys, values, cache, seq_len) -> None:
+    def decode_compress_layer(self, rank, queries, keys, values, cache, seq_len) -> None:
         """The same score -> allocate -> select -> store over what the layer holds, with the layer budgets of a
         prefill of `seq_len` tokens (uniform: `tokens_budget`; PyramidKV: its schedule)."""
         if keys.shape[2] <= self.window_size:
             return
-        scores = self.head_scores(layer_idx, queries, keys, values)
-        counts = self.allocate(layer_idx, scores, seq_len)
+        scores = self.head_scores(rank, queries, keys, values)
+        counts = self.allocate(rank, scores, seq_len)
         if isinstance(counts, int) and counts >= scores.shape[-1]:
             return  # the layer is within its budget
         if self.decode_style == "kvpress":
-            store_kvpress_order(cache, layer_idx, scores, counts, keys, values, self.window_size)
+            store_kvpress_order(cache, rank, scores, counts, keys, values, self.window_size)
             return
-        self.select_and_store(cache, layer_idx, scores, counts, keys, values)
+        self.select_and_store(cache, rank, scores, counts, keys, values)
 
     def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
         """Uniform: (min(layer budget, prefix) + window) x stored heads per layer. Adaptive: the per-head counts
@@ -471,13 +476,13 @@ class PooledWindowMethod(ScoredMethod):
         super().validate()
         validate_pooling(self.kernel_size, self.pooling)
 
-    def score(self, layer_idx, queries, keys):
+    def score(self, rank, queries, keys):
         raw = window_scores(queries, keys, self.window_size)
         return pool(raw.unsqueeze(0), self.kernel_size, self.pooling)[0]
 
-    def head_scores(self, layer_idx, queries, keys, values=None):
+    def head_scores(self, rank, queries, keys, values=None):
         if self.allocation != "adaptive":
-            return super().head_scores(layer_idx, queries, keys, values)
+            return super().head_scores(rank, queries, keys, values)
         # AdaKV's order (`calcul_attn_sore`): mean over the window rows, the group mean (GQA support) *before*
         # pooling. Scores are compared across heads, so the float rounding of that order matters at near-ties.
         raw = self.reduce_heads(window_scores(queries, keys, self.window_size) / self.window_size, keys.shape[1])

@@ -13,8 +13,15 @@ the least of its shares. Not cascading: one split at the last layer. A prompt no
 compressed (the reference's test, although `budget` includes the window).
 
 tau1/tau2: set explicitly, or looked up in the official `model2tau.json` by `tau_model` and budget; no entry (or no
-`tau_model`) gives (1.0, 1.0), pred_cake.py's defaults. Not reproduced: CAKE's eviction during decoding (the reference
-keeps each layer's size fixed while generating); like the other methods here, CAKE compresses once at prefill.
+`tau_model`) gives (1.0, 1.0), pred_cake.py's defaults.
+
+During decoding (`decode_interval`; 1 is the official rule, `CakeDecodingKVCache_LayerWise`): each layer keeps the
+prefix budget its last allocation gave it at prefill (capped at n - w; `budget - window` when the prompt was not cut),
+with no re-allocation across layers. Once the layer holds more than that budget plus the window, the attention of
+the forward's last (at most `window_size`) queries over every held key (softmax, no mask), averaged over those rows,
+prefix columns only, avg-pooled over neighbouring *rows* (the cache's order: selected rows in top-k order, then the
+newer ones), averaged over the query group, keeps its top `budget` rows (top-k order) followed by the last
+`window_size` rows. Quirk kept: a cascade layer cut below its final share grows back to it while decoding.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import ScoredMethod, grouped_logits, truncate_layer, window_causal_mask
+from kvbench.methods.base import ScoredMethod, gather_tokens, grouped_logits, window_causal_mask
 
 # experiments/LongBench/config/model2tau.json @c4675ce: (tau1, tau2) by model and cache size.
 MODEL2TAU = {
@@ -56,8 +63,7 @@ class CAKE(ScoredMethod):
     tau2: float | None = None
     tau_model: str | None = None  # a model2tau.json key, for the official tau values
     kernel_size: int = 5
-    decode_refusal: ClassVar[str | None] = ("its layer budgets come from one split over all layers at prefill, and "
-                                            "its own decoding eviction (antgroup/cakekv) is not implemented")
+    decode_refusal: ClassVar[str | None] = None  # its own decoding eviction (antgroup/cakekv), see the docstring
 
     def validate(self) -> None:
         super().validate()
@@ -72,6 +78,13 @@ class CAKE(ScoredMethod):
                                f"(the reference uses gamma 200)")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise KvbenchError(f"method.kernel_size={self.kernel_size} must be odd (the reference uses 5)")
+
+    def validate_decoding(self) -> None:
+        super().validate_decoding()
+        if self.decode_interval is not None and self.decode_style != "kvbench":
+            raise KvbenchError("cake compresses during decoding with its own rule (antgroup/cakekv's "
+                               "CakeDecodingKVCache_LayerWise), which kvpress does not have: use "
+                               "method.decode_style=kvbench")
 
     def taus(self, cache_size: int) -> tuple[float, float]:
         if self.tau1 is not None:
@@ -105,23 +118,59 @@ class CAKE(ScoredMethod):
 
     # The pipeline's steps: score = the layer's preference and eviction indicator; allocate = the cascade's layer
     # budgets (None until the layer is allocated); select + store = cut every allocated layer to its budget.
-    def head_scores(self, layer_idx, queries, keys, values=None):
+    def head_scores(self, rank, queries, keys, values=None):
         pref, indicator = self.layer_scores(queries, keys)
         self.prefs.append(pref)
         return self.reduce_heads(indicator, keys.shape[1])
 
-    def allocate(self, layer_idx, scores, prompt_len) -> list[int] | None:
+    def allocate(self, rank, scores, prompt_len) -> list[int] | None:
         self.indicators.append(scores)
         self.sizes.append(None)
-        if not (self.cascading or layer_idx == self.num_layers - 1):
+        if not (self.cascading or rank == self.num_layers - 1):
             return None
         budgets = self.layer_budgets(prompt_len)
         self.allocations.append(budgets)
         return budgets
 
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+    def select_and_store(self, cache, rank, scores, counts, keys, values) -> None:
         for j, budget in enumerate(counts or []):
             self.cut(cache, j, min(budget, keys.shape[2] - self.window_size))
+
+    def record(self) -> dict:
+        out = super().record()
+        if self.decode_interval is not None and self.prompt_len:  # the layers' fixed decoding budgets
+            out["decode_prefix_budgets"] = [self.prefix_budget(l) for l in range(self.num_layers)]
+        return out
+
+    # ---- decoding (cakekv `CakeDecodingKVCache_LayerWise`, called by `llama_attn_forward_cake` every step) -------
+    def prefix_budget(self, rank: int, prompt_len: int | None = None) -> int:
+        """Prefix tokens the layer keeps while decoding (the official `hh_size = layer_budget[l]`): its share in the
+        last allocation of the prefill, capped at the prompt's prefix; `budget - window` when the prompt was not cut
+        (the official `key_size`). Fixed for the sample, whatever the length so far."""
+        if self.keeps_all(self.prompt_len):
+            return self.tokens_budget - self.window_size
+        return min(self.allocations[-1][rank], self.prompt_len - self.window_size)
+
+    def decode_compress_layer(self, rank, queries, keys, values, cache, seq_len) -> None:
+        keep, w = self.prefix_budget(rank), self.window_size
+        held = keys.shape[2]
+        if held <= keep + w:
+            return
+        queries = queries[:, :, -w:]
+        if keys.device.type == "cpu":
+            # One product per query head, as the reference's matmul over keys repeated to the query heads: the same
+            # float32 bits on CPU, where `grouped_logits` rounds a single row differently and so reorders exact ties
+            # of the pooled scores (elsewhere one GEMM per KV head: no launch per head, no exactness claimed).
+            group = queries.shape[1] // keys.shape[1]
+            logits = torch.stack([q @ keys[0, h // group].T for h, q in enumerate(queries[0])])
+            logits = logits / math.sqrt(queries.shape[-1])
+        else:
+            logits = grouped_logits(queries, keys)[0]
+        attn = torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype)  # [H, m, held]
+        scores = attn.mean(dim=-2)[:, : held - w]  # [H, held - w], in row order
+        scores = F.avg_pool1d(scores, self.kernel_size, stride=1, padding=self.kernel_size // 2)
+        scores = self.reduce_heads(scores, keys.shape[1])
+        self.keep_tokens(cache, rank, scores.topk(keep, dim=-1).indices, keys, values)
 
     def layer_scores(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[np.float32, torch.Tensor]:
         """The layer's preference (float32 scalar) and eviction indicator [H, n - w]."""
@@ -147,17 +196,24 @@ class CAKE(ScoredMethod):
         shares = [int(pref / pref_sum * total) for pref in self.prefs]
         return adjust_budgets(shares, total, n - self.window_size)
 
-    def cut(self, cache, layer_idx: int, budget: int) -> None:
-        """Keep the `budget` best prefix tokens of a layer by its indicator (never more than it holds)."""
-        held = self.sizes[layer_idx]
-        if held is None:
-            layer = cache.layers[layer_idx]
-            order = self.indicators[layer_idx].topk(budget, dim=-1).indices
-            self.keep_tokens(cache, layer_idx, order, layer.keys, layer.values)  # stored in indicator order
-            self.sizes[layer_idx] = budget
-        elif budget < held:
-            truncate_layer(cache, layer_idx, budget, self.window_size)  # the first rows are the best ones
-            self.sizes[layer_idx] = budget
+    def cut(self, cache, rank: int, budget: int) -> None:
+        """`CakeprefillKVCache.evcit_layer_kvcache`: keep the top `budget` prefix rows of a layer by its current
+        indicator (never more than it holds), in top-k order, then the window; the indicator is cut with them.
+        A layer cut before is ranked again over the rows it holds (the same rows, or fewer; re-ranking a tie can
+        reorder it, and the order is what decoding pools over)."""
+        scores = self.indicators[rank]
+        budget = min(budget, scores.shape[-1])
+        order = scores.topk(budget, dim=-1).indices
+        layer = cache.layers[rank]
+        if self.sizes[rank] is None:  # the layer holds the whole prompt
+            self.keep_tokens(cache, rank, order, layer.keys, layer.values)
+        else:
+            held = layer.keys.shape[2]
+            window = torch.arange(held - self.window_size, held, device=order.device)
+            rows = torch.cat([order, window.expand(order.shape[0], -1)], dim=1)
+            layer.replace(*gather_tokens(layer.keys, layer.values, rows), layer.positions.gather(1, rows))
+        self.indicators[rank] = scores.gather(-1, order)
+        self.sizes[rank] = budget
 
 
 def adjust_budgets(budgets: list[int], total: int, cap: int) -> list[int]:

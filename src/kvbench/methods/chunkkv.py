@@ -53,7 +53,7 @@ class ChunkKV(ScorerWrapper):
         return 1 - self.compression_ratio if self.compression_ratio is not None else \
             (self.tokens_budget - self.window_size) / prefix
 
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+    def select_and_store(self, cache, rank, scores, counts, keys, values) -> None:
         prefix = scores.shape[-1]
         if self.entropy_gated:
             budget = max(1, int(prefix * (1 - self.compression_ratio))) if self.compression_ratio is not None \
@@ -61,14 +61,14 @@ class ChunkKV(ScorerWrapper):
             kept = entropy_gated_positions(scores.sum(dim=0).float(), budget, self.chunk_length,
                                            self.low_entropy_chunk_length)
         elif prefix < self.chunk_length:
-            super().select_and_store(cache, layer_idx, scores, counts, keys, values)
+            super().select_and_store(cache, rank, scores, counts, keys, values)
             self.layer_counts.append(int(counts))
             return
         else:
             kept = chunk_positions(scores.sum(dim=0), self.chunk_length, self.kept_fraction(prefix),
                                    None if self.compression_ratio is not None else int(counts))
         self.layer_counts.append(len(kept))
-        self.keep_tokens(cache, layer_idx, kept.expand(scores.shape[0], -1), keys, values)
+        self.keep_tokens(cache, rank, kept.expand(scores.shape[0], -1), keys, values)
 
     def expected_kv_tokens(self, prompt_len: int, shape: dict) -> int:
         """Whole chunks: the prefix tokens each layer kept last sample (recorded), plus the window, per stored

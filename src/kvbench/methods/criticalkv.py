@@ -39,9 +39,9 @@ class CriticalKV(ScorerWrapper):
         super().bind(model, tokenizer)
         self.o_proj = output_projections(model)
 
-    def projected_norms(self, layer_idx: int, values: torch.Tensor, heads: int) -> torch.Tensor:
+    def projected_norms(self, rank: int, values: torch.Tensor, heads: int) -> torch.Tensor:
         """||v W_o^h||_1 per query head [H, n] (kvpress `vwl1norm`), or its group mean [H_kv, n]."""
-        norms = value_output_norms(values, layer_weight(self, layer_idx), heads)
+        norms = value_output_norms(values, layer_weight(self, rank), heads)
         if self.cache_heads == "per_kv_head":
             norms = norms.view(values.shape[1], heads // values.shape[1], -1).mean(dim=1)
         return norms
@@ -57,13 +57,13 @@ class CriticalKV(ScorerWrapper):
             first = int(int(counts) * self.first_stage_ratio)
         return max(1, first) if self.first_stage_ratio > 0 else 0
 
-    def head_scores(self, layer_idx, queries, keys, values=None):
+    def head_scores(self, rank, queries, keys, values=None):
         self.query_heads = queries.shape[1]
-        return super().head_scores(layer_idx, queries, keys, values)
+        return super().head_scores(rank, queries, keys, values)
 
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+    def select_and_store(self, cache, rank, scores, counts, keys, values) -> None:
         prefix = scores.shape[-1]
-        norms = self.projected_norms(layer_idx, values, self.query_heads)[:, :prefix]
+        norms = self.projected_norms(rank, values, self.query_heads)[:, :prefix]
         rescored = (scores.float() + self.epsilon) * norms.float()
         first = self.first_stage(counts, prefix)
         if not isinstance(first, torch.Tensor):
@@ -71,7 +71,7 @@ class CriticalKV(ScorerWrapper):
         order = scores.sort(dim=-1, descending=True).indices
         for h, f in enumerate(first.tolist()):
             rescored[h, order[h, :f]] = float("inf")  # the first stage: kept by the scorer's own scores
-        super().select_and_store(cache, layer_idx, rescored, counts, keys, values)
+        super().select_and_store(cache, rank, rescored, counts, keys, values)
 
 
 def output_projections(model) -> list[torch.Tensor]:
@@ -83,7 +83,7 @@ def output_projections(model) -> list[torch.Tensor]:
     return weights
 
 
-def layer_weight(method, layer_idx: int) -> torch.Tensor:
+def layer_weight(method, rank: int) -> torch.Tensor:
     """The bound `o_proj` weight of a compressed layer; every layer must be compressed (ranks = layer indices)."""
     weights = getattr(method, "o_proj", None)
     if weights is None:
@@ -92,7 +92,7 @@ def layer_weight(method, layer_idx: int) -> torch.Tensor:
         raise KvbenchError(f"{method.name} reads each layer's output projection, but {method.num_layers} of "
                            f"{len(weights)} layers are compressed; use method.local_layers=compress or another method "
                            f"on this model")
-    return weights[layer_idx]
+    return weights[rank]
 
 
 def value_output_norms(values: torch.Tensor, weight: torch.Tensor, heads: int) -> torch.Tensor:

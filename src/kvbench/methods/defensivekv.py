@@ -59,12 +59,12 @@ class DefensiveKV(KvpressScored):
     def kept_fraction(self, n: int) -> float:
         return 1 - self.compression_ratio if self.compression_ratio is not None else self.tokens_budget / n
 
-    def kv_scores(self, layer_idx, queries, keys, values):
+    def kv_scores(self, rank, queries, keys, values):
         n, w = keys.shape[2], self.observation_window
         if n <= w:
             raise KvbenchError(f"{self.name}: the prompt ({n} tokens) must be longer than observation_window={w}")
         first_max = int((n - w) * self.kept_fraction(n) - w)
-        return defensive_scores(queries, keys, values, layer_weight(self, layer_idx), w, self.kernel_size,
+        return defensive_scores(queries, keys, values, layer_weight(self, rank), w, self.kernel_size,
                                 self.threshold, first_max)
 
 
@@ -85,20 +85,20 @@ class LayerDefensiveKV(DefensiveKV):
         super().begin(prompt_len, num_layers)
         self.layer_scores: list[torch.Tensor] = []
 
-    def allocate(self, layer_idx, scores, prompt_len):
+    def allocate(self, rank, scores, prompt_len):
         """None until the last layer; then each (layer, head)'s count in one top-k over every layer's scores."""
         self.layer_scores.append(scores)
-        if layer_idx < self.num_layers - 1:
+        if rank < self.num_layers - 1:
             return None
         stacked = torch.stack(self.layer_scores)  # [L, S, P]
         layers, heads, prefix = stacked.shape
-        total = layers * heads * min(self.prefix_budget(layer_idx, prompt_len), prefix)
+        total = layers * heads * min(self.prefix_budget(rank, prompt_len), prefix)
         winners = stacked.flatten().topk(total).indices
         counts = torch.bincount(winners // prefix, minlength=layers * heads).view(layers, heads)
         self.head_budgets = counts.tolist()
         return counts
 
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+    def select_and_store(self, cache, rank, scores, counts, keys, values) -> None:
         if counts is None:
             return  # the layer stays whole until every layer is scored
         for j, layer_scores in enumerate(self.layer_scores):

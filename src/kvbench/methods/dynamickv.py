@@ -81,36 +81,36 @@ class DynamicKV(PooledWindowMethod):
         self.allocations: list[list[int]] = []  # prefix sizes chosen at each update, for the run record
 
     # score: SnapKV's pooled window scores (inherited).
-    def allocate(self, layer_idx, scores, prompt_len) -> int:
+    def allocate(self, rank, scores, prompt_len) -> int:
         """The layer first keeps the temporary maximum; the scores are kept for the re-allocations."""
         self.pooled.append(scores)
         return min(int(self.radio_max * (self.tokens_budget - self.window_size)), prompt_len - self.window_size)
 
-    def select_and_store(self, cache, layer_idx, scores, counts, keys, values) -> None:
+    def select_and_store(self, cache, rank, scores, counts, keys, values) -> None:
         """Store the layer's top `counts`, then at an update layer cut every layer seen to its new size."""
-        super().select_and_store(cache, layer_idx, scores, counts, keys, values)
-        if not self.is_update_layer(layer_idx):
+        super().select_and_store(cache, rank, scores, counts, keys, values)
+        if not self.is_update_layer(rank):
             return
         prefix = keys.shape[2] - self.window_size
-        sizes = self.reallocate(layer_idx, self.tokens_budget - self.window_size, counts, prefix)
+        sizes = self.reallocate(rank, self.tokens_budget - self.window_size, counts, prefix)
         self.allocations.append(sizes)
         for j, size in enumerate(sizes):
             if self.mode == "fixed":
                 size = min(size, cache.layers[j].get_seq_length() - self.window_size)
             truncate_layer(cache, j, min(size, prefix), self.window_size)
 
-    def is_update_layer(self, layer_idx: int) -> bool:
-        periodic = layer_idx % self.update_interval == self.update_interval - 1
-        return periodic or (self.mode == "fixed" and layer_idx == self.num_layers - 1)
+    def is_update_layer(self, rank: int) -> bool:
+        periodic = rank % self.update_interval == self.update_interval - 1
+        return periodic or (self.mode == "fixed" and rank == self.num_layers - 1)
 
-    def reallocate(self, layer_idx: int, base: int, temp_max: int, prefix: int) -> list[int]:
-        """New prefix sizes for layers 0..layer_idx (official arithmetic, `dynamic_v11.py:78-114`)."""
-        seen = layer_idx + 1
+    def reallocate(self, rank: int, base: int, temp_max: int, prefix: int) -> list[int]:
+        """New prefix sizes for layers 0..rank (official arithmetic, `dynamic_v11.py:78-114`)."""
+        seen = rank + 1
         stacked = torch.stack(self.pooled)  # [seen, heads, prefix]
         heads = stacked.shape[1]
         winners = stacked.flatten().topk(min(base * heads * seen, stacked.numel())).indices
         counts = torch.bincount(winners // (heads * prefix), minlength=seen) // seen
-        is_last = layer_idx == self.num_layers - 1
+        is_last = rank == self.num_layers - 1
         if is_last and int(counts.sum()) != heads * prefix:
             counts[-1] += base * heads - counts.sum()
         share = counts / counts.sum()  # float32, as the official tensor arithmetic

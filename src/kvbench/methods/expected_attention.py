@@ -110,7 +110,7 @@ class ExpectedAttention(KvpressScored):
                                f"({like.shape[-1]}); partial RoPE is not supported")
         return cos[0], sin[0]
 
-    def kv_scores(self, layer_idx, queries, keys, values):
+    def kv_scores(self, rank, queries, keys, values):
         if values is None:
             raise KvbenchError("expected_attention weighs its scores by the value norms: pass the values")
         n = keys.shape[2]

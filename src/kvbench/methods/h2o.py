@@ -59,7 +59,7 @@ class H2O(ScoredMethod):
             raise KvbenchError("h2o during decoding keeps per-head accumulated scores for a uniform allocation: "
                                "use method.allocation=uniform and method.decode_style=kvbench")
 
-    def score(self, layer_idx, queries, keys, window: int | None = None):
+    def score(self, rank, queries, keys, window: int | None = None):
         window = self.window_size if window is None else window
         if queries.device.type == "cpu" and queries.dtype == torch.float32:
             return single_pass_scores(queries, keys, window, self.mode == "causal")
@@ -71,40 +71,40 @@ class H2O(ScoredMethod):
         super().begin(prompt_len, num_layers)
         self.accumulated: dict[int, torch.Tensor] = {}  # layer -> [S, H / S, rows]: per query head, row order
 
-    def after_layer(self, layer_idx, queries, keys, cache) -> None:
+    def after_layer(self, rank, queries, keys, cache) -> None:
         if self.decode_interval is None and not self.turn_cuts:
             return
-        full = self.score(layer_idx, queries, keys, window=0)  # [H, n]: causal column sums over the prompt
-        stored = cache.layers[layer_idx]
+        full = self.score(rank, queries, keys, window=0)  # [H, n]: causal column sums over the prompt
+        stored = cache.layers[rank]
         groups = 1 if self.cache_heads == "per_query_head" else queries.shape[1] // keys.shape[1]
         full = full.view(-1, groups, full.shape[-1])
         if stored.positions is not None:  # rows kept, in row order
             full = full.gather(2, stored.positions[:, None, :].expand(-1, groups, -1))
-        self.accumulated[layer_idx] = full.float()
+        self.accumulated[rank] = full.float()
 
-    def decode_observe(self, layer_idx: int, query: torch.Tensor, keys: torch.Tensor) -> None:
+    def decode_observe(self, rank: int, query: torch.Tensor, keys: torch.Tensor) -> None:
         """Add the attention of this forward's queries [1,H,m,d] over the layer's held keys [1,S,L,d] (causal
         among the m new tokens) to every held token's accumulated score."""
-        acc = self.accumulated[layer_idx]
+        acc = self.accumulated[rank]
         m, total = query.shape[2], keys.shape[2]
         logits = grouped_logits(query, keys)
         rows = torch.arange(total - m, total, device=keys.device)
         logits = logits + window_causal_mask(rows, total, m, logits.dtype, full_causal=True)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype).float()[0].sum(dim=1)
         acc = torch.cat([acc, acc.new_zeros(*acc.shape[:2], total - acc.shape[-1])], dim=-1)
-        self.accumulated[layer_idx] = acc + probs.view(acc.shape)
+        self.accumulated[rank] = acc + probs.view(acc.shape)
 
-    def decode_compress_layer(self, layer_idx, queries, keys, values, cache, seq_len) -> None:
-        acc = self.accumulated[layer_idx]
+    def decode_compress_layer(self, rank, queries, keys, values, cache, seq_len) -> None:
+        acc = self.accumulated[rank]
         if keys.shape[2] <= self.window_size:
             return
         scores = acc.mean(dim=1)[:, : keys.shape[2] - self.window_size]  # per stored head
-        counts = self.allocate(layer_idx, scores, seq_len)
+        counts = self.allocate(rank, scores, seq_len)
         if counts >= scores.shape[-1]:
             return
-        self.select_and_store(cache, layer_idx, scores, counts, keys, values)
-        rows = cache.layers[layer_idx].positions  # rows kept, among the rows held before the cut
-        self.accumulated[layer_idx] = acc.gather(2, rows[:, None, :].expand(-1, acc.shape[1], -1))
+        self.select_and_store(cache, rank, scores, counts, keys, values)
+        rows = cache.layers[rank].positions  # rows kept, among the rows held before the cut
+        self.accumulated[rank] = acc.gather(2, rows[:, None, :].expand(-1, acc.shape[1], -1))
 
 
 def blocked_scores(queries: torch.Tensor, keys: torch.Tensor, window: int, causal: bool,

@@ -21,6 +21,6 @@ class KeyDiff(KvpressScored):
     order = 74
     attention_free: ClassVar[bool] = True  # key directions only
 
-    def kv_scores(self, layer_idx, queries, keys, values):
+    def kv_scores(self, rank, queries, keys, values):
         anchor = F.normalize(keys, p=2, dim=-1).mean(dim=2, keepdim=True)
         return -F.cosine_similarity(keys, anchor, dim=-1)[0]

@@ -15,5 +15,5 @@ class KNorm(KvpressScored):
     order = 70
     attention_free: ClassVar[bool] = True  # key norms only: fine on soft-capped or sink attention
 
-    def kv_scores(self, layer_idx, queries, keys, values):
+    def kv_scores(self, rank, queries, keys, values):
         return -keys[0].norm(dim=-1)

@@ -71,13 +71,13 @@ class KvpressScored(ScoredMethod):
             return max(self.window_size + 1, round(prompt_len * self.budget))
         return int(self.budget)
 
-    def kv_scores(self, layer_idx: int, queries: torch.Tensor, keys: torch.Tensor,
+    def kv_scores(self, rank: int, queries: torch.Tensor, keys: torch.Tensor,
                   values: torch.Tensor) -> torch.Tensor:
         """[H_kv, n] scores of every prompt position per KV head (higher is kept)."""
         raise NotImplementedError
 
-    def head_scores(self, layer_idx, queries, keys, values=None):
-        scores = self.kv_scores(layer_idx, queries, keys, values)[:, : keys.shape[2] - self.window_size]
+    def head_scores(self, rank, queries, keys, values=None):
+        scores = self.kv_scores(rank, queries, keys, values)[:, : keys.shape[2] - self.window_size]
         if self.cache_heads == "per_query_head":  # the same list for every head of a group
             scores = scores.repeat_interleave(queries.shape[1] // keys.shape[1], dim=0)
         return scores
@@ -131,5 +131,5 @@ class ScorerWrapper(KvpressScored):
         super().begin(prompt_len, num_layers)
         self.inner.begin(prompt_len, num_layers)
 
-    def head_scores(self, layer_idx, queries, keys, values=None):
-        return self.inner.head_scores(layer_idx, queries, keys, values)
+    def head_scores(self, rank, queries, keys, values=None):
+        return self.inner.head_scores(rank, queries, keys, values)

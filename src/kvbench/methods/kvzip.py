@@ -263,12 +263,12 @@ class KVzip(Method):
         else:
             pruned = pruned_per_layer(scores, scores.numel() - self.kept_total(self.num_layers, kv_heads, prefix))
         counts, self.head_budgets = [], []
-        for layer_idx, layer_pruned in enumerate(pruned):
-            layer = cache.layers[layer_idx]
-            kept = kept_per_head(scores[layer_idx], layer_pruned)
+        for rank, layer_pruned in enumerate(pruned):  # every layer is compressed (checked above): rank == layer_idx
+            layer = cache.layers[rank]
+            kept = kept_per_head(scores[rank], layer_pruned)
             if self.cache_heads == "per_query_head":
                 kept = [idx for idx in kept for _ in range(self.group)]
-            self.keep_ragged(cache, layer_idx, kept, layer.keys, layer.values)
+            self.keep_ragged(cache, rank, kept, layer.keys, layer.values)
             counts.append(kv_heads * prefix - layer_pruned)
             self.head_budgets.append([len(idx) for idx in kept])
         self.allocations = [counts]
@@ -295,18 +295,17 @@ class KVzip(Method):
                                "prefill of this prompt length")
         return sum(sum(counts) + len(counts) * self.window_size for counts in heads)
 
-    def observe_layer(self, layer_idx, queries, keys) -> None:
+    def observe_layer(self, rank, queries, keys) -> None:
         if self.recording is not None:
             start, end = self.recording
             self.group = queries.shape[1] // keys.shape[1]
-            self.observed.add(layer_idx)
+            self.observed.add(rank)
             plus = None
-            if self.plus:
-                values = self.cache.layers[layer_idx].values[0, :, start:end]
-                weight = self.attention_modules[layer_idx].o_proj.weight
-                plus = self.inv_norms[layer_idx], output_norms(weight.to(values.dtype), values)
-            self.scores[layer_idx, :, start:end] = reconstruction_scores(queries, keys, start, end, self.n_sink,
-                                                                         plus=plus)
+            if self.plus:  # every layer is compressed (after_prefill checks): the rank is the model's layer index
+                values = self.cache.layers[rank].values[0, :, start:end]
+                weight = self.attention_modules[rank].o_proj.weight
+                plus = self.inv_norms[rank], output_norms(weight.to(values.dtype), values)
+            self.scores[rank, :, start:end] = reconstruction_scores(queries, keys, start, end, self.n_sink, plus=plus)
 
 
 # KVzip+ (kvpress `kvzip_plus_normalization=True`; the kvpress maintainers' pick for LongBench): a configuration

@@ -44,7 +44,7 @@ class LagKV(KvpressScored):
             raise KvbenchError(f"method.n_sink={self.n_sink} must be >= 0 and method.lag_size={self.lag_size} >= 1 "
                                f"(kvpress: 4, 128)")
 
-    def kv_scores(self, layer_idx, queries, keys, values):
+    def kv_scores(self, rank, queries, keys, values):
         kv_heads, n, d = keys.shape[1], keys.shape[2], keys.shape[3]
         sink, lag = self.n_sink, self.lag_size
         if n < sink + 2 * lag:  # too short to compress by lag: the sinks, then later tokens first

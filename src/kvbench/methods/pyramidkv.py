@@ -20,7 +20,7 @@ class PyramidKV(PooledWindowMethod):
         if self.beta < 1:
             raise KvbenchError(f"method.beta={self.beta} must be at least 1 (the papers use 20)")
 
-    def prefix_budget(self, layer_idx: int, prompt_len: int) -> int:
+    def prefix_budget(self, rank: int, prompt_len: int) -> int:
         base = self.tokens_budget - self.window_size
         prefix = prompt_len - self.window_size
         if prompt_len < 2 * base and self.allocation == "uniform":
@@ -32,4 +32,4 @@ class PyramidKV(PooledWindowMethod):
             min_num = 2 * base - max_num
         # `steps` is rounded down, so the mean over layers overshoots the budget a little (as the reference).
         steps = (max_num - min_num) // max(self.num_layers - 1, 1)
-        return max_num - layer_idx * steps
+        return max_num - rank * steps

@@ -22,6 +22,6 @@ class Random(KvpressScored):
     attention_free: ClassVar[bool] = True
     seed: int = 0
 
-    def kv_scores(self, layer_idx, queries, keys, values):
+    def kv_scores(self, rank, queries, keys, values):
         generator = torch.Generator().manual_seed(int(self.seed))
         return torch.rand(keys.shape[1], keys.shape[2], generator=generator).to(keys.device)

@@ -20,7 +20,7 @@ class StreamingLLM(ScoredMethod):
     attention_free = True  # selects by position: valid whatever the model's attention (soft-caps, sinks)
     window_size: int = 32
 
-    def score(self, layer_idx, queries, keys):
+    def score(self, rank, queries, keys):
         # Earlier tokens score higher, so the top-k are the first tokens, in position order.
         prefix = keys.shape[2] - self.window_size
         order = -torch.arange(prefix, device=keys.device, dtype=torch.float32)

@@ -30,7 +30,7 @@ class TOVA(KvpressScored):
     min_window: ClassVar[int] = 0
     window_size: int = 1
 
-    def kv_scores(self, layer_idx, queries, keys, values):
+    def kv_scores(self, rank, queries, keys, values):
         n = keys.shape[2]
         if self.window_size == 0:  # the paper: every token ranked, the last query's own column included
             logits = grouped_logits(queries[:, :, -1:], keys)
