@@ -270,7 +270,8 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
 
     def answer(requests: Iterable[Request], on_turn=None) -> Iterator[tuple[Request, Generated, str]]:
         """`on_turn(request, i, output, text)`: a session request's turn i as it ends."""
-        extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}  # this sample's
+        def generated(out) -> Generated:  # the budget in tokens this sample used (a fraction of its prompt)
+            return Generated(out, {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {})
 
         def started(requests):
             for request in requests:
@@ -278,26 +279,13 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
                 yield request
 
         def turn_done(request, i, turn):
-            on_turn(request, i, Generated(turn, extra), tokenizer.decode(turn.token_ids, skip_special_tokens=True))
+            on_turn(request, i, generated(turn), tokenizer.decode(turn.token_ids, skip_special_tokens=True))
 
         for request, out in generate_requests(model, started(requests), job.method, contexts=contexts,
                                               repetition_penalty=job.spec.repetition_penalty,
                                               on_turn=turn_done if on_turn is not None else None):
             timer.add(out)
-            yield request, Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
-
-    def run_session(input_ids, max_new_tokens, stop_token_ids, min_new_tokens, turns, answered, on_turn):
-        request = Request(list(input_ids), max_new_tokens, tuple(stop_token_ids), min_new_tokens, turns=tuple(turns),
-                          session_answers=job.cfg.benchmark.get("session_answers", "gold"), answered=tuple(answered))
-        extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}
-
-        def turn_done(_request, i, turn):
-            on_turn(i, Generated(turn, extra), tokenizer.decode(turn.token_ids, skip_special_tokens=True))
-
-        (_, out), = generate_requests(model, [request], job.method, repetition_penalty=job.spec.repetition_penalty,
-                                      on_turn=turn_done if on_turn is not None else None)
-        timer.add(out)
-        return Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            yield request, generated(out), tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
     # Peak memory of this run's generation (model weights included), sampled every 20 ms.
     with PeakMemory(job.device, interval_s=0.02) as memory:
