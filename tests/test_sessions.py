@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import random_prompt
+from kvbench.benchmark import Benchmark, Prompt, Sample
 from kvbench.config import compose, output_dir
 from kvbench.decoding import head_peak, session_refusal
 from kvbench.engine import generate, generate_requests, generate_session
@@ -388,3 +389,63 @@ def job_stops(tok) -> list[int]:
     model, _ = job_model()
     return list(generation_settings("multifieldqa_zh", tok, model.generation_config,
                                     protocol_preset("official")).stop_token_ids)
+
+
+# ---- the benchmark interface: a session is one Sample, written turn by turn by the pipeline ----------------------
+class _Talk(Benchmark):
+    """Two sessions without a model: session s<k> has 3 turns; a turn's answer is its question's id."""
+    name = "talk_test"
+    sessions = True
+
+    def select(self):
+        return [Sample("talk", f"s{k}", k, turns=3) for k in range(2)]
+
+    def prompts(self, todo, tokenizer, model):
+        for sample in todo:
+            turns = tuple(Turn((10 * sample.data + i,), (1,), (2,)) for i in range(3))
+            yield sample, Prompt([5, 6], 4, turns=turns, session_answers="model")
+
+    def record(self, sample, prompt, out, text):
+        raise AssertionError("a session's lines are its turns")
+
+    def record_turn(self, sample, prompt, turn, out, text):
+        return {"_id": f"{sample.key}_t{turn + 1}", "session": sample.key, "turn": turn + 1, "pred": text,
+                "answer_ids": list(out.token_ids)}
+
+    def summarize(self, store):
+        return [(r["_id"], r["pred"]) for r in store.records("talk")]
+
+
+class _TurnOut:
+    def __init__(self, ids):
+        self.token_ids = list(ids)
+
+
+def test_the_pipeline_writes_each_turn_and_resumes_a_session_at_its_first_unanswered_turn(tmp_path):
+    from kvbench.pipeline import predict
+    from kvbench.results import RunStore
+
+    asked = []
+
+    def engine(kill_at=None):
+        def answer(requests, on_turn):  # what _run's answer does: each turn handed back as it ends
+            for request in requests:
+                asked.append((request.key[0].key, request.turns[0].question_ids, request.answered))
+                for i, turn in enumerate(request.turns):
+                    if (request.key[0].key, i) == kill_at:
+                        raise KeyboardInterrupt
+                    on_turn(request, i, _TurnOut(turn.question_ids), str(turn.question_ids[0]))
+                yield request, _TurnOut([]), ""
+        return answer
+
+    store = RunStore(tmp_path / "run", {"x": 1}, {})
+    store.open()
+    with pytest.raises(KeyboardInterrupt):
+        predict(_Talk(), store, None, None, engine(kill_at=("s1", 2)))
+    assert [r["_id"] for r in store.records("talk")] == ["s0_t1", "s0_t2", "s0_t3", "s1_t1", "s1_t2"]
+    asked.clear()
+    scores = predict(_Talk(), store, None, None, engine())
+    assert asked == [("s1", (10,), ((10,), (11,)))]  # only s1, its two recorded answers replayed
+    assert scores == [(f"s{k}_t{t + 1}", str(10 * k + t)) for k in range(2) for t in range(3)]
+    asked.clear()
+    assert predict(_Talk(), store, None, None, engine()) == scores and asked == []
