@@ -8,8 +8,10 @@ the benchmark without a model (settings schema, run-name parts, sweep work, repo
 The sample loop is the pipeline's (`kvbench.pipeline.predict`): it takes the selection (`select()`, cheap: task
 and key), skips the samples already on disk, asks `prompts(todo, ...)` for their token ids (context | question |
 answer prefix, as `Prompt`), sends them to the engine and hands each answer to `record(...)`, which scores it and
-returns its prediction line. A multi-turn sample (a session, scored per turn) fits the same shape: one `Sample`
-whose `Prompt`s are its turns; it is not implemented yet.
+returns its prediction line. A multi-turn session (`benchmark.session=true`, a benchmark with `sessions`) is one
+`Sample` with `turns` set, whose `Prompt` carries the turns (`kvbench.requests.Turn`): each turn is scored and
+written as it ends (`record_turn`, one prediction line per turn, naming its session in `session`), and a killed
+session is asked again from its first unanswered turn, the recorded answers replayed.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Sample:
     key: str
     data: Any = field(default=None, compare=False)  # the benchmark's own handle (the example, the grid cell)
     digest: str | None = None  # a prediction on disk with another digest was made on other data: refused
+    turns: int = 0  # a session: its number of turns (its lines on disk carry `session` = key, `turn`, `answer_ids`)
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Prompt:
     min_new_tokens: int = 0
     question_ids: list[int] | None = None  # the question and answer prefix, prefilled after the compression
     info: dict = field(default_factory=dict)  # what `record` needs to know about how the prompt was built
+    turns: tuple | None = None  # a session: `input_ids` is the shared context, then these `Turn`s in one conversation
+    session_answers: str = "gold"  # what stays in the cache after each turn: the gold answer or the model's own
 
 
 class Benchmark:
@@ -54,6 +59,7 @@ class Benchmark:
     name: ClassVar[str]
     key: ClassVar[str] = "_id"  # the field of a prediction line that identifies its sample
     schema: ClassVar[dict] = {}  # benchmark.<key> -> kvbench.config kind (a dict: a nested section)
+    sessions: ClassVar[bool] = False  # benchmark.session=true is supported (samples sharing a context, in turn)
     uses_protocol: ClassVar[bool] = False  # the `protocol` group shapes its prompts (named in runs, recorded)
     table_layout: ClassVar[dict | None] = None  # {part: ({category: [task, ...]}, papers' task list | None)}
     papers_figures: ClassVar[bool] = False  # the report draws the papers' budget curve and score vs bytes for it
@@ -94,6 +100,11 @@ class Benchmark:
         """The scored prediction line of one answer (`out.log_fields()`: the engine's per-sample fields)."""
         raise NotImplementedError
 
+    def record_turn(self, sample: Sample, prompt: Prompt, turn: int, out, text: str) -> dict:
+        """The scored prediction line of a session's turn (0-based) as it ends: it carries `session` (the sample's
+        key), `turn` (1-based) and `answer_ids` (the answer's token ids, replayed on resume)."""
+        raise NotImplementedError
+
     def summarize(self, store) -> dict:
         """scores.json of exactly this selection (`sample_scores`: the per-sample rows)."""
         raise NotImplementedError
@@ -103,7 +114,7 @@ class Benchmark:
     def name_parts(cls, bench) -> list[str]:
         """Run-name parts of the benchmark's variants (a query-agnostic run never shares a folder)."""
         query = bench.get("query", "aware")
-        return [str(query)] if query != "aware" else []
+        return ([str(query)] if query != "aware" else []) + session_part(bench)
 
     @classmethod
     def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:
@@ -157,6 +168,13 @@ class Benchmark:
         """The rows of the selection scores.json covers, with its counts and means per task (score points)."""
         tasks = scores.get("tasks") or {}
         return [r for r in rows if r["task"] in tasks], scores.get("n") or {}, tasks
+
+
+def session_part(bench) -> list[str]:
+    """The run-name part of a session run (`session`, `sessionmodel`): never a folder shared with other runs."""
+    if not bench.get("session", False):
+        return []
+    return ["session" + ("" if bench.get("session_answers", "gold") == "gold" else "model")]
 
 
 _REGISTRY: dict[str, type[Benchmark]] = {}

@@ -61,8 +61,8 @@ def budget_text(cfg: DictConfig) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_decode<N>][_<tag>]`: the budget is left out when
-    the method ignores it (FullKV), `ratio<r>` when `method.compression_ratio` replaces it, the protocol when it is
+    """`<method>_<budget>[_<protocol>][_agnostic][_multineedle][_session[model]][_decode<N>][_<tag>]`: the budget
+    is left out when the method ignores it (FullKV), `ratio<r>` when `method.compression_ratio` replaces it, the protocol when it is
     the default preset or the benchmark does not use it (needle)."""
     name = cfg.method.name
     if not cfg.method.get("budget_agnostic", False):
@@ -70,7 +70,7 @@ def run_name(cfg: DictConfig) -> str:
     benchmark = of_config(cfg.benchmark)
     if benchmark.uses_protocol and cfg.protocol.name != DEFAULT_PROTOCOL:  # other presets never share a folder
         name += f"_{cfg.protocol.name}"
-    for part in benchmark.name_parts(cfg.benchmark):  # query-agnostic, multi-needle: never share a folder
+    for part in benchmark.name_parts(cfg.benchmark):  # query-agnostic, multi-needle, sessions: own folders
         name += f"_{part}"
     if cfg.method.get("decode_interval"):  # decoding-time compression never shares a folder with prefill-only
         name += f"_decode{cfg.method.decode_interval}"

@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.cache import CompressedCache
+from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
+from kvbench.methods.fullkv import FullKV
 from kvbench.ragged import RaggedLayer
 
 def head_peak(layer) -> int:
@@ -62,7 +64,7 @@ class KvPeak:
 class DecodeSchedule:
     """The state of one sample's decoding-time compression (see the module docstring)."""
     method: Method
-    interval: int
+    interval: int  # 0: no interval cuts (a session's turn boundaries only)
     rotary: object | None = None  # the model's rotary embedding (decode_style=kvpress only)
     record_kept: bool = False  # keep each cut's kept positions (tests, golden checks)
     steps: int = 0  # forwards since the last cut
@@ -78,10 +80,11 @@ class DecodeSchedule:
     _kept: dict = field(default_factory=dict)  # this forward: {layer: kept positions} (record_kept)
 
     # ---- what the engine calls around each forward after the prefill -------------------------------------------
-    def begin_forward(self, first_position: int, count: int) -> None:
+    def begin_forward(self, first_position: int, count: int, cut: bool = False) -> None:
+        """`cut`: this forward ends with a cut whatever the interval (a session's turn boundary)."""
         self.steps += 1
         self.position = first_position + count - 1
-        self.cutting = self.steps >= self.interval
+        self.cutting = cut or (self.interval > 0 and self.steps >= self.interval)
         self._pre_bytes, self._pre_tokens = 0, 0
         self._kept = {}
 
@@ -91,6 +94,15 @@ class DecodeSchedule:
             self.steps, self.cuts = 0, self.cuts + 1
             if self.record_kept and self._kept:
                 self.history.append(self._kept)
+
+    def save(self) -> tuple:
+        """The query buffer and step count, to go back to (a session's gold-answer mode drops the model's answer)."""
+        return self.steps, {k: list(v) for k, v in self.buffers.items()}, {k: list(v) for k, v in self.positions.items()}
+
+    def load(self, state: tuple) -> None:
+        steps, buffers, positions = state
+        self.steps, self.buffers, self.positions = steps, {k: list(v) for k, v in buffers.items()}, {
+            k: list(v) for k, v in positions.items()}
 
     # ---- what the attention wrapper calls after each compressed layer's attention -----------------------------
     def after_attention(self, cache: CompressedCache, layer_idx: int, query: torch.Tensor, kwargs: dict) -> None:
@@ -238,9 +250,32 @@ def schedule_for(method: Method, model=None, record_kept: bool = False) -> Decod
     return DecodeSchedule(method, int(interval), rotary=rotary, record_kept=record_kept)
 
 
-def rotary_of(model):
-    from kvbench.errors import KvbenchError
+def session_schedule(method: Method, model=None) -> DecodeSchedule | None:
+    """A multi-turn session's schedule: cuts at every turn boundary, and every `decode_interval` forwards when set
+    (None: a method that keeps everything, FullKV, has nothing to cut)."""
+    if isinstance(method, FullKV):
+        return None
+    rotary = rotary_of(model) if getattr(method, "decode_style", "kvbench") == "kvpress" else None
+    return DecodeSchedule(method, int(method.decode_interval or 0), rotary=rotary)
 
+
+def session_refusal(method: Method) -> str | None:
+    """Why `method` cannot cut its cache back to the budget at a session's turn boundary (None: it can). A turn
+    boundary is a decoding-time cut, so the method needs what `decode_interval` needs; FullKV needs nothing."""
+    if isinstance(method, FullKV):
+        return None
+    if method.decode_refusal:
+        return method.decode_refusal
+    probe = copy.copy(method)
+    probe.decode_interval = probe.decode_interval or 1
+    try:
+        probe.validate_decoding()
+    except KvbenchError as err:
+        return str(err)
+    return None
+
+
+def rotary_of(model):
     found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")] if model is not None else []
     if len(found) != 1:
         raise KvbenchError("method.decode_style=kvpress needs the model's one rotary embedding module; use "

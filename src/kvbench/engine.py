@@ -26,11 +26,13 @@ import torch
 from kvbench.attention import Phase, Session, compression, decoding, decoding_batch
 from kvbench.batching import BatchedCache, fork_cache, fork_method
 from kvbench.cache import CompressedCache, cache_kwargs
-from kvbench.decoding import DecodeSchedule, KvPeak, restore, schedule_for, snapshot
+from kvbench.decoding import (DecodeSchedule, KvPeak, head_peak, restore, schedule_for, session_refusal,
+                              session_schedule, snapshot)
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 from kvbench.query import check_agnostic_model
-from kvbench.requests import Request
+from kvbench.requests import Request, Turn
+from kvbench.sessions import check_session_answers
 
 
 @dataclass
@@ -55,6 +57,7 @@ class GenerationOutput:
     peak_kv_tokens: int = 0
     peak_kv_bytes: int = 0
     decode_cuts: int | None = None
+    turns: "list[TurnOutput] | None" = None  # a multi-turn session: one output per turn (token_ids: all of them)
 
     @property
     def kv_tokens(self) -> int:
@@ -217,11 +220,12 @@ def layer_types(cache: CompressedCache) -> list[str] | None:
 @torch.inference_mode()
 def greedy_decode(model, logits: torch.Tensor, cache: CompressedCache, seen: torch.Tensor, position: int, *,
                   max_new_tokens: int, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
-                  repetition_penalty: float = 1.0,
-                  schedule: DecodeSchedule | None = None) -> tuple[list[int], str, float]:
+                  repetition_penalty: float = 1.0, schedule: DecodeSchedule | None = None,
+                  forced: Sequence[int] | None = None) -> tuple[list[int], str, float]:
     """Greedy decoding from the logits of the last prompt token; the first new token goes to `position` (the true
     position after the whole prompt). `seen` [1, n] is the prompt (for the repetition penalty).
-    Returns (tokens, "stop_token" | "max_new_tokens", seconds)."""
+    `forced`: replay these tokens (a resumed session's recorded answer) through the same forwards, checking that
+    greedy decoding picks each of them. Returns (tokens, "stop_token" | "max_new_tokens", seconds)."""
     device = logits.device
     stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     tokens: list[int] = []
@@ -233,11 +237,18 @@ def greedy_decode(model, logits: torch.Tensor, cache: CompressedCache, seen: tor
         if step < min_new_tokens and len(stop):
             logits[:, stop] = float("-inf")
         next_id = logits.argmax(dim=-1, keepdim=True)
+        if forced is not None:
+            if step == len(forced) or int(next_id) != forced[step]:
+                raise KvbenchError(f"a resumed session's recorded answer does not reproduce (token {step}: greedy "
+                                   f"decoding now picks {int(next_id)}, the record holds "
+                                   f"{forced[step] if step < len(forced) else 'no more tokens'}); the earlier "
+                                   f"turns ran with other settings or hardware: rerun into a new output_dir")
+            next_id = torch.tensor([[forced[step]]], device=device)
         tokens.append(int(next_id))
         if len(stop) and bool((stop == next_id).any()):
             stopped = "stop_token"
             break
-        if step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (forced is not None and step == len(forced) - 1):
             break
         seen = torch.cat([seen, next_id], dim=1) if repetition_penalty != 1.0 else seen
         logits = decode_step(model, next_id, position + step, cache, schedule)
@@ -287,15 +298,16 @@ def compress_context(model, context_ids: torch.Tensor, method: Method | None = N
 
 @torch.inference_mode()
 def question_forward(model, question_ids: torch.Tensor, position: int, cache: CompressedCache,
-                     schedule: DecodeSchedule | None = None) -> torch.Tensor:
+                     schedule: DecodeSchedule | None = None, cut: bool = False) -> torch.Tensor:
     """All question tokens [1, q] in one forward, uncompressed, at their true positions position..position+q-1
     (position = the uncompressed context length); returns the logits of the last one [1, vocab]. With a
-    `schedule` the question chunk is one step of it (as kvpress), which may cut every compressed layer."""
+    `schedule` the question chunk is one step of it (as kvpress), which may cut every compressed layer (`cut`:
+    it does, a session's turn boundary)."""
     q = question_ids.shape[1]
     positions = torch.arange(position, position + q, device=question_ids.device)[None]
     with decoding(cache, schedule, Phase.QUESTION):
         if schedule is not None:
-            schedule.begin_forward(position, q)
+            schedule.begin_forward(position, q, cut=cut)
         out = model(input_ids=question_ids, position_ids=positions, use_cache=True, logits_to_keep=1,
                     **cache_kwargs(model, cache))
         if schedule is not None:
@@ -390,6 +402,160 @@ def generate_agnostic(model, context_ids: torch.Tensor, question_ids: torch.Tens
     return answer_question(model, context, question_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
                            min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, reused=reused,
                            method=method)
+
+
+# ---- multi-turn sessions: one context, then K questions in one conversation -------------------------------------
+@dataclass
+class TurnOutput:
+    """One turn of a session. `position`: the true position of the turn's first question token."""
+    token_ids: list[int]
+    stopped: str
+    position: int
+    question_tokens: int
+    answer_tokens: int  # the tokens this turn's answer adds to the cache (gold, or the model's own + close)
+    question_s: float
+    decode_s: float
+    peak_kv_tokens: int  # the most tokens any head held during this turn (question, answer and the boundary)
+    peak_kv_bytes: int
+    kv_tokens_after: int | None  # the most tokens any head holds after the cut at this turn's end (None: last turn)
+    replayed: bool = False  # a resumed session: this turn's recorded answer was replayed, not generated
+    context_tokens: int = 0  # the shared context's length (uncompressed)
+    kv_bytes: int = 0  # bytes of keys and values held after the context's compression
+
+    def log_fields(self) -> dict:
+        return {"prompt_tokens": self.position + self.question_tokens, "context_part_tokens": self.context_tokens,
+                "kv_bytes": self.kv_bytes, "turn_position": self.position, "question_tokens": self.question_tokens,
+                "answer_tokens": self.answer_tokens, "question_prefill_s": round(self.question_s, 4),
+                "decode_s": round(self.decode_s, 4), "new_tokens": len(self.token_ids), "stopped": self.stopped,
+                "peak_kv_tokens": self.peak_kv_tokens, "peak_kv_bytes": self.peak_kv_bytes,
+                **({"kv_tokens_after_turn": self.kv_tokens_after} if self.kv_tokens_after is not None else {})}
+
+
+def check_session(method: Method, answers: str) -> None:
+    """What a session needs of its settings (the pipeline calls it before the model loads)."""
+    check_session_answers(answers)
+    reason = session_refusal(method)
+    if reason:
+        raise KvbenchError(f"method {method.name} cannot compress at a session's turn boundaries: {reason}; use "
+                           f"another method or drop benchmark.session")
+
+
+@torch.inference_mode()
+def chunk_forward(model, ids: Sequence[int], position: int, cache: CompressedCache,
+                  schedule: DecodeSchedule | None, cut: bool = False) -> torch.Tensor:
+    """Feed `ids` in one forward at their true positions as one step of `schedule` (`cut`: ending with a cut back
+    to the budget, a turn boundary); returns the last token's logits [1, vocab]."""
+    return question_forward(model, torch.tensor([list(ids)], device=cache_device(model)), position, cache, schedule,
+                            cut)
+
+
+def cache_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def generate_session(model, context_ids: torch.Tensor, turns: Sequence[Turn], method: Method | None = None, *,
+                     max_new_tokens: int, answers: str = "gold", stop_token_ids: Sequence[int] = (),
+                     min_new_tokens: int = 0, repetition_penalty: float = 1.0,
+                     answered: Sequence[Sequence[int]] = (), on_turn=None) -> GenerationOutput:
+    """A multi-turn session: `context_ids` [1, C] is prefilled alone and compressed (query-agnostic), then each
+    turn's question is fed in one forward and answered greedily, in one conversation at true positions. At each
+    turn's end the answer is appended (answers="gold": the turn's reference answer, the model's tokens dropped;
+    "model": the model's own tokens and the turn's close) in one forward that ends with every compressed layer cut
+    back to its budget; `method.decode_interval` cuts inside the turns too. The first `len(answered)` turns replay
+    their recorded answers (a resumed session). `on_turn(i, TurnOutput)` is called as each turn ends."""
+    method = method or FullKV()
+    check_interval(method, max_new_tokens)
+    check_session(method, answers)
+    if not turns:
+        raise KvbenchError("a session needs at least one turn")
+    if answers == "model" and any(not turn.close_ids for turn in turns):
+        raise KvbenchError("session_answers=model needs each turn's close (the end-of-turn tokens after an answer)")
+    method.turn_cuts = True
+    try:
+        context = compress_context(model, context_ids, method)
+        cache, device = context.prefilled.cache, context_ids.device
+        schedule = session_schedule(method, model)
+        session_peak = KvPeak()
+        session_peak.observe(cache)
+        position, seen = context.prefilled.prompt_tokens, context_ids
+        outputs: list[TurnOutput] = []
+        for i, turn in enumerate(turns):
+            last = i == len(turns) - 1
+            peak = KvPeak()
+            peak.observe(cache)
+            if schedule is not None:
+                schedule.peak = peak
+            start_position = position
+            _sync(device)
+            start = time.perf_counter()
+            logits = chunk_forward(model, turn.question_ids, position, cache, schedule)
+            _sync(device)
+            question_s = time.perf_counter() - start
+            position += len(turn.question_ids)
+            if repetition_penalty != 1.0:
+                seen = torch.cat([seen, torch.tensor([list(turn.question_ids)], device=device)], dim=1)
+            replay = list(answered[i]) if i < len(answered) else None
+            saved = None
+            if answers == "gold":  # the model's answer goes to a scratch state, dropped after the turn
+                saved = snapshot(cache, method), schedule.save() if schedule is not None else None
+            if replay is not None and answers == "gold":  # its answer never reaches the cache: nothing to redo
+                tokens, stopped, decode_s = replay, replay_stop(replay, stop_token_ids, max_new_tokens), 0.0
+            else:
+                tokens, stopped, decode_s = greedy_decode(
+                    model, logits, cache, seen, position, max_new_tokens=max_new_tokens,
+                    stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
+                    repetition_penalty=repetition_penalty, schedule=schedule, forced=replay)
+            peak.observe(cache)
+            if saved is not None:
+                restore(cache, method, saved[0])
+                if schedule is not None:
+                    schedule.load(saved[1])
+                appended = list(turn.answer_ids)
+            else:  # every token but the last was fed while decoding; a stop token gives way to the turn's close
+                position += len(tokens) - 1
+                appended = ([] if stopped == "stop_token" else tokens[-1:]) + list(turn.close_ids)
+                if repetition_penalty != 1.0 and len(tokens) > 1:
+                    seen = torch.cat([seen, torch.tensor([tokens[:-1]], device=device)], dim=1)
+            after = None
+            if not last:  # the turn boundary: the answer joins the conversation, and every layer is cut back
+                chunk_forward(model, appended, position, cache, schedule, cut=True)
+                position += len(appended)
+                if repetition_penalty != 1.0:
+                    seen = torch.cat([seen, torch.tensor([appended], device=device)], dim=1)
+                peak.observe(cache)
+                after = max(head_peak(layer) for layer in cache.layers)
+            session_peak.observe(cache)
+            session_peak.tokens, session_peak.bytes = (max(session_peak.tokens, peak.tokens),
+                                                       max(session_peak.bytes, peak.bytes))
+            out = TurnOutput(tokens, stopped, start_position, len(turn.question_ids), len(appended), question_s,
+                             decode_s, peak.tokens, peak.bytes, after, replay is not None,
+                             context.prefilled.prompt_tokens, context.kv_bytes)
+            outputs.append(out)
+            if on_turn is not None:
+                on_turn(i, out)
+    finally:
+        method.turn_cuts = False
+    return GenerationOutput(
+        [t for out in outputs for t in out.token_ids], position, context.prefilled.prefill_s,
+        sum(out.decode_s for out in outputs), context.kv_bytes, list(context.layer_kept), outputs[-1].stopped,
+        dict(context.record), cache.any_compressed(), layer_types(cache),
+        context_tokens=context.prefilled.prompt_tokens, question_prefill_s=sum(out.question_s for out in outputs),
+        context_reused=False, peak_kv_tokens=session_peak.tokens, peak_kv_bytes=session_peak.bytes,
+        decode_cuts=schedule.cuts if schedule is not None else None, turns=outputs)
+
+
+def replay_stop(tokens: Sequence[int], stop_token_ids: Sequence[int], max_new_tokens: int) -> str:
+    return "stop_token" if tokens and tokens[-1] in set(stop_token_ids) else "max_new_tokens"
+
+
+def _session(model, request: Request, method: Method, device, repetition_penalty: float, on_turn) -> GenerationOutput:
+    """A session request's answer (generate_session), its turns reported to `on_turn(request, i, TurnOutput)`."""
+    hook = None if on_turn is None else (lambda i, out: on_turn(request, i, out))
+    return generate_session(model, torch.tensor([request.input_ids], device=device), request.turns, method,
+                            max_new_tokens=request.max_new_tokens, answers=request.session_answers,
+                            stop_token_ids=request.stop_token_ids, min_new_tokens=request.min_new_tokens,
+                            repetition_penalty=repetition_penalty, answered=request.answered, on_turn=hook)
 
 
 # ---- many requests: batched decoding with continuous batching (kvbench.batching) ----------------------------------
@@ -572,7 +738,7 @@ def _is_oom(err: BaseException) -> bool:
 def generate_requests(model, requests: Iterable[Request], method: Method | None = None, *,
                       repetition_penalty: float = 1.0, contexts: ContextCache | None = None,
                       batch_size: int | str = 1, report: dict | None = None, record_kept: bool = False,
-                      ) -> Iterator[tuple[Request, GenerationOutput]]:
+                      on_turn=None) -> Iterator[tuple[Request, GenerationOutput]]:
     """Answer every request, yielding (request, output) as each finishes (completion order).
 
     Up to `batch_size` requests decode together (continuous batching: a finished sequence leaves the batch and the
@@ -580,7 +746,8 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
     positions, stop tokens, `min_new_tokens`, repetition penalty and decode schedule (kvbench.batching).
     `batch_size="auto"` picks N from free memory and the longest prompt (the requests are read first); `report`,
     if given, receives the choice. `record_kept` adds each output's kept positions (`kept_positions`: after the
-    prefill and at the end) for the tests."""
+    prefill and at the end) for the tests. A session request (`turns`) runs alone through `generate_session`, its
+    turns in order (sessions are not batched); `on_turn(request, i, TurnOutput)` sees each turn as it ends."""
     method = method or FullKV()
     size = check_batch_size(batch_size)
     device = next(model.parameters()).device
@@ -594,6 +761,9 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
         report["batch_size"] = size
     if size == 1 and not record_kept:  # batch 1: each request through `generate`, the reference path
         for request in requests:
+            if request.turns is not None:
+                yield request, _session(model, request, method, device, repetition_penalty, on_turn)
+                continue
             question = None if request.question_ids is None else torch.tensor([request.question_ids], device=device)
             yield request, generate(model, torch.tensor([request.input_ids], device=device), method,
                                     max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
@@ -609,6 +779,9 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
             if request is None:
                 more = False
                 break
+            if request.turns is not None:
+                yield request, _session(model, request, method, device, repetition_penalty, on_turn)
+                continue
             seq = _start(model, request, method, device, repetition_penalty, contexts, record_kept)
             if _choose(seq, repetition_penalty):  # done at its first token (a stop token, or one token asked)
                 yield request, seq.finish(seq.tokens, seq.stopped, 0.0)

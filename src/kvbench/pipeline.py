@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 import kvbench
 from kvbench.benchmark import Benchmark, grouped, of_config
 from kvbench.config import output_dir, run_name, validate
-from kvbench.engine import ContextCache, GenerationOutput, check_interval, generate_requests
+from kvbench.engine import ContextCache, GenerationOutput, check_interval, check_session, generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
@@ -36,6 +36,7 @@ from kvbench.query import check_agnostic_model
 from kvbench.requests import Request
 from kvbench.results import RunStore
 from kvbench.sample_rows import pop_and_write
+from kvbench.sessions import resume_answers
 
 log = logging.getLogger("kvbench")
 VERSIONED_PACKAGES = ("torch", "transformers", "hydra-core", "datasets", "rouge", "rouge-score", "fuzzywuzzy",
@@ -116,7 +117,13 @@ def prepare(cfg: DictConfig) -> Job:
     spec = with_trained_len(ModelSpec.from_config(OmegaConf.to_container(cfg.model, resolve=True)))
     device = resolve_device(cfg.device)
     resolve_dtype(spec, device)
-    plan = of_config(cfg.benchmark).plan(cfg, spec)
+    benchmark = of_config(cfg.benchmark)
+    if cfg.benchmark.get("session", False):  # refused before the model loads: answer mode, turn-boundary cuts
+        if not benchmark.sessions:
+            raise KvbenchError(f"benchmark.session=true: {cfg.benchmark.name} has no multi-turn sessions (samples "
+                               f"sharing a context); drop benchmark.session")
+        check_session(method, cfg.benchmark.get("session_answers", "gold"))
+    plan = benchmark.plan(cfg, spec)
     if cfg.get("output_dir") and cfg.get("tag"):
         log.warning("tag=%s is not used: output_dir=%s names the folder (tag= only names default folders)",
                     cfg.tag, cfg.output_dir)
@@ -221,7 +228,8 @@ def evaluate(cfg: DictConfig, on_sample: Callable[[str, dict], None] | None = No
     try:
         tokenizer = load_tokenizer(job.spec)  # a missing tokenizer or hub model fails here, before the weights
         job.benchmark.check_tokenizer(tokenizer)
-        if cfg.benchmark.get("query", "aware") == "agnostic":  # sliding-window models: refused before the weights
+        if cfg.benchmark.get("query", "aware") == "agnostic" or cfg.benchmark.get("session", False):
+            # the context is compressed alone (sliding-window models are refused before the weights)
             check_agnostic_model(model_config(job.spec, tokenizer, job.device))
         loading = time.perf_counter()
         model, tokenizer = load_model_once(job.spec, job.device)
@@ -261,17 +269,25 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
     contexts = ContextCache()  # query-agnostic runs: samples sharing a context reuse its compressed cache
     batching: dict = {}  # batch_size as applied (auto: the choice and its inputs), recorded in run.json
 
-    def answer(requests: Iterable[Request]) -> Iterator[tuple[Request, Generated, str]]:
+    def answer(requests: Iterable[Request], on_turn=None) -> Iterator[tuple[Request, Generated, str]]:
+        """`on_turn(request, i, output, text)`: a session request's turn i as it ends."""
+        def generated(out) -> Generated:  # the budget in tokens this sample used (a fraction of its prompt)
+            return Generated(out, {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {})
+
         def started(requests):
             for request in requests:
                 store.begin_session(session)  # the first sample of this session marks the record "running"
                 yield request
+
+        def turn_done(request, i, turn):
+            on_turn(request, i, generated(turn), tokenizer.decode(turn.token_ids, skip_special_tokens=True))
+
         for request, out in generate_requests(model, started(requests), job.method, contexts=contexts,
                                               repetition_penalty=job.spec.repetition_penalty,
-                                              batch_size=job.cfg.get("batch_size", 1), report=batching):
+                                              batch_size=job.cfg.get("batch_size", 1), report=batching,
+                                              on_turn=turn_done if on_turn is not None else None):
             timer.add(out)
-            extra = {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {}  # this sample's
-            yield request, Generated(out, extra), tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            yield request, generated(out), tokenizer.decode(out.token_ids, skip_special_tokens=True)
 
     # Peak memory of this run's generation (model weights included), sampled every 20 ms.
     with PeakMemory(job.device, interval_s=0.02) as memory:
@@ -290,26 +306,49 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
 def predict(bench: Benchmark, store: RunStore, model, tokenizer, answer, show_progress: bool = False,
             on_sample: Callable[[str, dict], None] | None = None) -> dict:
     """The sample loop: every selected sample not on disk yet (one with another digest on disk is refused) is
-    prompted, answered by `answer(requests) -> (request, output, text)` (in any order: the request's key finds its
-    sample back), scored by the benchmark and written as it finishes; returns the scores of exactly the selection."""
+    prompted, answered by `answer(requests[, on_turn]) -> (request, output, text)` (in any order: the request's key
+    finds its sample back), scored by the benchmark and written as it finishes; returns the scores of exactly the
+    selection. A session (`Sample.turns`) is written turn by turn as each ends (`on_turn`); one cut short resumes at
+    its first unanswered turn, the answers on disk replayed."""
     for task, samples in grouped(bench.select()).items():
         done = store.done(task, bench.key)  # repairs a torn last line (an interrupted write) before reading
-        if any(s.digest for s in samples) and done:
-            digests = {r.get(bench.key): r.get("sample_sha256") for r in store.records(task, bench.key)}
-            for sample in samples:
-                if sample.key in digests and sample.digest and digests[sample.key] != sample.digest:
-                    raise KvbenchError(f"{store.prediction_file(task)}: sample {sample.key} was predicted on other "
-                                       f"data; delete {store.root} or choose another output_dir")
-        todo = [s for s in samples if s.key not in done]
+        lines = on_disk(store, task, bench.key, samples) if done else {}
+        for sample in samples:
+            if sample.digest and any(r.get("sample_sha256") != sample.digest for r in lines.get(sample.key, ())):
+                raise KvbenchError(f"{store.prediction_file(task)}: sample {sample.key} was predicted on other "
+                                   f"data; delete {store.root} or choose another output_dir")
+        todo = [s for s in samples if len(lines.get(s.key, ())) < max(s.turns, 1)]
         if not todo:
             continue
-        requests = (Request(p.input_ids, p.max_new_tokens, tuple(p.stop_token_ids), p.min_new_tokens,
-                            p.question_ids, key=(s, p)) for s, p in bench.prompts(todo, tokenizer, model))
-        label = f"{task} ({len(samples) - len(todo)} done)" if len(todo) < len(samples) else task
-        for request, out, text in progress(answer(requests), len(todo), label, show_progress):
-            sample, prompt = request.key
-            record = bench.record(sample, prompt, out, text)
+        answered = {s.key: resume_answers(lines.get(s.key, ()), s.turns) for s in todo if s.turns}
+
+        def write(record: dict) -> None:
             store.append(task, record)
             if on_sample:
                 on_sample(task, record)
+
+        def on_turn(request, i, out, text) -> None:
+            if i >= len(request.answered):  # a replayed turn is on disk already
+                write(bench.record_turn(*request.key, i, out, text))
+
+        requests = (Request(p.input_ids, p.max_new_tokens, tuple(p.stop_token_ids), p.min_new_tokens,
+                            p.question_ids, key=(s, p), turns=p.turns, session_answers=p.session_answers,
+                            answered=answered.get(s.key, ())) for s, p in bench.prompts(todo, tokenizer, model))
+        label = f"{task} ({len(samples) - len(todo)} done)" if len(todo) < len(samples) else task
+        answers = answer(requests, on_turn) if answered else answer(requests)  # on_turn: sessions only
+        for request, out, text in progress(answers, len(todo), label, show_progress):
+            if request.turns is None:  # a session's turns were written as they ended
+                write(bench.record(*request.key, out, text))
     return bench.summarize(store)
+
+
+def on_disk(store: RunStore, task: str, key: str, samples: list) -> dict[str, list[dict]]:
+    """A task's prediction lines by sample key: a session's lines (`session` = its key) in turn order."""
+    lines: dict[str, list[dict]] = {}
+    sessions = any(s.turns for s in samples)
+    for record in store.records(task, key):
+        if sessions and "turn" in record:
+            lines.setdefault(str(record.get("session")), []).append(record)
+        else:
+            lines.setdefault(record.get(key), []).append(record)
+    return lines

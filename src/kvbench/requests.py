@@ -4,11 +4,26 @@ The pipeline turns each sample a benchmark yields into a `Request` and hands a s
 `engine.generate_requests`, which answers each with a `GenerationOutput` (in completion order, with the request it
 answers), one at a time or batched. Nothing in a request refers back to the benchmark: `key` is the caller's own
 handle for the sample, handed back untouched.
+
+A multi-turn session (`turns`) is one request: `input_ids` is the shared context (compressed first), then each
+turn's question is asked in the same conversation, the previous turn's answer kept in the cache (the gold one, or
+the model's own: `session_answers`); the output carries one `TurnOutput` per turn (`GenerationOutput.turns`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+
+SESSION_ANSWERS = ("gold", "model")  # what a session keeps as each turn's answer: the reference one (SCBench), the model's
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question of a session, as token ids of the conversation it belongs to."""
+    question_ids: tuple[int, ...]  # what follows the previous answer up to the answer (e.g. user turn + assistant header)
+    answer_ids: tuple[int, ...]  # the gold answer as the conversation holds it, its end-of-turn marker included
+    close_ids: tuple[int, ...]  # the end-of-turn marker put after an answer of the model's own (session_answers=model)
 
 
 @dataclass(frozen=True)
@@ -19,3 +34,8 @@ class Request:
     min_new_tokens: int = 0
     question_ids: list[int] | None = None  # query-agnostic runs: the question, prefilled after the compression
     key: Any = field(default=None, compare=False)  # the caller's handle for this sample
+    # A multi-turn session: `input_ids` is the shared context; `answered` holds the answers (token ids) already
+    # recorded for its first turns, replayed, not generated again, when a killed session resumes.
+    turns: tuple[Turn, ...] | None = None
+    session_answers: str = "gold"
+    answered: tuple[tuple[int, ...], ...] = ()

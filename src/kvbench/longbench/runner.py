@@ -21,11 +21,13 @@ from kvbench.longbench.data import (DataSource, check_hub_data, load_manifest, l
                                     verify_file)
 from kvbench.longbench.protocol import (Protocol, ProtocolError, _check_max_input_len, build_prompt,
                                         build_split_prompt, generation_settings)
-from kvbench.longbench.scoring import score_folder, score_records
+from kvbench.longbench.scoring import score_folder, score_records, score_sample
+from kvbench.longbench.session import context_groups, session_ids
 from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16, task_spec
 from kvbench.models import ModelSpec
 from kvbench.query import check_query_mode
 from kvbench.sample_rows import SAMPLES_KEY
+from kvbench.sessions import check_session_answers, turn_scores
 
 log = logging.getLogger("kvbench")
 BYTES_PER_TOKEN = 4.0  # the sweep's prompt-length estimate from a task file's bytes
@@ -35,7 +37,9 @@ BYTES_PER_TOKEN = 4.0  # the sweep's prompt-length estimate from a task file's b
 class LongBenchPlan(Benchmark):
     name = "longbench"
     schema = {"tasks": STR_LIST, "data_dir": optional(STR), "hub_id": STR, "verify_checksums": BOOL,
-              "limit": optional(POS_INT), "max_new_tokens": optional(POS_INT), "query": STR}
+              "limit": optional(POS_INT), "max_new_tokens": optional(POS_INT), "query": STR, "session": BOOL,
+              "session_answers": STR}
+    sessions = True  # samples sharing a context asked in turn (longbench/session.py)
     uses_protocol = True
     papers_figures = True
     table_layout = {"en": (CATEGORIES_EN, ENGLISH_16), "zh": (CATEGORIES_ZH, CHINESE_5)}
@@ -47,6 +51,8 @@ class LongBenchPlan(Benchmark):
     context_len: int | None = None  # the model's context (trained_len): longer final prompts get a warning
     query: str = "aware"
     max_new_tokens: int | None = None  # a cap on each task's official max_gen (a recorded deviation); None: official
+    session: bool = False  # the samples sharing a context asked in turn in one conversation (longbench/session.py)
+    session_answers: str = "gold"
     _selected: dict = dataclasses.field(default_factory=dict, repr=False)
     _warned: bool = dataclasses.field(default=False, repr=False)
 
@@ -83,7 +89,8 @@ class LongBenchPlan(Benchmark):
         return score_folder(run_dir / "predictions", e=e)[SAMPLES_KEY]
 
     def protocol_name(self) -> str:
-        return self.protocol.name + ("_agnostic" if self.query == "agnostic" else "")
+        return (self.protocol.name + ("_agnostic" if self.query == "agnostic" else "")
+                + (f"_session{'' if self.session_answers == 'gold' else 'model'}" if self.session else ""))
 
     def settings(self) -> dict:
         # `limit` and `tasks` are not settings: a larger selection continues the same run.
@@ -91,7 +98,9 @@ class LongBenchPlan(Benchmark):
         return {"name": "longbench_e" if self.longbench_e else "longbench", "protocol": self.protocol.to_dict(),
                 "max_input_len": self.max_input_len, "data": data,
                 **({"query": self.query} if self.query != "aware" else {}),  # aware: the fingerprint of old runs
-                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {})}
+                **({"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {}),
+                **({"session": True, "session_answers": self.session_answers,
+                    "turn_order": "samples sharing a context, in data-file order"} if self.session else {})}
 
     def selection(self) -> dict:
         return {"tasks": list(self.tasks), "limit": self.source.limit}
@@ -109,7 +118,11 @@ class LongBenchPlan(Benchmark):
         for task in self.tasks:
             examples = load_task(task, self.source)
             self._selected[task] = [ex.get("_id") for ex in examples]
-            samples += [Sample(task, ex.get("_id"), ex) for ex in examples]
+            if self.session:  # one session per group of samples sharing a context, asked in data-file order
+                samples += [Sample(task, group[0].get("_id"), group, turns=len(group))
+                            for group in context_groups(examples)]
+            else:
+                samples += [Sample(task, ex.get("_id"), ex) for ex in examples]
         return samples
 
     def prompts(self, todo, tokenizer, model):
@@ -119,6 +132,12 @@ class LongBenchPlan(Benchmark):
         if self.max_new_tokens and self.max_new_tokens < settings.max_new_tokens:
             settings = dataclasses.replace(settings, max_new_tokens=self.max_new_tokens)
         limits = (settings.max_new_tokens, tuple(settings.stop_token_ids), settings.min_new_tokens)
+        if self.session:
+            for sample in todo:
+                context_ids, turns = session_ids(base, sample.data, tokenizer, self.protocol, self.max_input_len)
+                yield sample, Prompt(context_ids, *limits, turns=turns, session_answers=self.session_answers,
+                                     info={"context_tokens": len(context_ids)})
+            return
         if self.query == "agnostic":  # samples sharing a context run back to back: compressed once, asked many
             splits = {s.key: build_split_prompt(base, s.data, tokenizer, self.protocol, self.max_input_len)
                       for s in todo}
@@ -152,6 +171,13 @@ class LongBenchPlan(Benchmark):
             record["split"] = prompt.info["split"]  # question kind, truncation, boundary shift
         return record
 
+    def record_turn(self, sample, prompt, turn, out, text) -> dict:
+        example = sample.data[turn]
+        return {"pred": text, "answers": example["answers"], "all_classes": example.get("all_classes"),
+                "length": example["length"], "_id": example.get("_id"), "session": sample.key, "turn": turn + 1,
+                "answer_ids": list(out.token_ids), "context_tokens": prompt.info["context_tokens"],
+                **out.log_fields()}
+
     def summarize(self, store) -> dict:
         return self.score(store, self._selected)
 
@@ -171,6 +197,9 @@ class LongBenchPlan(Benchmark):
             if task not in selected:
                 also[task] = len(store.records(task))
         scores = score_records(chosen, e=self.longbench_e)
+        if self.session:  # per task, the mean score (x100) over sessions at each turn
+            scores["turn_scores"] = {task: turn_scores(records, lambda r, t=task: 100 * score_sample(
+                task_spec(t).name, r["pred"], r["answers"], r.get("all_classes"))) for task, records in chosen.items()}
         scores["selection"] = self.selection()
         scores["also_on_disk"] = also
         return scores
@@ -209,7 +238,8 @@ def plan_longbench(cfg: DictConfig, spec: ModelSpec) -> LongBenchPlan:
                         limit=bench.limit)
     return LongBenchPlan(tasks, source, Protocol.from_dict(protocol_cfg), spec.max_input_len, is_e,
                          spec.trained_len, check_query_mode(bench.get("query", "aware")),
-                         bench.get("max_new_tokens"))
+                         bench.get("max_new_tokens"), bool(bench.get("session", False)),
+                         check_session_answers(bench.get("session_answers", "gold")))
 
 
 @register
@@ -218,6 +248,7 @@ class LongBenchE(LongBenchPlan):
     figures are LongBench's."""
     name = "longbench_e"
     papers_figures = False
+    sessions = False
 
 
 register(LongBenchPlan)

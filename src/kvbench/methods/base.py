@@ -79,6 +79,7 @@ class Method:
     decode_interval: int | None = None
     decode_style: str = "kvbench"  # kvbench, or kvpress: kvpress 0.5.5's query phase and row order (decoding.py)
     decode_refusal: ClassVar[str | None] = "it does not implement decoding-time compression"
+    turn_cuts = False  # set by the engine around a multi-turn session: cuts follow the prefill (not a setting)
 
     def __post_init__(self) -> None:
         self.validate()

@@ -72,7 +72,7 @@ class H2O(ScoredMethod):
         self.accumulated: dict[int, torch.Tensor] = {}  # layer -> [S, H / S, rows]: per query head, row order
 
     def after_layer(self, rank, queries, keys, cache) -> None:
-        if self.decode_interval is None:
+        if self.decode_interval is None and not self.turn_cuts:
             return
         full = self.score(rank, queries, keys, window=0)  # [H, n]: causal column sums over the prompt
         stored = cache.layers[rank]

@@ -229,6 +229,29 @@ def build_split_prompt_ids(tokenizer, context_ids: list[int], preset: str = "raw
     return split_ids(full, prefix, "needle")
 
 
+def build_session_ids(tokenizer, context_ids: list[int], needles: int, preset: str = "raw"):
+    """A multi-needle session: the haystack `context_ids`, then one question per needle (needle i at turn i + 1) in
+    one conversation, each gold answer the needle's sentence. Returns (context ids, turns) (kvbench.sessions).
+    ``"chat"``: the chat template, the first user message as in ``build_prompt_ids``; ``"raw"``: the papers' prompt,
+    each later question appended as `` Question: ...\nAnswer:`` after the previous answer's line."""
+    from kvbench.sessions import Conversation, chat_conversation, session_turns
+
+    if preset not in PROMPT_PRESETS:
+        raise KvbenchError(f"Unknown needle prompt preset {preset!r}. Fix: use one of {PROMPT_PRESETS}.")
+    asked = [needle_question(i) for i in range(needles)]
+    context = tokenizer.decode(list(context_ids), skip_special_tokens=True)
+    if preset == "chat":
+        return session_turns(tokenizer, chat_conversation(tokenizer, context, [q[2] for q in asked],
+                                                          [q[0].strip() for q in asked]))
+    prefixes = []
+    for i, (_, raw_question, _, expected) in enumerate(asked):
+        prefixes.append(_raw_prompt(context, raw_question) if i == 0 else
+                        f"{prefixes[-1]} Question: {raw_question}\nAnswer:")
+        prefixes.append(f"{prefixes[-1]} {expected}\n")
+    conversation = Conversation(prefixes, prefixes[0].rindex(RAW_QUESTION_START), [q[3] for q in asked])
+    return session_turns(tokenizer, conversation, add_special_tokens=True)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Generation stops at EOS or at the first newline, as in the reference."""
     newline = _encode(tokenizer, "\n")

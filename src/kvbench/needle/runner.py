@@ -7,17 +7,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from kvbench.benchmark import Benchmark, Prompt, Sample, register
+from kvbench.benchmark import Benchmark, Prompt, Sample, register, session_part
 from kvbench.config import BOOL, NONNEG_INT, POS_INT, STR, optional
 from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
 from kvbench.needle.prompt import (NEEDLE, PROMPT_PRESETS, _validate_cell, build_context_ids,
-                                   build_multi_context_ids, build_prompt_ids, build_split_prompt_ids, context_lengths,
+                                   build_multi_context_ids, build_prompt_ids, build_session_ids,
+                                   build_split_prompt_ids, context_lengths,
                                    depth_percents, needle_facts, needle_question, stop_token_ids)
 from kvbench.needle.scoring import (cell_retrieval, heatmap_score, needle_sample_scores, retrieval_score,
                                     rouge_score_x10)
 from kvbench.query import check_query_mode
 from kvbench.results import read_predictions
+from kvbench.sessions import check_session_answers, turn_scores
 
 TASK = "needle"
 
@@ -31,8 +33,10 @@ def cell_key(length: int, depth: int) -> str:
 class NeedlePlan(Benchmark):
     name = "needle"
     key = "cell"
+    sessions = True  # with multi_needle: one conversation per length, one needle asked per turn
     schema = {"haystack_dir": optional(STR), "prompt": STR, "buffer": NONNEG_INT,
-              "max_new_tokens": optional(POS_INT), "query": STR, "multi_needle": BOOL,
+              "max_new_tokens": optional(POS_INT), "query": STR, "multi_needle": BOOL, "session": BOOL,
+              "session_answers": STR,
               "grid": {"start": POS_INT, "end": POS_INT, "step": POS_INT, "depths": POS_INT}}
     row_extras = {"retrieval": "retrieval"}
     summary_list = {"title": "Needle-in-a-Haystack (in percent)", "anchor": "needle",
@@ -49,10 +53,13 @@ class NeedlePlan(Benchmark):
     max_new_tokens: int
     query: str = "aware"
     multi_needle: bool = False
+    session: bool = False  # one conversation per length: needle i asked at turn i + 1 (multi_needle)
+    session_answers: str = "gold"
 
     def protocol_name(self) -> str:
         return (f"needle_{self.prompt}" + ("_agnostic" if self.query == "agnostic" else "")
-                + ("_multineedle" if self.multi_needle else ""))
+                + ("_multineedle" if self.multi_needle else "")
+                + (f"_session{'' if self.session_answers == 'gold' else 'model'}" if self.session else ""))
 
     def cells(self) -> list[str]:
         return [cell_key(length, depth) for length in self.lengths for depth in self.depths]
@@ -73,15 +80,22 @@ class NeedlePlan(Benchmark):
         return {"name": "needle", "prompt": self.prompt, "buffer": self.buffer, "max_new_tokens": self.max_new_tokens,
                 "haystack_files": len(self.haystack.files), "haystack_order_sha256": self.haystack.order_sha256,
                 **({"query": self.query} if self.query != "aware" else {}),  # aware: the fingerprint of old runs
-                **({"multi_needle": True, "depths": self.depths} if self.multi_needle else {})}
+                **({"multi_needle": True, "depths": self.depths} if self.multi_needle else {}),
+                **({"session": True, "session_answers": self.session_answers,
+                    "turn_order": list(range(len(self.depths)))} if self.session else {})}  # needle per turn
 
     def select(self) -> list[Sample]:
+        if self.session:  # one session per length: turn i + 1 asks needle i (at the i-th grid depth)
+            return [Sample(TASK, str(length), length, turns=len(self.depths)) for length in self.lengths]
         return [Sample(TASK, cell_key(length, depth), (length, depth)) for length in self.lengths
                 for depth in self.depths]
 
     def prompts(self, todo, tokenizer, model):
         haystack_ids = haystack_token_ids(tokenizer, self.haystack, max(self.lengths))
         stops = tuple(stop_token_ids(tokenizer))
+        if self.session:
+            yield from self.session_prompts(todo, tokenizer, haystack_ids, stops)
+            return
         multi: dict[int, tuple[list[int], list[int]]] = {}  # length -> the K-needle haystack and needle starts
         for sample in todo:
             length, depth = sample.data
@@ -104,6 +118,26 @@ class NeedlePlan(Benchmark):
                 yield sample, Prompt(input_ids, self.max_new_tokens, stops,
                                      info={**info, "input_tokens": len(input_ids)})
 
+    def session_prompts(self, todo, tokenizer, haystack_ids, stops):
+        for sample in todo:
+            context_ids, starts = build_multi_context_ids(tokenizer, haystack_ids, sample.data, self.depths,
+                                                          self.buffer)
+            session_context, turns = build_session_ids(tokenizer, context_ids, len(self.depths), self.prompt)
+            yield sample, Prompt(session_context, self.max_new_tokens, stops, turns=turns,
+                                 session_answers=self.session_answers,
+                                 info={"needle_starts": starts, "context_tokens": len(context_ids)})
+
+    def record_turn(self, sample, prompt, turn, out, text) -> dict:
+        length, depth = sample.data, self.depths[turn]
+        response = text.strip()
+        needle_text, _, _, expected = needle_question(turn)
+        return {"cell": cell_key(length, depth), "context_length": length, "depth_percent": depth,
+                "turn": turn + 1, "session": sample.key, "context_tokens": prompt.info["context_tokens"],
+                "needle_index": prompt.info["needle_starts"][turn], "needle": turn, "response": response,
+                "answer_ids": list(out.token_ids), "score_rouge": rouge_score_x10(response, needle_text),
+                "score": heatmap_score(response, expected=expected),
+                "retrieval": retrieval_score(response, needle_facts(turn)), **out.log_fields()}
+
     def record(self, sample, prompt, out, text) -> dict:
         length, depth = sample.data
         info = prompt.info
@@ -123,7 +157,9 @@ class NeedlePlan(Benchmark):
 
     @classmethod
     def name_parts(cls, bench) -> list[str]:
-        return super().name_parts(bench) + (["multineedle"] if bench.get("multi_needle", False) else [])
+        query = bench.get("query", "aware")
+        return (([str(query)] if query != "aware" else []) + (["multineedle"] if bench.get("multi_needle", False)
+                else []) + session_part(bench))
 
     @classmethod
     def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:
@@ -205,8 +241,12 @@ def summarize_needle(records: list[dict]) -> dict:
     mean_rouge = sum(r["score_rouge"] for r in records) / n if n else None
     cells = [cell_retrieval(r) for r in records]
     retrieval = sum(cells) / n if n and None not in cells else None
+    turns = {}
+    if records and all("turn" in r for r in records):  # a session run: the scores per turn (turn 1 .. K)
+        turns = {"turn_scores": turn_scores(records, lambda r: r["score"]),
+                 "turn_retrieval": turn_scores(records, cell_retrieval)}
     return {"benchmark": "needle", "mean_score": mean, "mean_retrieval": retrieval, "mean_score_rouge": mean_rouge,
-            "n": n,
+            "n": n, **turns,
             "sample_scores": needle_sample_scores(records)}
 
 
@@ -226,6 +266,10 @@ def plan_needle(cfg: DictConfig, spec=None) -> NeedlePlan:
         raise KvbenchError("benchmark.max_new_tokens is null; the needle test needs a number, e.g. 30 (its default)")
     if multi_needle:
         needle_question(len(depths) - 1)  # a clear error when the grid has more depths than distinct needles
+    session = bool(bench.get("session", False))
+    if session and not multi_needle:
+        raise KvbenchError("benchmark.session=true needs questions that share a context: on needle, set "
+                           "benchmark.multi_needle=true (one haystack per length, one needle asked per turn)")
     return NeedlePlan(lengths, depths, load_haystack(bench.haystack_dir), bench.prompt,
                       int(bench.buffer), int(bench.max_new_tokens), check_query_mode(bench.get("query", "aware")),
-                      multi_needle)
+                      multi_needle, session, check_session_answers(bench.get("session_answers", "gold")))

@@ -23,6 +23,7 @@ from kvbench.report.collect import budget_order, collect, is_fullkv, layer_alloc
 from kvbench.report.generated_length import write_longgen_report  # long outputs: generated length vs FullKV
 from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
+from kvbench.report.sessions import write_cost_report, write_session_report
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
 from kvbench.report.tables import (budget_label, build_table, kv_mib_label, longbench_e_table, markdown_frame,
                                    paper_comparison, render, table_parts)
@@ -232,6 +233,11 @@ def _report(args, out: Path, ci: str | None) -> int:
     parts.append(("Paper vs ours", "paper_comparison", markdown_html(comparison)))
     written += _write_figures(df, args.results, out)
     written += write_longgen_report(args.results, out)
+    for title, anchor, paths in (("Multi-turn sessions", "sessions", write_session_report(args.results, out)),
+                                 ("Score against generated length and peak KV bytes", "cost",
+                                  write_cost_report(df, out))):
+        written += paths
+        parts += [(title, anchor, markdown_html(p.read_text(encoding="utf-8"))) for p in paths if p.suffix == ".md"]
     written.append(write_html(out / "report.html", parts, [p for p in written if p.suffix == ".png"],
                               sorted(set(df["run_dir"]))))
     print(f"wrote {len(written)} files to {out}/ (open {out / 'report.html'})")

@@ -146,9 +146,12 @@ def _run_identity(run: dict, run_dir: Path) -> dict:
         "tag": str((run.get("config") or {}).get("tag") or ""),
         "status": str(run.get("status") or "unknown"),
         "run_dir": str(run_dir),
-        "query": str(bench.get("query") or "aware"),  # a column: no table or figure mixes the two modes
+        # a column: no table or figure mixes the two modes (a session compresses its context alone: agnostic)
+        "query": "agnostic" if bench.get("session") else str(bench.get("query") or "aware"),
         "decode_interval": int(interval or 0),  # decoding-time runs (every N tokens) get their own rows
-        "variant": ", ".join(label for key, label in VARIANT_KEYS.items() if bench.get(key)),
+        "variant": ", ".join([label for key, label in VARIANT_KEYS.items() if bench.get(key)]
+                             + (["model answers"] if bench.get("session") and bench.get("session_answers") == "model"
+                                else [])),
         "settings": str(run.get("fingerprint") or ""),  # rows join runs of equal settings only (report.tables)
     }
 

@@ -5,6 +5,7 @@ any model is loaded. Selection (tasks, lengths, samples) is not a setting: a lar
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -13,14 +14,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kvbench.benchmark import Benchmark, Prompt, Sample, register
-from kvbench.config import STR, STR_LIST, optional
+from kvbench.config import BOOL, STR, STR_LIST, optional
 from kvbench.errors import KvbenchError
 from kvbench.ruler.constants import ALL_TASKS, FAMILIES, QA_TASKS, SYNTHETIC_TASKS, TASKS
 from kvbench.ruler.data import (Generator, canonical, kvpress_folder, qa_note, read_kvpress, render, set_sha256,
                                 sha256_text)
 from kvbench.ruler.generate import qa_file
 from kvbench.ruler.metrics import sample_score, task_score
+from kvbench.ruler.session import SESSION_TASKS, TURN_ORDER, TURNS, session_ids, session_keys
 from kvbench.ruler.template import TEMPLATES, ModelTemplate, model_template
+from kvbench.sessions import check_session_answers, turn_scores
 
 log = logging.getLogger("kvbench")
 QUERY_MODES = ("aware", "agnostic")
@@ -79,8 +82,10 @@ class GeneratedBenchmark(Benchmark):
 @dataclass
 class RulerPlan(GeneratedBenchmark):
     name = "ruler"
+    sessions = True  # niah_multikey_1..3, niah_multiquery: one needle per turn (ruler/session.py)
     schema = {"tasks": STR_LIST, "template": STR, "query": STR, "data_dir": optional(STR), "qa_dir": optional(STR),
-              "haystack_dir": optional(STR), "cache_dir": optional(STR)}  # lengths, samples: plan_ruler's messages
+              "haystack_dir": optional(STR), "cache_dir": optional(STR), "session": BOOL, "session_answers": STR}
+    # lengths, samples: plan_ruler's messages  # lengths, samples: plan_ruler's messages
     table_layout = {"": ({"RULER": ALL_TASKS}, None)}
     tasks: list[str]
     lengths: list[int]
@@ -91,12 +96,22 @@ class RulerPlan(GeneratedBenchmark):
     datasets: dict[tuple[str, int], list[dict]]
     skipped: dict[str, str] = field(default_factory=dict)
     generation_s: float = 0.0
+    session: bool = False  # one conversation per sample: its needles asked one per turn (ruler/session.py)
+    session_answers: str = "gold"
 
     def protocol_name(self) -> str:
-        return f"ruler_{self.template.name}" + ("_agnostic" if self.query == "agnostic" else "")
+        return (f"ruler_{self.template.name}" + ("_agnostic" if self.query == "agnostic" else "")
+                + (f"_session{'' if self.session_answers == 'gold' else 'model'}" if self.session else ""))
 
     def settings(self) -> dict:
-        return {"name": "ruler", "template": self.template.name, "query": self.query, "source": self.source}
+        return {"name": "ruler", "template": self.template.name, "query": self.query, "source": self.source,
+                **({"session": True, "session_answers": self.session_answers, "turns": TURNS,
+                    "turn_order": TURN_ORDER} if self.session else {})}
+
+    def sample_ids(self, length: int, sample: dict) -> list[str]:
+        """A sample's prediction ids: one, or one per turn of its session."""
+        sid = sample_id(length, sample["index"])
+        return [f"{sid}_t{t}" for t in range(1, TURNS + 1)] if self.session else [sid]
 
     def selection(self) -> dict:
         return {"tasks": list(self.tasks), "lengths": list(self.lengths), "samples": self.samples,
@@ -125,6 +140,33 @@ class RulerPlan(GeneratedBenchmark):
     def score_fields(self, task: str, text: str, sample: dict) -> dict:
         return {"score": sample_score(task, text, sample["outputs"])}
 
+    def select(self) -> list[Sample]:
+        samples = super().select()
+        if self.session:  # one session per sample: its needles asked one per turn (ruler/session.py)
+            return [dataclasses.replace(s, turns=TURNS) for s in samples]
+        return samples
+
+    def prompts(self, todo, tokenizer, model):
+        if not self.session:
+            yield from super().prompts(todo, tokenizer, model)
+            return
+        stops = tuple(stop_token_ids(model, tokenizer))
+        for item in todo:
+            sample = item.data[1]
+            context_ids, turns = session_ids(item.task, sample, tokenizer, self.template)
+            yield item, Prompt(context_ids, sample["max_new_tokens"], stops, turns=turns,
+                               session_answers=self.session_answers,
+                               info={"asked": session_keys(item.task, sample), "context_tokens": len(context_ids)})
+
+    def record_turn(self, sample, prompt, turn, out, text) -> dict:
+        length, data = sample.data
+        key, value = prompt.info["asked"][turn]
+        return {"_id": f"{sample.key}_t{turn + 1}", "session": sample.key, "turn": turn + 1, "task": sample.task,
+                "length": length, "index": data["index"], "key": key, "pred": text, "outputs": [value],
+                "score": sample_score(sample.task, text, [value]), "answer_ids": list(out.token_ids),
+                "context_tokens": prompt.info["context_tokens"], "sample_sha256": sample.digest,
+                **out.log_fields()}
+
     def summarize(self, store) -> dict:
         """Scores of exactly this selection (records of other lengths / samples on disk are left out)."""
         by_length: dict[str, dict] = {}
@@ -132,7 +174,7 @@ class RulerPlan(GeneratedBenchmark):
         for length in self.lengths:
             tasks, counts = {}, {}
             for task in self.tasks:
-                wanted = {sample_id(length, s["index"]) for s in self.datasets[(task, length)]}
+                wanted = {i for s in self.datasets[(task, length)] for i in self.sample_ids(length, s)}
                 records = {r["_id"]: r for r in store.records(task) if r.get("_id") in wanted} \
                     if store.prediction_file(task).exists() else {}
                 ordered = [records[sid] for sid in sorted(records, key=lambda s: int(s.split("_")[1]))]
@@ -151,7 +193,14 @@ class RulerPlan(GeneratedBenchmark):
             values = [v for v in values if v is not None]
             per_task[task] = round(sum(values) / len(values), 2) if values else None
         averages = [v["avg"] for v in by_length.values() if v["avg"] is not None]
+        turns = {}
+        if self.session:  # per task, the mean over sessions at each turn
+            ids = {i for (task, length), items in self.datasets.items() for s in items
+                   for i in self.sample_ids(length, s)}
+            turns = {"turn_scores": {task: turn_scores([r for r in store.records(task) if r.get("_id") in ids],
+                                                       lambda r: 100 * r["score"]) for task in self.tasks}}
         return {
+            **turns,
             "benchmark": "ruler", "query": self.query, "template": self.template.name,
             "lengths": by_length,
             "tasks": {t: v for t, v in per_task.items() if v is not None},
@@ -165,6 +214,7 @@ class RulerPlan(GeneratedBenchmark):
         }
 
 
+
 def check_lengths_fit(benchmark: str, model: str, context: int | None, lengths: list[int]) -> int:
     """The generated benchmarks' check, before the model loads: every asked length fits the model's context
     (returned)."""
@@ -176,6 +226,7 @@ def check_lengths_fit(benchmark: str, model: str, context: int | None, lengths: 
         raise KvbenchError(f"benchmark.lengths {too_long} exceed {model}'s context of {context} tokens. "
                            f"Fix: benchmark.lengths=[...] up to {context}")
     return context
+
 
 def stop_token_ids(model, tokenizer) -> list[int]:
     """RULER's HF path stops on the model's EOS ids only (no stop words)."""
@@ -249,6 +300,14 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     template_name = str(bench.template)
     if template_name not in TEMPLATES:
         raise KvbenchError(f"benchmark.template={template_name!r}: choose one of {', '.join(TEMPLATES)}")
+    session = bool(bench.get("session", False))
+    answers = check_session_answers(bench.get("session_answers", "gold"))
+    if session and [t for t in tasks if t not in SESSION_TASKS]:
+        raise KvbenchError(f"benchmark.session=true: RULER tasks {', '.join(t for t in tasks if t not in SESSION_TASKS)} "
+                           f"ask one question of their context; sessions run on {', '.join(SESSION_TASKS)} "
+                           f"(benchmark.tasks=[...])")
+    if session and bench.get("data_dir"):
+        raise KvbenchError("benchmark.session=true needs generated RULER samples; drop benchmark.data_dir")
     limit = check_lengths_fit("RULER", cfg.model.name, spec.trained_len, lengths)
     data_dir = Path(bench.data_dir) if bench.get("data_dir") else None
     if data_dir is not None and not data_dir.is_dir():
@@ -305,7 +364,8 @@ def plan_ruler(cfg: DictConfig, spec) -> RulerPlan:
     if data_dir is not None:
         _check_unnamed_length(data_dir, source, prompt_tokens)
     log.info("RULER data ready in %.1f s (%d sets)", generation_s, len(datasets))
-    return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s)
+    return RulerPlan(tasks, lengths, samples, template, query, source, datasets, skipped, generation_s, session,
+                     answers)
 
 
 __all__ = ["GeneratedBenchmark", "RulerPlan", "plan_ruler", "stop_token_ids"]
