@@ -39,8 +39,9 @@ $(GEMMA_STAMP): $(STAMP)
 
 gemma: $(GEMMA_STAMP)
 
-# The Hydra launcher subprocess tests (joblib, submitit local, sweeps through them; ~65 s) run with the slow ones,
-# which keeps `make test` under 5 minutes on 2 cores; the launchers' logic is tested in `make test` with fakes.
+# The whole-CLI subprocess tests (`-m launcher`: Hydra launchers, run.py / sweep / bench end to end, the toy benchmark
+# through every tool; ~3 min) run with the slow ones, which keeps `make test` under 5 minutes on 2 cores; the logic
+# they drive is tested in `make test` in-process or with fakes.
 test: setup
 	$(BIN)/python -m pytest -m "not slow and not launcher"
 

@@ -37,6 +37,7 @@ def quick_record(tmp_path_factory):
     return record, path, out
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_bench_json_has_every_section(quick_record):
     record, path, out = quick_record
     saved = json.loads((out / "latest_cpu.json").read_text())
@@ -153,6 +154,7 @@ def test_bad_repeats_is_a_clear_error(capsys):
     assert "--repeats 0" in capsys.readouterr().err
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_gpu_benchmark_code_on_a_small_llama_shape_on_cpu():
     settings = bench.Settings(device="cpu", model="llama_shaped_small", prefill_lengths=[160], decode_lengths=[160],
                               decode_budgets=[64], repeats=1, decode_steps=2)

@@ -63,6 +63,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_bench_writes_the_peer_columns_from_a_peer_that_returns_json(tmp_path, monkeypatch, one_thread):
     python = fake_peer(tmp_path)
     log = tmp_path / "requests.jsonl"
@@ -101,6 +102,7 @@ def run_peer(settings: "bench.Settings", python: str | None) -> dict:
     return peer.bench_peer(model, tok, settings, python, lambda n: bench.prompt_ids(n, len(tok), "cpu"))
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_a_faster_peer_fails_the_target(tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("FAKE_PEER_LOG", str(tmp_path / "log"))
     section = run_peer(bench.Settings(**TINY, methods=["tova"]), str(fake_peer(tmp_path, seconds=1e-6)))
@@ -126,6 +128,7 @@ def test_the_environment_variable_names_the_peer(tmp_path, monkeypatch):
     assert peer.resolve_python(sys.executable) == sys.executable  # --peer-python wins
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_a_peer_that_fails_is_recorded_and_the_bench_goes_on(tmp_path, monkeypatch, one_thread, capsys):
     monkeypatch.setenv("FAKE_PEER_LOG", str(tmp_path / "log"))
     section = run_peer(bench.Settings(**TINY, methods=["knorm"]), str(fake_peer(tmp_path, fail_prefill=True)))

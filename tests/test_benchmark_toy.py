@@ -38,6 +38,7 @@ def test_a_wrong_typed_key_is_one_line(tmp_path):
     assert "benchmark.repeats=many: expected a positive integer" in result.stdout + result.stderr
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_toy_benchmark_runs_through_every_tool(tmp_path):
     results = tmp_path / "results"
     first = _run(tmp_path, "method=snapkv", "budget=48")

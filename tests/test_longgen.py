@@ -205,6 +205,7 @@ def test_changed_data_is_refused_on_resume(tmp_path, tok):
 
 
 # ----------------------------------------------------------------------------------------------- run.py e2e
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_run_py_end_to_end_and_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -136,6 +136,7 @@ def test_criticalkv_on_a_tiny_model(tiny_llama, allocation):
         assert any(len(set(counts)) > 1 for counts in method.head_budgets)
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_run_py_chunkkv_and_criticalkv(tmp_path):
     from test_pipeline import overrides
 

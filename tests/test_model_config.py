@@ -54,6 +54,7 @@ def _record(tmp_path, benchmark):
     return json.loads(run.read_text())
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_a_name_and_hub_id_model_runs_longbench_needle_and_ruler(bare_model, tmp_path):
     data, hay = tmp_path / "data", tmp_path / "hay"
     data.mkdir(), hay.mkdir()

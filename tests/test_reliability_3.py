@@ -215,6 +215,7 @@ def test_agnostic_and_multi_needle_runs_say_so_in_record_summary_and_report(tmp_
 
 # ---- item 11: sweeps and numbers that were truncated
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_a_sweep_over_methods_takes_method_settings(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvbench.sweep", "run", *overrides(
         tmp_path, "method=snapkv,streamingllm", "method.window_size=8", "budget=16", "benchmark.limit=1",

@@ -261,6 +261,7 @@ def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess
                           env=environment, cwd=REPO, timeout=120)
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_sweep_longbench_dry_run(tmp_path):
     fake_run(tmp_path, "fullkv", "complete", model="llama3_8b_instruct")
     result = run_script("sweep_longbench.sh", f"results_root={tmp_path}", "budget=128,256")
@@ -278,6 +279,7 @@ def test_sweep_needle_dry_run(tmp_path):
     assert "710/710" in result.stdout  # the Llama-3 grid: 71 lengths x 10 depths
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_reproduce_dynamickv_dry_run(tmp_path):
     fake_run(tmp_path, "snapkv_128", "complete", model="qwen2_7b_instruct")
     result = run_script("reproduce_dynamickv.sh", f"results_root={tmp_path}")
@@ -288,6 +290,7 @@ def test_reproduce_dynamickv_dry_run(tmp_path):
     assert result.stdout.count("python ") >= 2  # one job done: no longer a single product
 
 
+@pytest.mark.launcher  # a whole CLI run in a subprocess: make test-slow
 def test_multi_gpu_dry_run_splits_jobs(tmp_path):
     result = run_script("sweep_multi_gpu.sh", f"results_root={tmp_path}", "model=tiny_llama",
                         "method=snapkv,h2o", "budget=64,128", NUM_GPUS="2")
