@@ -29,7 +29,7 @@ import torch
 
 from kvbench.engine import prefill
 from kvbench.errors import KvbenchError
-from kvbench.golden import method_for_case
+from kvbench.golden import method_for_case, weights_digest
 
 PEER_ENV = "KVBENCH_PEER_PYTHON"
 SCRIPT = Path(__file__).with_name("kvpress_peer.py")
@@ -142,17 +142,6 @@ class Peer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
-
-
-def weights_digest(model) -> str:
-    """sha256 over the parameters in name order, float32 bytes (what kvpress_peer.py computes on its side)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def model_folder(model, tokenizer, scratch: Path) -> Path:

@@ -4,7 +4,6 @@ digest), the same token ids, kvpress's settings -> the same kept positions in ev
 The tiny-model cases run in the fast suite; the SmolLM2 ones (prompts of 300 to 1,900 tokens) are slow."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -13,19 +12,11 @@ import torch
 
 from conftest import REPO, cached_model
 from kvbench.engine import prefill
+from kvbench.golden import weights_digest
 from kvbench.methods import build_method
 
 CASES = sorted((REPO / "tests" / "golden" / "kvpress-0.5.5").glob("kvzip_*.json"))
 SLOW_MODELS = {"smollm2_135m"}
-
-
-def weights_digest(model) -> str:
-    """The generator's digest: sha256 over the parameters in name order, float32 bytes."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode())
-        h.update(p.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def case_params(path: Path):

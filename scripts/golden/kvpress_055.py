@@ -37,6 +37,8 @@ VERSION = version("kvpress")
 SYNTH = Path(__file__).resolve().parents[3] / "shared" / "golden"  # synth.py, next to the repository
 
 
+# The same digest as kvbench.golden.weights_digest, written out: this runs in kvpress's own environment,
+# where kvbench is not installed.
 def weights_digest(model) -> str:
     """sha256 over the parameters (name order, float32 bytes): kvbench's test checks it has the same model."""
     h = hashlib.sha256()

@@ -80,6 +80,16 @@ def sha256_of(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
+def weights_digest(model) -> str:
+    """sha256 over a model's parameters in name order, as float32 bytes: how a peer's case or timing proves it ran
+    the same weights (the scripts that run in kvpress's own environment compute the same digest on their side)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_case(path: str | Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
