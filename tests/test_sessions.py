@@ -468,3 +468,29 @@ def test_the_pipeline_writes_each_turn_and_resumes_a_session_at_its_first_unansw
     assert scores == [(f"s{k}_t{t + 1}", str(10 * k + t)) for k in range(2) for t in range(3)]
     asked.clear()
     assert predict(_Talk(), store, None, None, engine()) == scores and asked == []
+
+
+def test_a_session_that_can_reach_past_the_context_is_refused_before_any_turn_is_answered(tmp_path):
+    from kvbench.pipeline import predict
+    from kvbench.results import RunStore
+
+    asked = []
+
+    def answer(requests, on_turn):
+        for request in requests:
+            asked.append(request.key[0].key)
+            for i, turn in enumerate(request.turns):
+                on_turn(request, i, _TurnOut(turn.question_ids), "x")
+            yield request, _TurnOut([]), ""
+
+    # each session: a 2-token context, then 3 turns of a 1-token question + up to 4 generated + a 1-token close
+    assert Request([5, 6], 4, turns=(Turn((1,), (1,), (2,)),) * 3, session_answers="model").positions() == 20
+    assert Request([5, 6], 4, turns=(Turn((1,), (1,), (2,)),) * 3).positions() == 2 + 3 * (1 + 4)  # gold: 1 < 4
+    store = RunStore(tmp_path / "run", {"x": 1}, {})
+    store.open()
+    with pytest.raises(KvbenchError, match=r"2 of 2 sessions can reach past tiny's context of 19 tokens \(the "
+                                           r"longest up to 20.*model.trained_len="):
+        predict(_Talk(), store, None, None, answer, context=19, model_name="tiny")
+    assert asked == [] and store.records("talk") == []
+    predict(_Talk(), store, None, None, answer, context=20, model_name="tiny")
+    assert asked == ["s0", "s1"]

@@ -291,7 +291,8 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
 
     # Peak memory of this run's generation (model weights included), sampled every 20 ms.
     with PeakMemory(job.device, interval_s=0.02) as memory:
-        scores = predict(job.benchmark, store, model, tokenizer, answer, job.cfg.progress, on_sample)
+        scores = predict(job.benchmark, store, model, tokenizer, answer, job.cfg.progress, on_sample,
+                         job.spec.trained_len, job.cfg.model.name)
     key = job.benchmark.key
     all_records = [r for task in store.tasks_done() for r in store.records(task, key)]
     kv_mean = int(sum(r.get("kv_bytes", 0) for r in all_records) / max(len(all_records), 1))
@@ -304,12 +305,14 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
 
 
 def predict(bench: Benchmark, store: RunStore, model, tokenizer, answer, show_progress: bool = False,
-            on_sample: Callable[[str, dict], None] | None = None) -> dict:
+            on_sample: Callable[[str, dict], None] | None = None, context: int | None = None,
+            model_name: str = "the model") -> dict:
     """The sample loop: every selected sample not on disk yet (one with another digest on disk is refused) is
     prompted, answered by `answer(requests[, on_turn]) -> (request, output, text)` (in any order: the request's key
     finds its sample back), scored by the benchmark and written as it finishes; returns the scores of exactly the
     selection. A session (`Sample.turns`) is written turn by turn as each ends (`on_turn`); one cut short resumes at
-    its first unanswered turn, the answers on disk replayed."""
+    its first unanswered turn, the answers on disk replayed. `context`: the model's context length, which every
+    session must fit as a whole (its later turns included)."""
     for task, samples in grouped(bench.select()).items():
         done = store.done(task, bench.key)  # repairs a torn last line (an interrupted write) before reading
         lines = on_disk(store, task, bench.key, samples) if done else {}
@@ -334,12 +337,27 @@ def predict(bench: Benchmark, store: RunStore, model, tokenizer, answer, show_pr
         requests = (Request(p.input_ids, p.max_new_tokens, tuple(p.stop_token_ids), p.min_new_tokens,
                             p.question_ids, key=(s, p), turns=p.turns, session_answers=p.session_answers,
                             answered=answered.get(s.key, ())) for s, p in bench.prompts(todo, tokenizer, model))
+        if answered:  # sessions: every conversation fits the model's context, checked before the first is answered
+            requests = sessions_fit(list(requests), context, model_name)
         label = f"{task} ({len(samples) - len(todo)} done)" if len(todo) < len(samples) else task
         answers = answer(requests, on_turn) if answered else answer(requests)  # on_turn: sessions only
         for request, out, text in progress(answers, len(todo), label, show_progress):
             if request.turns is None:  # a session's turns were written as they ended
                 write(bench.record(*request.key, out, text))
     return bench.summarize(store)
+
+
+def sessions_fit(requests: list[Request], context: int | None, model_name: str) -> list[Request]:
+    """`requests`, refused in one line when a conversation can reach past the model's context (the first prompt
+    fitting is not enough: each turn's question and answer stay in the cache)."""
+    over = [r for r in requests if context is not None and r.positions() > context]
+    if over:
+        longest = max(over, key=Request.positions)
+        raise KvbenchError(f"{len(over)} of {len(requests)} sessions can reach past {model_name}'s context of "
+                           f"{context} tokens (the longest up to {longest.positions()}: context, every turn's question "
+                           f"and answer, max_new_tokens); use shorter contexts, or model.trained_len=<tokens> if the "
+                           f"model holds more")
+    return requests
 
 
 def on_disk(store: RunStore, task: str, key: str, samples: list) -> dict[str, list[dict]]:

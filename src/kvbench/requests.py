@@ -39,3 +39,12 @@ class Request:
     turns: tuple[Turn, ...] | None = None
     session_answers: str = "gold"
     answered: tuple[tuple[int, ...], ...] = ()
+
+    def positions(self) -> int:
+        """The most positions this request can reach: the prompt (and question) plus `max_new_tokens`; for a
+        session, the context plus every turn's question and the longer of its kept answer and a full generation."""
+        if self.turns is None:
+            return len(self.input_ids) + len(self.question_ids or ()) + self.max_new_tokens
+        kept = (lambda t: len(t.answer_ids)) if self.session_answers == "gold" else \
+            (lambda t: self.max_new_tokens + len(t.close_ids))
+        return len(self.input_ids) + sum(len(t.question_ids) + max(kept(t), self.max_new_tokens) for t in self.turns)
