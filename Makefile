@@ -42,8 +42,10 @@ gemma: $(GEMMA_STAMP)
 # The whole-CLI subprocess tests (`-m launcher`: Hydra launchers, run.py / sweep / bench end to end, the toy benchmark
 # through every tool; ~3 min) run with the slow ones, which keeps `make test` under 5 minutes on 2 cores; the logic
 # they drive is tested in `make test` in-process or with fakes.
+# Two workers (one per core here; JOBS=N elsewhere), whole files per worker so each keeps its module fixtures.
+JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not launcher"
+	$(BIN)/python -m pytest -m "not slow and not launcher" -n $(JOBS) --dist loadfile
 
 # The HTML report's browser check (tests/test_report_html.py) needs Debian's chromium: installed only if missing.
 chromium:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,22 @@ from kvbench.models import ModelSpec, load_model
 
 # Tiny models are ~5x faster on one thread than on a contended pool (and a test run is never alone on 2 cores).
 torch.set_num_threads(1)
+
+
+def _absl_writes_to_the_real_stderr() -> None:
+    """absl's log handler (absl is imported by rouge_score) keeps the sys.stderr of its import and closes that
+    stream whenever logging shuts its handlers down (any later `logging.config.dictConfig`, e.g. submitit's import),
+    unless it is the *current* sys.stderr. Under pytest that stream is the capture's file, and closing it breaks
+    every later test of the process ("I/O operation on closed file"; seen with pytest-xdist, where the file order
+    differs). The real stderr is never closed by absl."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_writes_to_the_real_stderr()
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_LONGBENCH = next((p for p in (REPO.parent / "shared" / "data" / "longbench",
