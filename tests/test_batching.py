@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import random_prompt
-from kvbench.engine import ContextCache, auto_batch_size, check_batch_size, generate, generate_requests
+from kvbench.engine import ContextCache, generate
+from kvbench.scheduler import auto_batch_size, check_batch_size, generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.methods import build_method, registry
 from kvbench.requests import Request
@@ -183,18 +184,18 @@ def test_auto_batch_size_follows_free_memory_and_prompt_length(tiny_llama):
 
 
 def test_out_of_memory_names_batch_size_and_yields_only_finished_samples(tiny_llama, monkeypatch):
-    from kvbench import engine
+    from kvbench import scheduler
 
     model, _ = tiny_llama
     requests = make_requests(model, agnostic=False)
-    real = engine.BatchedCache
+    real = scheduler.BatchedCache
 
     def failing(caches):
         if len(caches) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(caches)
 
-    monkeypatch.setattr(engine, "BatchedCache", failing)
+    monkeypatch.setattr(scheduler, "BatchedCache", failing)
     done = []
     with pytest.raises(KvbenchError, match="batch_size=4") as err:
         for request, out in generate_requests(model, requests, None, batch_size=4):
