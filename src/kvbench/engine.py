@@ -3,7 +3,7 @@
 Hot-path contract (engine, attention, cache, ragged): the engine runs every forward over a kvbench cache inside a
 session it opens (`attention.compression` for the prefill, then `session.observe()` for a method's extra passes;
 `attention.decoding` for the question and decoding steps) and so declares each forward's `Phase`; it creates the
-cache (`new_cache`), reads its sizes and trims it back after a question (`restore_cache`), and never touches layer
+cache (`new_cache`), reads its sizes, forks it for a question (`batching.fork_cache`), and never touches layer
 tensors or calls the attention wrapper's internals. The wrapper (attention.py) dispatches on the declared phase,
 the cache (cache.py) and its ragged layers (ragged.py) hold the tokens.
 
@@ -16,15 +16,17 @@ argument name the installed transformers uses (`cache.cache_kwargs`).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from kvbench.attention import Phase, compression, decoding
+from kvbench.batching import fork_cache, fork_method
 from kvbench.cache import CompressedCache, cache_kwargs
-from kvbench.decoding import DecodeSchedule, KvPeak, restore, schedule_for, snapshot
+from kvbench.decoding import DecodeSchedule, KvPeak, schedule_for
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 from kvbench.query import check_agnostic_model
@@ -53,6 +55,7 @@ class GenerationOutput:
     peak_kv_bytes: int = 0
     decode_cuts: int | None = None
     turns: list | None = None  # a multi-turn session: one multiturn.TurnOutput per turn (token_ids: all of them)
+    kept_positions: dict | None = None  # record_kept only: {"prefill": ..., "final": ...} (the tests)
 
     @property
     def kv_tokens(self) -> int:
@@ -91,9 +94,13 @@ def cache_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def text_config(model):
+    """The language model's config (a multimodal model's text part)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def num_layers_of(model) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return config.num_hidden_layers
+    return text_config(model).num_hidden_layers
 
 
 def new_cache(model, method: Method) -> CompressedCache:
@@ -107,6 +114,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     picked = logits.gather(-1, seen)
     picked = torch.where(picked < 0, picked * penalty, picked / penalty)
     return logits.scatter(-1, seen, picked)
+
+
+def next_token(logits: torch.Tensor, seen: torch.Tensor, stop: torch.Tensor, step: int, min_new_tokens: int,
+               repetition_penalty: float) -> torch.Tensor:
+    """The greedy pick [1, 1] from `logits` [1, vocab] at decoding step `step`: the repetition penalty over `seen`,
+    and no stop token before `min_new_tokens`."""
+    if repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if step < min_new_tokens and len(stop):
+        logits[:, stop] = float("-inf")
+    return logits.argmax(dim=-1, keepdim=True)
 
 
 @dataclass
@@ -181,6 +199,66 @@ def check_interval(method: Method, max_new_tokens: int, key: str = "max_new_toke
                            f"decoding-time compression would ever run; lower method.decode_interval")
 
 
+@dataclass
+class Started:
+    """A sample right before its first decoded token: what greedy decoding continues from, and `finish(tokens,
+    stopped, decode_s)`, which makes its GenerationOutput once it is decoded."""
+    cache: CompressedCache
+    logits: torch.Tensor  # [1, vocab] of the last token fed
+    seen: torch.Tensor  # [1, n] the prompt (for the repetition penalty)
+    position: int  # the true position of the first new token
+    schedule: DecodeSchedule | None
+    finish: Callable[[list[int], str, float], GenerationOutput]
+
+
+@torch.inference_mode()
+def start(model, input_ids: torch.Tensor, method: Method | None = None, *, max_new_tokens: int,
+          question_ids: torch.Tensor | None = None, contexts: "ContextCache | None" = None, own: bool = False,
+          record_kept: bool = False) -> Started:
+    """Everything a sample does alone before its first decoded token: the prefill of `input_ids` [1, n] while
+    `method` compresses it or, with `question_ids` [1, q] (query-agnostic), the compressed context `input_ids`
+    (reused from `contexts` when identical) and the question forward (`ask`). Timed, peaks tracked.
+
+    `own` (the scheduler, whose samples overlap): the sample's decode schedule works on its own copy of the method's
+    per-sample state and its method record is taken now, so that other samples may be prefilled with `method` before
+    this one is finished. `record_kept`: the output carries its kept positions (after the prefill and at the end)."""
+    method = method or FullKV()
+    check_interval(method, max_new_tokens)
+    if question_ids is not None:
+        if question_ids.shape[1] < 1:
+            raise KvbenchError("query-agnostic generation needs at least one question token (the question part of "
+                               "the prompt is empty)")
+        if contexts is not None:
+            context, reused = contexts.get(model, input_ids, method)
+        else:
+            context, reused = compress_context(model, input_ids, method), False
+        return ask(model, context, question_ids, method, reused=reused, record_kept=record_kept)
+    state = prefill(model, input_ids, method)
+    cache = state.cache
+    kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
+    scheduled = bool(getattr(method, "decode_interval", None))
+    decoder = fork_method(method) if own and scheduled else method
+    record = copy.deepcopy(method.record()) if own and not scheduled else None
+    schedule = schedule_for(decoder, model, record_kept=record_kept)
+    peak = schedule.peak if schedule is not None else KvPeak()
+    peak.observe(cache)
+    kept = cache.kept_positions() if record_kept else None
+
+    def finish(tokens: list[int], stopped: str, decode_s: float) -> GenerationOutput:
+        peak.observe(cache)  # prefill-only: the cache only grew since the prefill
+        return GenerationOutput(tokens, state.prompt_tokens, state.prefill_s, decode_s, kv_bytes, layer_kept, stopped,
+                                decoder.record() if record is None else record, cache.any_compressed(),
+                                layer_types(cache), peak_kv_tokens=peak.tokens, peak_kv_bytes=peak.bytes,
+                                decode_cuts=schedule.cuts if schedule is not None else None,
+                                kept_positions=kept_record(kept, cache))
+    return Started(cache, state.logits, input_ids, state.prompt_tokens, schedule, finish)
+
+
+def kept_record(kept: list | None, cache: CompressedCache) -> dict | None:
+    """GenerationOutput.kept_positions: `kept` (after the prefill) and the cache's now (None: not recorded)."""
+    return None if kept is None else {"prefill": kept, "final": cache.kept_positions()}
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, max_new_tokens: int,
              stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
@@ -189,26 +267,14 @@ def generate(model, input_ids: torch.Tensor, method: Method | None = None, *, ma
     """Greedy generation for one prompt `input_ids` [1, n] with `method` compressing the cache at prefill.
 
     With `question_ids` [1, q] the run is query-agnostic: `input_ids` is the context alone, compressed before the
-    question is seen (see `generate_agnostic`; `contexts` reuses a compressed context across samples)."""
-    if question_ids is not None:
-        return generate_agnostic(model, input_ids, question_ids, method, max_new_tokens=max_new_tokens,
-                                 stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
-                                 repetition_penalty=repetition_penalty, contexts=contexts)
-    method = method or FullKV()
-    check_interval(method, max_new_tokens)
-    state = prefill(model, input_ids, method)
-    n, cache, prefill_s = state.prompt_tokens, state.cache, state.prefill_s
-    kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
-    schedule = schedule_for(method, model)
-    peak = schedule.peak if schedule is not None else KvPeak()
-    peak.observe(cache)
-    tokens, stopped, decode_s = greedy_decode(model, state.logits, cache, input_ids, n, max_new_tokens=max_new_tokens,
-                                              stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens,
-                                              repetition_penalty=repetition_penalty, schedule=schedule)
-    peak.observe(cache)  # prefill-only: the cache only grew since the prefill
-    return GenerationOutput(tokens, n, prefill_s, decode_s, kv_bytes, layer_kept, stopped, method.record(),
-                            cache.any_compressed(), layer_types(cache), peak_kv_tokens=peak.tokens,
-                            peak_kv_bytes=peak.bytes, decode_cuts=schedule.cuts if schedule is not None else None)
+    question is seen (`contexts` reuses a compressed context across samples)."""
+    state = start(model, input_ids, method, max_new_tokens=max_new_tokens, question_ids=question_ids,
+                  contexts=contexts)
+    tokens, stopped, decode_s = greedy_decode(model, state.logits, state.cache, state.seen, state.position,
+                                              max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                                              min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
+                                              schedule=state.schedule)
+    return state.finish(tokens, stopped, decode_s)
 
 
 def layer_types(cache: CompressedCache) -> list[str] | None:
@@ -231,11 +297,7 @@ def greedy_decode(model, logits: torch.Tensor, cache: CompressedCache, seen: tor
     stopped = "max_new_tokens"
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        if repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        if step < min_new_tokens and len(stop):
-            logits[:, stop] = float("-inf")
-        next_id = logits.argmax(dim=-1, keepdim=True)
+        next_id = next_token(logits, seen, stop, step, min_new_tokens, repetition_penalty)
         if forced is not None:
             if step == len(forced) or int(next_id) != forced[step]:
                 raise KvbenchError(f"a resumed session's recorded answer does not reproduce (token {step}: greedy "
@@ -272,19 +334,6 @@ def cache_lengths(cache: CompressedCache) -> list[int]:
     return [layer.get_seq_length() for layer in cache.layers]
 
 
-def restore_cache(cache: CompressedCache, lengths: Sequence[int]) -> None:
-    """Trim what was appended after compression (question and answer tokens) from every layer, through the
-    layer's own `crop(-tokens)` (transformers' layer API; any layer type that can drop its newest tokens works).
-    No copy and no re-prefill: each layer keeps a view of its first `lengths[i]` tokens."""
-    for layer, keep in zip(cache.layers, lengths):
-        extra = layer.get_seq_length() - keep
-        if extra < 0:
-            raise RuntimeError(f"cache layer holds {layer.get_seq_length()} tokens, fewer than its {keep} "
-                               f"post-compression tokens: it was modified outside restore_cache")
-        if extra:
-            layer.crop(-extra)
-
-
 def compress_context(model, context_ids: torch.Tensor, method: Method | None = None) -> CompressedContext:
     """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known)."""
     method = method or FullKV()
@@ -315,44 +364,34 @@ def question_forward(model, question_ids: torch.Tensor, position: int, cache: Co
 
 
 @torch.inference_mode()
-def answer_question(model, context: CompressedContext, question_ids: torch.Tensor, *, max_new_tokens: int,
-                    stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0, repetition_penalty: float = 1.0,
-                    reused: bool = False, method: Method | None = None) -> GenerationOutput:
-    """Feed the question over the compressed context, decode greedily, then trim the cache back to its
-    post-compression state (so the next question sees exactly the compressed context)."""
-    if question_ids.shape[1] < 1:
-        raise KvbenchError("query-agnostic generation needs at least one question token (the question part of the "
-                           "prompt is empty)")
+def ask(model, context: CompressedContext, question_ids: torch.Tensor, method: Method | None = None, *,
+        reused: bool = False, record_kept: bool = False) -> Started:
+    """Feed the question `question_ids` [1, q] over the compressed `context` in one forward, at its true positions,
+    into a fork of the context's cache (`batching.fork_cache`), and with a decode schedule of `method` on a copy of
+    its per-sample state: the context stays as compressed for the next question, however this one is decoded."""
     state, device = context.prefilled, question_ids.device
     c, q = state.prompt_tokens, question_ids.shape[1]
-    # Decoding-time compression cuts the context too: the layers are put back as they were after the answer.
-    schedule = schedule_for(method, model) if method is not None else None
-    saved = snapshot(state.cache, method) if schedule is not None else None
+    cache = fork_cache(state.cache)
+    scheduled = method is not None and bool(getattr(method, "decode_interval", None))
+    schedule = schedule_for(fork_method(method), model, record_kept=record_kept) if scheduled else None
     peak = schedule.peak if schedule is not None else KvPeak()
-    peak.observe(state.cache)
-    try:
-        sync(device)
-        start = time.perf_counter()
-        logits = question_forward(model, question_ids, c, state.cache, schedule)
-        sync(device)
-        question_s = time.perf_counter() - start
-        seen = torch.cat([context.context_ids, question_ids], dim=1)
-        tokens, stopped, decode_s = greedy_decode(
-            model, logits, state.cache, seen, c + q, max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
-            schedule=schedule)
-        peak.observe(state.cache)
-    finally:
-        if saved is not None:
-            restore(state.cache, method, saved)
-        else:
-            restore_cache(state.cache, context.lengths)
-    cache = state.cache
-    return GenerationOutput(tokens, c + q, 0.0 if reused else state.prefill_s, decode_s,
-                            context.kv_bytes, list(context.layer_kept), stopped, dict(context.record),
-                            cache.any_compressed(), layer_types(cache), context_tokens=c,
-                            question_prefill_s=question_s, context_reused=reused, peak_kv_tokens=peak.tokens,
-                            peak_kv_bytes=peak.bytes, decode_cuts=schedule.cuts if schedule is not None else None)
+    peak.observe(cache)
+    kept = state.cache.kept_positions() if record_kept else None
+    sync(device)
+    begin = time.perf_counter()
+    logits = question_forward(model, question_ids, c, cache, schedule)
+    sync(device)
+    question_s = time.perf_counter() - begin
+
+    def finish(tokens: list[int], stopped: str, decode_s: float) -> GenerationOutput:
+        peak.observe(cache)
+        return GenerationOutput(tokens, c + q, 0.0 if reused else state.prefill_s, decode_s, context.kv_bytes,
+                                list(context.layer_kept), stopped, dict(context.record), cache.any_compressed(),
+                                layer_types(cache), context_tokens=c, question_prefill_s=question_s,
+                                context_reused=reused, peak_kv_tokens=peak.tokens, peak_kv_bytes=peak.bytes,
+                                decode_cuts=schedule.cuts if schedule is not None else None,
+                                kept_positions=kept_record(kept, cache))
+    return Started(cache, logits, torch.cat([context.context_ids, question_ids], dim=1), c + q, schedule, finish)
 
 
 class ContextCache:
@@ -386,18 +425,11 @@ class ContextCache:
                 "context_prefill_s_avoided": round(self.prefill_s_avoided, 3)}
 
 
-@torch.inference_mode()
 def generate_agnostic(model, context_ids: torch.Tensor, question_ids: torch.Tensor, method: Method | None = None, *,
                       max_new_tokens: int, stop_token_ids: Sequence[int] = (), min_new_tokens: int = 0,
                       repetition_penalty: float = 1.0, contexts: ContextCache | None = None) -> GenerationOutput:
     """Query-agnostic generation: compress `context_ids` [1, C] (or reuse it from `contexts`), then answer
     `question_ids` [1, q] at positions C.. and decode. FullKV gives the tokens of `generate` on context+question."""
-    method = method or FullKV()
-    check_interval(method, max_new_tokens)
-    if contexts is not None:
-        context, reused = contexts.get(model, context_ids, method)
-    else:
-        context, reused = compress_context(model, context_ids, method), False
-    return answer_question(model, context, question_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                           min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, reused=reused,
-                           method=method)
+    return generate(model, context_ids, method, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                    min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty, question_ids=question_ids,
+                    contexts=contexts)

@@ -6,7 +6,6 @@ through `multiturn.generate_session`.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -14,11 +13,10 @@ from typing import Iterable, Iterator
 import torch
 
 from kvbench.attention import Phase, Session, decoding_batch
-from kvbench.batching import BatchedCache, fork_cache, fork_method
-from kvbench.cache import CompressedCache, cache_kwargs
-from kvbench.decoding import DecodeSchedule, KvPeak, schedule_for
-from kvbench.engine import (ContextCache, GenerationOutput, sync, apply_repetition_penalty, check_interval,
-                            compress_context, decode_step, generate, layer_types, prefill, question_forward)
+from kvbench.batching import BatchedCache
+from kvbench.cache import cache_kwargs
+from kvbench.engine import (ContextCache, GenerationOutput, Started, cache_device, decode_step, generate, next_token,
+                            start, sync, text_config)
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 from kvbench.multiturn import generate_session
@@ -62,7 +60,7 @@ def auto_batch_size(model, method: Method, longest: int, free_bytes: int) -> tup
     """N for batch_size=auto: the sequences whose uncompressed KV cache (longest prompt + its new tokens, every
     stored head: `per_query_head` layouts store one row per query head) fits in half the free memory after one
     batch-1 prefill of the longest prompt (its KV cache and MLP activations). Returns (N, the reasons)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     dtype_bytes = next(model.parameters()).element_size()
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -71,7 +69,7 @@ def auto_batch_size(model, method: Method, longest: int, free_bytes: int) -> tup
     per_token = 2 * config.num_hidden_layers * stored * head_dim * dtype_bytes
     per_sequence = per_token * longest
     prefill = per_token * longest + 4 * longest * getattr(config, "intermediate_size", 4 * config.hidden_size) * 4
-    device = next(model.parameters()).device
+    device = cache_device(model)
     cap = AUTO_MAX["cuda" if device.type == "cuda" else "cpu"]
     n = max(1, min(cap, (free_bytes // 2 - prefill) // max(per_sequence, 1)))
     return int(n), {"batch_size": int(n), "free_bytes": int(free_bytes), "longest_tokens": int(longest),
@@ -80,94 +78,41 @@ def auto_batch_size(model, method: Method, longest: int, free_bytes: int) -> tup
 
 @dataclass
 class _Live:
-    """One request being decoded: its own cache, logits, position, stop rule, schedule and tokens so far."""
+    """One request being decoded: where it started (its cache, logits, position and schedule, which move on as it
+    decodes), its stop rule and its tokens so far."""
     request: Request
-    cache: CompressedCache
-    logits: torch.Tensor  # [1, vocab] of the last token fed
-    seen: torch.Tensor  # [1, n] prompt and tokens so far (repetition penalty)
-    position: int  # true position of the next token fed
+    state: Started
     stop: torch.Tensor
-    schedule: DecodeSchedule | None
-    peak: KvPeak
-    finish: "object"  # (tokens, stopped, decode_s) -> GenerationOutput
     tokens: list[int] = field(default_factory=list)
     next_id: torch.Tensor | None = None
     stopped: str = "max_new_tokens"
     decode_s: float = 0.0
 
+    def finish(self) -> GenerationOutput:
+        return self.state.finish(self.tokens, self.stopped, self.decode_s)
 
-def _start(model, request: Request, method: Method, device, repetition_penalty: float,
-           contexts: "ContextCache | None", record_kept: bool) -> _Live:
-    """Everything a sample does alone before its first decoded token (the code paths of `generate` and
-    `answer_question`): prefill and compression, or the (reused) compressed context and the question forward."""
-    check_interval(method, request.max_new_tokens)
-    stop = torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device)
-    ids = torch.tensor([request.input_ids], device=device)
-    scheduled = bool(getattr(method, "decode_interval", None))
-    if request.question_ids is None:
-        state = prefill(model, ids, method)
-        cache, n = state.cache, state.prompt_tokens
-        kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
-        decoder = fork_method(method) if scheduled else method
-        record = None if scheduled else copy.deepcopy(method.record())
-        schedule = schedule_for(decoder, model, record_kept=record_kept)
-        peak = schedule.peak if schedule is not None else KvPeak()
-        peak.observe(cache)
-        kept = cache.kept_positions() if record_kept else None
 
-        def finish(tokens, stopped, decode_s):
-            peak.observe(cache)
-            out = GenerationOutput(tokens, n, state.prefill_s, decode_s, kv_bytes, layer_kept, stopped,
-                                   decoder.record() if record is None else record, cache.any_compressed(),
-                                   layer_types(cache), peak_kv_tokens=peak.tokens, peak_kv_bytes=peak.bytes,
-                                   decode_cuts=schedule.cuts if schedule is not None else None)
-            out.kept_positions = {"prefill": kept, "final": cache.kept_positions()} if record_kept else None
-            return out
-        return _Live(request, cache, state.logits, ids, n, stop, schedule, peak, finish)
-    question = torch.tensor([request.question_ids], device=device)
-    if question.shape[1] < 1:
-        raise KvbenchError("query-agnostic generation needs at least one question token (the question part of the "
-                           "prompt is empty)")
-    if contexts is not None:
-        context, reused = contexts.get(model, ids, method)
-    else:
-        context, reused = compress_context(model, ids, method), False
-    state = context.prefilled
-    cache = fork_cache(state.cache)  # this question's own layers: the context stays compressed for the next one
-    decoder = fork_method(method) if scheduled else None
-    schedule = schedule_for(decoder, model, record_kept=record_kept) if scheduled else None
-    peak = schedule.peak if schedule is not None else KvPeak()
-    peak.observe(cache)
-    c, q = state.prompt_tokens, question.shape[1]
-    kept = state.cache.kept_positions() if record_kept else None
-    sync(device)
-    begin = time.perf_counter()
-    logits = question_forward(model, question, c, cache, schedule)
-    sync(device)
-    question_s = time.perf_counter() - begin
+def _prompt(request: Request, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids [1, n], question_ids [1, q] or None) of `request` on `device`."""
+    question = None if request.question_ids is None else torch.tensor([request.question_ids], device=device)
+    return torch.tensor([request.input_ids], device=device), question
 
-    def finish(tokens, stopped, decode_s):
-        peak.observe(cache)
-        out = GenerationOutput(tokens, c + q, 0.0 if reused else state.prefill_s, decode_s, context.kv_bytes,
-                               list(context.layer_kept), stopped, dict(context.record), cache.any_compressed(),
-                               layer_types(cache), context_tokens=c, question_prefill_s=question_s,
-                               context_reused=reused, peak_kv_tokens=peak.tokens, peak_kv_bytes=peak.bytes,
-                               decode_cuts=schedule.cuts if schedule is not None else None)
-        out.kept_positions = {"prefill": kept, "final": cache.kept_positions()} if record_kept else None
-        return out
-    return _Live(request, cache, logits, torch.cat([ids, question], dim=1), c + q, stop, schedule, peak, finish)
+
+def _start(model, request: Request, method: Method, device, contexts: ContextCache | None,
+           record_kept: bool) -> _Live:
+    """`request` prefilled (or its question asked) alone, by the engine's own start, ready to decode in a batch."""
+    ids, question = _prompt(request, device)
+    state = start(model, ids, method, max_new_tokens=request.max_new_tokens, question_ids=question,
+                  contexts=contexts, own=True, record_kept=record_kept)
+    return _Live(request, state, torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device))
 
 
 def _choose(seq: _Live, repetition_penalty: float) -> bool:
     """Pick `seq`'s next token from its logits (greedy_decode's rule); True when the sequence is finished."""
-    step, request, logits = len(seq.tokens), seq.request, seq.logits
+    step, request, state = len(seq.tokens), seq.request, seq.state
     if step >= request.max_new_tokens:
         return True
-    if repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seq.seen, repetition_penalty)
-    if step < request.min_new_tokens and len(seq.stop):
-        logits[:, seq.stop] = float("-inf")
-    next_id = logits.argmax(dim=-1, keepdim=True)
+    next_id = next_token(state.logits, state.seen, seq.stop, step, request.min_new_tokens, repetition_penalty)
     seq.tokens.append(int(next_id))
     if len(seq.stop) and bool((seq.stop == next_id).any()):
         seq.stopped = "stop_token"
@@ -175,33 +120,33 @@ def _choose(seq: _Live, repetition_penalty: float) -> bool:
     if step == request.max_new_tokens - 1:
         return True
     if repetition_penalty != 1.0:
-        seq.seen = torch.cat([seq.seen, next_id], dim=1)
+        state.seen = torch.cat([state.seen, next_id], dim=1)
     seq.next_id = next_id
     return False
 
 
 def _step(model, live: list[_Live]) -> None:
     """One decoding forward for every live sequence, each token at its own true position."""
+    states = [seq.state for seq in live]
     if len(live) == 1:  # alone: exactly the batch-1 step
-        seq = live[0]
-        seq.logits = decode_step(model, seq.next_id, seq.position, seq.cache, seq.schedule)
-        seq.position += 1
+        state = states[0]
+        state.logits = decode_step(model, live[0].next_id, state.position, state.cache, state.schedule)
+        state.position += 1
         return
-    device = live[0].next_id.device
     ids = torch.cat([seq.next_id for seq in live])
-    positions = torch.tensor([[seq.position] for seq in live], device=device)
-    for seq in live:
-        if seq.schedule is not None:
-            seq.schedule.begin_forward(seq.position, 1)
-    batch = BatchedCache([seq.cache for seq in live])
-    sessions = [Session(seq.cache, Phase.DECODE, schedule=seq.schedule) for seq in live]
+    positions = torch.tensor([[state.position] for state in states], device=ids.device)
+    for state in states:
+        if state.schedule is not None:
+            state.schedule.begin_forward(state.position, 1)
+    batch = BatchedCache([state.cache for state in states])
+    sessions = [Session(state.cache, Phase.DECODE, schedule=state.schedule) for state in states]
     with decoding_batch(batch, sessions):
         out = model(input_ids=ids, position_ids=positions, use_cache=True, **cache_kwargs(model, batch))
     logits = out.logits[:, -1].float()
-    for b, seq in enumerate(live):
-        if seq.schedule is not None:
-            seq.schedule.end_forward(seq.cache)
-        seq.logits, seq.position = logits[b:b + 1], seq.position + 1
+    for b, state in enumerate(states):
+        if state.schedule is not None:
+            state.schedule.end_forward(state.cache)
+        state.logits, state.position = logits[b:b + 1], state.position + 1
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -225,7 +170,7 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
     turns in order (sessions are not batched); `on_turn(request, i, TurnOutput)` sees each turn as it ends."""
     method = method or FullKV()
     size = check_batch_size(batch_size)
-    device = next(model.parameters()).device
+    device = cache_device(model)
     if size == AUTO:
         requests = list(requests)
         longest = max((len(r.input_ids) + len(r.question_ids or ()) + r.max_new_tokens for r in requests), default=1)
@@ -239,9 +184,8 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
             if request.turns is not None:
                 yield request, _session(model, request, method, device, repetition_penalty, on_turn)
                 continue
-            question = None if request.question_ids is None else torch.tensor([request.question_ids], device=device)
-            yield request, generate(model, torch.tensor([request.input_ids], device=device), method,
-                                    max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
+            ids, question = _prompt(request, device)
+            yield request, generate(model, ids, method, max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
                                     min_new_tokens=request.min_new_tokens, repetition_penalty=repetition_penalty,
                                     question_ids=question, contexts=contexts)
         return
@@ -257,9 +201,9 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
             if request.turns is not None:
                 yield request, _session(model, request, method, device, repetition_penalty, on_turn)
                 continue
-            seq = _start(model, request, method, device, repetition_penalty, contexts, record_kept)
+            seq = _start(model, request, method, device, contexts, record_kept)
             if _choose(seq, repetition_penalty):  # done at its first token (a stop token, or one token asked)
-                yield request, seq.finish(seq.tokens, seq.stopped, 0.0)
+                yield request, seq.finish()
             else:
                 live.append(seq)
         if not live:
@@ -280,4 +224,4 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
             seq.decode_s += spent  # a batched step's wall time counts for every sequence in it
         for seq in finished:
             live.remove(seq)
-            yield seq.request, seq.finish(seq.tokens, seq.stopped, seq.decode_s)
+            yield seq.request, seq.finish()
