@@ -150,8 +150,21 @@ def _step(model, live: list[_Live]) -> None:
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err)))
+    """An out-of-memory error: CUDA's (torch.OutOfMemoryError) or the CPU allocator's (a RuntimeError)."""
+    text = str(err) if isinstance(err, RuntimeError) else ""
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
+def _out_of_memory(rows: int, batch_size, size: int, backoffs: int = 0) -> KvbenchError:
+    """The one-line error for an out-of-memory with `rows` samples in memory (one: nothing left to back off)."""
+    chosen = f", chosen {size}" if batch_size == AUTO else ""
+    chosen += f" after {backoffs} back-off{'s' if backoffs > 1 else ''}" if backoffs else ""
+    if rows > 1:
+        return KvbenchError(f"out of memory with {rows} samples in memory at once (batch_size={batch_size}{chosen}): "
+                            f"lower batch_size")
+    return KvbenchError(f"out of memory running one sample alone (batch_size={batch_size}{chosen}): it does not fit "
+                        f"even at batch 1; use shorter prompts, a smaller model or a device with more memory")
 
 
 @torch.inference_mode()
@@ -164,20 +177,24 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
     Up to `batch_size` requests decode together (continuous batching: a finished sequence leaves the batch and the
     next request is prefilled into its slot); each is prefilled and compressed alone and decodes with its own
     positions, stop tokens, `min_new_tokens`, repetition penalty and decode schedule (kvbench.batching).
-    `batch_size="auto"` picks N from free memory and the longest prompt (the requests are read first); `report`,
-    if given, receives the choice. `record_kept` adds each output's kept positions (`kept_positions`: after the
-    prefill and at the end) for the tests. A session request (`turns`) runs alone through `generate_session`, its
-    turns in order (sessions are not batched); `on_turn(request, i, TurnOutput)` sees each turn as it ends."""
+    `batch_size="auto"` picks N from free memory and the longest prompt (the requests are read first) and backs
+    off when memory runs out with several samples in memory: N becomes half of them, and the unfinished requests
+    (nothing of them was yielded) go back to the front of the queue and start again. `report`, if given, receives
+    the size applied (auto: the choice, its inputs and the back-offs). Out of memory with a fixed `batch_size`, or
+    with one sample alone, is a one-line error. `record_kept` adds each output's kept positions (`kept_positions`:
+    after the prefill and at the end) for the tests. A session request (`turns`) runs alone through
+    `generate_session`, its turns in order (sessions are not batched); `on_turn(request, i, TurnOutput)` sees each
+    turn as it ends."""
     method = method or FullKV()
     size = check_batch_size(batch_size)
     device = cache_device(model)
+    report = {} if report is None else report
     if size == AUTO:
         requests = list(requests)
         longest = max((len(r.input_ids) + len(r.question_ids or ()) + r.max_new_tokens for r in requests), default=1)
         size, why = auto_batch_size(model, method, longest, free_memory_bytes(device))
-        if report is not None:
-            report.update({"batch_size": size, "batch_size_auto": why})
-    elif report is not None:
+        report.update({"batch_size": size, "batch_size_auto": why, "batch_size_backoffs": 0})
+    else:
         report["batch_size"] = size
     if size == 1 and not record_kept:  # batch 1: each request through `generate`, the reference path
         for request in requests:
@@ -185,43 +202,67 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
                 yield request, _session(model, request, method, device, repetition_penalty, on_turn)
                 continue
             ids, question = _prompt(request, device)
-            yield request, generate(model, ids, method, max_new_tokens=request.max_new_tokens, stop_token_ids=request.stop_token_ids,
-                                    min_new_tokens=request.min_new_tokens, repetition_penalty=repetition_penalty,
-                                    question_ids=question, contexts=contexts)
+            try:
+                out = generate(model, ids, method, max_new_tokens=request.max_new_tokens,
+                               stop_token_ids=request.stop_token_ids, min_new_tokens=request.min_new_tokens,
+                               repetition_penalty=repetition_penalty, question_ids=question, contexts=contexts)
+            except Exception as err:
+                if _is_oom(err):
+                    raise _out_of_memory(1, batch_size, size) from None
+                raise
+            yield request, out
         return
     pending = iter(requests)
+    again: list[Request] = []  # the unfinished requests of a batch that backed off, before the rest
     live: list[_Live] = []
     more = True
-    while live or more:
-        while more and len(live) < size:
-            request = next(pending, None)
-            if request is None:
-                more = False
-                break
-            if request.turns is not None:
-                yield request, _session(model, request, method, device, repetition_penalty, on_turn)
-                continue
-            seq = _start(model, request, method, device, contexts, record_kept)
-            if _choose(seq, repetition_penalty):  # done at its first token (a stop token, or one token asked)
-                yield request, seq.finish()
-            else:
-                live.append(seq)
-        if not live:
-            continue
-        sync(device)
-        begin = time.perf_counter()
+    while live or again or more:
+        admitting, session = None, False  # a request being prefilled (or a session run) while `live` holds others
         try:
+            while len(live) < size:
+                request = again.pop(0) if again else next(pending, None)
+                if request is None:
+                    more = False
+                    break
+                if request.turns is not None:  # never started again: its turns are reported as they end
+                    session = True
+                    out = _session(model, request, method, device, repetition_penalty, on_turn)
+                    session = False
+                    yield request, out
+                    continue
+                admitting = request
+                seq = _start(model, request, method, device, contexts, record_kept)
+                admitting = None
+                if _choose(seq, repetition_penalty):  # done at its first token (a stop token, or one token asked)
+                    yield request, seq.finish()
+                else:
+                    live.append(seq)
+            if not live:
+                continue
+            sync(device)
+            begin = time.perf_counter()
             _step(model, live)
         except Exception as err:
-            if len(live) > 1 and _is_oom(err):
-                raise KvbenchError(f"out of memory decoding {len(live)} samples at once (batch_size={batch_size}"
-                                   f"{f', chosen {size}' if batch_size == AUTO else ''}): lower batch_size") from None
-            raise
-        finished = [seq for seq in live if _choose(seq, repetition_penalty)]
-        sync(device)
-        spent = time.perf_counter() - begin
-        for seq in live:
-            seq.decode_s += spent  # a batched step's wall time counts for every sequence in it
-        for seq in finished:
-            live.remove(seq)
-            yield seq.request, seq.finish()
+            if not _is_oom(err):
+                raise
+            rows = len(live) + (admitting is not None or session)
+            if batch_size != AUTO or rows == 1 or session:
+                raise _out_of_memory(rows, batch_size, size, report.get("batch_size_backoffs", 0)) from None
+        else:
+            finished = [seq for seq in live if _choose(seq, repetition_penalty)]
+            sync(device)
+            spent = time.perf_counter() - begin
+            for seq in live:
+                seq.decode_s += spent  # a batched step's wall time counts for every sequence in it
+            for seq in finished:
+                live.remove(seq)
+                yield seq.request, seq.finish()
+            continue
+        # batch_size=auto backs off: half as many samples at once, the unfinished ones started again
+        again[:0] = [seq.request for seq in live] + ([admitting] if admitting is not None else [])
+        live.clear()
+        seq = None
+        size = max(1, rows // 2)
+        report.update({"batch_size": size, "batch_size_backoffs": report["batch_size_backoffs"] + 1})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
