@@ -238,6 +238,34 @@ def test_auto_backs_off_on_out_of_memory_to_the_outputs_of_batch_1(tiny_llama, m
     assert report["batch_size"] == 3 and report["batch_size_backoffs"] == 1
 
 
+def test_auto_backs_off_when_a_prefill_beside_live_samples_runs_out_of_memory(tiny_llama, monkeypatch):
+    """The fourth prefill runs out of memory while three samples decode: the batch becomes two, the four start again
+    (the three partial outputs dropped), and every sample is yielded once with batch 1's tokens."""
+    from kvbench import scheduler
+
+    model, tok = tiny_llama
+    method = build("snapkv", model, tok)
+    requests = make_requests(model, agnostic=False)
+    one = run(model, requests, method, 1, False)
+    real, started = scheduler.start, []
+
+    def start(model, ids, *args, **kwargs):
+        started.append(ids.shape[1])
+        if len(started) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "start", start)
+    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    report = {}
+    many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
+                                  repetition_penalty=1.1))
+    lengths = [len(r.input_ids) for r in requests]
+    assert started[:8] == lengths[:4] + lengths[:4]  # the four started again, in order, before the rest
+    assert_same(one, many)
+    assert report["batch_size"] == 2 and report["batch_size_backoffs"] == 1
+
+
 def test_out_of_memory_with_one_sample_alone_is_a_one_line_error(tiny_llama, monkeypatch):
     from kvbench import scheduler
 
