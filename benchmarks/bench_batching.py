@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Batched evaluation throughput (`batch_size`, kvbench.batching): samples per second and peak memory at batch 1, 2,
-4 and 8 for FullKV, SnapKV-128 and Ada-SnapKV-128 on SmolLM2, through `engine.generate_requests`.
+4 and 8 for FullKV, SnapKV-128 and Ada-SnapKV-128 on SmolLM2, through `scheduler.generate_requests`.
 
     python benchmarks/bench_batching.py            # decode-heavy + prefill-heavy, 8 samples each
     python benchmarks/bench_batching.py --quick    # smoke run: 4 samples, short prompts
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import load_bench_model, machine_info  # noqa: E402
 
 from kvbench.atomic import write_json_atomic  # noqa: E402
-from kvbench.engine import generate_requests  # noqa: E402
+from kvbench.scheduler import generate_requests  # noqa: E402
 from kvbench.memory import PeakMemory, release_free_memory, rss_bytes  # noqa: E402
 from kvbench.methods import build_method  # noqa: E402
 from kvbench.pipeline import git_commit  # noqa: E402

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import random_prompt
-from kvbench.engine import ContextCache, auto_batch_size, check_batch_size, generate, generate_requests
+from kvbench.engine import ContextCache, generate
+from kvbench.scheduler import auto_batch_size, check_batch_size, generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.methods import build_method, registry
 from kvbench.requests import Request
@@ -183,24 +184,109 @@ def test_auto_batch_size_follows_free_memory_and_prompt_length(tiny_llama):
 
 
 def test_out_of_memory_names_batch_size_and_yields_only_finished_samples(tiny_llama, monkeypatch):
-    from kvbench import engine
+    from kvbench import scheduler
 
     model, _ = tiny_llama
     requests = make_requests(model, agnostic=False)
-    real = engine.BatchedCache
+    real = scheduler.BatchedCache
 
     def failing(caches):
         if len(caches) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(caches)
 
-    monkeypatch.setattr(engine, "BatchedCache", failing)
+    monkeypatch.setattr(scheduler, "BatchedCache", failing)
     done = []
     with pytest.raises(KvbenchError, match="batch_size=4") as err:
         for request, out in generate_requests(model, requests, None, batch_size=4):
             done.append(request.key)
     assert "lower batch_size" in str(err.value) and "\n" not in str(err.value)
     assert done == []  # nothing finished, nothing yielded
+
+
+@pytest.mark.parametrize("error, agnostic", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+                  "allocate 2147483648 bytes."), False),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True)], ids=["cuda", "cpu", "agnostic"])
+def test_auto_backs_off_on_out_of_memory_to_the_outputs_of_batch_1(tiny_llama, monkeypatch, error, agnostic):
+    """batch_size=auto runs out of memory at its third batched step with all six samples decoding: it halves the
+    batch, starts the unfinished samples again, and every sample is yielded once with batch 1's tokens."""
+    from kvbench import scheduler
+
+    model, tok = tiny_llama
+    method = build("snapkv", model, tok)
+    requests = make_requests(model, agnostic)
+    one = run(model, requests, method, 1, agnostic)
+    real, rows = scheduler.BatchedCache, []
+
+    def batched(caches):
+        rows.append(len(caches))
+        if len(caches) > 3 and len(rows) > 2:
+            raise error
+        return real(caches)
+
+    monkeypatch.setattr(scheduler, "BatchedCache", batched)
+    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)  # auto picks its cap, 16
+    report = {}
+    contexts = ContextCache() if agnostic else None
+    many = list(generate_requests(model, requests, method, batch_size="auto", contexts=contexts, report=report,
+                                  record_kept=True, repetition_penalty=1.1))
+    assert rows[:3] == [6, 6, 6] and rows[3] == 3 and max(rows[3:]) <= 3  # out of memory at six, then three
+    assert_same(one, many)  # each sample once, batch 1's tokens, kept positions and records
+    assert report["batch_size_auto"]["batch_size"] == 16
+    assert report["batch_size"] == 3 and report["batch_size_backoffs"] == 1
+
+
+def test_auto_backs_off_when_a_prefill_beside_live_samples_runs_out_of_memory(tiny_llama, monkeypatch):
+    """The fourth prefill runs out of memory while three samples decode: the batch becomes two, the four start again
+    (the three partial outputs dropped), and every sample is yielded once with batch 1's tokens."""
+    from kvbench import scheduler
+
+    model, tok = tiny_llama
+    method = build("snapkv", model, tok)
+    requests = make_requests(model, agnostic=False)
+    one = run(model, requests, method, 1, False)
+    real, started = scheduler.start, []
+
+    def start(model, ids, *args, **kwargs):
+        started.append(ids.shape[1])
+        if len(started) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "start", start)
+    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    report = {}
+    many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
+                                  repetition_penalty=1.1))
+    lengths = [len(r.input_ids) for r in requests]
+    assert started[:8] == lengths[:4] + lengths[:4]  # the four started again, in order, before the rest
+    assert_same(one, many)
+    assert report["batch_size"] == 2 and report["batch_size_backoffs"] == 1
+
+
+def test_out_of_memory_with_one_sample_alone_is_a_one_line_error(tiny_llama, monkeypatch):
+    from kvbench import scheduler
+
+    model, _ = tiny_llama
+    requests = make_requests(model, agnostic=False)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(scheduler, "generate", out_of_memory)
+    with pytest.raises(KvbenchError, match=r"one sample alone \(batch_size=1\)") as err:
+        list(generate_requests(model, requests, None, batch_size=1))
+    assert "\n" not in str(err.value)
+    # auto backs off to one sample at a time (6 -> 3 -> 1); one alone does not fit either
+    monkeypatch.setattr(scheduler, "BatchedCache", out_of_memory)
+    monkeypatch.setattr(scheduler, "decode_step", out_of_memory)
+    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    report = {}
+    with pytest.raises(KvbenchError, match=r"one sample alone \(batch_size=auto, chosen 1 after 2 back-offs\)"):
+        list(generate_requests(model, requests, None, batch_size="auto", report=report))
+    assert report["batch_size"] == 1 and report["batch_size_backoffs"] == 2
 
 
 def test_resume_after_a_kill_mid_batch_gives_the_same_predictions(tiny_llama):
@@ -243,3 +329,40 @@ def test_pipeline_run_at_batch_size_4_writes_batch_1_predictions_and_records_it(
         run = json.loads((output_dir(cfg) / "run.json").read_text())
         assert run["config"]["batch_size"] == size and run["sessions"][-1]["timing"]["batch_size"] == size
     assert len(preds[4]) == 4 and preds[4] == preds[1]
+
+
+def test_pipeline_run_at_batch_size_auto_records_its_back_off(tmp_path, monkeypatch):
+    """End to end: auto runs out of memory mid-batch, backs off, writes batch 1's predictions once each, and
+    run.json's timing records the final batch size and the back-off."""
+    import json
+
+    from kvbench import scheduler
+    from kvbench.config import compose, output_dir
+    from kvbench.pipeline import evaluate
+    from kvbench.results import read_predictions
+    from test_query_agnostic import LB_TASK, SHARED, lb_overrides
+
+    if not SHARED.is_dir():
+        pytest.skip("shared LongBench files not present")
+    real, rows = scheduler.BatchedCache, []
+
+    def batched(caches):
+        rows.append(len(caches))
+        if len(caches) > 2 and len(rows) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(caches)
+
+    monkeypatch.setattr(scheduler, "BatchedCache", batched)
+    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    preds, timing = {}, {}
+    for size in ("1", "auto"):
+        cfg = compose(lb_overrides(tmp_path / size, "method=snapkv", "budget=48", "method.window_size=8",
+                                   "benchmark.limit=4", f"batch_size={size}"))
+        evaluate(cfg)
+        lines = read_predictions(output_dir(cfg) / "predictions" / f"{LB_TASK}.jsonl")
+        preds[size] = [(r["_id"], r["pred"]) for r in lines]
+        timing[size] = json.loads((output_dir(cfg) / "run.json").read_text())["sessions"][-1]["timing"]
+    assert rows[:3] == [4, 4, 4] and max(rows[3:]) <= 2
+    assert sorted(preds["auto"]) == sorted(preds["1"]) and len(preds["auto"]) == 4
+    assert timing["auto"]["batch_size"] == 2 and timing["auto"]["batch_size_backoffs"] == 1
+    assert timing["auto"]["batch_size_auto"]["batch_size"] == 16 and "batch_size_backoffs" not in timing["1"]

@@ -192,8 +192,8 @@ def test_report_keeps_decode_time_runs_apart_and_labelled(tmp_path):
 
 @pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o", "cake"])
 def test_ask_many_answers_every_question_from_the_same_compressed_context(tiny_llama, name):
-    """Decoding-time cuts change the context's layers too; after each answer they are put back, so a question
-    answered from a reused context gets exactly the tokens of a fresh compression."""
+    """Decoding-time cuts change the layers the answer decodes in, a fork of the context's; the context stays as
+    compressed, so a question answered from a reused context gets exactly the tokens of a fresh compression."""
     from kvbench.engine import ContextCache
 
     model, tok = tiny_llama

@@ -164,7 +164,7 @@ def test_a_model_that_bypasses_the_attention_interface_is_an_error_not_a_silent_
 
 def test_generate_requests_answers_each_request_as_generate_does(tiny_llama):
     """The pipeline's one entry to the engine: every request answered, in order at batch 1, tokens as `generate`."""
-    from kvbench.engine import generate_requests
+    from kvbench.scheduler import generate_requests
     from kvbench.methods import build_method
     from kvbench.requests import Request
     model, _ = tiny_llama

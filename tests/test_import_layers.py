@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-LOWER = ("engine", "attention", "cache", "ragged", "decoding", "methods", "ruler", "longbench", "needle", "longgen")
+LOWER = ("engine", "scheduler", "multiturn", "attention", "cache", "ragged", "decoding", "methods", "ruler",
+         "longbench", "needle", "longgen")
 UPPER = ("pipeline", "sweep", "report", "summary", "sample_scores", "eval", "compare", "multirun", "slurm")
 
 

@@ -31,7 +31,7 @@ def test_fluent_non_answers_score_on_the_papers_scale_but_not_on_retrieval():
 
 
 def _fake_generate(tokenizer, answers):
-    """The engine's generate, answering the i-th call with answers(i) (no model work)."""
+    """The engine's generate (as the scheduler calls it), answering the i-th call with answers(i) (no model work)."""
     calls = []
 
     def generate(model, ids, method, max_new_tokens, **kwargs):
@@ -44,7 +44,7 @@ def _fake_generate(tokenizer, answers):
 @pytest.fixture
 def needle_runs(tmp_path, monkeypatch):
     """An aware and an agnostic needle run (tiny model, 4 cells each) whose first cell names the facts."""
-    import kvbench.engine
+    import kvbench.scheduler
     from kvbench.models import load_tokenizer
     from conftest import model_spec
 
@@ -54,7 +54,7 @@ def needle_runs(tmp_path, monkeypatch):
     (hay / "a.txt").write_text("The sky was grey over the harbour. Boats came in slowly. " * 60)
     dirs = []
     for query, answers in (("aware", lambda i: RIGHT if i == 1 else FLUENT), ("agnostic", lambda i: FLUENT)):
-        monkeypatch.setattr(kvbench.engine, "generate", _fake_generate(tok, answers))
+        monkeypatch.setattr(kvbench.scheduler, "generate", _fake_generate(tok, answers))
         cfg = compose(["model=tiny_llama", "benchmark=needle", f"benchmark.haystack_dir={hay}", "method=snapkv",
                        "budget=64", f"results_root={tmp_path / 'results'}", "progress=false",
                        "benchmark.grid.start=400", "benchmark.grid.end=600", "benchmark.grid.step=200",

@@ -1,5 +1,6 @@
 """Query-agnostic evaluation: two-phase prefill (context compressed alone, question fed uncompressed at its true
-positions), compress-once-ask-many with cache restore, and the context/question split of every prompt."""
+positions), compress-once-ask-many (each question in a fork of the context's cache), and the context/question split
+of every prompt."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from conftest import random_prompt
-from kvbench.engine import (ContextCache, compress_context, generate, generate_agnostic, prefill, question_forward,
-                            restore_cache)
+from kvbench.engine import (ContextCache, ask, cache_lengths, compress_context, generate, generate_agnostic,
+                            greedy_decode, prefill, question_forward)
 from kvbench.methods import build_method, registry
 
 torch.set_num_threads(1)
@@ -136,18 +137,25 @@ def test_context_cache_misses_on_other_context_or_method(tiny_llama):
     assert reused == [False, True, False, False]
 
 
-def test_restore_cache_trims_each_layer_with_crop(tiny_llama):
+def test_a_question_leaves_the_compressed_context_as_it_was(tiny_llama):
+    """A question is fed and answered in a fork of the context's cache (with a decode schedule, on a copy of the
+    method's per-sample state): the context keeps its layers, lengths and kept positions for the next question."""
+    from test_decoding import decoding_method
+
     model, tok = tiny_llama
     ctx, q = split(tok, seed=7)
-    c = compress_context(model, ctx, method("pyramidkv"))
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in c.prefilled.cache.layers]
-    question_forward(model, q, CONTEXT, c.prefilled.cache)
-    assert all(layer.get_seq_length() == n + QUESTION for layer, n in zip(c.prefilled.cache.layers, c.lengths))
-    restore_cache(c.prefilled.cache, c.lengths)
-    for layer, (k, v) in zip(c.prefilled.cache.layers, before):
-        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
-    with pytest.raises(RuntimeError):
-        restore_cache(c.prefilled.cache, [n + 1 for n in c.lengths])
+    for m in (method("pyramidkv"), decoding_method("h2o", budget=48, interval=2)):
+        c = compress_context(model, ctx, m)
+        cache = c.prefilled.cache
+        layers, kept = list(cache.layers), cache.kept_positions()
+        state = ask(model, c, q, m)
+        greedy_decode(model, state.logits, state.cache, state.seen, state.position, max_new_tokens=NEW,
+                      schedule=state.schedule)
+        fork = (cache_lengths(state.cache), state.cache.kept_positions())
+        assert fork != (c.lengths, kept)  # the question and answer went to the fork (grown, or cut)
+        assert (state.schedule is not None and state.schedule.cuts > 0) == (m.name == "h2o")
+        assert all(a is b for a, b in zip(cache.layers, layers)) and len(cache.layers) == len(layers)
+        assert cache_lengths(cache) == c.lengths and cache.kept_positions() == kept
 
 
 # ---- the split: context + question ids == the aware prompt's ids --------------------------------------------------

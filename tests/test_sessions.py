@@ -1,4 +1,4 @@
-"""Multi-turn sessions (`benchmark.session=true`, engine.generate_session, kvbench.sessions): turn boundaries cut
+"""Multi-turn sessions (`benchmark.session=true`, multiturn.generate_session, kvbench.sessions): turn boundaries cut
 every layer back to its budget, FullKV equals one long `generate` of the same conversation, gold vs model answers,
 resume after a kill, the fingerprint, bad input."""
 from __future__ import annotations
@@ -13,7 +13,9 @@ from conftest import random_prompt
 from kvbench.benchmark import Benchmark, Prompt, Sample
 from kvbench.config import compose, output_dir
 from kvbench.decoding import head_peak, session_refusal
-from kvbench.engine import generate, generate_requests, generate_session
+from kvbench.engine import generate
+from kvbench.multiturn import generate_session
+from kvbench.scheduler import generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.methods import registry
 from kvbench.ragged import RaggedLayer
@@ -110,10 +112,10 @@ def layer_totals(cache) -> list[int]:
 
 def spy_cache() -> dict:
     """Catch the session's cache (and its state right after the context's compression) from the engine."""
-    from kvbench import engine
+    from kvbench import multiturn
 
     found = {}
-    original = engine.compress_context
+    original = multiturn.compress_context
 
     def spy(*args, **kwargs):
         context = original(*args, **kwargs)
@@ -122,8 +124,8 @@ def spy_cache() -> dict:
         found["prefill_layers"] = list(found["cache"].layers)
         return context
 
-    engine.compress_context = spy
-    found["restore"] = lambda: setattr(engine, "compress_context", original)
+    multiturn.compress_context = spy
+    found["restore"] = lambda: setattr(multiturn, "compress_context", original)
     return found
 
 
@@ -266,9 +268,9 @@ def test_needle_session_run_scores_each_turn_and_resumes_after_a_kill(tmp_path, 
     assert all(r["kv_tokens_after_turn"] == 64 for r in records if r["turn"] < 3)
 
     # Kill the second length's session after its first turn, then rerun the same command into a new folder.
-    from kvbench import engine
+    from kvbench import scheduler
 
-    real = engine.generate_session
+    real = scheduler.generate_session
     calls = []
 
     def killed(*args, on_turn=None, **kwargs):
@@ -282,10 +284,10 @@ def test_needle_session_run_scores_each_turn_and_resumes_after_a_kill(tmp_path, 
         return real(*args, on_turn=hook, **kwargs)
 
     again = compose(overrides + [f"output_dir={tmp_path / 'killed'}"])
-    monkeypatch.setattr(engine, "generate_session", killed)
+    monkeypatch.setattr(scheduler, "generate_session", killed)
     with pytest.raises(KvbenchError, match="interrupted"):
         evaluate(again)
-    monkeypatch.setattr(engine, "generate_session", real)
+    monkeypatch.setattr(scheduler, "generate_session", real)
     resumed_scores = evaluate(again)
     resumed = read_predictions(Path(tmp_path / "killed") / "predictions" / "needle.jsonl")
     assert [(r["cell"], r["response"], r["answer_ids"]) for r in resumed] == [

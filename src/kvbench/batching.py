@@ -1,6 +1,6 @@
 """Batched decoding over compressed caches: one model forward for every live sequence, each with its own cache.
 
-`batch_size` (a top-level setting) runs N samples at once through `engine.generate_requests`. The plan, chosen for
+`batch_size` (a top-level setting) runs N samples at once through `scheduler.generate_requests`. The plan, chosen for
 exactness first:
 - prefill and compression stay per sample (batch 1: the prefill, the method's selection, the query-agnostic
   question forward and the shared-context reuse are the code paths of a single sample, so every sequence keeps

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 import kvbench
 from kvbench.benchmark import Benchmark, grouped, of_config
 from kvbench.config import output_dir, run_name, validate
-from kvbench.engine import ContextCache, GenerationOutput, check_interval, check_session, generate_requests
+from kvbench.engine import ContextCache, GenerationOutput, check_interval
+from kvbench.multiturn import check_session
+from kvbench.scheduler import generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config

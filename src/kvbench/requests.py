@@ -1,7 +1,7 @@
 """What a benchmark asks the engine for: one sample's generation.
 
 The pipeline turns each sample a benchmark yields into a `Request` and hands a stream of them to
-`engine.generate_requests`, which answers each with a `GenerationOutput` (in completion order, with the request it
+`scheduler.generate_requests`, which answers each with a `GenerationOutput` (in completion order, with the request it
 answers), one at a time or batched. Nothing in a request refers back to the benchmark: `key` is the caller's own
 handle for the sample, handed back untouched.
 

@@ -1,5 +1,5 @@
 """Multi-turn sessions (`benchmark.session=true`): one shared context, then K questions asked in turn in one
-conversation, each previous answer kept in the cache (engine.generate_session runs them).
+conversation, each previous answer kept in the cache (multiturn.generate_session runs them).
 
 The benchmark side, as small pure functions: render a conversation's prefixes (a chat template, or a benchmark's
 raw format), cut its token ids into the context and each turn's question / answer / close (`session_turns`), and

@@ -1,0 +1,268 @@
+"""Many requests at once: `generate_requests`, the engine's one entry for a stream of samples (the pipeline calls
+it), with continuous batching. Each request is prefilled and compressed alone (the engine's batch-1 code paths);
+the live sequences decode together, one model forward per step over their own caches (`kvbench.batching`); a
+finished sequence leaves the batch and the next request is prefilled into its slot. A session request runs alone
+through `multiturn.generate_session`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from kvbench.attention import Phase, Session, decoding_batch
+from kvbench.batching import BatchedCache
+from kvbench.cache import cache_kwargs
+from kvbench.engine import (ContextCache, GenerationOutput, Started, cache_device, decode_step, generate, next_token,
+                            start, sync, text_config)
+from kvbench.errors import KvbenchError
+from kvbench.methods import FullKV, Method
+from kvbench.multiturn import generate_session
+from kvbench.requests import Request
+
+
+def _session(model, request: Request, method: Method, device, repetition_penalty: float, on_turn) -> GenerationOutput:
+    """A session request's answer (generate_session), its turns reported to `on_turn(request, i, TurnOutput)`."""
+    hook = None if on_turn is None else (lambda i, out: on_turn(request, i, out))
+    return generate_session(model, torch.tensor([request.input_ids], device=device), request.turns, method,
+                            max_new_tokens=request.max_new_tokens, answers=request.session_answers,
+                            stop_token_ids=request.stop_token_ids, min_new_tokens=request.min_new_tokens,
+                            repetition_penalty=repetition_penalty, answered=request.answered, on_turn=hook)
+
+
+AUTO = "auto"
+AUTO_MAX = {"cpu": 16, "cuda": 64}  # batch_size=auto never goes above (CPU: the gain flattens well before)
+
+
+def check_batch_size(value) -> int | str:
+    """`batch_size`: a positive integer or `auto` (one-line error otherwise)."""
+    if value == AUTO:
+        return AUTO
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.lstrip("+").isdigit() or int(text) < 1:
+        raise KvbenchError(f"batch_size={value!r}: expected a positive integer (samples decoded together) or "
+                           f"batch_size=auto (picked from free memory and the longest prompt)")
+    return int(text)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory this process may still take: free GPU memory, or MemAvailable on Linux."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def auto_batch_size(model, method: Method, longest: int, free_bytes: int) -> tuple[int, dict]:
+    """N for batch_size=auto: the sequences whose uncompressed KV cache (longest prompt + its new tokens, every
+    stored head: `per_query_head` layouts store one row per query head) fits in half the free memory after one
+    batch-1 prefill of the longest prompt (its KV cache and MLP activations). Returns (N, the reasons)."""
+    config = text_config(model)
+    dtype_bytes = next(model.parameters()).element_size()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    stored = heads if getattr(method, "cache_heads", None) == "per_query_head" else kv_heads
+    per_token = 2 * config.num_hidden_layers * stored * head_dim * dtype_bytes
+    per_sequence = per_token * longest
+    prefill = per_token * longest + 4 * longest * getattr(config, "intermediate_size", 4 * config.hidden_size) * 4
+    device = cache_device(model)
+    cap = AUTO_MAX["cuda" if device.type == "cuda" else "cpu"]
+    n = max(1, min(cap, (free_bytes // 2 - prefill) // max(per_sequence, 1)))
+    return int(n), {"batch_size": int(n), "free_bytes": int(free_bytes), "longest_tokens": int(longest),
+                    "kv_bytes_per_sequence": int(per_sequence), "cap": cap}
+
+
+@dataclass
+class _Live:
+    """One request being decoded: where it started (its cache, logits, position and schedule, which move on as it
+    decodes), its stop rule and its tokens so far."""
+    request: Request
+    state: Started
+    stop: torch.Tensor
+    tokens: list[int] = field(default_factory=list)
+    next_id: torch.Tensor | None = None
+    stopped: str = "max_new_tokens"
+    decode_s: float = 0.0
+
+    def finish(self) -> GenerationOutput:
+        return self.state.finish(self.tokens, self.stopped, self.decode_s)
+
+
+def _prompt(request: Request, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids [1, n], question_ids [1, q] or None) of `request` on `device`."""
+    question = None if request.question_ids is None else torch.tensor([request.question_ids], device=device)
+    return torch.tensor([request.input_ids], device=device), question
+
+
+def _start(model, request: Request, method: Method, device, contexts: ContextCache | None,
+           record_kept: bool) -> _Live:
+    """`request` prefilled (or its question asked) alone, by the engine's own start, ready to decode in a batch."""
+    ids, question = _prompt(request, device)
+    state = start(model, ids, method, max_new_tokens=request.max_new_tokens, question_ids=question,
+                  contexts=contexts, own=True, record_kept=record_kept)
+    return _Live(request, state, torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device))
+
+
+def _choose(seq: _Live, repetition_penalty: float) -> bool:
+    """Pick `seq`'s next token from its logits (greedy_decode's rule); True when the sequence is finished."""
+    step, request, state = len(seq.tokens), seq.request, seq.state
+    if step >= request.max_new_tokens:
+        return True
+    next_id = next_token(state.logits, state.seen, seq.stop, step, request.min_new_tokens, repetition_penalty)
+    seq.tokens.append(int(next_id))
+    if len(seq.stop) and bool((seq.stop == next_id).any()):
+        seq.stopped = "stop_token"
+        return True
+    if step == request.max_new_tokens - 1:
+        return True
+    if repetition_penalty != 1.0:
+        state.seen = torch.cat([state.seen, next_id], dim=1)
+    seq.next_id = next_id
+    return False
+
+
+def _step(model, live: list[_Live]) -> None:
+    """One decoding forward for every live sequence, each token at its own true position."""
+    states = [seq.state for seq in live]
+    if len(live) == 1:  # alone: exactly the batch-1 step
+        state = states[0]
+        state.logits = decode_step(model, live[0].next_id, state.position, state.cache, state.schedule)
+        state.position += 1
+        return
+    ids = torch.cat([seq.next_id for seq in live])
+    positions = torch.tensor([[state.position] for state in states], device=ids.device)
+    for state in states:
+        if state.schedule is not None:
+            state.schedule.begin_forward(state.position, 1)
+    batch = BatchedCache([state.cache for state in states])
+    sessions = [Session(state.cache, Phase.DECODE, schedule=state.schedule) for state in states]
+    with decoding_batch(batch, sessions):
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, **cache_kwargs(model, batch))
+    logits = out.logits[:, -1].float()
+    for b, state in enumerate(states):
+        if state.schedule is not None:
+            state.schedule.end_forward(state.cache)
+        state.logits, state.position = logits[b:b + 1], state.position + 1
+
+
+def _is_oom(err: BaseException) -> bool:
+    """An out-of-memory error: CUDA's (torch.OutOfMemoryError) or the CPU allocator's (a RuntimeError)."""
+    text = str(err) if isinstance(err, RuntimeError) else ""
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
+def _out_of_memory(rows: int, batch_size, size: int, backoffs: int = 0) -> KvbenchError:
+    """The one-line error for an out-of-memory with `rows` samples in memory (one: nothing left to back off)."""
+    chosen = f", chosen {size}" if batch_size == AUTO else ""
+    chosen += f" after {backoffs} back-off{'s' if backoffs > 1 else ''}" if backoffs else ""
+    if rows > 1:
+        return KvbenchError(f"out of memory with {rows} samples in memory at once (batch_size={batch_size}{chosen}): "
+                            f"lower batch_size")
+    return KvbenchError(f"out of memory running one sample alone (batch_size={batch_size}{chosen}): it does not fit "
+                        f"even at batch 1; use shorter prompts, a smaller model or a device with more memory")
+
+
+@torch.inference_mode()
+def generate_requests(model, requests: Iterable[Request], method: Method | None = None, *,
+                      repetition_penalty: float = 1.0, contexts: ContextCache | None = None,
+                      batch_size: int | str = 1, report: dict | None = None, record_kept: bool = False,
+                      on_turn=None) -> Iterator[tuple[Request, GenerationOutput]]:
+    """Answer every request, yielding (request, output) as each finishes (completion order).
+
+    Up to `batch_size` requests decode together (continuous batching: a finished sequence leaves the batch and the
+    next request is prefilled into its slot); each is prefilled and compressed alone and decodes with its own
+    positions, stop tokens, `min_new_tokens`, repetition penalty and decode schedule (kvbench.batching).
+    `batch_size="auto"` picks N from free memory and the longest prompt (the requests are read first) and backs
+    off when memory runs out with several samples in memory: N becomes half of them, and the unfinished requests
+    (nothing of them was yielded) go back to the front of the queue and start again. `report`, if given, receives
+    the size applied (auto: the choice, its inputs and the back-offs). Out of memory with a fixed `batch_size`, or
+    with one sample alone, is a one-line error. `record_kept` adds each output's kept positions (`kept_positions`:
+    after the prefill and at the end) for the tests. A session request (`turns`) runs alone through
+    `generate_session`, its turns in order (sessions are not batched); `on_turn(request, i, TurnOutput)` sees each
+    turn as it ends."""
+    method = method or FullKV()
+    size = check_batch_size(batch_size)
+    device = cache_device(model)
+    report = {} if report is None else report
+    if size == AUTO:
+        requests = list(requests)
+        longest = max((len(r.input_ids) + len(r.question_ids or ()) + r.max_new_tokens for r in requests), default=1)
+        size, why = auto_batch_size(model, method, longest, free_memory_bytes(device))
+        report.update({"batch_size": size, "batch_size_auto": why, "batch_size_backoffs": 0})
+    else:
+        report["batch_size"] = size
+    if size == 1 and not record_kept:  # batch 1: each request through `generate`, the reference path
+        for request in requests:
+            if request.turns is not None:
+                yield request, _session(model, request, method, device, repetition_penalty, on_turn)
+                continue
+            ids, question = _prompt(request, device)
+            try:
+                out = generate(model, ids, method, max_new_tokens=request.max_new_tokens,
+                               stop_token_ids=request.stop_token_ids, min_new_tokens=request.min_new_tokens,
+                               repetition_penalty=repetition_penalty, question_ids=question, contexts=contexts)
+            except Exception as err:
+                if _is_oom(err):
+                    raise _out_of_memory(1, batch_size, size) from None
+                raise
+            yield request, out
+        return
+    pending = iter(requests)
+    again: list[Request] = []  # the unfinished requests of a batch that backed off, before the rest
+    live: list[_Live] = []
+    more = True
+    while live or again or more:
+        admitting, session = None, False  # a request being prefilled (or a session run) while `live` holds others
+        try:
+            while len(live) < size:
+                request = again.pop(0) if again else next(pending, None)
+                if request is None:
+                    more = False
+                    break
+                if request.turns is not None:  # never started again: its turns are reported as they end
+                    session = True
+                    out = _session(model, request, method, device, repetition_penalty, on_turn)
+                    session = False
+                    yield request, out
+                    continue
+                admitting = request
+                seq = _start(model, request, method, device, contexts, record_kept)
+                admitting = None
+                if _choose(seq, repetition_penalty):  # done at its first token (a stop token, or one token asked)
+                    yield request, seq.finish()
+                else:
+                    live.append(seq)
+            if not live:
+                continue
+            sync(device)
+            begin = time.perf_counter()
+            _step(model, live)
+        except Exception as err:
+            if not _is_oom(err):
+                raise
+            rows = len(live) + (admitting is not None or session)
+            if batch_size != AUTO or rows == 1 or session:
+                raise _out_of_memory(rows, batch_size, size, report.get("batch_size_backoffs", 0)) from None
+        else:
+            finished = [seq for seq in live if _choose(seq, repetition_penalty)]
+            sync(device)
+            spent = time.perf_counter() - begin
+            for seq in live:
+                seq.decode_s += spent  # a batched step's wall time counts for every sequence in it
+            for seq in finished:
+                live.remove(seq)
+                yield seq.request, seq.finish()
+            continue
+        # batch_size=auto backs off: half as many samples at once, the unfinished ones started again
+        again[:0] = [seq.request for seq in live] + ([admitting] if admitting is not None else [])
+        live.clear()
+        seq = None
+        size = max(1, rows // 2)
+        report.update({"batch_size": size, "batch_size_backoffs": report["batch_size_backoffs"] + 1})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
