@@ -112,9 +112,15 @@ class Benchmark:
     # ---- without a model: run names, sweeps, reports, run folders ----------------------------------------------
     @classmethod
     def name_parts(cls, bench) -> list[str]:
-        """Run-name parts of the benchmark's variants (a query-agnostic run never shares a folder)."""
+        """Run-name parts of the benchmark's variants, in order: the query mode (a query-agnostic run never shares a
+        folder), the benchmark's own variants (`variant_parts`), the session."""
         query = bench.get("query", "aware")
-        return ([str(query)] if query != "aware" else []) + session_part(bench)
+        return ([str(query)] if query != "aware" else []) + cls.variant_parts(bench) + session_part(bench)
+
+    @classmethod
+    def variant_parts(cls, bench) -> list[str]:
+        """Run-name parts of a benchmark's own variants (the needle's `multineedle`), after the query mode."""
+        return []
 
     @classmethod
     def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:

@@ -19,7 +19,8 @@ import pandas as pd
 from kvbench.benchmark import Benchmark, get
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
-from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
+from kvbench.labels import is_fullkv, method_sort_key
+from kvbench.report.collect import budget_order, collect, layer_allocations
 from kvbench.report.generated_length import write_longgen_report  # long outputs: generated length vs FullKV
 from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown

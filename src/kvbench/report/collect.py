@@ -25,7 +25,7 @@ import pandas as pd
 from kvbench.benchmark import Benchmark, of_run
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
-from kvbench.labels import display_method, is_fullkv, method_display_names, method_sort_key, setting_label  # noqa: F401
+from kvbench.labels import display_method
 from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 

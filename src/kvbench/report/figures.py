@@ -23,7 +23,8 @@ from kvbench.errors import KvbenchError
 from kvbench.benchmark import get
 from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import is_fullkv, method_sort_key, setting_label, task_samples
+from kvbench.labels import is_fullkv, method_sort_key, setting_label
+from kvbench.report.collect import task_samples
 from kvbench.stats import confidence_intervals
 from kvbench.report.tables import ABBREVIATIONS, budget_label
 

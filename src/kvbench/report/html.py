@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import display_method
+from kvbench.labels import display_method
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }

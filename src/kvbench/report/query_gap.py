@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import pandas as pd
 
-from kvbench.report.collect import method_sort_key
+from kvbench.labels import method_sort_key
 
 GAP_COLUMNS = ["model", "method", "budget", "benchmark", "variant", "decode_interval", "tasks", "aware", "agnostic", "gap",
                "retrieval_aware", "retrieval_agnostic", "retrieval_gap"]

@@ -31,8 +31,8 @@ from kvbench.benchmark import get
 from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
-from kvbench.report.collect import (ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
-                                    run_samples, task_samples)
+from kvbench.labels import is_fullkv, method_sort_key
+from kvbench.report.collect import ReportWarning, budget_label, budget_order, run_samples, task_samples
 from kvbench.ruler.constants import SHORT as RULER_SHORT
 from kvbench.sample_rows import SAMPLE_SCORES_FILE
 from kvbench.stats import bootstrap_ci, confidence_intervals
