@@ -79,20 +79,23 @@ def results(tmp_path) -> Path:
     return root
 
 
-def table_rows(markdown: str, kv: bool = False) -> list[list[str]]:
+def table_rows(markdown: str, kv: bool = False, decode: bool = False) -> list[list[str]]:
     """The cells of a Markdown table (rule line dropped), stopping at the first blank line; without `kv`, the
-    "KV MiB" column (every table has one; `test_kv_bytes_held_are_shown_next_to_the_budget` checks it) is left out."""
+    "KV MiB" column (every table has one; `test_kv_bytes_held_are_shown_next_to_the_budget` checks it) is left out,
+    without `decode` the "Decode" column (every table has one; `test_every_table_states_the_decode_schedule` checks
+    it)."""
     rows = []
     for line in markdown.splitlines():
         if not line.startswith("|"):
             break
         if not set(line) <= set("|-: "):
             rows.append([c.strip() for c in line.strip("|").split("|")])
-    header = next((r for r in rows if "KV MiB" in r), None)
-    if header is None or kv:
+    header = next((r for r in rows if "KV MiB" in r or "Decode" in r), None)
+    if header is None:
         return rows
-    drop = header.index("KV MiB")
-    return [r[:drop] + r[drop + 1:] for r in rows]
+    drops = sorted(header.index(name) for name, keep in (("KV MiB", kv), ("Decode", decode))
+                   if not keep and name in header)
+    return [[cell for i, cell in enumerate(r) if i not in drops] for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------------- collect
@@ -200,10 +203,10 @@ def test_relative_needs_fullkv(results):
 
 def test_latex_table_uses_booktabs_and_textbf(results):
     tex = longbench_table(collect([results]), fmt="latex")
-    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{5}{c}{}", "Single-Doc QA"):
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{6}{c}{}", "Single-Doc QA"):
         assert rule in tex
-    assert r" &  & DynamicKV & 0.00191 & 2 & \textbf{19.00}$^\dagger$ & 35.00 & \textbf{57.00}$^\dagger$ & " in tex
-    assert r"llama3-8b-instruct & Full & FullKV & 0.00191 & 2 & 20.00" in tex
+    assert r" & prefill &  & DynamicKV & 0.00191 & 2 & \textbf{19.00}$^\dagger$ & 35.00 & \textbf{57.00}$^\dagger$ & " in tex
+    assert r"llama3-8b-instruct & prefill & Full & FullKV & 0.00191 & 2 & 20.00" in tex
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
     assert tex.count(r"\midrule") == 3                       # header, then one rule before each new budget
     assert r"{\footnotesize Note: Bold" in tex and r"$\geq$ 0.05" in tex
@@ -211,7 +214,9 @@ def test_latex_table_uses_booktabs_and_textbf(results):
 
 def test_csv_table_parses_back_to_the_same_numbers(results):
     parsed = pd.read_csv(io.StringIO(longbench_table(collect([results]), fmt="csv")))
-    assert list(parsed.columns) == ["model", "budget", "method", "kv mib", "n", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
+    assert list(parsed.columns) == ["model", "decode", "budget", "method", "kv mib", "n", "NrtvQA", "HotpotQA", "Lcc",
+                                    "Avg."]
+    assert set(parsed["decode"]) == {"prefill"}
     assert list(parsed["budget"].astype(str)) == ["Full", "128", "128", "128", "512", "512"]
     assert list(parsed["Avg."]) == [40.0, 30.0, 37.0, 37.0, 39.33, 39.5]
     assert parsed.loc[3, "NrtvQA"] == 19.0 and parsed.loc[5, "Lcc"] == 60.0
@@ -403,6 +408,41 @@ def test_cli_prints_tables_and_writes_everything(results, tmp_path, capsys):
                 "layer_allocation_llama3-8b-instruct_needle_b64.png"}
     assert expected <= names and "longbench_en.tex" not in names
     assert not [n for n in names if n.endswith(".tmp")]
+
+
+def test_every_table_and_legend_states_the_decode_schedule(results, tmp_path, monkeypatch):
+    """Every run here compresses at prefill only: every table still says so (`prefill`), and a decoding-time run
+    reads `every N`, in every format, the needle's list, the runs of report.html and every figure legend."""
+    from kvbench.report import figures
+
+    df = collect([results])
+    rows = table_rows(longbench_table(df), decode=True)
+    assert rows[1][:3] == ["Model", "Decode", "Budget"] and {r[1] for r in rows[2:]} == {"prefill"}
+    assert set(pd.read_csv(io.StringIO(longbench_table(df, fmt="csv")))["decode"]) == {"prefill"}
+    assert longbench_table(df, fmt="latex").count(" & prefill & ") == 6
+    out = tmp_path / "report"
+    assert main([str(results), "--out", str(out), "--format", "md"]) == 0
+    needle = table_rows((out / "needle.md").read_text(), decode=True)
+    assert needle[1][needle[0].index("Decode")] == "prefill"
+    assert "Decode prefill" in (out / "paper_comparison.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "<th>Decode</th>" in page and '<td data-v="prefill">prefill</td>' in page
+    # A decoding-time run of its own: `every 16` in the table and the legend, next to `prefill`.
+    decode = write_run(tmp_path / "d", MODEL, "snapkv", 128, dict(zip(TASKS, [1.0, 2.0, 3.0])), folder="snapkv_d16")
+    run = json.loads((decode / "run.json").read_text())
+    (decode / "run.json").write_text(json.dumps({**run, "method": {**run["method"], "decode_interval": 16}}))
+    df = collect([results, tmp_path / "d"])
+    rows = table_rows(longbench_table(df), decode=True)
+    assert [r[1] for r in rows[2:]] == ["prefill"] * 6 + ["every 16"]
+    legends = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out: legends.append(
+        [t.get_text() for legend in fig.legends for t in legend.get_texts()]) or [])
+    budget_curve(df, tmp_path / "curve")
+    score_vs_bytes(df, tmp_path / "bytes")
+    layer_allocation(layer_allocations([results]), tmp_path / "alloc", budget=128, benchmark="longbench")
+    for labels in legends:
+        assert labels and all(label.endswith("(prefill)") or label.endswith("(every 16)") for label in labels)
+    assert "SnapKV (every 16)" in legends[0] and "FullKV (prefill)" in legends[0] and "SnapKV (prefill)" in legends[1]
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):

@@ -19,7 +19,7 @@ import pandas as pd
 from kvbench.benchmark import Benchmark, get
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
-from kvbench.labels import is_fullkv, method_sort_key
+from kvbench.labels import decode_label, is_fullkv, method_sort_key
 from kvbench.report.collect import budget_order, collect, layer_allocations
 from kvbench.report.generated_length import write_longgen_report  # long outputs: generated length vs FullKV
 from kvbench.report.html import markdown_html, write_html
@@ -148,12 +148,11 @@ def _summary_list(rows: pd.DataFrame, spec: dict, extras: list[str]) -> str:
                           **{k: v for extra in extras for k, v in (
                               (extra.capitalize(), rows[extra].astype(float)),
                               (f"{extra.capitalize()} 95% CI", ci(f"{extra}_ci_low", f"{extra}_ci_high")))},
-                          "Query": rows["query"], "Decode": rows["decode_interval"].map(lambda d: d or ""),
+                          "Query": rows["query"], "Decode": rows["decode_interval"].map(decode_label),
                           "n": rows["n"].astype(str),
                           "Status": rows["status"].map(lambda s: "" if s == "complete" else s)})
-    for name, default in (("Query", "aware"), ("Decode", "")):  # shown when they tell rows apart
-        if frame[name].nunique() < 2 and (frame[name] == default).all():
-            frame = frame.drop(columns=name)
+    if (frame["Query"] == "aware").all():  # shown when it tells rows apart; Decode always
+        frame = frame.drop(columns="Query")
     return markdown_frame(frame) + "\n" + (f"\n{spec['note']}\n" if spec.get("note") else "")
 
 

@@ -42,7 +42,8 @@ RESULT_COLUMNS += ["retrieval", "retrieval_ci_low", "retrieval_ci_high"]
 # benchmark); the decode schedule is `decode_interval` (0: compression at prefill only).
 RESULT_COLUMNS += ["length", "variant"]
 VARIANT_KEYS = {"multi_needle": "multi-needle", "session": "session"}  # benchmark config flag -> variant name
-ALLOCATION_COLUMNS = ["model", "benchmark", "method", "query", "budget", "task", "layer", "kept_mean"]
+ALLOCATION_COLUMNS = ["model", "benchmark", "method", "query", "decode_interval", "variant", "budget", "task", "layer",
+                      "kept_mean"]
 _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
 
 
@@ -332,7 +333,8 @@ def _allocation_rows(run_dir: Path, strict: bool) -> list[dict]:
             continue
         means = np.asarray(kept, dtype=float).mean(axis=0)
         rows.extend({"model": identity["model"], "benchmark": identity["benchmark"], "method": identity["method"],
-                     "query": identity["query"], "budget": identity["budget"], "task": pred_file.stem, "layer": layer,
+                     "query": identity["query"], "decode_interval": identity["decode_interval"],
+                     "variant": identity["variant"], "budget": identity["budget"], "task": pred_file.stem, "layer": layer,
                      "kept_mean": float(value)} for layer, value in enumerate(means))
     return rows
 
@@ -340,7 +342,8 @@ def _allocation_rows(run_dir: Path, strict: bool) -> list[dict]:
 def layer_allocations(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.DataFrame:
     """Mean tokens kept per head in each layer, per (model, method, budget, task), from the predictions' `layer_kept`.
 
-    Columns: model, benchmark, method, query, budget, task, layer (0-based), kept_mean. Runs without `layer_kept` give no rows.
+    Columns: model, benchmark, method, query, decode_interval, variant, budget, task, layer (0-based), kept_mean. Runs
+    without `layer_kept` give no rows.
     """
     rows: list[dict] = []
     for run_dir in find_run_dirs(paths):

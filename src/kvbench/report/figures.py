@@ -1,7 +1,7 @@
 """Figures: budget curve, score vs KV-cache bytes, score vs context length, and per-layer budget allocation.
 
 A line is one method in one setting (query mode, decode schedule, variant: read from the columns, named in the
-legend, e.g. "SnapKV (agnostic)"); any benchmark's rows draw the budget curve and, scored per length, the length curve.
+legend, e.g. "SnapKV (prefill)", "SnapKV (agnostic, every 16)": the schedule is always named); any benchmark's rows draw the budget curve and, scored per length, the length curve.
 
 Budget curves carry 95% CI bands and score-vs-bytes points CI error bars, from the runs' sample_scores.jsonl.
 
@@ -79,9 +79,9 @@ def _grid(n_panels: int, max_cols: int, panel_size: tuple[float, float], share: 
 
 
 def line_label(row) -> str:
-    """A legend entry: the method and, beyond the default, its settings ("SnapKV (agnostic, decode 16)")."""
-    settings = setting_label(row)
-    return f"{row['method']} ({settings})" if settings else str(row["method"])
+    """A legend entry: the method and its settings, the decode schedule always ("SnapKV (prefill)",
+    "SnapKV (agnostic, every 16)")."""
+    return f"{row['method']} ({setting_label(row)})"
 
 
 def _part_tasks(benchmark: str, part: str | None) -> list[str] | None:
@@ -187,7 +187,8 @@ def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench"
             ax.plot(line["budget"], line["score"], label=label, **_style(method), **_emphasis(method))
             _band(ax, line["budget"].to_numpy(), line["ci_low"].to_numpy(), line["ci_high"].to_numpy(), method)
         for label, full in block[block["method"].map(is_fullkv)].groupby("line"):  # one reference per setting
-            ax.axhline(full["score"].iloc[0], color="black", linestyle="--" if label == "FullKV" else ":",
+            plain = label == line_label({"method": full["method"].iloc[0]})  # aware, prefill, the plain benchmark
+            ax.axhline(full["score"].iloc[0], color="black", linestyle="--" if plain else ":",
                        linewidth=1.2, label=label, zorder=2)
             if pd.notna(full["ci_low"].iloc[0]):
                 ax.axhspan(full["ci_low"].iloc[0], full["ci_high"].iloc[0], color="black", alpha=0.07, zorder=1)
@@ -239,7 +240,7 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
                             yerr=[(line["score"] - line["ci_low"])[known], (line["ci_high"] - line["score"])[known]],
                             fmt="none", ecolor=style["color"], elinewidth=1.0, capsize=3, alpha=0.8,
                             zorder=style["zorder"])
-            if label == "DynamicKV":  # every method ran the same budgets: labelling one line is enough
+            if label == line_label({"method": "DynamicKV"}):  # every method ran the same budgets: one line is enough
                 for _, point in line.iterrows():
                     _bytes_label(ax, point["kv_bytes"] / _MIB, point["score"], f"b={budget_label(point['budget'])}")
         ax.set_xscale("log")

@@ -15,16 +15,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
-from kvbench.labels import display_method, method_sort_key
+from kvbench.labels import decode_label, display_method, method_sort_key
 from kvbench.results import read_predictions
 from kvbench.stats import bootstrap_ci
 
 _MIB = 2 ** 20
-
-
-def decode_label(interval) -> str:
-    """When the method compresses: after the prefill only, or also every N generated tokens."""
-    return f"every {int(interval)}" if interval and interval == interval else "prefill"
 
 
 def _decode_order(label: str) -> int:

@@ -31,7 +31,7 @@ from kvbench.benchmark import get
 from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.compare import compare_samples
 from kvbench.longbench.scoring import BUCKETS
-from kvbench.labels import is_fullkv, method_sort_key
+from kvbench.labels import decode_label, is_fullkv, method_sort_key
 from kvbench.report.collect import ReportWarning, budget_label, budget_order, run_samples, task_samples
 from kvbench.ruler.constants import SHORT as RULER_SHORT
 from kvbench.sample_rows import SAMPLE_SCORES_FILE
@@ -53,12 +53,13 @@ CI_VIEWS = (None, "pm", "range")
 ALPHA = 0.05  # significance level of the bold/dagger marks
 _KEYS = ["model", "protocol", "tag", "query", "decode_interval", "variant", "budget_key", "method"]
 _GROUP = _KEYS[:2] + _KEYS[3:-1]  # the methods of one model, protocol, setting and budget compete for bold
-_SETTINGS = {"query": "Query", "decode_interval": "Decode", "variant": "Variant"}  # shown when they tell rows apart
+# Query and Variant are shown when they tell rows apart; Decode (`prefill` or `every N`) always.
+_SETTINGS = {"query": "Query", "decode_interval": "Decode", "variant": "Variant"}
 
 
-def _setting_text(value) -> str:
-    """A setting's cell: the query mode or variant as given, the decode interval ("" for 0: no decode schedule)."""
-    return "" if value in (0, "", None) else str(value)
+def _setting_text(level: str, value) -> str:
+    """A setting's cell: the query mode or variant as given, the decode schedule as `prefill` or `every N`."""
+    return decode_label(value) if level == "decode_interval" else "" if value in ("", None) else str(value)
 
 
 @dataclass
@@ -84,10 +85,13 @@ class _Table:
         return [task for _, tasks in self.groups for task in tasks] + [AVG]
 
     def shows(self, level: str) -> bool:
-        """Protocol / tag / query / decode / variant columns appear only when they tell rows apart (or, query,
-        decode, variant and tag, when any row is not the default: agnostic, a decode schedule, a variant, a tag)."""
+        """The Decode column (the schedule: `prefill` or `every N`) always appears; protocol / tag / query / variant
+        columns only when they tell rows apart (or, query, variant and tag, when any row is not the default:
+        agnostic, a variant, a tag)."""
+        if level == "decode_interval":
+            return True
         values = self.rows.index.get_level_values(level)
-        default = {"tag": "", "query": "aware", "decode_interval": 0, "variant": ""}
+        default = {"tag": "", "query": "aware", "variant": ""}
         return values.nunique() > 1 or (level in default and (values != default[level]).any())
 
 
@@ -448,7 +452,7 @@ def _labels(table: _Table, sparse: bool) -> list[list[str]]:
     for key in table.rows.index:
         model, protocol, tag, query, decode, variant, budget_key, method = key
         full = {"Model": model, "Protocol": protocol, "Tag": tag, "Query": query,
-                "Decode": str(decode) if decode else "", "Variant": variant, "Budget": budget_key, "Method": method,
+                "Decode": decode_label(decode), "Variant": variant, "Budget": budget_key, "Method": method,
                 "KV MiB": table.kv_mib[key], "Status": table.status[key], "n": table.n[key]}
         if sparse and previous is not None:
             if (model, protocol) == previous[:2]:
@@ -607,7 +611,7 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
         samples = samples.assign(task=samples["task"].map(_base_task))
         samples = samples[samples["task"].isin(tasks & set(run["task"]))]
         row = {"Model": first["model"], "Protocol": first["protocol"], "Tag": first["tag"],
-               **{label: _setting_text(first[level]) for level, label in _SETTINGS.items()},
+               **{label: _setting_text(level, first[level]) for level, label in _SETTINGS.items()},
                "Budget": first["budget_key"], "Method": first["method"],
                "KV MiB": kv_mib_label(run["kv_bytes_mean"].mean()),
                "Status": "" if first["status"] == "complete" else first["status"],
@@ -634,7 +638,7 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
     frame = frame.iloc[sorted(range(len(frame)), key=lambda i: frame["_order"].iloc[i])].drop(columns="_order")
     labels = (["Model"] + (["Protocol"] if frame["Protocol"].nunique() > 1 else [])
               + (["Tag"] if (frame["Tag"] != "").any() else [])
-              + [label for label in _SETTINGS.values() if frame[label].nunique() > 1 or
+              + [label for label in _SETTINGS.values() if label == "Decode" or frame[label].nunique() > 1 or
                  (frame[label] != ("aware" if label == "Query" else "")).any()] + ["Budget", "Method", "KV MiB"]
               + (["Status"] if (frame["Status"] != "").any() else []) + ["Tasks"])
     if fmt == "csv":
@@ -797,4 +801,5 @@ def paper_comparison(df: pd.DataFrame) -> str:
                         + markdown_frame(needle) + "\n")
     if not sections:
         return _how_to_reproduce(paper)
-    return "\n".join(sections)
+    return "\n".join(sections) + ("\nOurs: the runs made as the papers ran them: query-aware, the plain benchmark, "
+                                  "Decode prefill (compressed after the prefill only).\n")
