@@ -445,6 +445,46 @@ def test_every_table_and_legend_states_the_decode_schedule(results, tmp_path, mo
     assert "SnapKV (every 16)" in legends[0] and "FullKV (prefill)" in legends[0] and "SnapKV (prefill)" in legends[1]
 
 
+def _clamp_lines(predictions: Path, asked: int = 31, held: int = 33) -> None:
+    """Mark every line of a predictions file as the pipeline does where a fraction budget was held at SnapKV's
+    minimum (window + 1)."""
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    predictions.write_text("".join(json.dumps({**line, "budget_tokens": held, "budget_asked": asked,
+                                               "budget_clamped": True}) + "\n" for line in lines))
+
+
+def test_a_budget_held_at_the_methods_minimum_is_marked_with_a_note(tmp_path):
+    """A fraction budget below the method's window + 1 is held there: the Budget cell says so (‡) in every format
+    and the needle list, with a note naming the run, the tokens held and on how many samples."""
+    root = tmp_path / "results"
+    write_run(root, MODEL, "fullkv", None, dict(zip(TASKS, [20.0, 40.0, 60.0])))
+    write_run(root, MODEL, "h2o", 0.03125, dict(zip(TASKS, [10.0, 30.0, 50.0])))
+    snap = write_run(root, MODEL, "snapkv", 0.03125, dict(zip(TASKS, [18.0, 36.0, 57.0])))
+    for task in TASKS[:2]:
+        _clamp_lines(snap / "predictions" / f"{task}.jsonl")
+    needle = write_needle(root, MODEL, "snapkv", 0.03125, 0.5)
+    _clamp_lines(needle / "predictions" / "needle.jsonl")
+    df = collect([root])
+    text = longbench_table(df)
+    budgets = {row[2]: row[1] for row in table_rows(text)[2:]}
+    assert budgets == {"FullKV": "Full", "H2O": "0.03125", "SnapKV": "0.03125‡"}  # H2O: asked what it held
+    note = ("‡: the budget asked fewer tokens of a prompt than the method's minimum (its window + 1; kvpress-style "
+            "ratios: its window) and was held there (prediction lines' budget_clamped; KV MiB is what was held): "
+            "SnapKV 0.03125: 33 tokens on 4 of 6 samples.")
+    assert f"Note: {note}" in text
+    csv = pd.read_csv(io.StringIO(longbench_table(df, fmt="csv")))
+    assert list(csv["budget"].astype(str)) == ["Full", "0.03125", "0.03125"]
+    assert csv["budget clamped"].fillna("").tolist() == ["", "", "33 tokens on 4 of 6 samples"]
+    assert r"0.03125$^\ddagger$ & SnapKV" in longbench_table(df, fmt="latex")
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out), "--format", "md"]) == 0
+    listed = (out / "needle.md").read_text()
+    rows = table_rows(listed)
+    assert rows[1][rows[0].index("Budget")] == "0.03125‡"
+    assert "SnapKV 0.03125: 33 tokens on 1 of 1 samples." in listed
+    assert '<td data-v="1000000000.03125">0.03125‡</td>' in (out / "report.html").read_text()
+
+
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

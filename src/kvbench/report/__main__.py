@@ -26,8 +26,8 @@ from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.sessions import write_cost_report, write_session_report
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
-from kvbench.report.tables import (budget_label, build_table, kv_mib_label, longbench_e_table, markdown_frame,
-                                   paper_comparison, render, table_parts)
+from kvbench.report.tables import (CLAMP_MARK, budget_label, build_table, clamp_note, clamp_text, kv_mib_label,
+                                   longbench_e_table, markdown_frame, paper_comparison, render, table_parts)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -135,6 +135,8 @@ def _summary_list(rows: pd.DataFrame, spec: dict, extras: list[str]) -> str:
                                                rows.at[i, "decode_interval"], budget_order(labels[i]),
                                                method_sort_key(rows.at[i, "method"])))
     rows, labels = rows.loc[order], labels[order]
+    clamped = pd.Series([clamp_text(rows.loc[[i]]) for i in rows.index], index=rows.index)  # held at the minimum
+    labels = labels + clamped.map(lambda text: CLAMP_MARK if text else "")
 
     def ci(low: str, high: str) -> list[str]:
         return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(rows[low], rows[high])]
@@ -153,7 +155,10 @@ def _summary_list(rows: pd.DataFrame, spec: dict, extras: list[str]) -> str:
                           "Status": rows["status"].map(lambda s: "" if s == "complete" else s)})
     if (frame["Query"] == "aware").all():  # shown when it tells rows apart; Decode always
         frame = frame.drop(columns="Query")
-    return markdown_frame(frame) + "\n" + (f"\n{spec['note']}\n" if spec.get("note") else "")
+    notes = [spec["note"]] if spec.get("note") else []
+    held = [(f"{rows.at[i, 'method']} {labels[i].rstrip(CLAMP_MARK)}", text) for i, text in clamped.items() if text]
+    notes += [clamp_note(held)] if held else []
+    return markdown_frame(frame) + "\n" + "".join(f"\n{note}\n" for note in notes)
 
 
 def _benchmark(name: str) -> type[Benchmark]:

@@ -79,6 +79,7 @@ class _Table:
     ci: str | None = None
     notes: list[str] = field(default_factory=list)
     run_dirs: pd.Series | None = None             # index = _KEYS: the row's run folder(s), for links
+    clamped: pd.Series | None = None              # index = _KEYS: "33 tokens on 12 of 12 samples" ("": none held)
 
     @property
     def columns(self) -> list[str]:
@@ -151,7 +152,7 @@ def _normalised(data: pd.DataFrame) -> pd.DataFrame:
     defaults = {"protocol": "", "tag": "", "status": "complete", "n": pd.NA, "ci_low": math.nan,
                 "ci_high": math.nan, "samples_ok": False, "run_dir": "", "compression_ratio": math.nan,
                 "settings": "", "kv_bytes_mean": math.nan, "query": "aware", "decode_interval": 0, "variant": "",
-                "length": pd.NA}
+                "length": pd.NA, "budget_clamped_n": 0, "budget_lines_n": 0, "budget_held": ""}
     data = data.assign(**{col: value for col, value in defaults.items() if col not in data})
     keys = [budget_label(b, r) for b, r in zip(data["budget"].astype(float), data["compression_ratio"].astype(float))]
     return data.assign(budget_key=keys, protocol=data["protocol"].fillna(""),
@@ -379,8 +380,30 @@ def build_table(df: pd.DataFrame, benchmark: str, part: str = "", relative: bool
     table = _Table(groups, values, low, high, bold, dagger, n, status.reindex(order), kv_mib, decimals,
                    ci if not relative else None)
     table.run_dirs = per_row.groupby(level=_KEYS)["run_dir"].agg(lambda d: sorted(set(d))).reindex(order)
+    table.clamped = per_row.groupby(level=_KEYS).apply(clamp_text).reindex(order)
     table.notes = _notes(table, full_count, relative, significance, over_lengths)
     return table
+
+
+CLAMP_MARK = "‡"  # a budget held at the method's minimum on some samples († is the significance mark)
+
+
+def clamp_text(rows: pd.DataFrame) -> str:
+    """How a row's fraction budget was held at the method's minimum (window + 1 tokens): "33 tokens on 12 of 12
+    samples" (its prediction lines' `budget_clamped`, summed over its tasks); "" when never."""
+    clamped = int(rows["budget_clamped_n"].fillna(0).sum())
+    if not clamped:
+        return ""
+    held = ", ".join(sorted(set(rows["budget_held"].fillna("").astype(str)) - {""}))
+    return f"{held} tokens on {clamped} of {int(rows['budget_lines_n'].fillna(0).sum())} samples"
+
+
+def clamp_note(rows: list[tuple[str, str]]) -> str:
+    """The note under a table whose rows (label, clamp_text) were held at the method's minimum."""
+    return (f"{CLAMP_MARK}: the budget asked fewer tokens of a prompt than the method's minimum (its window + 1; "
+            f"kvpress-style ratios: its window) and was held there (prediction lines' budget_clamped; KV MiB is what "
+            f"was held): "
+            + "; ".join(f"{label}: {text}" for label, text in rows) + ".")
 
 
 def _notes(table: _Table, full_count: int | None, relative: bool, significance: bool,
@@ -407,9 +430,23 @@ def _notes(table: _Table, full_count: int | None, relative: bool, significance: 
             text += (f" †: not significantly better than the second best (tie, paired sign-flip permutation test "
                      f"p ≥ {ALPHA}, or no per-sample scores to pair); bold without † is significant at {ALPHA}.")
         notes.append(text)
+    clamped = [(_row_name(table, key), text) for key, text in table.clamped.items() if text]
+    if clamped:
+        notes.append(clamp_note(clamped))
     if (table.status != "").any():
         notes.append("Status: the run did not complete (its scores cover the samples done so far).")
     return notes
+
+
+def _row_name(table: _Table, key) -> str:
+    """A row named in a note: its method and budget, then the settings that tell it apart ("SnapKV 0.03125 (m,
+    agnostic, every 16)")."""
+    model, protocol, tag, query, decode, variant, budget_key, method = key
+    shown = [(model, table.rows.index.get_level_values("model").nunique() > 1), (protocol, table.shows("protocol")),
+             (tag, table.shows("tag")), (query, table.shows("query")), (decode_label(decode), bool(decode)),
+             (variant, table.shows("variant"))]
+    settings = [str(value) for value, show in shown if show and value]
+    return f"{method} {budget_key}" + (f" ({', '.join(settings)})" if settings else "")
 
 
 def kv_mib_label(kv_bytes: float) -> str:
@@ -445,19 +482,21 @@ def _label_columns(table: _Table) -> list[str]:
             + ["Budget", "Method", "KV MiB"] + (["Status"] if (table.status != "").any() else []) + ["n"])
 
 
-def _labels(table: _Table, sparse: bool) -> list[list[str]]:
-    """Per row, the label cells; with `sparse`, model/protocol and budget only where a group starts (papers' layout)."""
+def _labels(table: _Table, sparse: bool, marks: bool = True) -> list[list[str]]:
+    """Per row, the label cells; with `sparse`, model/protocol and budget only where a group starts (papers' layout),
+    and the budget of a row held at the method's minimum marked (`marks`) and shown on that row."""
     names = _label_columns(table)
     out, previous = [], None
     for key in table.rows.index:
         model, protocol, tag, query, decode, variant, budget_key, method = key
+        mark = CLAMP_MARK if marks and table.clamped is not None and table.clamped[key] else ""
         full = {"Model": model, "Protocol": protocol, "Tag": tag, "Query": query,
-                "Decode": decode_label(decode), "Variant": variant, "Budget": budget_key, "Method": method,
+                "Decode": decode_label(decode), "Variant": variant, "Budget": budget_key + mark, "Method": method,
                 "KV MiB": table.kv_mib[key], "Status": table.status[key], "n": table.n[key]}
         if sparse and previous is not None:
             if (model, protocol) == previous[:2]:
                 full["Model"] = full["Protocol"] = ""
-                if key[3:7] == previous[3:7]:
+                if key[3:7] == previous[3:7] and not mark:
                     full["Budget"] = ""
         out.append([full[name] for name in names])
         previous = key
@@ -503,17 +542,18 @@ def _latex(table: _Table) -> str:
     lines = styler.to_latex(hrules=True, multicol_align="c",
                             column_format="l" * n_labels + "r" * len(table.columns)).splitlines()
     body_start = lines.index(r"\midrule") + 1
-    labels, budget_col = _labels(table, sparse=True), _label_columns(table).index("Budget")
-    group_starts = [i for i, row in enumerate(labels) if i and (row[0] or row[budget_col])]
+    keys = list(table.rows.index)  # a rule where the model, protocol or budget group changes
+    group_starts = [i for i in range(1, len(keys)) if keys[i][:2] != keys[i - 1][:2] or keys[i][3:7] != keys[i - 1][3:7]]
     for offset, i in enumerate(group_starts):  # a rule between budgets (and models), as in the papers
         lines.insert(body_start + i + offset, r"\midrule")
     notes = [r"{\footnotesize " + _latex_text(note) + r"}\par" for note in _note_lines(table)]
+    lines = [line.replace(CLAMP_MARK, r"$^\ddagger$") for line in lines]
     return "\n".join([r"% LongBench table (kvbench); needs \usepackage{booktabs}"] + lines + notes) + "\n"
 
 
 _LATEX_TEXT = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
-               "†": r"$^\dagger$", "±": r"$\pm$", "≥": r"$\geq$", ">": r"$>$", "<": r"$<$"}
+               "†": r"$^\dagger$", CLAMP_MARK: r"$^\ddagger$", "±": r"$\pm$", "≥": r"$\geq$", ">": r"$>$", "<": r"$<$"}
 
 
 def _latex_text(text: str) -> str:
@@ -533,7 +573,7 @@ def _html(table: _Table) -> str:
     for labels, key in zip(_labels(table, sparse=False), table.rows.index):
         cells = []
         for name, text in zip(_label_columns(table), labels):
-            order = budget_order(text) if name == "Budget" else None  # Full, budgets by size, then ratios
+            order = budget_order(text.rstrip(CLAMP_MARK)) if name == "Budget" else None  # Full, budgets, ratios
             sort = order[0] * 1e9 + order[1] if order else text
             cells.append(f'<td data-v="{html.escape(str(sort))}">{html.escape(str(text))}</td>')
         for column in table.columns:
@@ -550,7 +590,9 @@ def _html(table: _Table) -> str:
 
 def _csv(table: _Table) -> str:
     """Flat CSV: label columns, one column per task (plain numbers) and, with a CI view, <task> lo / <task> hi."""
-    frame = pd.DataFrame(_labels(table, sparse=False), columns=[c.lower() for c in _label_columns(table)])
+    frame = pd.DataFrame(_labels(table, sparse=False, marks=False), columns=[c.lower() for c in _label_columns(table)])
+    if table.clamped is not None and (table.clamped != "").any():  # the budget held at the method's minimum
+        frame.insert(list(frame.columns).index("budget") + 1, "budget clamped", table.clamped.to_numpy())
     for column in table.columns:
         name = ABBREVIATIONS.get(column, column)
         frame[name] = table.rows[column].to_numpy()
