@@ -102,3 +102,21 @@ def unused_imports() -> dict[str, list[str]]:
 
 def test_no_module_imports_a_name_it_does_not_use():
     assert unused_imports() == {}
+
+
+def test_the_report_names_no_benchmark():
+    """The report asks each benchmark's class (`kvbench.benchmark.Benchmark`: table layout, extra tables, figures)
+    and the published numbers' data for what is particular to it: no benchmark's name is written in its code
+    (docstrings aside)."""
+    names = {"longbench", "longbench_e", "needle", "ruler", "longgen"}
+    found = {}
+    for path in sorted((SRC / "kvbench" / "report").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(node.body[0].value) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        named = sorted({node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                        and node.value in names and id(node) not in docs})
+        if named:
+            found[_module(path)] = named
+    assert found == {}

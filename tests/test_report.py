@@ -12,7 +12,7 @@ import pytest
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.report import (ReportWarning, budget_curve, collect, layer_allocation, layer_allocations,
-                            longbench_e_table, longbench_table, paper_comparison, score_vs_bytes)
+                            group_table, longbench_table, paper_comparison, score_vs_bytes)
 from kvbench.report.__main__ import main
 from kvbench.sample_rows import sample_row, write_sample_scores
 
@@ -327,12 +327,42 @@ def test_longbench_e_table_by_length_bucket(tmp_path):
     buckets = ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
     write_sample_scores(run_dir, [sample_row("qasper", f"q{i}", s, length=1000, bucket=b)
                                   for i, (s, b) in enumerate(zip([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], buckets))])
-    text = longbench_e_table(collect([tmp_path]))
+    text = group_table(collect([tmp_path]), "longbench_e", "en")
     rows = table_rows(text)
     assert rows[0] == ["Model", "Budget", "Method", "Tasks", "0-4k", "n 0-4k", "4-8k", "n 4-8k", "8k+", "n 8k+"]
     assert rows[1][4:] == ["50.00 ± 50.00", "2", "100.00 ± 0.00", "2", "0.00 ± 0.00", "2"]
     assert "resampled within each task's bucket" in text
-    assert "\\toprule" in longbench_e_table(collect([tmp_path]), fmt="latex")
+    assert "\\toprule" in group_table(collect([tmp_path]), "longbench_e", "en", fmt="latex")
+
+
+def test_a_benchmark_declares_its_own_group_tables_and_the_report_writes_them(tmp_path):
+    """`Benchmark.group_table` (LongBench-E's by input length) is a declaration, not a name the report knows: a
+    benchmark of its own gets its table by a per-sample field written in every format and into report.html."""
+    from kvbench.benchmark import Benchmark, register, unregister
+
+    class Graded(Benchmark):
+        name = "graded_probe"
+        group_table = {"field": "grade", "groups": ("easy", "hard"), "stem": "by_grade", "title": "by difficulty",
+                       "unit": "grade", "note": "Mean over the run's tasks of each grade's score (0-100)."}
+
+    register(Graded)
+    try:
+        run_dir = write_run(tmp_path / "r", MODEL, "snapkv", 128, {}, benchmark="graded_probe",
+                            samples={"t1": [1.0, 0.0, 1.0, 1.0]})
+        write_sample_scores(run_dir, [sample_row("t1", f"s{i}", v, grade=g) for i, (v, g) in
+                                      enumerate(zip([1.0, 0.0, 1.0, 1.0], ["easy", "easy", "hard", "hard"]))])
+        out = tmp_path / "out"
+        assert main([str(tmp_path / "r"), "--out", str(out)]) == 0
+        text = (out / "graded_probe_by_grade.md").read_text()
+        rows = table_rows(text)
+        assert rows[0][-4:] == ["easy", "n easy", "hard", "n hard"] and rows[1][-4:] == [
+            "50.00 ± 50.00", "2", "100.00 ± 0.00", "2"]
+        assert "Note: Mean over the run's tasks of each grade's score (0-100)." in text
+        assert "resampled within each task's grade" in text
+        assert {"graded_probe_by_grade.tex", "graded_probe_by_grade.csv"} <= {p.name for p in out.iterdir()}
+        assert '<h2 id="graded_probe_by_grade">graded_probe by difficulty</h2>' in (out / "report.html").read_text()
+    finally:
+        unregister("graded_probe")
 
 
 def test_two_protocols_get_their_own_column(results, tmp_path):

@@ -67,6 +67,11 @@ class Benchmark:
     # A one-row-per-run benchmark's list in the report, beside its table: {"title", "anchor" (file stem), "note",
     # "variants": (column, {variant: label}, label otherwise)}; None: no list.
     summary_list: ClassVar[dict | None] = None
+    # Tables of scores by a per-sample field, one per table part, beside the benchmark's tables (LongBench-E: by
+    # input length): {"field": the sample_scores.jsonl column, "groups": its values in column order, "stem": the
+    # file-name suffix, "title": the title suffix, "unit": a group's name in the notes, "note": the note on what a
+    # cell is ({part}: the part's language, e.g. "English ")}; None: no such table.
+    group_table: ClassVar[dict | None] = None
 
     # ---- one command ------------------------------------------------------------------------------------------
     @classmethod

@@ -26,8 +26,8 @@ from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.sessions import write_cost_report, write_session_report
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
-from kvbench.report.tables import (CLAMP_MARK, budget_label, build_table, clamp_note, clamp_text, kv_mib_label,
-                                   longbench_e_table, markdown_frame, paper_comparison, render, table_parts)
+from kvbench.report.tables import (CLAMP_MARK, NoGroupScores, budget_label, build_table, clamp_note, clamp_text,
+                                   group_table, kv_mib_label, markdown_frame, paper_comparison, render, table_parts)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -82,7 +82,8 @@ def _table_views(df: pd.DataFrame):
 
 def _write_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | None,
                   html_parts: list) -> list[Path]:
-    """Every benchmark table (see `_table_views`) in every format, and the LongBench-E tables by length bucket."""
+    """Every benchmark table (see `_table_views`) in every format, then the tables a benchmark declares by a
+    per-sample field (`Benchmark.group_table`: LongBench-E's by input length)."""
     written = []
     for name, title, view in _table_views(df):
         try:
@@ -94,19 +95,20 @@ def _write_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | Non
         print(f"## {title}\n\n{render(table, 'markdown')}")
         written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", render(table, fmt)) for fmt in formats]
         html_parts.append((title, name, render(table, "html")))
-    for language in ("en", "zh"):
-        name = f"longbench_e_{language}_by_length"
-        try:
-            tables = {fmt: longbench_e_table(df, language, fmt, ci) for fmt in formats}
-            markdown = tables.get("markdown") or longbench_e_table(df, language, "markdown", ci)
-        except KvbenchError as exc:
-            if "LongBench-E run" in str(exc):
+    for benchmark in sorted(df["benchmark"].unique()):
+        spec = _benchmark(benchmark).group_table
+        for part in table_parts(df, benchmark) if spec else []:
+            name = "_".join(filter(None, [benchmark, part, spec["stem"]]))
+            title = f"{benchmark}{f' ({_LANGUAGE_NAMES.get(part, part)})' if part else ''} {spec['title']}"
+            try:
+                tables = {fmt: group_table(df, benchmark, part, fmt, ci) for fmt in formats}
+                markdown = tables.get("markdown") or group_table(df, benchmark, part, "markdown", ci)
+            except NoGroupScores as exc:
                 print(f"(skipped {name}: {exc})\n", file=sys.stderr)
-            continue
-        print(f"## longbench_e ({_LANGUAGE_NAMES[language]}) by input length\n\n{markdown}")
-        written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
-        html_parts.append((f"longbench_e ({_LANGUAGE_NAMES[language]}) by input length", name,
-                           markdown_html(markdown)))
+                continue
+            print(f"## {title}\n\n{markdown}")
+            written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
+            html_parts.append((title, name, markdown_html(markdown)))
     return written
 
 

@@ -21,7 +21,6 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from kvbench.errors import KvbenchError
 from kvbench.benchmark import get
-from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
 from kvbench.atomic import atomic_write
 from kvbench.labels import is_fullkv, method_sort_key, setting_label
 from kvbench.report.collect import task_samples
@@ -84,13 +83,37 @@ def line_label(row) -> str:
     return f"{row['method']} ({setting_label(row)})"
 
 
+def _layout(benchmark: str) -> dict:
+    """A benchmark's table layout (`Benchmark.table_layout`; {} for one without, or whose class no longer imports)."""
+    try:
+        return get(benchmark).table_layout or {}
+    except KvbenchError:
+        return {}
+
+
 def _part_tasks(benchmark: str, part: str | None) -> list[str] | None:
     """The papers' task list of one part (LongBench: a language) of a benchmark's table layout; None: all tasks."""
-    try:
-        layout = get(benchmark).table_layout or {}
-    except KvbenchError:
-        return None
+    layout = _layout(benchmark)
     return layout[part][1] if part in layout else None
+
+
+def _pick_benchmark(df: pd.DataFrame, benchmark: str | None, fits, what: str) -> str:
+    """The benchmark to draw: the one asked for, else the only one of the rows that `fits` (the papers' figures:
+    the benchmark that declares them; lengths: the one scored per length), else the only one."""
+    if benchmark is not None:
+        return benchmark
+    names = sorted(set(df["benchmark"]))
+    fitting = [name for name in names if fits(name)]
+    if len(fitting) == 1 or len(names) == 1:
+        return (fitting or names)[0]
+    raise KvbenchError(f"the rows hold several benchmarks ({', '.join(names)}); pass benchmark=... to pick {what}")
+
+
+def _papers_figures(benchmark: str) -> bool:
+    try:
+        return get(benchmark).papers_figures
+    except KvbenchError:
+        return False
 
 
 def _run_averages(df: pd.DataFrame, benchmark: str, language: str | None = "en",
@@ -168,10 +191,12 @@ def _budget_axis(ax, budgets) -> None:
     ax.set_xticklabels([budget_label(b) for b in sorted(budgets)])
 
 
-def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench",
+def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str | None = None,
                  language: str | None = "en") -> list[Path]:
     """Average score of a benchmark's runs (LongBench: the `language`'s tasks) against KV budget, one line per
-    method and setting, FullKV as a dashed reference; one panel per model."""
+    method and setting, FullKV as a dashed reference; one panel per model. `benchmark` None: the one of the rows
+    that has the papers' figures (`Benchmark.papers_figures`), else the only one."""
+    benchmark = _pick_benchmark(df, benchmark, _papers_figures, "one")
     runs, task_counts = _run_averages(df, benchmark, language)
     compressed = runs[~runs["method"].map(is_fullkv)]
     if compressed.empty:
@@ -214,11 +239,14 @@ def _bytes_label(ax, x, y, text) -> None:
                 color=METHOD_STYLE["DynamicKV"]["color"])
 
 
-def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench", language: str = "en") -> list[Path]:
+def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str | None = None,
+                   language: str = "en") -> list[Path]:
     """Average score against the KV-cache bytes actually kept (mean per sample), one point per method and budget.
 
     Points of one method are joined in budget order and labelled with their budget; x is logarithmic (MiB).
+    `benchmark` None: as `budget_curve`.
     """
+    benchmark = _pick_benchmark(df, benchmark, _papers_figures, "one")
     runs, task_counts = _run_averages(df, benchmark, language)
     runs = runs.dropna(subset=["kv_bytes"])
     if runs.empty:
@@ -254,9 +282,12 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
     return _save(fig, out)
 
 
-def score_vs_length(df: pd.DataFrame, out: str | Path, benchmark: str = "ruler") -> list[Path]:
+def score_vs_length(df: pd.DataFrame, out: str | Path, benchmark: str | None = None) -> list[Path]:
     """Average score against context length (a benchmark scored per length, e.g. RULER), one line per method,
-    budget and setting, with CI bands; one panel per model and query mode."""
+    budget and setting, with CI bands; one panel per model and query mode. `benchmark` None: the one of the rows
+    scored per length."""
+    scored_per_length = lambda name: df.loc[df["benchmark"] == name, "length"].notna().any()  # noqa: E731
+    benchmark = _pick_benchmark(df, benchmark, scored_per_length, "one scored per length")
     runs, _ = _run_averages(df, benchmark, None, by_length=True)
     runs = runs.dropna(subset=["length"])
     if runs.empty or runs["length"].nunique() < 2:
@@ -328,7 +359,8 @@ def layer_allocation(alloc_df: pd.DataFrame, out: str | Path, model: str | None 
     data = data[data["benchmark"] == benchmark]
     budget = _pick(data, "budget", budget, "budget")
     data = data[data["budget"] == budget]
-    order = {t: i for i, t in enumerate(ENGLISH_16 + CHINESE_5)}
+    papers_tasks = [task for _, papers in _layout(benchmark).values() for task in papers or []]  # LongBench's order
+    order = {t: i for i, t in enumerate(papers_tasks)}
     tasks = sorted(data["task"].unique(), key=lambda t: (order.get(t, len(order)), t))
     fig, axes = _grid(len(tasks), 4, (3.6, 2.5), share=True)
     for ax, task in zip(axes, tasks):

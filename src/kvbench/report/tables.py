@@ -28,9 +28,7 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.benchmark import get
-from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.compare import compare_samples
-from kvbench.longbench.scoring import BUCKETS
 from kvbench.labels import decode_label, is_fullkv, method_sort_key
 from kvbench.report.collect import ReportWarning, budget_label, budget_order, run_samples, task_samples
 from kvbench.ruler.constants import SHORT as RULER_SHORT
@@ -620,34 +618,58 @@ def benchmark_table(df: pd.DataFrame, benchmark: str, part: str = "", fmt: str =
 
 
 def longbench_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", relative: bool = False,
-                    benchmark: str = "longbench", ci: str | None = None, significance: bool = True) -> str:
+                    benchmark: str | None = None, ci: str | None = None, significance: bool = True) -> str:
     """A LongBench table in the papers' layout from `collect()` output.
 
     language: "en" (the 16 English tasks) or "zh" (the 5 Chinese tasks); only tasks present get columns.
     fmt: "markdown", "latex" (booktabs) or "csv". relative=True shows percent of FullKV (1 decimal, no CI).
-    benchmark: "longbench" or "longbench_e" (its `<task>_e` names map onto the same columns).
+    benchmark: longbench or longbench_e (its `<task>_e` names map onto the same columns); None: the benchmark of
+    the rows whose table has this language part, the one with the papers' figures first (LongBench).
     ci: None, "pm" (score ± CI half-width) or "range" (score [low, high]); CSV gets `<task> lo`/`<task> hi` columns.
     significance: mark bold cells whose method is not significantly better than the second best with a dagger.
     Every table has an n column (samples per task) and, when a run did not complete, a Status column.
     """
+    if benchmark is None:
+        def papers_first(name: str) -> tuple:
+            try:
+                return (not get(name).papers_figures, name)
+            except KvbenchError:
+                return (True, name)
+        named = sorted((name for name in set(df["benchmark"]) if language in _layout(df, name)), key=papers_first)
+        if not named:
+            raise KvbenchError(f"no benchmark of these results has a {language!r} table part (LongBench's languages: "
+                               f"'en' or 'zh')")
+        benchmark = named[0]
     return benchmark_table(df, benchmark, language, fmt, relative, ci, significance)
 
 
-def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", ci: str | None = "pm") -> str:
-    """LongBench-E by input length: per run, the mean over its tasks of each length bucket's score (0-4k, 4-8k,
-    8k+), with the bucket's 95% CI (resampled within each task's bucket, then averaged) and n (samples in the
-    bucket). Reads the runs' sample_scores.jsonl; runs without it are listed as missing in the note."""
+class NoGroupScores(KvbenchError):
+    """No run of the benchmark has per-sample scores with the group table's field."""
+
+
+def group_table(df: pd.DataFrame, benchmark: str, part: str = "", fmt: str = "markdown", ci: str | None = "pm") -> str:
+    """A benchmark's table of scores by a per-sample field (`Benchmark.group_table`; LongBench-E: by input length):
+    per run, the mean over its tasks of each group's score (LongBench-E: the 0-4k, 4-8k, 8k+ buckets), with the
+    group's 95% CI (resampled within each task's group, then averaged) and n (samples in the group). Reads the runs'
+    sample_scores.jsonl; runs without it are listed as missing in the note."""
     if fmt not in FORMATS[:3]:
         raise KvbenchError(f"fmt must be one of {', '.join(FORMATS[:3])}, not {fmt!r}")
     if ci not in CI_VIEWS:
         raise KvbenchError(f"ci must be one of None, 'pm' or 'range', not {ci!r}")
-    data, groups, _ = _select(df, language, "longbench_e")
+    try:
+        spec = get(benchmark).group_table
+    except KvbenchError:
+        spec = None
+    if not spec:
+        raise KvbenchError(f"benchmark {benchmark!r} declares no group table (Benchmark.group_table)")
+    field, unit, columns = spec["field"], spec["unit"], spec["groups"]  # LongBench-E: bucket, 0-4k 4-8k 8k+
+    data, groups, _ = _select(df, part, benchmark)
     tasks = {t for _, ts in groups for t in ts}
     rows, missing = [], []
     for run_dir, run in _normalised(data).groupby("run_dir", sort=False):
         first = run.iloc[0]
         samples = run_samples(run_dir) if run["samples_ok"].fillna(False).astype(bool).all() else None
-        if samples is None or "bucket" not in samples:
+        if samples is None or field not in samples:
             missing.append(run_dir)
             continue
         samples = samples.assign(task=samples["task"].map(_base_task))
@@ -661,21 +683,21 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
                                                                    *(first[level] for level in _SETTINGS),
                                                                    budget_order(first["budget_key"]),
                                                                    method_sort_key(first["method"]), first["tag"])}
-        for bucket in BUCKETS:
-            block = samples[samples["bucket"] == bucket]
+        for group in columns:
+            block = samples[samples[field] == group]
             groups_b = [g["score"].to_numpy() * 100 for _, g in block.groupby("task")]
             if not groups_b:
-                row[bucket], row[f"{bucket} lo"], row[f"{bucket} hi"], row[f"n {bucket}"] = math.nan, math.nan, \
+                row[group], row[f"{group} lo"], row[f"{group} hi"], row[f"n {group}"] = math.nan, math.nan, \
                     math.nan, 0
                 continue
             result = confidence_intervals(groups_b)
-            row[bucket] = result["average"]
-            row[f"{bucket} lo"], row[f"{bucket} hi"] = result["average_ci"]
-            row[f"n {bucket}"] = len(block)
+            row[group] = result["average"]
+            row[f"{group} lo"], row[f"{group} hi"] = result["average_ci"]
+            row[f"n {group}"] = len(block)
         rows.append(row)
     if not rows:
-        raise KvbenchError(f"no LongBench-E run has per-sample scores with length buckets; write them with "
-                           f"`python -m kvbench.sample_scores RUN_DIR` ({len(missing)} run(s) without)")
+        raise NoGroupScores(f"no {benchmark} run has per-sample scores with their {field}; write them with "
+                            f"`python -m kvbench.sample_scores RUN_DIR` ({len(missing)} run(s) without)")
     frame = pd.DataFrame(rows)
     frame = frame.iloc[sorted(range(len(frame)), key=lambda i: frame["_order"].iloc[i])].drop(columns="_order")
     labels = (["Model"] + (["Protocol"] if frame["Protocol"].nunique() > 1 else [])
@@ -684,13 +706,13 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
                  (frame[label] != ("aware" if label == "Query" else "")).any()] + ["Budget", "Method", "KV MiB"]
               + (["Status"] if (frame["Status"] != "").any() else []) + ["Tasks"])
     if fmt == "csv":
-        keep = labels + [c for b in BUCKETS for c in (b, f"{b} lo", f"{b} hi", f"n {b}")
+        keep = labels + [c for b in columns for c in (b, f"{b} lo", f"{b} hi", f"n {b}")
                          if ci or not c.endswith((" lo", " hi"))]
         return frame[keep].to_csv(index=False, float_format="%.2f", lineterminator="\n")
     pm = _MARKUP[fmt][2]
     out = frame[labels].copy()
-    for bucket in BUCKETS:
-        def show(r, b=bucket):
+    for group in columns:
+        def show(r, b=group):
             if pd.isna(r[b]):
                 return "-"
             if not ci or pd.isna(r[f"{b} lo"]):
@@ -698,22 +720,21 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
             if ci == "pm":
                 return f"{r[b]:.2f}{pm}{(r[f'{b} hi'] - r[f'{b} lo']) / 2:.2f}"
             return f"{r[b]:.2f} [{r[f'{b} lo']:.2f}, {r[f'{b} hi']:.2f}]"
-        out[bucket] = frame.apply(show, axis=1)
-        out[f"n {bucket}"] = frame[f"n {bucket}"].astype(int).astype(str)
-    notes = [f"Mean over the run's {'English' if language == 'en' else 'Chinese'} LongBench-E tasks of each length "
-             f"bucket's score (0-100); n: samples in the bucket."]
+        out[group] = frame.apply(show, axis=1)
+        out[f"n {group}"] = frame[f"n {group}"].astype(int).astype(str)
+    notes = [spec["note"].format(part=_LANGUAGES.get(part, ""))]
     if ci:
-        notes.append("± half-width of / [low, high]: the 95% percentile bootstrap CI, resampled within each task's "
-                     "bucket, then averaged." if ci == "pm" else
-                     "[low, high]: the 95% percentile bootstrap CI, resampled within each task's bucket, then averaged.")
+        notes.append(f"± half-width of / [low, high]: the 95% percentile bootstrap CI, resampled within each task's "
+                     f"{unit}, then averaged." if ci == "pm" else
+                     f"[low, high]: the 95% percentile bootstrap CI, resampled within each task's {unit}, then averaged.")
     if missing:
-        notes.append(f"Left out (no sample_scores.jsonl with buckets): {', '.join(missing)}.")
+        notes.append(f"Left out (no sample_scores.jsonl with {unit}s): {', '.join(missing)}.")
     if fmt == "markdown":
         text = out.to_markdown(index=False, disable_numparse=True,
-                               colalign=["left"] * len(labels) + ["right"] * (2 * len(BUCKETS)))
+                               colalign=["left"] * len(labels) + ["right"] * (2 * len(columns)))
         return text + "\n\n" + "\n".join(f"Note: {n}" for n in notes) + "\n"
     styler = out.style.hide(axis="index").format(escape="latex", subset=labels).format_index(escape="latex", axis=1)
-    text = styler.to_latex(hrules=True, column_format="l" * len(labels) + "r" * (2 * len(BUCKETS)))
+    text = styler.to_latex(hrules=True, column_format="l" * len(labels) + "r" * (2 * len(columns)))
     return text.replace(" ± ", r" $\pm$ ")
 
 
@@ -740,9 +761,10 @@ def paper_model_name(model: str, hub_id: str = "", paper: dict | None = None) ->
     return None
 
 
-def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
-    """Our 16-task English averages for runs at the paper's LongBench setting (paper model, budget 512 or FullKV)."""
-    published = paper["longbench_kv512"]
+def _average_matches(df: pd.DataFrame, paper: dict, published: dict) -> list[dict]:
+    """Our averages over the papers' task list of a benchmark's table part (LongBench: the 16 English tasks) for
+    runs at the published setting (a paper model, its budget or FullKV)."""
+    tasks = get(published["benchmark"]).table_layout[published["part"]][1]
     data = _papers_protocol(df[df["benchmark"] == published["benchmark"]])
     rows = []
     for run_dir, run in data.groupby("run_dir", sort=True):
@@ -752,14 +774,15 @@ def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
         paper_score = published["scores"].get(name, {}).get(first["method"]) if name else None
         if paper_score is None or not at_budget:
             continue
-        english = run[run["task"].isin(ENGLISH_16)].dropna(subset=["score"])
-        ours = float(english["score"].mean()) if len(english) == 16 else math.nan
-        usable = len(english) == 16 and english.get("samples_ok", pd.Series(False)).fillna(False).astype(bool).all()
-        groups = _samples_of(pd.Series(run_dir, index=list(english["task"])), list(english["task"])) if usable else None
+        done = run[run["task"].isin(tasks)].dropna(subset=["score"])
+        ours = float(done["score"].mean()) if len(done) == len(tasks) else math.nan
+        usable = len(done) == len(tasks) and done.get("samples_ok", pd.Series(False)).fillna(False).astype(bool).all()
+        groups = _samples_of(pd.Series(run_dir, index=list(done["task"])), list(done["task"])) if usable else None
         low, high = confidence_intervals([g.to_numpy() for g in groups])["average_ci"] if groups else (math.nan,) * 2
         rows.append({"Model": name, "Method": first["method"], "Paper": paper_score, "Ours": ours,
-                     "Tasks": f"{len(english)}/16", "Protocol": first.get("protocol", ""), "95% CI": _ci_text(low, high),
-                     "n": _n_sum(english["n"]), "Status": _status_text(first.get("status", "complete"))})
+                     "Tasks": f"{len(done)}/{len(tasks)}", "Protocol": first.get("protocol", ""),
+                     "95% CI": _ci_text(low, high), "n": _n_sum(done["n"]),
+                     "Status": _status_text(first.get("status", "complete"))})
     return rows
 
 
@@ -784,15 +807,13 @@ def _status_text(status) -> str:
     return "" if status == "complete" or pd.isna(status) else str(status)
 
 
-def _needle_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
-    """Our needle scores for the paper's needle settings (same model; same budget where the paper states one)."""
+def _run_matches(df: pd.DataFrame, paper: dict, published: dict) -> list[dict]:
+    """Our scores of a one-score-per-run benchmark (the needle's) at its published settings (same model; same
+    budget where the paper states one)."""
     rows = []
-    needle = _papers_protocol(df[df["benchmark"] == "needle"])
-    for _, run in needle.iterrows():
-        if str(run.get("protocol", "")).endswith("_multineedle"):
-            continue  # the papers' needle numbers are single-needle
+    for _, run in _papers_protocol(df[df["benchmark"] == published["benchmark"]]).iterrows():
         name = paper_model_name(run["model"], run.get("hub_id", ""), paper)
-        for entry in paper["needle"]:
+        for entry in published["settings"]:
             budget_ok = entry["budget"] is None or run["method"] == "FullKV" or run["budget"] == entry["budget"]
             if name == entry["model"] and budget_ok and run["method"] in entry["scores"]:
                 rows.append({"Model": name, "Method": run["method"], "Budget": budget_label(run["budget"]),
@@ -813,34 +834,35 @@ def markdown_frame(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".2f", missingval="-")
 
 
+def _texts(published: dict, paper: dict) -> dict:
+    """A comparison's fields for its title and reproduce texts: its own, the first setting's, and the models."""
+    return {**published, **(published.get("settings") or [{}])[0], "models": ", ".join(paper["models"])}
+
+
 def _how_to_reproduce(paper: dict) -> str:
-    models = ", ".join(paper["models"])
-    needle = paper["needle"][0]
-    return ("No run matches a published setting, so there is nothing to compare. Settings that reproduce: "
-            f"LongBench, all 16 English tasks, budget {paper['longbench_kv512']['budget']} (plus FullKV) for "
-            f"{models}; needle with {needle['model']} at budget {needle['budget']} ({needle['contexts']} "
-            "context).\n")
+    settings = "; ".join(c["reproduce"].format(**_texts(c, paper)) for c in paper["comparisons"])
+    return f"No run matches a published setting, so there is nothing to compare. Settings that reproduce: {settings}.\n"
+
+
+_MATCHES = {"average": (_average_matches, 4), "runs": (_run_matches, 5)}  # kind -> (rows, column of Diff)
 
 
 def paper_comparison(df: pd.DataFrame) -> str:
     """Markdown: published vs our numbers for runs at the paper's settings, with the difference (ours - paper).
 
-    LongBench: the 16-task English average at budget 512 for the paper's 4 models ("-" until all 16 tasks ran).
-    Needle: the README table (Mistral, budget 64) and the heatmap figures (budget not stated there).
-    If nothing matches, a short note naming the settings that do.
+    The comparisons are data (`paper_results.json`, `comparisons`): LongBench's 16-task English average at budget
+    512 for the paper's 4 models ("-" until all 16 tasks ran); the needle's README table (Mistral, budget 64) and
+    heatmap figures (budget not stated there). If nothing matches, a short note naming the settings that do.
     """
     paper = load_paper_results()
     sections = []
-    longbench = pd.DataFrame(_longbench_matches(df, paper))
-    if not longbench.empty:
-        longbench.insert(4, "Diff", longbench["Ours"] - longbench["Paper"])
-        sections.append(f"LongBench average over the 16 English tasks, budget {paper['longbench_kv512']['budget']} "
-                        f"(paper: DynamicKV README)\n\n" + markdown_frame(longbench) + "\n")
-    needle = pd.DataFrame(_needle_matches(df, paper))
-    if not needle.empty:
-        needle.insert(5, "Diff", needle["Ours"] - needle["Paper"])
-        sections.append("Needle-in-a-Haystack, score in percent (paper: DynamicKV README / figures)\n\n"
-                        + markdown_frame(needle) + "\n")
+    for published in paper["comparisons"]:
+        matches, diff_at = _MATCHES[published["kind"]]
+        frame = pd.DataFrame(matches(df, paper, published))
+        if not frame.empty:
+            frame.insert(diff_at, "Diff", frame["Ours"] - frame["Paper"])
+            sections.append(published["title"].format(**_texts(published, paper)) + "\n\n" + markdown_frame(frame)
+                            + "\n")
     if not sections:
         return _how_to_reproduce(paper)
     return "\n".join(sections) + ("\nOurs: the runs made as the papers ran them: query-aware, the plain benchmark, "
