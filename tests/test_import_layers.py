@@ -107,8 +107,13 @@ def test_no_module_imports_a_name_it_does_not_use():
 def test_the_report_names_no_benchmark():
     """The report asks each benchmark's class (`kvbench.benchmark.Benchmark`: table layout, extra tables, figures)
     and the published numbers' data for what is particular to it: no benchmark's name is written in its code
-    (docstrings aside)."""
+    (docstrings aside), and no report module imports a benchmark's package (its task names, abbreviations and
+    buckets are the class's `table_layout`, `abbreviations` and `group_table`)."""
     names = {"longbench", "longbench_e", "needle", "ruler", "longgen"}
+    graph = import_graph()
+    packages = {module: sorted(t for t in targets if t.split(".")[1] in names)
+                for module, targets in graph.items() if module.startswith("kvbench.report")}
+    assert {module: found for module, found in packages.items() if found} == {}
     found = {}
     for path in sorted((SRC / "kvbench" / "report").rglob("*.py")):
         tree = ast.parse(path.read_text())

@@ -62,6 +62,7 @@ class Benchmark:
     sessions: ClassVar[bool] = False  # benchmark.session=true is supported (samples sharing a context, in turn)
     uses_protocol: ClassVar[bool] = False  # the `protocol` group shapes its prompts (named in runs, recorded)
     table_layout: ClassVar[dict | None] = None  # {part: ({category: [task, ...]}, papers' task list | None)}
+    abbreviations: ClassVar[dict[str, str]] = {}  # task or category -> the papers' short column header
     papers_figures: ClassVar[bool] = False  # the report draws the papers' budget curve and score vs bytes for it
     row_extras: ClassVar[dict[str, str]] = {}  # report column -> per-sample field (fallback: scores.json `mean_<f>`)
     # A one-row-per-run benchmark's list in the report, beside its table: {"title", "anchor" (file stem), "note",

@@ -25,7 +25,7 @@ from kvbench.atomic import atomic_write
 from kvbench.labels import is_fullkv, method_sort_key, setting_label
 from kvbench.report.collect import task_samples
 from kvbench.stats import confidence_intervals
-from kvbench.report.tables import ABBREVIATIONS, budget_label
+from kvbench.report.tables import abbreviations, budget_label
 
 METHOD_STYLE = {  # colour-blind-safe palette (Okabe-Ito); DynamicKV is the emphasised method
     "FullKV": {"color": "#000000", "marker": "*"},
@@ -368,7 +368,7 @@ def layer_allocation(alloc_df: pd.DataFrame, out: str | Path, model: str | None 
             style = {"color": _style(methods[0])["color"], **_emphasis(methods[-1])}
             style.pop("markersize")
             ax.plot(line["layer"], line["kept_mean"], label=" = ".join(methods), **style)
-        ax.set_title(ABBREVIATIONS.get(task, task), fontsize=10)
+        ax.set_title(abbreviations(benchmark).get(task, task), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

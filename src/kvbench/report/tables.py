@@ -31,19 +31,9 @@ from kvbench.benchmark import get
 from kvbench.compare import compare_samples
 from kvbench.labels import decode_label, is_fullkv, method_sort_key
 from kvbench.report.collect import ReportWarning, budget_label, budget_order, run_samples, task_samples
-from kvbench.ruler.constants import SHORT as RULER_SHORT
 from kvbench.sample_rows import SAMPLE_SCORES_FILE
 from kvbench.stats import bootstrap_ci, confidence_intervals
 
-ABBREVIATIONS = {
-    "narrativeqa": "NrtvQA", "qasper": "Qasper", "multifieldqa_en": "MF-en", "hotpotqa": "HotpotQA",
-    "2wikimqa": "2WikiMQA", "musique": "Musique", "gov_report": "GovReport", "qmsum": "QMSum",
-    "multi_news": "MultiNews", "trec": "TREC", "triviaqa": "TriviaQA", "samsum": "SAMSum",
-    "passage_count": "PCount", "passage_retrieval_en": "PRe", "lcc": "Lcc", "repobench-p": "RB-P",
-    "multifieldqa_zh": "MF-zh", "dureader": "DuReader", "vcsum": "VCSum", "lsht": "LSHT",
-    "passage_retrieval_zh": "PR-zh", **RULER_SHORT,
-}
-CATEGORY_LABELS = {"Code Completion": "Code"}  # the papers' short header
 AVG = "Avg."
 FORMATS = ("markdown", "latex", "csv", "html")
 _LANGUAGES = {"en": "English ", "zh": "Chinese "}  # parts named by a language (LongBench's)
@@ -78,6 +68,7 @@ class _Table:
     notes: list[str] = field(default_factory=list)
     run_dirs: pd.Series | None = None             # index = _KEYS: the row's run folder(s), for links
     clamped: pd.Series | None = None              # index = _KEYS: "33 tokens on 12 of 12 samples" ("": none held)
+    short: dict = field(default_factory=dict)     # task -> the papers' short header (Benchmark.abbreviations)
 
     @property
     def columns(self) -> list[str]:
@@ -94,9 +85,21 @@ class _Table:
         return values.nunique() > 1 or (level in default and (values != default[level]).any())
 
 
-def _base_task(name: str) -> str:
-    """LongBench-E task names (`qasper_e`) share the base task's column."""
-    return name[:-2] if name.endswith("_e") and name[:-2] in ABBREVIATIONS else name
+def abbreviations(benchmark: str) -> dict[str, str]:
+    """The papers' short column headers of a benchmark's tasks and categories (`Benchmark.abbreviations`)."""
+    try:
+        return get(benchmark).abbreviations
+    except KvbenchError:
+        return {}
+
+
+def _layout_tasks(layout: dict) -> set[str]:
+    return {t for groups, papers in layout.values() for t in (papers or []) + [t for ts in groups.values() for t in ts]}
+
+
+def _base_task(name: str, known: set[str]) -> str:
+    """LongBench-E task names (`qasper_e`) share the base task's column (a task of the table layout)."""
+    return name[:-2] if name.endswith("_e") and name[:-2] in known else name
 
 
 def _layout(df: pd.DataFrame, benchmark: str) -> dict:
@@ -115,8 +118,9 @@ def _layout(df: pd.DataFrame, benchmark: str) -> dict:
 
 def table_parts(df: pd.DataFrame, benchmark: str) -> list[str]:
     """The parts (LongBench: languages) of a benchmark that have tasks in these results."""
-    present = set(df.loc[df["benchmark"] == benchmark, "task"].map(_base_task))
-    return [part for part, (groups, papers) in _layout(df, benchmark).items()
+    layout = _layout(df, benchmark)
+    present = set(df.loc[df["benchmark"] == benchmark, "task"].map(lambda t: _base_task(t, _layout_tasks(layout))))
+    return [part for part, (groups, papers) in layout.items()
             if present & set(papers or [t for tasks in groups.values() for t in tasks])]
 
 
@@ -133,13 +137,14 @@ def _select(df: pd.DataFrame, part: str, benchmark: str) -> tuple[pd.DataFrame, 
     categories, papers = layout[part]
     wanted = set(papers) if papers else {t for tasks in categories.values() for t in tasks}
     data = df[df["benchmark"] == benchmark].copy()
-    data["task"] = data["task"].map(_base_task)
+    data["task"] = data["task"].map(lambda t: _base_task(t, _layout_tasks(layout)))
     data = data[data["task"].isin(wanted)]
     if data.empty:
         what = _LANGUAGES.get(part, "")
         raise KvbenchError(f"no {what}{benchmark} tasks in these results; tasks found: {sorted(df['task'].unique())}")
     present = set(data["task"])
-    groups = [(CATEGORY_LABELS.get(cat, cat), [t for t in tasks if t in present and t in wanted])
+    short = abbreviations(benchmark)
+    groups = [(short.get(cat, cat), [t for t in tasks if t in present and t in wanted])
               for cat, tasks in categories.items()]
     return data, [(cat, tasks) for cat, tasks in groups if tasks], len(papers) if papers else None
 
@@ -379,6 +384,7 @@ def build_table(df: pd.DataFrame, benchmark: str, part: str = "", relative: bool
                    ci if not relative else None)
     table.run_dirs = per_row.groupby(level=_KEYS)["run_dir"].agg(lambda d: sorted(set(d))).reindex(order)
     table.clamped = per_row.groupby(level=_KEYS).apply(clamp_text).reindex(order)
+    table.short = abbreviations(benchmark)
     table.notes = _notes(table, full_count, relative, significance, over_lengths)
     return table
 
@@ -507,7 +513,7 @@ def _header(table: _Table) -> tuple[list[str], list[str]]:
     category_row = [""] * n_labels
     for category, tasks in table.groups:
         category_row += [category] + [""] * (len(tasks) - 1)
-    return category_row + [""], _label_columns(table) + [ABBREVIATIONS.get(t, t) for t in table.columns[:-1]] + [AVG]
+    return category_row + [""], _label_columns(table) + [table.short.get(t, t) for t in table.columns[:-1]] + [AVG]
 
 
 def _body(table: _Table, fmt: str, sparse: bool) -> list[list[str]]:
@@ -592,7 +598,7 @@ def _csv(table: _Table) -> str:
     if table.clamped is not None and (table.clamped != "").any():  # the budget held at the method's minimum
         frame.insert(list(frame.columns).index("budget") + 1, "budget clamped", table.clamped.to_numpy())
     for column in table.columns:
-        name = ABBREVIATIONS.get(column, column)
+        name = table.short.get(column, column)
         frame[name] = table.rows[column].to_numpy()
         if table.ci:
             frame[f"{name} lo"] = table.low[column].to_numpy()
@@ -672,7 +678,7 @@ def group_table(df: pd.DataFrame, benchmark: str, part: str = "", fmt: str = "ma
         if samples is None or field not in samples:
             missing.append(run_dir)
             continue
-        samples = samples.assign(task=samples["task"].map(_base_task))
+        samples = samples.assign(task=samples["task"].map(lambda t: _base_task(t, tasks)))
         samples = samples[samples["task"].isin(tasks & set(run["task"]))]
         row = {"Model": first["model"], "Protocol": first["protocol"], "Tag": first["tag"],
                **{label: _setting_text(level, first[level]) for level, label in _SETTINGS.items()},
