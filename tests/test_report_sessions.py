@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kvbench.report.sessions import (cost_frame, cost_markdown, decode_label, session_frame, session_markdown,
-                                     write_session_report)
+                                     write_cost_report, write_session_report)
 
 
 def session_run(root, name, method, answers="gold", decode=None, scores=((1, 1, 0), (0, 1, 0))):
@@ -60,6 +60,17 @@ def test_cost_frame_averages_each_run_and_names_its_decode_setting():
     assert list(frame["peak_kv_mib"]) == [2.0, 2.0]
     assert "| prefill | 50.00 | 20.0 | 2 | 2 |" in cost_markdown(frame)
     assert decode_label(None) == "prefill" and decode_label(float("nan")) == "prefill"
+
+
+def test_the_cost_table_marks_a_budget_held_at_the_methods_minimum(tmp_path):
+    rows = [{"model": "m", "benchmark": "needle", "method": "SnapKV", "budget": b, "query": "aware", "variant": "",
+             "decode_interval": 0, "run_dir": f"r{b}", "score": 50.0, "new_tokens_mean": 10.0,
+             "peak_kv_bytes_mean": 2 ** 21, "budget_clamped_n": c, "budget_lines_n": 4, "budget_held": h}
+            for b, c, h in ((0.03125, 3, "33"), (0.5, 0, ""))]
+    written = write_cost_report(pd.DataFrame(rows), tmp_path)
+    text = (tmp_path / "cost.md").read_text()
+    assert "| SnapKV | 0.03125‡ | prefill |" in text and "| SnapKV | 0.5 | prefill |" in text
+    assert "SnapKV 0.03125 (m, needle): 33 tokens on 3 of 4 samples." in text and written
 
 
 @pytest.mark.parametrize("bad", [None])

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
 from kvbench.labels import decode_label, display_method, method_sort_key
+from kvbench.report.tables import CLAMP_MARK, clamp_note, clamp_text
 from kvbench.results import read_predictions
 from kvbench.stats import bootstrap_ci
 
@@ -154,6 +155,8 @@ def cost_frame(df: pd.DataFrame) -> pd.DataFrame:
                                                  new_tokens=("new_tokens_mean", "mean"),
                                                  peak_kv_bytes=("peak_kv_bytes_mean", "mean")).reset_index()
     frame["decode"] = frame["decode_interval"].map(decode_label)
+    clamped = {run: clamp_text(rows) for run, rows in data.groupby("run_dir")} if "budget_clamped_n" in data else {}
+    frame["clamped"] = frame["run_dir"].map(lambda run: clamped.get(run, ""))  # held at the method's minimum
     frame["peak_kv_mib"] = frame["peak_kv_bytes"] / _MIB
     frame = frame.dropna(subset=["new_tokens", "peak_kv_mib"], how="all")
     order = sorted(frame.index, key=lambda i: (frame.at[i, "model"], frame.at[i, "benchmark"], frame.at[i, "query"],
@@ -168,7 +171,8 @@ def cost_markdown(frame: pd.DataFrame) -> str:
     fmt = lambda v, spec: "-" if v != v else format(v, spec)  # noqa: E731
     for r in frame.itertuples():
         lines.append(f"| {r.model} | {r.benchmark} | {r.variant or '-'} | {r.query} | {r.method} | "
-                     f"{'Full' if r.budget < 0 else f'{r.budget:g}'} | {r.decode} | {r.score:.2f} | "
+                     f"{'Full' if r.budget < 0 else f'{r.budget:g}'}{CLAMP_MARK if getattr(r, 'clamped', '') else ''} | {r.decode} | "
+                     f"{r.score:.2f} | "
                      f"{fmt(r.new_tokens, '.1f')} | {fmt(r.peak_kv_mib, '.3g')} | {r.tasks} |")
     return "\n".join(lines) + "\n"
 
@@ -212,6 +216,8 @@ def write_cost_report(df: pd.DataFrame, out: Path) -> list[Path]:
     if frame.empty:
         return []
     text = cost_markdown(frame)
+    held = [(f"{r.method} {r.budget:g} ({r.model}, {r.benchmark})", r.clamped) for r in frame.itertuples() if r.clamped]
+    text += f"\n{clamp_note(held)}\n" if held else ""
     text += ("\nScore: the mean of the run's task scores; Generated tokens and Peak KV MiB: per-sample means (the "
              "peak is the most KV bytes the cache held at any step). Decode: prefill = compressed after the prefill "
              "only; every N = also every N generated tokens.\n")
