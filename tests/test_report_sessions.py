@@ -62,6 +62,19 @@ def test_cost_frame_averages_each_run_and_names_its_decode_setting():
     assert decode_label(None) == "prefill" and decode_label(float("nan")) == "prefill"
 
 
+def test_the_session_table_marks_a_budget_held_at_the_methods_minimum(tmp_path):
+    folder = session_run(tmp_path, "a", "snapkv")
+    path = folder / "predictions" / "needle.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "budget_tokens": 33, **({"budget_asked": 20, "budget_clamped": True}
+                                                                      if r["turn"] == 1 else {})}) + "\n" for r in lines))
+    session_run(tmp_path, "b", "h2o")
+    write_session_report(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "sessions.md").read_text()
+    assert "| m | needle | SnapKV | 64‡ | gold |" in text and "| m | needle | H2O | 64 | gold |" in text
+    assert "SnapKV 64 (m, needle, gold answers): 33 tokens on 2 of 6 samples." in text
+
+
 def test_the_cost_table_marks_a_budget_held_at_the_methods_minimum(tmp_path):
     rows = [{"model": "m", "benchmark": "needle", "method": "SnapKV", "budget": b, "query": "aware", "variant": "",
              "decode_interval": 0, "run_dir": f"r{b}", "score": 50.0, "new_tokens_mean": 10.0,

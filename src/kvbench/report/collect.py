@@ -184,11 +184,11 @@ def _prediction_stats(pred_file: Path, strict: bool) -> dict:
         "decode_s_mean": _mean_of(records, "decode_s"),
         "peak_kv_bytes_mean": _mean_of(records, "peak_kv_bytes"),
         "new_tokens_mean": _mean_of(records, "new_tokens"),
-        **_clamps(records),
+        **budget_clamps(records),
     }
 
 
-def _clamps(records: list[dict]) -> dict:
+def budget_clamps(records: list[dict]) -> dict:
     """How many lines held their budget at the method's minimum (`budget_clamped`), of how many, at what tokens."""
     held = sorted({int(r["budget_tokens"]) for r in records if r.get("budget_clamped")})
     return {"budget_clamped_n": sum(1 for r in records if r.get("budget_clamped")), "budget_lines_n": len(records),

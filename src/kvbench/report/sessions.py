@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
 from kvbench.labels import decode_label, display_method, method_sort_key
+from kvbench.report.collect import budget_clamps
 from kvbench.report.tables import CLAMP_MARK, clamp_note, clamp_text
 from kvbench.results import read_predictions
 from kvbench.stats import bootstrap_ci
@@ -52,12 +53,13 @@ def session_frame(paths) -> pd.DataFrame:
         full = bool(((run.get("config") or {}).get("method") or {}).get("budget_agnostic"))
         records = [r for path in sorted((folder / "predictions").glob("*.jsonl")) for r in read_predictions(path)
                    if "turn" in r]
+        clamped = clamp_text(pd.DataFrame([budget_clamps(records)]))  # turns held at the method's minimum
         for turn, part in pd.DataFrame(records).groupby("turn") if records else []:
             row = {"model": (run.get("model") or {}).get("name", "?"), "benchmark": run.get("benchmark", "?"),
                    "method": display_method(method.get("name", "?")),
                    "budget": math.nan if full else float(method.get("budget", math.nan)),
                    "answers": bench.get("session_answers", "gold"), "decode": decode_label(method.get("decode_interval")),
-                   "turn": int(turn), "n": len(part), "run_dir": str(folder)}
+                   "turn": int(turn), "n": len(part), "run_dir": str(folder), "clamped": clamped}
             for key in ("score", "retrieval"):
                 if key in part:
                     values = part[key].astype(float).to_numpy()
@@ -96,7 +98,8 @@ def session_markdown(frame: pd.DataFrame, key: str = "score") -> str:
         by_turn = {r.turn: r for r in run.itertuples()}
         cells = [_cell(getattr(by_turn[t], key), getattr(by_turn[t], f"{key}_ci_low"),
                        getattr(by_turn[t], f"{key}_ci_high")) if t in by_turn else "-" for t in turns]
-        lines.append(f"| {first.model} | {first.benchmark} | {first.method} | {_budget(first.budget)} | "
+        mark = CLAMP_MARK if getattr(first, "clamped", "") else ""
+        lines.append(f"| {first.model} | {first.benchmark} | {first.method} | {_budget(first.budget)}{mark} | "
                      f"{first.answers} | {first.decode} | " + " | ".join(cells) + f" | {first.n} |")
     return "\n".join(lines) + "\n"
 
@@ -131,6 +134,9 @@ def write_session_report(paths, out: Path) -> list[Path]:
     if frame.empty:
         return []
     text = session_markdown(frame)
+    held = [(f"{r.method} {_budget(r.budget)} ({r.model}, {r.benchmark}, {r.answers} answers)", r.clamped)
+            for r in frame.drop_duplicates("run_dir").itertuples() if r.clamped]
+    text += f"\n{clamp_note(held)}\n" if held else ""
     if "retrieval" in frame and frame["retrieval"].notna().any():
         text += "\nRetrieval (needle: share of turns whose answer names the needle's key facts):\n\n"
         text += session_markdown(frame, "retrieval")
