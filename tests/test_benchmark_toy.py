@@ -141,3 +141,20 @@ def test_the_pipeline_finds_each_sample_by_its_request_key_in_any_order(tmp_path
 class _Out:
     def log_fields(self):
         return {}
+
+
+def test_a_benchmark_adds_its_own_run_name_parts_between_the_query_mode_and_the_session():
+    from kvbench.needle.runner import NeedlePlan
+
+    class Wide(Benchmark):
+        name = "wide_probe"
+
+        @classmethod
+        def variant_parts(cls, bench):
+            return ["wide"] if bench.get("wide") else []
+
+    bench = {"query": "agnostic", "wide": True, "session": True, "session_answers": "model"}
+    assert Wide.name_parts(bench) == ["agnostic", "wide", "sessionmodel"]
+    assert Wide.name_parts({"query": "aware"}) == []
+    assert NeedlePlan.name_parts({"query": "agnostic", "multi_needle": True, "session": True}) == [
+        "agnostic", "multineedle", "session"]

@@ -4,6 +4,7 @@ pipeline, sweep, report and the tools built on results)."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -77,3 +78,51 @@ def test_lower_layers_never_import_upper_ones():
     upward = {module: sorted(t for t in targets if layer(t) in UPPER)
               for module, targets in import_graph().items() if layer(module) in LOWER}
     assert {module: up for module, up in upward.items() if up} == {}
+
+
+def unused_imports() -> dict[str, list[str]]:
+    """Per module (a package's `__init__` aside: its imports are what it exports or registers), the names it imports
+    and never uses."""
+    found = {}
+    for path in sorted((SRC / "kvbench").rglob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        imported = [alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "module", "") != "__future__"
+                    for alias in node.names if alias.name != "*"]
+        notes = [getattr(node, key, None) for node in ast.walk(tree) for key in ("annotation", "returns")]
+        strings = [note.value for note in notes if isinstance(note, ast.Constant) and isinstance(note.value, str)]
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        used |= {word for text in strings for word in re.findall(r"[A-Za-z_]\w*", text)}
+        unused = sorted(set(imported) - used)
+        if unused:
+            found[_module(path)] = unused
+    return found
+
+
+def test_no_module_imports_a_name_it_does_not_use():
+    assert unused_imports() == {}
+
+
+def test_the_report_names_no_benchmark():
+    """The report asks each benchmark's class (`kvbench.benchmark.Benchmark`: table layout, extra tables, figures)
+    and the published numbers' data for what is particular to it: no benchmark's name is written in its code
+    (docstrings aside), and no report module imports a benchmark's package (its task names, abbreviations and
+    buckets are the class's `table_layout`, `abbreviations` and `group_table`)."""
+    names = {"longbench", "longbench_e", "needle", "ruler", "longgen"}
+    graph = import_graph()
+    packages = {module: sorted(t for t in targets if t.split(".")[1] in names)
+                for module, targets in graph.items() if module.startswith("kvbench.report")}
+    assert {module: found for module, found in packages.items() if found} == {}
+    found = {}
+    for path in sorted((SRC / "kvbench" / "report").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docs = {id(node.body[0].value) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        named = sorted({node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                        and node.value in names and id(node) not in docs})
+        if named:
+            found[_module(path)] = named
+    assert found == {}

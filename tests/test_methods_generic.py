@@ -130,3 +130,16 @@ def test_kv_bytes_on_a_model_equal_the_registry_formula(tiny_llama, method_name)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     assert out.kv_bytes == 2 * method.expected_kv_tokens(PROMPT, shape) * head_dim * 4
     assert len(out.token_ids) == 2
+
+
+def test_a_budget_held_at_the_methods_minimum_is_reported_with_what_was_asked():
+    """resolve_budget never goes below the method's minimum; budget_fields says when it held more than asked."""
+    from kvbench.methods import build_method
+
+    snap = build_method("snapkv", budget=0.03125, window_size=32)
+    assert snap.budget_fields(1000) == {"budget_tokens": 33, "budget_asked": 31, "budget_clamped": True}
+    assert snap.budget_fields(4000) == {"budget_tokens": 125}  # 125 asked, 125 held
+    assert build_method("snapkv", budget=48, window_size=32).budget_fields(1000) == {"budget_tokens": 48}
+    tova = build_method("tova", compression_ratio=0.9995)  # keeps int(1000 * 0.0005) = 0, held at its window, 1
+    assert tova.budget_fields(1000) == {"budget_tokens": 1, "budget_asked": 0, "budget_clamped": True}
+    assert build_method("tova", compression_ratio=0.5).budget_fields(1000) == {"budget_tokens": 500}

@@ -28,12 +28,13 @@ def _records(lengths, depths, score_of):
 
 
 def _write_run(folder, records, method="snapkv", budget=64, model="SmolLM2-135M-Instruct", run_json=True,
-               query=None):
+               query=None, decode=None):
     (folder / "predictions").mkdir(parents=True)
     lines = "".join(json.dumps(record) + "\n" for record in records)
     (folder / "predictions" / "needle.jsonl").write_text(lines, encoding="utf-8")
     if run_json:
-        run = {"model": {"name": model}, "method": {"name": method, "budget": budget},
+        run = {"model": {"name": model}, "method": {"name": method, "budget": budget,
+                                                    **({"decode_interval": decode} if decode else {})},
                **({"config": {"benchmark": {"query": query}}} if query else {})}
         (folder / "run.json").write_text(json.dumps(run), encoding="utf-8")
     return folder
@@ -158,13 +159,26 @@ def test_figures_name_the_query_mode(tmp_path):
     assert (load_needle_run(aware).query, load_needle_run(agnostic).query, load_needle_run(old).query) == \
         ("aware", "agnostic", "agnostic")
     shared = stacked_figure([agnostic, old])  # one mode: in the figure title
-    assert shared._suptitle.get_text() == "Needle-in-a-Haystack — SmolLM2-135M-Instruct, query-agnostic"
+    assert shared._suptitle.get_text() == "Needle-in-a-Haystack — SmolLM2-135M-Instruct, query-agnostic, prefill"
     mixed = stacked_figure([aware, agnostic])  # both: in each panel's caption
     captions = [t.get_text() for ax in mixed.axes for t in ax.texts]
     assert captions == ["(a) SnapKV, KV size 64, query-aware", "(b) SnapKV, KV size 64, query-agnostic"]
-    assert mixed._suptitle.get_text() == "Needle-in-a-Haystack — SmolLM2-135M-Instruct"
+    assert mixed._suptitle.get_text() == "Needle-in-a-Haystack — SmolLM2-135M-Instruct, prefill"
     single = stacked_figure([agnostic])
-    assert single.axes[0].texts[0].get_text() == "(a) SmolLM2-135M-Instruct, SnapKV, KV size 64, query-agnostic"
+    assert single.axes[0].texts[0].get_text() == \
+        "(a) SmolLM2-135M-Instruct, SnapKV, KV size 64, query-agnostic, prefill"
+
+
+def test_figures_name_the_decode_schedule(tmp_path):
+    """Prefill-only runs say `prefill`; a decoding-time run `every N` (in its caption where the runs differ)."""
+    records = _records([1000, 2000], [0, 100], lambda l, d: 1.0)
+    prefill = _write_run(tmp_path / "snapkv_64", records, query="aware")
+    decode = _write_run(tmp_path / "snapkv_64_decode16", records, query="aware", decode=16)
+    assert (load_needle_run(prefill).decode, load_needle_run(decode).decode) == ("prefill", "every 16")
+    mixed = stacked_figure([prefill, decode])
+    captions = [t.get_text() for ax in mixed.axes for t in ax.texts]
+    assert captions == ["(a) SnapKV, KV size 64, prefill", "(b) SnapKV, KV size 64, every 16"]
+    assert mixed._suptitle.get_text() == "Needle-in-a-Haystack — SmolLM2-135M-Instruct, query-aware"
 
 
 def test_bad_jsonl_line_names_the_line(tmp_path):

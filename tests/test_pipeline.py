@@ -404,6 +404,18 @@ def test_fraction_budget_records_the_tokens_kept_per_sample(tmp_path):
     [line] = read_predictions(output_dir(cfg) / "predictions" / f"{TASK}.jsonl")
     assert line["budget_tokens"] == max(33, round(0.1 * line["prompt_tokens"]))
     assert line["layer_kept"] == [line["budget_tokens"]] * 4
+    assert round(0.1 * line["prompt_tokens"]) > 33 and "budget_clamped" not in line and "budget_asked" not in line
+
+
+def test_a_fraction_budget_held_at_the_methods_minimum_says_so_on_each_line(tmp_path):
+    """budget=0.01 asks about 1% of the prompt, below SnapKV's window + 1 = 33: the line records what was asked,
+    that it was clamped, and the 33 tokens held (what layer_kept shows)."""
+    cfg = compose(overrides(tmp_path, "method=snapkv", "budget=0.01", "benchmark.limit=1"))
+    evaluate(cfg)
+    [line] = read_predictions(output_dir(cfg) / "predictions" / f"{TASK}.jsonl")
+    asked = round(0.01 * line["prompt_tokens"])
+    assert asked < 33 and line["budget_asked"] == asked and line["budget_clamped"] is True
+    assert line["budget_tokens"] == 33 and line["layer_kept"] == [33] * 4
 
 
 def test_a_failed_start_does_not_block_the_corrected_command(tmp_path):

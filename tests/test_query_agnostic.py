@@ -386,7 +386,7 @@ def test_query_gap_view():
     gap = query_gap(pd.DataFrame(rows))
     assert gap[["benchmark", "method", "tasks", "aware", "agnostic", "gap"]].values.tolist() == [
         ["longbench", "SnapKV", 1, 50.0, 40.0, 10.0], ["needle", "SnapKV", 1, 90.0, 60.0, 30.0]]
-    assert "| m | needle |  |  | SnapKV | 128 | 1 | 90.00 | 60.00 | +30.00 |" in query_gap_markdown(pd.DataFrame(rows))
+    assert "| m | needle |  | prefill | SnapKV | 128 | 1 | 90.00 | 60.00 | +30.00 |" in query_gap_markdown(pd.DataFrame(rows))
     rows[-1]["variant"] = ""  # the same settings: now it competes for the same cell (mean of the two agnostic runs)
     assert query_gap(pd.DataFrame(rows))["agnostic"].tolist() == [40.0, 30.0]
 

@@ -12,7 +12,7 @@ import pytest
 from kvbench.errors import KvbenchError
 from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.report import (ReportWarning, budget_curve, collect, layer_allocation, layer_allocations,
-                            longbench_e_table, longbench_table, paper_comparison, score_vs_bytes)
+                            group_table, longbench_table, paper_comparison, score_vs_bytes)
 from kvbench.report.__main__ import main
 from kvbench.sample_rows import sample_row, write_sample_scores
 
@@ -79,20 +79,23 @@ def results(tmp_path) -> Path:
     return root
 
 
-def table_rows(markdown: str, kv: bool = False) -> list[list[str]]:
+def table_rows(markdown: str, kv: bool = False, decode: bool = False) -> list[list[str]]:
     """The cells of a Markdown table (rule line dropped), stopping at the first blank line; without `kv`, the
-    "KV MiB" column (every table has one; `test_kv_bytes_held_are_shown_next_to_the_budget` checks it) is left out."""
+    "KV MiB" column (every table has one; `test_kv_bytes_held_are_shown_next_to_the_budget` checks it) is left out,
+    without `decode` the "Decode" column (every table has one; `test_every_table_states_the_decode_schedule` checks
+    it)."""
     rows = []
     for line in markdown.splitlines():
         if not line.startswith("|"):
             break
         if not set(line) <= set("|-: "):
             rows.append([c.strip() for c in line.strip("|").split("|")])
-    header = next((r for r in rows if "KV MiB" in r), None)
-    if header is None or kv:
+    header = next((r for r in rows if "KV MiB" in r or "Decode" in r), None)
+    if header is None:
         return rows
-    drop = header.index("KV MiB")
-    return [r[:drop] + r[drop + 1:] for r in rows]
+    drops = sorted(header.index(name) for name, keep in (("KV MiB", kv), ("Decode", decode))
+                   if not keep and name in header)
+    return [[cell for i, cell in enumerate(r) if i not in drops] for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------------- collect
@@ -200,10 +203,10 @@ def test_relative_needs_fullkv(results):
 
 def test_latex_table_uses_booktabs_and_textbf(results):
     tex = longbench_table(collect([results]), fmt="latex")
-    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{5}{c}{}", "Single-Doc QA"):
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\multicolumn{6}{c}{}", "Single-Doc QA"):
         assert rule in tex
-    assert r" &  & DynamicKV & 0.00191 & 2 & \textbf{19.00}$^\dagger$ & 35.00 & \textbf{57.00}$^\dagger$ & " in tex
-    assert r"llama3-8b-instruct & Full & FullKV & 0.00191 & 2 & 20.00" in tex
+    assert r" & prefill &  & DynamicKV & 0.00191 & 2 & \textbf{19.00}$^\dagger$ & 35.00 & \textbf{57.00}$^\dagger$ & " in tex
+    assert r"llama3-8b-instruct & prefill & Full & FullKV & 0.00191 & 2 & 20.00" in tex
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule")
     assert tex.count(r"\midrule") == 3                       # header, then one rule before each new budget
     assert r"{\footnotesize Note: Bold" in tex and r"$\geq$ 0.05" in tex
@@ -211,7 +214,9 @@ def test_latex_table_uses_booktabs_and_textbf(results):
 
 def test_csv_table_parses_back_to_the_same_numbers(results):
     parsed = pd.read_csv(io.StringIO(longbench_table(collect([results]), fmt="csv")))
-    assert list(parsed.columns) == ["model", "budget", "method", "kv mib", "n", "NrtvQA", "HotpotQA", "Lcc", "Avg."]
+    assert list(parsed.columns) == ["model", "decode", "budget", "method", "kv mib", "n", "NrtvQA", "HotpotQA", "Lcc",
+                                    "Avg."]
+    assert set(parsed["decode"]) == {"prefill"}
     assert list(parsed["budget"].astype(str)) == ["Full", "128", "128", "128", "512", "512"]
     assert list(parsed["Avg."]) == [40.0, 30.0, 37.0, 37.0, 39.33, 39.5]
     assert parsed.loc[3, "NrtvQA"] == 19.0 and parsed.loc[5, "Lcc"] == 60.0
@@ -322,12 +327,42 @@ def test_longbench_e_table_by_length_bucket(tmp_path):
     buckets = ["0-4k", "0-4k", "4-8k", "4-8k", "8k+", "8k+"]
     write_sample_scores(run_dir, [sample_row("qasper", f"q{i}", s, length=1000, bucket=b)
                                   for i, (s, b) in enumerate(zip([1.0, 0.0, 1.0, 1.0, 0.0, 0.0], buckets))])
-    text = longbench_e_table(collect([tmp_path]))
+    text = group_table(collect([tmp_path]), "longbench_e", "en")
     rows = table_rows(text)
     assert rows[0] == ["Model", "Budget", "Method", "Tasks", "0-4k", "n 0-4k", "4-8k", "n 4-8k", "8k+", "n 8k+"]
     assert rows[1][4:] == ["50.00 ± 50.00", "2", "100.00 ± 0.00", "2", "0.00 ± 0.00", "2"]
     assert "resampled within each task's bucket" in text
-    assert "\\toprule" in longbench_e_table(collect([tmp_path]), fmt="latex")
+    assert "\\toprule" in group_table(collect([tmp_path]), "longbench_e", "en", fmt="latex")
+
+
+def test_a_benchmark_declares_its_own_group_tables_and_the_report_writes_them(tmp_path):
+    """`Benchmark.group_table` (LongBench-E's by input length) is a declaration, not a name the report knows: a
+    benchmark of its own gets its table by a per-sample field written in every format and into report.html."""
+    from kvbench.benchmark import Benchmark, register, unregister
+
+    class Graded(Benchmark):
+        name = "graded_probe"
+        group_table = {"field": "grade", "groups": ("easy", "hard"), "stem": "by_grade", "title": "by difficulty",
+                       "unit": "grade", "note": "Mean over the run's tasks of each grade's score (0-100)."}
+
+    register(Graded)
+    try:
+        run_dir = write_run(tmp_path / "r", MODEL, "snapkv", 128, {}, benchmark="graded_probe",
+                            samples={"t1": [1.0, 0.0, 1.0, 1.0]})
+        write_sample_scores(run_dir, [sample_row("t1", f"s{i}", v, grade=g) for i, (v, g) in
+                                      enumerate(zip([1.0, 0.0, 1.0, 1.0], ["easy", "easy", "hard", "hard"]))])
+        out = tmp_path / "out"
+        assert main([str(tmp_path / "r"), "--out", str(out)]) == 0
+        text = (out / "graded_probe_by_grade.md").read_text()
+        rows = table_rows(text)
+        assert rows[0][-4:] == ["easy", "n easy", "hard", "n hard"] and rows[1][-4:] == [
+            "50.00 ± 50.00", "2", "100.00 ± 0.00", "2"]
+        assert "Note: Mean over the run's tasks of each grade's score (0-100)." in text
+        assert "resampled within each task's grade" in text
+        assert {"graded_probe_by_grade.tex", "graded_probe_by_grade.csv"} <= {p.name for p in out.iterdir()}
+        assert '<h2 id="graded_probe_by_grade">graded_probe by difficulty</h2>' in (out / "report.html").read_text()
+    finally:
+        unregister("graded_probe")
 
 
 def test_two_protocols_get_their_own_column(results, tmp_path):
@@ -403,6 +438,81 @@ def test_cli_prints_tables_and_writes_everything(results, tmp_path, capsys):
                 "layer_allocation_llama3-8b-instruct_needle_b64.png"}
     assert expected <= names and "longbench_en.tex" not in names
     assert not [n for n in names if n.endswith(".tmp")]
+
+
+def test_every_table_and_legend_states_the_decode_schedule(results, tmp_path, monkeypatch):
+    """Every run here compresses at prefill only: every table still says so (`prefill`), and a decoding-time run
+    reads `every N`, in every format, the needle's list, the runs of report.html and every figure legend."""
+    from kvbench.report import figures
+
+    df = collect([results])
+    rows = table_rows(longbench_table(df), decode=True)
+    assert rows[1][:3] == ["Model", "Decode", "Budget"] and {r[1] for r in rows[2:]} == {"prefill"}
+    assert set(pd.read_csv(io.StringIO(longbench_table(df, fmt="csv")))["decode"]) == {"prefill"}
+    assert longbench_table(df, fmt="latex").count(" & prefill & ") == 6
+    out = tmp_path / "report"
+    assert main([str(results), "--out", str(out), "--format", "md"]) == 0
+    needle = table_rows((out / "needle.md").read_text(), decode=True)
+    assert needle[1][needle[0].index("Decode")] == "prefill"
+    assert "Decode prefill" in (out / "paper_comparison.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "<th>Decode</th>" in page and '<td data-v="prefill">prefill</td>' in page
+    # A decoding-time run of its own: `every 16` in the table and the legend, next to `prefill`.
+    decode = write_run(tmp_path / "d", MODEL, "snapkv", 128, dict(zip(TASKS, [1.0, 2.0, 3.0])), folder="snapkv_d16")
+    run = json.loads((decode / "run.json").read_text())
+    (decode / "run.json").write_text(json.dumps({**run, "method": {**run["method"], "decode_interval": 16}}))
+    df = collect([results, tmp_path / "d"])
+    rows = table_rows(longbench_table(df), decode=True)
+    assert [r[1] for r in rows[2:]] == ["prefill"] * 6 + ["every 16"]
+    legends = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out: legends.append(
+        [t.get_text() for legend in fig.legends for t in legend.get_texts()]) or [])
+    budget_curve(df, tmp_path / "curve")
+    score_vs_bytes(df, tmp_path / "bytes")
+    layer_allocation(layer_allocations([results]), tmp_path / "alloc", budget=128, benchmark="longbench")
+    for labels in legends:
+        assert labels and all(label.endswith("(prefill)") or label.endswith("(every 16)") for label in labels)
+    assert "SnapKV (every 16)" in legends[0] and "FullKV (prefill)" in legends[0] and "SnapKV (prefill)" in legends[1]
+
+
+def _clamp_lines(predictions: Path, asked: int = 31, held: int = 33) -> None:
+    """Mark every line of a predictions file as the pipeline does where a fraction budget was held at SnapKV's
+    minimum (window + 1)."""
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    predictions.write_text("".join(json.dumps({**line, "budget_tokens": held, "budget_asked": asked,
+                                               "budget_clamped": True}) + "\n" for line in lines))
+
+
+def test_a_budget_held_at_the_methods_minimum_is_marked_with_a_note(tmp_path):
+    """A fraction budget below the method's window + 1 is held there: the Budget cell says so (‡) in every format
+    and the needle list, with a note naming the run, the tokens held and on how many samples."""
+    root = tmp_path / "results"
+    write_run(root, MODEL, "fullkv", None, dict(zip(TASKS, [20.0, 40.0, 60.0])))
+    write_run(root, MODEL, "h2o", 0.03125, dict(zip(TASKS, [10.0, 30.0, 50.0])))
+    snap = write_run(root, MODEL, "snapkv", 0.03125, dict(zip(TASKS, [18.0, 36.0, 57.0])))
+    for task in TASKS[:2]:
+        _clamp_lines(snap / "predictions" / f"{task}.jsonl")
+    needle = write_needle(root, MODEL, "snapkv", 0.03125, 0.5)
+    _clamp_lines(needle / "predictions" / "needle.jsonl")
+    df = collect([root])
+    text = longbench_table(df)
+    budgets = {row[2]: row[1] for row in table_rows(text)[2:]}
+    assert budgets == {"FullKV": "Full", "H2O": "0.03125", "SnapKV": "0.03125‡"}  # H2O: asked what it held
+    note = ("‡: the budget asked fewer tokens of a prompt than the method's minimum (its window + 1; kvpress-style "
+            "ratios: its window) and was held there (prediction lines' budget_clamped; KV MiB is what was held): "
+            "SnapKV 0.03125: 33 tokens on 4 of 6 samples.")
+    assert f"Note: {note}" in text
+    csv = pd.read_csv(io.StringIO(longbench_table(df, fmt="csv")))
+    assert list(csv["budget"].astype(str)) == ["Full", "0.03125", "0.03125"]
+    assert csv["budget clamped"].fillna("").tolist() == ["", "", "33 tokens on 4 of 6 samples"]
+    assert r"0.03125$^\ddagger$ & SnapKV" in longbench_table(df, fmt="latex")
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out), "--format", "md"]) == 0
+    listed = (out / "needle.md").read_text()
+    rows = table_rows(listed)
+    assert rows[1][rows[0].index("Budget")] == "0.03125‡"
+    assert "SnapKV 0.03125: 33 tokens on 1 of 1 samples." in listed
+    assert '<td data-v="1000000000.03125">0.03125‡</td>' in (out / "report.html").read_text()
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):

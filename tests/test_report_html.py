@@ -44,7 +44,7 @@ def test_html_is_self_contained_with_tables_cis_figures_settings_and_links(repor
     page = report.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # offline: no CDN, no remote asset
     header, methods = _first_table(page)  # ruler at 1024 tokens
-    assert header[:5] == ["Model", "Query", "Budget", "Method", "KV MiB"] and header[-1] == "Avg."
+    assert header[:6] == ["Model", "Query", "Decode", "Budget", "Method", "KV MiB"] and header[-1] == "Avg."
     assert methods == ["FullKV", "SnapKV", "DynamicKV", "SnapKV"]
     assert " ± " in page and "<b>" in page and "†" in page  # CIs, bold and dagger as in the Markdown tables
     assert re.search(r'<td class="num" data-v="66\.67"><b>66\.67 ± [0-9.]+</b>†</td>', page)
@@ -90,7 +90,8 @@ def test_any_benchmark_gets_the_common_table_without_a_special_case(tmp_path):
     assert main([str(tmp_path / "results"), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "toybench_scores.md").read_text()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()[2:6]]
-    assert rows[0] == ["Model", "Budget", "Method", "KV MiB", "n", "t1", "Avg."]
-    assert rows[1][2] == "FullKV" and rows[1][5].startswith("66.67 ± ") and "**" not in rows[1][5]
-    assert rows[3][2] == "SnapKV" and rows[3][4] == "3" and rows[3][5] == "**33.33 ± 50.00**†"  # 3 samples: n.s.
+    assert rows[0] == ["Model", "Decode", "Budget", "Method", "KV MiB", "n", "t1", "Avg."]
+    assert rows[1][3] == "FullKV" and rows[1][6].startswith("66.67 ± ") and "**" not in rows[1][6]
+    assert rows[3][3] == "SnapKV" and rows[3][5] == "3" and rows[3][6] == "**33.33 ± 50.00**†"  # 3 samples: n.s.
+    assert {row[1] for row in rows[1:]} == {"prefill"}  # the schedule, stated where every run is prefill-only
     assert '<h2 id="toybench_scores">' in (tmp_path / "out" / "report.html").read_text()

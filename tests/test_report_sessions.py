@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from kvbench.report.sessions import (cost_frame, cost_markdown, decode_label, session_frame, session_markdown,
-                                     write_session_report)
+                                     write_cost_report, write_session_report)
 
 
 def session_run(root, name, method, answers="gold", decode=None, scores=((1, 1, 0), (0, 1, 0))):
@@ -60,6 +60,30 @@ def test_cost_frame_averages_each_run_and_names_its_decode_setting():
     assert list(frame["peak_kv_mib"]) == [2.0, 2.0]
     assert "| prefill | 50.00 | 20.0 | 2 | 2 |" in cost_markdown(frame)
     assert decode_label(None) == "prefill" and decode_label(float("nan")) == "prefill"
+
+
+def test_the_session_table_marks_a_budget_held_at_the_methods_minimum(tmp_path):
+    folder = session_run(tmp_path, "a", "snapkv")
+    path = folder / "predictions" / "needle.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "budget_tokens": 33, **({"budget_asked": 20, "budget_clamped": True}
+                                                                      if r["turn"] == 1 else {})}) + "\n" for r in lines))
+    session_run(tmp_path, "b", "h2o")
+    write_session_report(tmp_path, tmp_path / "out")
+    text = (tmp_path / "out" / "sessions.md").read_text()
+    assert "| m | needle | SnapKV | 64‡ | gold |" in text and "| m | needle | H2O | 64 | gold |" in text
+    assert "SnapKV 64 (m, needle, gold answers): 33 tokens on 2 of 6 samples." in text
+
+
+def test_the_cost_table_marks_a_budget_held_at_the_methods_minimum(tmp_path):
+    rows = [{"model": "m", "benchmark": "needle", "method": "SnapKV", "budget": b, "query": "aware", "variant": "",
+             "decode_interval": 0, "run_dir": f"r{b}", "score": 50.0, "new_tokens_mean": 10.0,
+             "peak_kv_bytes_mean": 2 ** 21, "budget_clamped_n": c, "budget_lines_n": 4, "budget_held": h}
+            for b, c, h in ((0.03125, 3, "33"), (0.5, 0, ""))]
+    written = write_cost_report(pd.DataFrame(rows), tmp_path)
+    text = (tmp_path / "cost.md").read_text()
+    assert "| SnapKV | 0.03125‡ | prefill |" in text and "| SnapKV | 0.5 | prefill |" in text
+    assert "SnapKV 0.03125 (m, needle): 33 tokens on 3 of 4 samples." in text and written
 
 
 @pytest.mark.parametrize("bad", [None])

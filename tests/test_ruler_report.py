@@ -69,14 +69,14 @@ def test_collect_gives_a_row_per_length_and_task_with_cis(results):
 def test_table_per_length_has_the_common_layout(results):
     text = benchmark_table(collect(results), "ruler", length=1024, ci="pm")
     rows = _rows(text)
-    assert rows[1] == ["Model", "Budget", "Method", "KV MiB", "n", "S1", "VT", "Avg."]  # category row, then header
-    assert [r[1:3] for r in rows[2:]] == [["Full", "FullKV"], ["64", "SnapKV"], ["128", "SnapKV"],
-                                          ["", "DynamicKV"]]
-    assert rows[2][5].startswith("100.00") and "**" not in rows[2][5]  # FullKV is the reference, never bold
+    assert rows[1] == ["Model", "Decode", "Budget", "Method", "KV MiB", "n", "S1", "VT", "Avg."]  # categories, header
+    assert [r[1:4] for r in rows[2:]] == [["prefill", "Full", "FullKV"], ["prefill", "64", "SnapKV"],
+                                          ["prefill", "128", "SnapKV"], ["prefill", "", "DynamicKV"]]
+    assert rows[2][6].startswith("100.00") and "**" not in rows[2][6]  # FullKV is the reference, never bold
     # SnapKV and DynamicKV at 128: 3 samples cannot show a difference, so every bold cell has its dagger.
-    assert rows[4][5].startswith("**66.67 ± ") and rows[4][5].endswith("**†")
-    assert rows[5][6].startswith("**66.67 ± ") and rows[5][6].endswith("**†")
-    assert rows[4][4] == "3" and "Note: " in text and "†: not significantly better" in text
+    assert rows[4][6].startswith("**66.67 ± ") and rows[4][6].endswith("**†")
+    assert rows[5][7].startswith("**66.67 ± ") and rows[5][7].endswith("**†")
+    assert rows[4][5] == "3" and "Note: " in text and "†: not significantly better" in text
     with pytest.raises(KvbenchError, match="no ruler results at length 4096"):
         benchmark_table(collect(results), "ruler", length=4096)
 
@@ -85,7 +85,7 @@ def test_mean_over_lengths_and_query_mode_as_a_column(results):
     _run(results, "snapkv", 128, {1024: {"niah_single_1": 0.0, "vt": 0.0}}, query="agnostic", status="running")
     text = benchmark_table(collect(results), "ruler")
     rows = _rows(text)
-    assert rows[1][:3] == ["Model", "Query", "Budget"] and "Status" in rows[1]
+    assert rows[1][:4] == ["Model", "Query", "Decode", "Budget"] and "Status" in rows[1]
     body = {(r[rows[1].index("Query")], r[rows[1].index("Method")], r[rows[1].index("Budget")] or "128"): r
             for r in rows[2:] if r[rows[1].index("Method")]}
     full = body[("aware", "FullKV", "Full")]

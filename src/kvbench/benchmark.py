@@ -62,11 +62,17 @@ class Benchmark:
     sessions: ClassVar[bool] = False  # benchmark.session=true is supported (samples sharing a context, in turn)
     uses_protocol: ClassVar[bool] = False  # the `protocol` group shapes its prompts (named in runs, recorded)
     table_layout: ClassVar[dict | None] = None  # {part: ({category: [task, ...]}, papers' task list | None)}
+    abbreviations: ClassVar[dict[str, str]] = {}  # task or category -> the papers' short column header
     papers_figures: ClassVar[bool] = False  # the report draws the papers' budget curve and score vs bytes for it
     row_extras: ClassVar[dict[str, str]] = {}  # report column -> per-sample field (fallback: scores.json `mean_<f>`)
     # A one-row-per-run benchmark's list in the report, beside its table: {"title", "anchor" (file stem), "note",
     # "variants": (column, {variant: label}, label otherwise)}; None: no list.
     summary_list: ClassVar[dict | None] = None
+    # Tables of scores by a per-sample field, one per table part, beside the benchmark's tables (LongBench-E: by
+    # input length): {"field": the sample_scores.jsonl column, "groups": its values in column order, "stem": the
+    # file-name suffix, "title": the title suffix, "unit": a group's name in the notes, "note": the note on what a
+    # cell is ({part}: the part's language, e.g. "English ")}; None: no such table.
+    group_table: ClassVar[dict | None] = None
 
     # ---- one command ------------------------------------------------------------------------------------------
     @classmethod
@@ -112,9 +118,15 @@ class Benchmark:
     # ---- without a model: run names, sweeps, reports, run folders ----------------------------------------------
     @classmethod
     def name_parts(cls, bench) -> list[str]:
-        """Run-name parts of the benchmark's variants (a query-agnostic run never shares a folder)."""
+        """Run-name parts of the benchmark's variants, in order: the query mode (a query-agnostic run never shares a
+        folder), the benchmark's own variants (`variant_parts`), the session."""
         query = bench.get("query", "aware")
-        return ([str(query)] if query != "aware" else []) + session_part(bench)
+        return ([str(query)] if query != "aware" else []) + cls.variant_parts(bench) + session_part(bench)
+
+    @classmethod
+    def variant_parts(cls, bench) -> list[str]:
+        """Run-name parts of a benchmark's own variants (the needle's `multineedle`), after the query mode."""
+        return []
 
     @classmethod
     def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:

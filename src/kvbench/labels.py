@@ -37,11 +37,16 @@ def method_sort_key(name: str) -> tuple[int, str]:
     return (len(order), str(name).lower())
 
 
+def decode_label(interval) -> str:
+    """When the method compresses (`method.decode_interval`): `prefill` (after the prefill only: unset, 0 or NaN) or
+    `every N` (also every N generated tokens). Every table and figure of the report states it."""
+    return f"every {int(interval)}" if interval and interval == interval else "prefill"  # NaN != NaN
+
+
 def setting_label(row) -> str:
-    """A display label of a row's settings beyond the method (query mode, decode schedule, variant), e.g.
-    "agnostic, decode 16, multi-needle"; "" for the aware, plain benchmark. For legends only: code reads the
-    report's columns (query, decode_interval, variant), never this label."""
+    """A display label of a row's settings beyond the method: the query mode (beyond aware), the decode schedule
+    (always) and the variant, e.g. "prefill" or "agnostic, every 16, multi-needle". For legends only: code reads
+    the report's columns (query, decode_interval, variant), never this label."""
     parts = [] if row.get("query", "aware") in ("aware", "", None) else [str(row["query"])]
-    interval = row.get("decode_interval")
-    parts += [f"decode {interval}"] if interval and interval == interval else []  # NaN != NaN
+    parts.append(decode_label(row.get("decode_interval")))
     return ", ".join(parts + ([str(row["variant"])] if row.get("variant") else []))

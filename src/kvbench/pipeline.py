@@ -273,8 +273,11 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
 
     def answer(requests: Iterable[Request], on_turn=None) -> Iterator[tuple[Request, Generated, str]]:
         """`on_turn(request, i, output, text)`: a session request's turn i as it ends."""
-        def generated(out) -> Generated:  # the budget in tokens this sample used (a fraction of its prompt)
-            return Generated(out, {"budget_tokens": job.method.tokens_budget} if not job.method_is_full else {})
+        def generated(out) -> Generated:  # the budget in tokens this sample's compressed prompt resolved to
+            if job.method_is_full:
+                return Generated(out, {})
+            compressed = getattr(out, "context_tokens", None) or out.prompt_tokens  # agnostic, sessions: the context
+            return Generated(out, job.method.budget_fields(compressed))  # with the clamp, where the minimum held more
 
         def started(requests):
             for request in requests:

@@ -21,9 +21,9 @@ from kvbench.longbench.data import (DataSource, check_hub_data, load_manifest, l
                                     verify_file)
 from kvbench.longbench.protocol import (Protocol, ProtocolError, _check_max_input_len, build_prompt,
                                         build_split_prompt, generation_settings)
-from kvbench.longbench.scoring import score_folder, score_records, score_sample
+from kvbench.longbench.scoring import BUCKETS, score_folder, score_records, score_sample
 from kvbench.longbench.session import context_groups, session_ids
-from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16, task_spec
+from kvbench.longbench.tasks import CATEGORIES_EN, CATEGORIES_ZH, CHINESE_5, ENGLISH_16, SHORT, task_spec
 from kvbench.models import ModelSpec
 from kvbench.query import check_query_mode
 from kvbench.sample_rows import SAMPLES_KEY
@@ -43,6 +43,7 @@ class LongBenchPlan(Benchmark):
     uses_protocol = True
     papers_figures = True
     table_layout = {"en": (CATEGORIES_EN, ENGLISH_16), "zh": (CATEGORIES_ZH, CHINESE_5)}
+    abbreviations = SHORT
     tasks: list[str]
     source: DataSource
     protocol: Protocol
@@ -249,6 +250,9 @@ class LongBenchE(LongBenchPlan):
     name = "longbench_e"
     papers_figures = False
     sessions = False
+    group_table = {"field": "bucket", "groups": BUCKETS, "stem": "by_length", "title": "by input length",
+                   "unit": "bucket", "note": "Mean over the run's {part}LongBench-E tasks of each length bucket's score "
+                                             "(0-100); n: samples in the bucket."}
 
 
 register(LongBenchPlan)

@@ -71,6 +71,15 @@ CATEGORIES_ZH = {
     "Synthetic": ["passage_retrieval_zh"],
     "Code Completion": ["lcc", "repobench-p"],
 }
+# The papers' short column headers (PyramidKV / SnapKV / DynamicKV tables): tasks and the code category.
+SHORT = {
+    "narrativeqa": "NrtvQA", "qasper": "Qasper", "multifieldqa_en": "MF-en", "hotpotqa": "HotpotQA",
+    "2wikimqa": "2WikiMQA", "musique": "Musique", "gov_report": "GovReport", "qmsum": "QMSum",
+    "multi_news": "MultiNews", "trec": "TREC", "triviaqa": "TriviaQA", "samsum": "SAMSum",
+    "passage_count": "PCount", "passage_retrieval_en": "PRe", "lcc": "Lcc", "repobench-p": "RB-P",
+    "multifieldqa_zh": "MF-zh", "dureader": "DuReader", "vcsum": "VCSum", "lsht": "LSHT",
+    "passage_retrieval_zh": "PR-zh", "Code Completion": "Code",
+}
 
 
 def task_spec(name: str) -> TaskSpec:

@@ -164,11 +164,23 @@ class Method:
         self.tokens_budget = self.resolve_budget(prompt_len)
 
     def resolve_budget(self, prompt_len: int) -> int:
-        """Budget in tokens for this prompt: a fraction < 1 is `round(prompt_len * budget)`, as KVCache-Factory's
-        `max_capacity_prompts_ratio`, but never below window + 1."""
-        if self.budget < 1:
-            return max(self.window_size + 1, round(prompt_len * self.budget))
-        return int(self.budget)
+        """Budget in tokens for this prompt: a fraction < 1 is `round(prompt_len * budget)` (`budget_asked`), as
+        KVCache-Factory's `max_capacity_prompts_ratio`, but never below window + 1."""
+        asked = self.budget_asked(prompt_len)
+        return int(self.budget) if asked is None else max(self.window_size + 1, asked)
+
+    def budget_asked(self, prompt_len: int) -> int | None:
+        """The tokens a budget relative to the prompt (a fraction) asks of this prompt, before `resolve_budget`
+        holds it at the method's minimum; None for a budget in tokens (held as given)."""
+        return round(prompt_len * self.budget) if self.budget is not None and self.budget < 1 else None
+
+    def budget_fields(self, prompt_len: int) -> dict:
+        """A prediction line's budget for a compressed prompt (agnostic: context) of `prompt_len` tokens:
+        `budget_tokens` held and, where the method's minimum held more than the budget asked, `budget_asked` and
+        `budget_clamped` (SnapKV budget=0.03125 on 1,000 tokens asks 31 and holds window + 1 = 33)."""
+        held, asked = self.resolve_budget(prompt_len), self.budget_asked(prompt_len)
+        clamped = held is not None and asked is not None and asked < held
+        return {"budget_tokens": held, **({"budget_asked": asked, "budget_clamped": True} if clamped else {})}
 
     def keeps_all(self, prompt_len: int) -> bool:
         """A prompt no longer than the budget is left whole (identical to FullKV)."""

@@ -60,16 +60,19 @@ class KvpressScored(ScoredMethod):
         if self.window_size < 0:
             raise KvbenchError(f"method.window_size={self.window_size} must be at least 0")
 
+    def budget_asked(self, prompt_len: int) -> int | None:
+        if self.compression_ratio is not None:
+            return int(prompt_len * (1 - self.compression_ratio))
+        return super().budget_asked(prompt_len)
+
     def resolve_budget(self, prompt_len: int) -> int:
         if self.compression_ratio is not None:
-            kept = max(self.window_size, int(prompt_len * (1 - self.compression_ratio)))
+            kept = max(self.window_size, self.budget_asked(prompt_len))  # never below the window
             if kept < 1:
                 raise KvbenchError(f"method.compression_ratio={self.compression_ratio:g} keeps 0 of this prompt's "
                                    f"{prompt_len} tokens; use a ratio below {1 - 1 / prompt_len:.6g}")
             return kept
-        if self.budget < 1:
-            return max(self.window_size + 1, round(prompt_len * self.budget))
-        return int(self.budget)
+        return super().resolve_budget(prompt_len)
 
     def kv_scores(self, rank: int, queries: torch.Tensor, keys: torch.Tensor,
                   values: torch.Tensor) -> torch.Tensor:

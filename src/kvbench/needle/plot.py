@@ -29,7 +29,7 @@ from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
 from kvbench.needle.scoring import cell_retrieval
-from kvbench.labels import display_method
+from kvbench.labels import decode_label, display_method
 
 # The papers' colours (KVCache-Factory scripts/scripts_needle/visualize.py).
 CMAP = LinearSegmentedColormap.from_list("custom_cmap", ["#F0496E", "#EBB839", "#0CD79F"])
@@ -174,6 +174,7 @@ class NeedleRun:
     label: str
     trained_len: int | None
     query: str = "aware"  # benchmark.query of the run: every figure names it
+    decode: str = "prefill"  # when the method compressed (`prefill`, `every N`): every figure names it
 
 
 def read_needle_records(path: str | Path) -> pd.DataFrame:
@@ -227,7 +228,8 @@ def load_needle_run(result_dir: str | Path, trained_len: int | None = None) -> N
         trained_len = model_info.get("trained_len", model_info.get("pretrained_len"))
     query = str(((run.get("config") or {}).get("benchmark") or {}).get("query")
                 or ("agnostic" if result_dir.name.endswith("_agnostic") else "aware"))
-    return NeedleRun(records=records, model=model, label=label, trained_len=trained_len, query=query)
+    decode = decode_label((run.get("method") or {}).get("decode_interval"))
+    return NeedleRun(records=records, model=model, label=label, trained_len=trained_len, query=query, decode=decode)
 
 
 # --------------------------------------------------------------------------- figures
@@ -268,18 +270,21 @@ def _save_png_and_pdf(fig: Figure, out_path: Path) -> list[Path]:
 
 
 def _draw_runs(runs: list[NeedleRun], lettered: bool, score_field: str = "score") -> Figure:
-    """Stacked panels; the model and the query mode go in a figure title when all runs share them, else in each
-    panel's title."""
+    """Stacked panels; the model, the query mode and the decode schedule go in a figure title when all runs share
+    them, else in each panel's title."""
     models = {run.model for run in runs}
     shared_model = models.pop() if len(models) == 1 and len(runs) > 1 else None
     modes = {run.query for run in runs}
     shared_mode = modes.pop() if len(modes) == 1 and shared_model else None
+    schedules = {run.decode for run in runs}
+    shared_decode = schedules.pop() if len(schedules) == 1 and shared_model else None
     axes_height = PANEL_AXES if len(runs) > 1 else SINGLE_PANEL_AXES
     fig, axes = _panel_figure(len(runs), shared_model is not None, axes_height)
     mesh = None
     for index, (run, ax) in enumerate(zip(runs, axes)):
         label = run.label if shared_model else f"{run.model}, {run.label}"
         label = label if shared_mode else f"{label}, query-{run.query}"
+        label = label if shared_decode else f"{label}, {run.decode}"
         if lettered:
             # As the papers: the average score above the panel, a bold "(a) Method" caption below it.
             mesh = heatmap(run.records, ax, "", run.trained_len, score_field=score_field, colorbar=False)
@@ -289,7 +294,7 @@ def _draw_runs(runs: list[NeedleRun], lettered: bool, score_field: str = "score"
             mesh = heatmap(run.records, ax, label, run.trained_len, score_field=score_field, colorbar=False)
     _add_shared_colorbar(fig, axes, mesh, score_field)
     if shared_model:
-        mode = f", query-{shared_mode}" if shared_mode else ""
+        mode = (f", query-{shared_mode}" if shared_mode else "") + (f", {shared_decode}" if shared_decode else "")
         kind = "" if score_field == "score" else f" ({SCORE_FIELDS[score_field][0].lower()})"
         fig.suptitle(f"Needle-in-a-Haystack{kind} — {shared_model}{mode}", fontsize=14, fontweight="bold",
                      y=1 - 0.08 / fig.get_figheight(), va="top")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from kvbench.benchmark import Benchmark, Prompt, Sample, register, session_part
+from kvbench.benchmark import Benchmark, Prompt, Sample, register
 from kvbench.config import BOOL, NONNEG_INT, POS_INT, STR, optional
 from kvbench.errors import KvbenchError
 from kvbench.needle.haystack import Haystack, haystack_token_ids, load_haystack
@@ -156,10 +156,8 @@ class NeedlePlan(Benchmark):
         return plan_needle(cfg, spec)
 
     @classmethod
-    def name_parts(cls, bench) -> list[str]:
-        query = bench.get("query", "aware")
-        return (([str(query)] if query != "aware" else []) + (["multineedle"] if bench.get("multi_needle", False)
-                else []) + session_part(bench))
+    def variant_parts(cls, bench) -> list[str]:
+        return ["multineedle"] if bench.get("multi_needle", False) else []
 
     @classmethod
     def sweep_work(cls, cfg) -> list[tuple[str, int, float, float]]:

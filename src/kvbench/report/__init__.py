@@ -13,9 +13,9 @@ Command line: ``python -m kvbench.report results/ --out results/report``.
 """
 from kvbench.report.collect import ReportWarning, collect, layer_allocations
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes
-from kvbench.report.tables import load_paper_results, longbench_e_table, longbench_table, paper_comparison
+from kvbench.report.tables import group_table, load_paper_results, longbench_table, paper_comparison
 
 __all__ = [
-    "ReportWarning", "collect", "layer_allocations", "longbench_table", "longbench_e_table", "paper_comparison", "load_paper_results",
+    "ReportWarning", "collect", "layer_allocations", "longbench_table", "group_table", "paper_comparison", "load_paper_results",
     "budget_curve", "score_vs_bytes", "layer_allocation",
 ]

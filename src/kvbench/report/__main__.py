@@ -19,14 +19,15 @@ import pandas as pd
 from kvbench.benchmark import Benchmark, get
 from kvbench.errors import KvbenchError
 from kvbench.atomic import atomic_write, write_error
-from kvbench.report.collect import budget_order, collect, is_fullkv, layer_allocations, method_sort_key
+from kvbench.labels import decode_label, is_fullkv, method_sort_key
+from kvbench.report.collect import budget_order, collect, layer_allocations
 from kvbench.report.generated_length import write_longgen_report  # long outputs: generated length vs FullKV
 from kvbench.report.html import markdown_html, write_html
 from kvbench.report.query_gap import query_gap_markdown
 from kvbench.report.sessions import write_cost_report, write_session_report
 from kvbench.report.figures import budget_curve, layer_allocation, score_vs_bytes, score_vs_length
-from kvbench.report.tables import (budget_label, build_table, kv_mib_label, longbench_e_table, markdown_frame,
-                                   paper_comparison, render, table_parts)
+from kvbench.report.tables import (CLAMP_MARK, NoGroupScores, budget_label, build_table, clamp_note, clamp_text,
+                                   group_table, kv_mib_label, markdown_frame, paper_comparison, render, table_parts)
 
 _FORMAT_NAMES = {"md": "markdown", "markdown": "markdown", "latex": "latex", "tex": "latex", "csv": "csv"}
 _SUFFIX = {"markdown": "md", "latex": "tex", "csv": "csv"}
@@ -81,7 +82,8 @@ def _table_views(df: pd.DataFrame):
 
 def _write_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | None,
                   html_parts: list) -> list[Path]:
-    """Every benchmark table (see `_table_views`) in every format, and the LongBench-E tables by length bucket."""
+    """Every benchmark table (see `_table_views`) in every format, then the tables a benchmark declares by a
+    per-sample field (`Benchmark.group_table`: LongBench-E's by input length)."""
     written = []
     for name, title, view in _table_views(df):
         try:
@@ -93,19 +95,20 @@ def _write_tables(df: pd.DataFrame, out: Path, formats: list[str], ci: str | Non
         print(f"## {title}\n\n{render(table, 'markdown')}")
         written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", render(table, fmt)) for fmt in formats]
         html_parts.append((title, name, render(table, "html")))
-    for language in ("en", "zh"):
-        name = f"longbench_e_{language}_by_length"
-        try:
-            tables = {fmt: longbench_e_table(df, language, fmt, ci) for fmt in formats}
-            markdown = tables.get("markdown") or longbench_e_table(df, language, "markdown", ci)
-        except KvbenchError as exc:
-            if "LongBench-E run" in str(exc):
+    for benchmark in sorted(df["benchmark"].unique()):
+        spec = _benchmark(benchmark).group_table
+        for part in table_parts(df, benchmark) if spec else []:
+            name = "_".join(filter(None, [benchmark, part, spec["stem"]]))
+            title = f"{benchmark}{f' ({_LANGUAGE_NAMES.get(part, part)})' if part else ''} {spec['title']}"
+            try:
+                tables = {fmt: group_table(df, benchmark, part, fmt, ci) for fmt in formats}
+                markdown = tables.get("markdown") or group_table(df, benchmark, part, "markdown", ci)
+            except NoGroupScores as exc:
                 print(f"(skipped {name}: {exc})\n", file=sys.stderr)
-            continue
-        print(f"## longbench_e ({_LANGUAGE_NAMES[language]}) by input length\n\n{markdown}")
-        written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
-        html_parts.append((f"longbench_e ({_LANGUAGE_NAMES[language]}) by input length", name,
-                           markdown_html(markdown)))
+                continue
+            print(f"## {title}\n\n{markdown}")
+            written += [atomic_write(out / f"{name}.{_SUFFIX[fmt]}", text) for fmt, text in tables.items()]
+            html_parts.append((title, name, markdown_html(markdown)))
     return written
 
 
@@ -134,6 +137,8 @@ def _summary_list(rows: pd.DataFrame, spec: dict, extras: list[str]) -> str:
                                                rows.at[i, "decode_interval"], budget_order(labels[i]),
                                                method_sort_key(rows.at[i, "method"])))
     rows, labels = rows.loc[order], labels[order]
+    clamped = pd.Series([clamp_text(rows.loc[[i]]) for i in rows.index], index=rows.index)  # held at the minimum
+    labels = labels + clamped.map(lambda text: CLAMP_MARK if text else "")
 
     def ci(low: str, high: str) -> list[str]:
         return [f"[{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else "-" for lo, hi in zip(rows[low], rows[high])]
@@ -147,13 +152,15 @@ def _summary_list(rows: pd.DataFrame, spec: dict, extras: list[str]) -> str:
                           **{k: v for extra in extras for k, v in (
                               (extra.capitalize(), rows[extra].astype(float)),
                               (f"{extra.capitalize()} 95% CI", ci(f"{extra}_ci_low", f"{extra}_ci_high")))},
-                          "Query": rows["query"], "Decode": rows["decode_interval"].map(lambda d: d or ""),
+                          "Query": rows["query"], "Decode": rows["decode_interval"].map(decode_label),
                           "n": rows["n"].astype(str),
                           "Status": rows["status"].map(lambda s: "" if s == "complete" else s)})
-    for name, default in (("Query", "aware"), ("Decode", "")):  # shown when they tell rows apart
-        if frame[name].nunique() < 2 and (frame[name] == default).all():
-            frame = frame.drop(columns=name)
-    return markdown_frame(frame) + "\n" + (f"\n{spec['note']}\n" if spec.get("note") else "")
+    if (frame["Query"] == "aware").all():  # shown when it tells rows apart; Decode always
+        frame = frame.drop(columns="Query")
+    notes = [spec["note"]] if spec.get("note") else []
+    held = [(f"{rows.at[i, 'method']} {labels[i].rstrip(CLAMP_MARK)}", text) for i, text in clamped.items() if text]
+    notes += [clamp_note(held)] if held else []
+    return markdown_frame(frame) + "\n" + "".join(f"\n{note}\n" for note in notes)
 
 
 def _benchmark(name: str) -> type[Benchmark]:

@@ -25,7 +25,7 @@ import pandas as pd
 from kvbench.benchmark import Benchmark, of_run
 from kvbench.errors import KvbenchError
 from kvbench.jsonl import read_jsonl
-from kvbench.labels import display_method, is_fullkv, method_display_names, method_sort_key, setting_label  # noqa: F401
+from kvbench.labels import display_method
 from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 
@@ -41,8 +41,12 @@ RESULT_COLUMNS += ["retrieval", "retrieval_ci_low", "retrieval_ci_high"]
 # scores per length (RULER; <NA> otherwise) and the benchmark variant ("multi-needle", "session"; "" for the plain
 # benchmark); the decode schedule is `decode_interval` (0: compression at prefill only).
 RESULT_COLUMNS += ["length", "variant"]
+# Samples whose fraction budget resolved below the method's minimum (window + 1) and was held there (prediction lines'
+# `budget_clamped`), of the task's prediction lines, and the tokens held ("33", or "33-40"; "" when none).
+RESULT_COLUMNS += ["budget_clamped_n", "budget_lines_n", "budget_held"]
 VARIANT_KEYS = {"multi_needle": "multi-needle", "session": "session"}  # benchmark config flag -> variant name
-ALLOCATION_COLUMNS = ["model", "benchmark", "method", "query", "budget", "task", "layer", "kept_mean"]
+ALLOCATION_COLUMNS = ["model", "benchmark", "method", "query", "decode_interval", "variant", "budget", "task", "layer",
+                      "kept_mean"]
 _SCORE_TOLERANCE = 0.006  # scores.json rounds task scores to 2 decimals
 
 
@@ -164,7 +168,8 @@ def _mean_of(records: list[dict], key: str) -> float:
 def _prediction_stats(pred_file: Path, strict: bool) -> dict:
     """Mean kv_bytes / prefill_s / decode_s of one predictions file (NaN with a warning if unreadable)."""
     empty = {"kv_bytes_mean": math.nan, "prefill_s_mean": math.nan, "decode_s_mean": math.nan,
-             "peak_kv_bytes_mean": math.nan, "new_tokens_mean": math.nan}
+             "peak_kv_bytes_mean": math.nan, "new_tokens_mean": math.nan, "budget_clamped_n": 0, "budget_lines_n": 0,
+             "budget_held": ""}
     if not pred_file.is_file():
         _problem(f"{pred_file} is missing; KV bytes and timings of that task are left empty", strict)
         return empty
@@ -179,7 +184,15 @@ def _prediction_stats(pred_file: Path, strict: bool) -> dict:
         "decode_s_mean": _mean_of(records, "decode_s"),
         "peak_kv_bytes_mean": _mean_of(records, "peak_kv_bytes"),
         "new_tokens_mean": _mean_of(records, "new_tokens"),
+        **budget_clamps(records),
     }
+
+
+def budget_clamps(records: list[dict]) -> dict:
+    """How many lines held their budget at the method's minimum (`budget_clamped`), of how many, at what tokens."""
+    held = sorted({int(r["budget_tokens"]) for r in records if r.get("budget_clamped")})
+    return {"budget_clamped_n": sum(1 for r in records if r.get("budget_clamped")), "budget_lines_n": len(records),
+            "budget_held": "" if not held else str(held[0]) if len(held) == 1 else f"{held[0]}-{held[-1]}"}
 
 
 def run_samples(run_dir: str | Path) -> pd.DataFrame | None:
@@ -296,7 +309,9 @@ def collect(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.Da
     decode_s_mean, run_dir, query ("aware"/"agnostic"), length (context length of a benchmark scored per length,
     e.g. RULER: one row per length and task; <NA> otherwise), decode_interval (0: none), variant
     ("multi-needle", "session" or ""); needle runs also retrieval (percent of cells whose answer names the needle's key
-    facts: what measures retrieval) with retrieval_ci_low/high (NaN for other runs). Broken runs are skipped with a
+    facts: what measures retrieval) with retrieval_ci_low/high (NaN for other runs); budget_clamped_n / budget_lines_n /
+    budget_held: the task's prediction lines whose budget was held at the method's minimum, of all its lines, and the
+    tokens held ("33"; "" when none). Broken runs are skipped with a
     `ReportWarning` (or raise with `strict=True`).
     """
     rows: list[dict] = []
@@ -332,7 +347,8 @@ def _allocation_rows(run_dir: Path, strict: bool) -> list[dict]:
             continue
         means = np.asarray(kept, dtype=float).mean(axis=0)
         rows.extend({"model": identity["model"], "benchmark": identity["benchmark"], "method": identity["method"],
-                     "query": identity["query"], "budget": identity["budget"], "task": pred_file.stem, "layer": layer,
+                     "query": identity["query"], "decode_interval": identity["decode_interval"],
+                     "variant": identity["variant"], "budget": identity["budget"], "task": pred_file.stem, "layer": layer,
                      "kept_mean": float(value)} for layer, value in enumerate(means))
     return rows
 
@@ -340,7 +356,8 @@ def _allocation_rows(run_dir: Path, strict: bool) -> list[dict]:
 def layer_allocations(paths: list[str | Path] | str | Path, strict: bool = False) -> pd.DataFrame:
     """Mean tokens kept per head in each layer, per (model, method, budget, task), from the predictions' `layer_kept`.
 
-    Columns: model, benchmark, method, query, budget, task, layer (0-based), kept_mean. Runs without `layer_kept` give no rows.
+    Columns: model, benchmark, method, query, decode_interval, variant, budget, task, layer (0-based), kept_mean. Runs
+    without `layer_kept` give no rows.
     """
     rows: list[dict] = []
     for run_dir in find_run_dirs(paths):

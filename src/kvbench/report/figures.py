@@ -1,7 +1,7 @@
 """Figures: budget curve, score vs KV-cache bytes, score vs context length, and per-layer budget allocation.
 
 A line is one method in one setting (query mode, decode schedule, variant: read from the columns, named in the
-legend, e.g. "SnapKV (agnostic)"); any benchmark's rows draw the budget curve and, scored per length, the length curve.
+legend, e.g. "SnapKV (prefill)", "SnapKV (agnostic, every 16)": the schedule is always named); any benchmark's rows draw the budget curve and, scored per length, the length curve.
 
 Budget curves carry 95% CI bands and score-vs-bytes points CI error bars, from the runs' sample_scores.jsonl.
 
@@ -21,11 +21,11 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from kvbench.errors import KvbenchError
 from kvbench.benchmark import get
-from kvbench.longbench.tasks import CHINESE_5, ENGLISH_16
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import is_fullkv, method_sort_key, setting_label, task_samples
+from kvbench.labels import is_fullkv, method_sort_key, setting_label
+from kvbench.report.collect import task_samples
 from kvbench.stats import confidence_intervals
-from kvbench.report.tables import ABBREVIATIONS, budget_label
+from kvbench.report.tables import abbreviations, budget_label
 
 METHOD_STYLE = {  # colour-blind-safe palette (Okabe-Ito); DynamicKV is the emphasised method
     "FullKV": {"color": "#000000", "marker": "*"},
@@ -78,18 +78,42 @@ def _grid(n_panels: int, max_cols: int, panel_size: tuple[float, float], share: 
 
 
 def line_label(row) -> str:
-    """A legend entry: the method and, beyond the default, its settings ("SnapKV (agnostic, decode 16)")."""
-    settings = setting_label(row)
-    return f"{row['method']} ({settings})" if settings else str(row["method"])
+    """A legend entry: the method and its settings, the decode schedule always ("SnapKV (prefill)",
+    "SnapKV (agnostic, every 16)")."""
+    return f"{row['method']} ({setting_label(row)})"
+
+
+def _layout(benchmark: str) -> dict:
+    """A benchmark's table layout (`Benchmark.table_layout`; {} for one without, or whose class no longer imports)."""
+    try:
+        return get(benchmark).table_layout or {}
+    except KvbenchError:
+        return {}
 
 
 def _part_tasks(benchmark: str, part: str | None) -> list[str] | None:
     """The papers' task list of one part (LongBench: a language) of a benchmark's table layout; None: all tasks."""
-    try:
-        layout = get(benchmark).table_layout or {}
-    except KvbenchError:
-        return None
+    layout = _layout(benchmark)
     return layout[part][1] if part in layout else None
+
+
+def _pick_benchmark(df: pd.DataFrame, benchmark: str | None, fits, what: str) -> str:
+    """The benchmark to draw: the one asked for, else the only one of the rows that `fits` (the papers' figures:
+    the benchmark that declares them; lengths: the one scored per length), else the only one."""
+    if benchmark is not None:
+        return benchmark
+    names = sorted(set(df["benchmark"]))
+    fitting = [name for name in names if fits(name)]
+    if len(fitting) == 1 or len(names) == 1:
+        return (fitting or names)[0]
+    raise KvbenchError(f"the rows hold several benchmarks ({', '.join(names)}); pass benchmark=... to pick {what}")
+
+
+def _papers_figures(benchmark: str) -> bool:
+    try:
+        return get(benchmark).papers_figures
+    except KvbenchError:
+        return False
 
 
 def _run_averages(df: pd.DataFrame, benchmark: str, language: str | None = "en",
@@ -167,10 +191,12 @@ def _budget_axis(ax, budgets) -> None:
     ax.set_xticklabels([budget_label(b) for b in sorted(budgets)])
 
 
-def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench",
+def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str | None = None,
                  language: str | None = "en") -> list[Path]:
     """Average score of a benchmark's runs (LongBench: the `language`'s tasks) against KV budget, one line per
-    method and setting, FullKV as a dashed reference; one panel per model."""
+    method and setting, FullKV as a dashed reference; one panel per model. `benchmark` None: the one of the rows
+    that has the papers' figures (`Benchmark.papers_figures`), else the only one."""
+    benchmark = _pick_benchmark(df, benchmark, _papers_figures, "one")
     runs, task_counts = _run_averages(df, benchmark, language)
     compressed = runs[~runs["method"].map(is_fullkv)]
     if compressed.empty:
@@ -186,7 +212,8 @@ def budget_curve(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench"
             ax.plot(line["budget"], line["score"], label=label, **_style(method), **_emphasis(method))
             _band(ax, line["budget"].to_numpy(), line["ci_low"].to_numpy(), line["ci_high"].to_numpy(), method)
         for label, full in block[block["method"].map(is_fullkv)].groupby("line"):  # one reference per setting
-            ax.axhline(full["score"].iloc[0], color="black", linestyle="--" if label == "FullKV" else ":",
+            plain = label == line_label({"method": full["method"].iloc[0]})  # aware, prefill, the plain benchmark
+            ax.axhline(full["score"].iloc[0], color="black", linestyle="--" if plain else ":",
                        linewidth=1.2, label=label, zorder=2)
             if pd.notna(full["ci_low"].iloc[0]):
                 ax.axhspan(full["ci_low"].iloc[0], full["ci_high"].iloc[0], color="black", alpha=0.07, zorder=1)
@@ -212,11 +239,14 @@ def _bytes_label(ax, x, y, text) -> None:
                 color=METHOD_STYLE["DynamicKV"]["color"])
 
 
-def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbench", language: str = "en") -> list[Path]:
+def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str | None = None,
+                   language: str = "en") -> list[Path]:
     """Average score against the KV-cache bytes actually kept (mean per sample), one point per method and budget.
 
     Points of one method are joined in budget order and labelled with their budget; x is logarithmic (MiB).
+    `benchmark` None: as `budget_curve`.
     """
+    benchmark = _pick_benchmark(df, benchmark, _papers_figures, "one")
     runs, task_counts = _run_averages(df, benchmark, language)
     runs = runs.dropna(subset=["kv_bytes"])
     if runs.empty:
@@ -238,7 +268,7 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
                             yerr=[(line["score"] - line["ci_low"])[known], (line["ci_high"] - line["score"])[known]],
                             fmt="none", ecolor=style["color"], elinewidth=1.0, capsize=3, alpha=0.8,
                             zorder=style["zorder"])
-            if label == "DynamicKV":  # every method ran the same budgets: labelling one line is enough
+            if label == line_label({"method": "DynamicKV"}):  # every method ran the same budgets: one line is enough
                 for _, point in line.iterrows():
                     _bytes_label(ax, point["kv_bytes"] / _MIB, point["score"], f"b={budget_label(point['budget'])}")
         ax.set_xscale("log")
@@ -252,9 +282,12 @@ def score_vs_bytes(df: pd.DataFrame, out: str | Path, benchmark: str = "longbenc
     return _save(fig, out)
 
 
-def score_vs_length(df: pd.DataFrame, out: str | Path, benchmark: str = "ruler") -> list[Path]:
+def score_vs_length(df: pd.DataFrame, out: str | Path, benchmark: str | None = None) -> list[Path]:
     """Average score against context length (a benchmark scored per length, e.g. RULER), one line per method,
-    budget and setting, with CI bands; one panel per model and query mode."""
+    budget and setting, with CI bands; one panel per model and query mode. `benchmark` None: the one of the rows
+    scored per length."""
+    scored_per_length = lambda name: df.loc[df["benchmark"] == name, "length"].notna().any()  # noqa: E731
+    benchmark = _pick_benchmark(df, benchmark, scored_per_length, "one scored per length")
     runs, _ = _run_averages(df, benchmark, None, by_length=True)
     runs = runs.dropna(subset=["length"])
     if runs.empty or runs["length"].nunique() < 2:
@@ -326,7 +359,8 @@ def layer_allocation(alloc_df: pd.DataFrame, out: str | Path, model: str | None 
     data = data[data["benchmark"] == benchmark]
     budget = _pick(data, "budget", budget, "budget")
     data = data[data["budget"] == budget]
-    order = {t: i for i, t in enumerate(ENGLISH_16 + CHINESE_5)}
+    papers_tasks = [task for _, papers in _layout(benchmark).values() for task in papers or []]  # LongBench's order
+    order = {t: i for i, t in enumerate(papers_tasks)}
     tasks = sorted(data["task"].unique(), key=lambda t: (order.get(t, len(order)), t))
     fig, axes = _grid(len(tasks), 4, (3.6, 2.5), share=True)
     for ax, task in zip(axes, tasks):
@@ -334,7 +368,7 @@ def layer_allocation(alloc_df: pd.DataFrame, out: str | Path, model: str | None 
             style = {"color": _style(methods[0])["color"], **_emphasis(methods[-1])}
             style.pop("markersize")
             ax.plot(line["layer"], line["kept_mean"], label=" = ".join(methods), **style)
-        ax.set_title(ABBREVIATIONS.get(task, task), fontsize=10)
+        ax.set_title(abbreviations(benchmark).get(task, task), fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -18,7 +18,7 @@ import pandas as pd
 
 from kvbench.atomic import atomic_write
 from kvbench.errors import KvbenchError
-from kvbench.labels import display_method, method_sort_key
+from kvbench.labels import decode_label, display_method, method_sort_key
 from kvbench.sample_rows import SAMPLE_SCORES_FILE, read_sample_scores
 from kvbench.stats import bootstrap_ci
 
@@ -89,8 +89,8 @@ def longgen_markdown(frame: pd.DataFrame) -> str:
     for r in frame.itertuples():
         ci = f"[{r.ci_low:.2f}, {r.ci_high:.2f}]" if not math.isnan(r.ci_low) else "-"
         budget = "Full" if math.isnan(r.budget) else f"{r.budget:g}"
-        decode = f"every {r.decode}" if r.decode else "prefill"  # when the method compresses
-        lines.append(f"| {r.model} | {r.query} | {r.task} | {r.length} | {r.method} | {budget} | {decode} | "
+        lines.append(f"| {r.model} | {r.query} | {r.task} | {r.length} | {r.method} | {budget} | "
+                     f"{decode_label(r.decode)} | "
                      f"{r.score:.2f} | "
                      f"{ci} | {r.n} | {fmt(r.new_tokens, '.1f')} | {fmt(r.answer_tokens, '.1f')} | "
                      f"{fmt(r.new_tokens_vs_fullkv, '.2f')} |")

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from kvbench.atomic import atomic_write
-from kvbench.report.collect import display_method
+from kvbench.labels import decode_label, display_method
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -136,13 +136,14 @@ def _runs_table(run_dirs: list[str], out_dir: Path) -> str:
         cells = [f'<a href="{html.escape(link)}/">{html.escape(Path(run_dir).name)}</a>',
                  html.escape(str(run.get("benchmark", ""))), html.escape(display_method(method.get("name", "?"))),
                  html.escape(str(method.get("budget", ""))), html.escape(str(bench.get("query") or "aware")),
+                 html.escape(decode_label(method.get("decode_interval"))),
                  html.escape(str(run.get("protocol", ""))), html.escape(str(run.get("status", ""))),
                  html.escape(str(run.get("git_commit") or "")[:10]),
                  html.escape(", ".join(f"{k} {v}" for k, v in versions.items() if k in ("kvbench", "torch",
                                                                                         "transformers"))),
                  f"<details><summary>run.json</summary><pre>{html.escape(details)}</pre></details>"]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("Run folder", "Benchmark", "Method", "Budget", "Query", "Protocol",
+    head = "".join(f"<th>{h}</th>" for h in ("Run folder", "Benchmark", "Method", "Budget", "Query", "Decode", "Protocol",
                                              "Status", "Commit", "Versions", "Settings"))
     return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>\n' + "\n".join(rows) + "\n</tbody></table>"
 

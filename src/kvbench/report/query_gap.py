@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import pandas as pd
 
-from kvbench.report.collect import method_sort_key
+from kvbench.labels import decode_label, method_sort_key
 
 GAP_COLUMNS = ["model", "method", "budget", "benchmark", "variant", "decode_interval", "tasks", "aware", "agnostic", "gap",
                "retrieval_aware", "retrieval_agnostic", "retrieval_gap"]
@@ -69,7 +69,7 @@ def query_gap_markdown(df: pd.DataFrame) -> str:
 
     for r in gap.itertuples():
         budget = "Full" if pd.isna(r.budget) else f"{r.budget:g}"
-        lines.append(f"| {r.model} | {r.benchmark} | {r.variant} | {r.decode_interval or ''} | {r.method} | {budget} | {r.tasks} | "
+        lines.append(f"| {r.model} | {r.benchmark} | {r.variant} | {decode_label(r.decode_interval)} | {r.method} | {budget} | {r.tasks} | "
                      f"{r.aware:.2f} | "
                      f"{r.agnostic:.2f} | {r.gap:+.2f} | {number(r.retrieval_aware)} | "
                      f"{number(r.retrieval_agnostic)} | {number(r.retrieval_gap, '+')} |")

@@ -15,16 +15,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
-from kvbench.labels import display_method, method_sort_key
+from kvbench.labels import decode_label, display_method, method_sort_key
+from kvbench.report.collect import budget_clamps
+from kvbench.report.tables import CLAMP_MARK, clamp_note, clamp_text
 from kvbench.results import read_predictions
 from kvbench.stats import bootstrap_ci
 
 _MIB = 2 ** 20
-
-
-def decode_label(interval) -> str:
-    """When the method compresses: after the prefill only, or also every N generated tokens."""
-    return f"every {int(interval)}" if interval and interval == interval else "prefill"
 
 
 def _decode_order(label: str) -> int:
@@ -56,12 +53,13 @@ def session_frame(paths) -> pd.DataFrame:
         full = bool(((run.get("config") or {}).get("method") or {}).get("budget_agnostic"))
         records = [r for path in sorted((folder / "predictions").glob("*.jsonl")) for r in read_predictions(path)
                    if "turn" in r]
+        clamped = clamp_text(pd.DataFrame([budget_clamps(records)]))  # turns held at the method's minimum
         for turn, part in pd.DataFrame(records).groupby("turn") if records else []:
             row = {"model": (run.get("model") or {}).get("name", "?"), "benchmark": run.get("benchmark", "?"),
                    "method": display_method(method.get("name", "?")),
                    "budget": math.nan if full else float(method.get("budget", math.nan)),
                    "answers": bench.get("session_answers", "gold"), "decode": decode_label(method.get("decode_interval")),
-                   "turn": int(turn), "n": len(part), "run_dir": str(folder)}
+                   "turn": int(turn), "n": len(part), "run_dir": str(folder), "clamped": clamped}
             for key in ("score", "retrieval"):
                 if key in part:
                     values = part[key].astype(float).to_numpy()
@@ -100,7 +98,8 @@ def session_markdown(frame: pd.DataFrame, key: str = "score") -> str:
         by_turn = {r.turn: r for r in run.itertuples()}
         cells = [_cell(getattr(by_turn[t], key), getattr(by_turn[t], f"{key}_ci_low"),
                        getattr(by_turn[t], f"{key}_ci_high")) if t in by_turn else "-" for t in turns]
-        lines.append(f"| {first.model} | {first.benchmark} | {first.method} | {_budget(first.budget)} | "
+        mark = CLAMP_MARK if getattr(first, "clamped", "") else ""
+        lines.append(f"| {first.model} | {first.benchmark} | {first.method} | {_budget(first.budget)}{mark} | "
                      f"{first.answers} | {first.decode} | " + " | ".join(cells) + f" | {first.n} |")
     return "\n".join(lines) + "\n"
 
@@ -135,6 +134,9 @@ def write_session_report(paths, out: Path) -> list[Path]:
     if frame.empty:
         return []
     text = session_markdown(frame)
+    held = [(f"{r.method} {_budget(r.budget)} ({r.model}, {r.benchmark}, {r.answers} answers)", r.clamped)
+            for r in frame.drop_duplicates("run_dir").itertuples() if r.clamped]
+    text += f"\n{clamp_note(held)}\n" if held else ""
     if "retrieval" in frame and frame["retrieval"].notna().any():
         text += "\nRetrieval (needle: share of turns whose answer names the needle's key facts):\n\n"
         text += session_markdown(frame, "retrieval")
@@ -159,6 +161,8 @@ def cost_frame(df: pd.DataFrame) -> pd.DataFrame:
                                                  new_tokens=("new_tokens_mean", "mean"),
                                                  peak_kv_bytes=("peak_kv_bytes_mean", "mean")).reset_index()
     frame["decode"] = frame["decode_interval"].map(decode_label)
+    clamped = {run: clamp_text(rows) for run, rows in data.groupby("run_dir")} if "budget_clamped_n" in data else {}
+    frame["clamped"] = frame["run_dir"].map(lambda run: clamped.get(run, ""))  # held at the method's minimum
     frame["peak_kv_mib"] = frame["peak_kv_bytes"] / _MIB
     frame = frame.dropna(subset=["new_tokens", "peak_kv_mib"], how="all")
     order = sorted(frame.index, key=lambda i: (frame.at[i, "model"], frame.at[i, "benchmark"], frame.at[i, "query"],
@@ -173,7 +177,8 @@ def cost_markdown(frame: pd.DataFrame) -> str:
     fmt = lambda v, spec: "-" if v != v else format(v, spec)  # noqa: E731
     for r in frame.itertuples():
         lines.append(f"| {r.model} | {r.benchmark} | {r.variant or '-'} | {r.query} | {r.method} | "
-                     f"{'Full' if r.budget < 0 else f'{r.budget:g}'} | {r.decode} | {r.score:.2f} | "
+                     f"{'Full' if r.budget < 0 else f'{r.budget:g}'}{CLAMP_MARK if getattr(r, 'clamped', '') else ''} | {r.decode} | "
+                     f"{r.score:.2f} | "
                      f"{fmt(r.new_tokens, '.1f')} | {fmt(r.peak_kv_mib, '.3g')} | {r.tasks} |")
     return "\n".join(lines) + "\n"
 
@@ -217,6 +222,8 @@ def write_cost_report(df: pd.DataFrame, out: Path) -> list[Path]:
     if frame.empty:
         return []
     text = cost_markdown(frame)
+    held = [(f"{r.method} {r.budget:g} ({r.model}, {r.benchmark})", r.clamped) for r in frame.itertuples() if r.clamped]
+    text += f"\n{clamp_note(held)}\n" if held else ""
     text += ("\nScore: the mean of the run's task scores; Generated tokens and Peak KV MiB: per-sample means (the "
              "peak is the most KV bytes the cache held at any step). Decode: prefill = compressed after the prefill "
              "only; every N = also every N generated tokens.\n")

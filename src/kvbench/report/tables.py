@@ -28,24 +28,12 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.benchmark import get
-from kvbench.longbench.tasks import ENGLISH_16
 from kvbench.compare import compare_samples
-from kvbench.longbench.scoring import BUCKETS
-from kvbench.report.collect import (ReportWarning, budget_label, budget_order, is_fullkv, method_sort_key,
-                                    run_samples, task_samples)
-from kvbench.ruler.constants import SHORT as RULER_SHORT
+from kvbench.labels import decode_label, is_fullkv, method_sort_key
+from kvbench.report.collect import ReportWarning, budget_label, budget_order, run_samples, task_samples
 from kvbench.sample_rows import SAMPLE_SCORES_FILE
 from kvbench.stats import bootstrap_ci, confidence_intervals
 
-ABBREVIATIONS = {
-    "narrativeqa": "NrtvQA", "qasper": "Qasper", "multifieldqa_en": "MF-en", "hotpotqa": "HotpotQA",
-    "2wikimqa": "2WikiMQA", "musique": "Musique", "gov_report": "GovReport", "qmsum": "QMSum",
-    "multi_news": "MultiNews", "trec": "TREC", "triviaqa": "TriviaQA", "samsum": "SAMSum",
-    "passage_count": "PCount", "passage_retrieval_en": "PRe", "lcc": "Lcc", "repobench-p": "RB-P",
-    "multifieldqa_zh": "MF-zh", "dureader": "DuReader", "vcsum": "VCSum", "lsht": "LSHT",
-    "passage_retrieval_zh": "PR-zh", **RULER_SHORT,
-}
-CATEGORY_LABELS = {"Code Completion": "Code"}  # the papers' short header
 AVG = "Avg."
 FORMATS = ("markdown", "latex", "csv", "html")
 _LANGUAGES = {"en": "English ", "zh": "Chinese "}  # parts named by a language (LongBench's)
@@ -53,12 +41,13 @@ CI_VIEWS = (None, "pm", "range")
 ALPHA = 0.05  # significance level of the bold/dagger marks
 _KEYS = ["model", "protocol", "tag", "query", "decode_interval", "variant", "budget_key", "method"]
 _GROUP = _KEYS[:2] + _KEYS[3:-1]  # the methods of one model, protocol, setting and budget compete for bold
-_SETTINGS = {"query": "Query", "decode_interval": "Decode", "variant": "Variant"}  # shown when they tell rows apart
+# Query and Variant are shown when they tell rows apart; Decode (`prefill` or `every N`) always.
+_SETTINGS = {"query": "Query", "decode_interval": "Decode", "variant": "Variant"}
 
 
-def _setting_text(value) -> str:
-    """A setting's cell: the query mode or variant as given, the decode interval ("" for 0: no decode schedule)."""
-    return "" if value in (0, "", None) else str(value)
+def _setting_text(level: str, value) -> str:
+    """A setting's cell: the query mode or variant as given, the decode schedule as `prefill` or `every N`."""
+    return decode_label(value) if level == "decode_interval" else "" if value in ("", None) else str(value)
 
 
 @dataclass
@@ -78,22 +67,39 @@ class _Table:
     ci: str | None = None
     notes: list[str] = field(default_factory=list)
     run_dirs: pd.Series | None = None             # index = _KEYS: the row's run folder(s), for links
+    clamped: pd.Series | None = None              # index = _KEYS: "33 tokens on 12 of 12 samples" ("": none held)
+    short: dict = field(default_factory=dict)     # task -> the papers' short header (Benchmark.abbreviations)
 
     @property
     def columns(self) -> list[str]:
         return [task for _, tasks in self.groups for task in tasks] + [AVG]
 
     def shows(self, level: str) -> bool:
-        """Protocol / tag / query / decode / variant columns appear only when they tell rows apart (or, query,
-        decode, variant and tag, when any row is not the default: agnostic, a decode schedule, a variant, a tag)."""
+        """The Decode column (the schedule: `prefill` or `every N`) always appears; protocol / tag / query / variant
+        columns only when they tell rows apart (or, query, variant and tag, when any row is not the default:
+        agnostic, a variant, a tag)."""
+        if level == "decode_interval":
+            return True
         values = self.rows.index.get_level_values(level)
-        default = {"tag": "", "query": "aware", "decode_interval": 0, "variant": ""}
+        default = {"tag": "", "query": "aware", "variant": ""}
         return values.nunique() > 1 or (level in default and (values != default[level]).any())
 
 
-def _base_task(name: str) -> str:
-    """LongBench-E task names (`qasper_e`) share the base task's column."""
-    return name[:-2] if name.endswith("_e") and name[:-2] in ABBREVIATIONS else name
+def abbreviations(benchmark: str) -> dict[str, str]:
+    """The papers' short column headers of a benchmark's tasks and categories (`Benchmark.abbreviations`)."""
+    try:
+        return get(benchmark).abbreviations
+    except KvbenchError:
+        return {}
+
+
+def _layout_tasks(layout: dict) -> set[str]:
+    return {t for groups, papers in layout.values() for t in (papers or []) + [t for ts in groups.values() for t in ts]}
+
+
+def _base_task(name: str, known: set[str]) -> str:
+    """LongBench-E task names (`qasper_e`) share the base task's column (a task of the table layout)."""
+    return name[:-2] if name.endswith("_e") and name[:-2] in known else name
 
 
 def _layout(df: pd.DataFrame, benchmark: str) -> dict:
@@ -112,8 +118,9 @@ def _layout(df: pd.DataFrame, benchmark: str) -> dict:
 
 def table_parts(df: pd.DataFrame, benchmark: str) -> list[str]:
     """The parts (LongBench: languages) of a benchmark that have tasks in these results."""
-    present = set(df.loc[df["benchmark"] == benchmark, "task"].map(_base_task))
-    return [part for part, (groups, papers) in _layout(df, benchmark).items()
+    layout = _layout(df, benchmark)
+    present = set(df.loc[df["benchmark"] == benchmark, "task"].map(lambda t: _base_task(t, _layout_tasks(layout))))
+    return [part for part, (groups, papers) in layout.items()
             if present & set(papers or [t for tasks in groups.values() for t in tasks])]
 
 
@@ -130,13 +137,14 @@ def _select(df: pd.DataFrame, part: str, benchmark: str) -> tuple[pd.DataFrame, 
     categories, papers = layout[part]
     wanted = set(papers) if papers else {t for tasks in categories.values() for t in tasks}
     data = df[df["benchmark"] == benchmark].copy()
-    data["task"] = data["task"].map(_base_task)
+    data["task"] = data["task"].map(lambda t: _base_task(t, _layout_tasks(layout)))
     data = data[data["task"].isin(wanted)]
     if data.empty:
         what = _LANGUAGES.get(part, "")
         raise KvbenchError(f"no {what}{benchmark} tasks in these results; tasks found: {sorted(df['task'].unique())}")
     present = set(data["task"])
-    groups = [(CATEGORY_LABELS.get(cat, cat), [t for t in tasks if t in present and t in wanted])
+    short = abbreviations(benchmark)
+    groups = [(short.get(cat, cat), [t for t in tasks if t in present and t in wanted])
               for cat, tasks in categories.items()]
     return data, [(cat, tasks) for cat, tasks in groups if tasks], len(papers) if papers else None
 
@@ -147,7 +155,7 @@ def _normalised(data: pd.DataFrame) -> pd.DataFrame:
     defaults = {"protocol": "", "tag": "", "status": "complete", "n": pd.NA, "ci_low": math.nan,
                 "ci_high": math.nan, "samples_ok": False, "run_dir": "", "compression_ratio": math.nan,
                 "settings": "", "kv_bytes_mean": math.nan, "query": "aware", "decode_interval": 0, "variant": "",
-                "length": pd.NA}
+                "length": pd.NA, "budget_clamped_n": 0, "budget_lines_n": 0, "budget_held": ""}
     data = data.assign(**{col: value for col, value in defaults.items() if col not in data})
     keys = [budget_label(b, r) for b, r in zip(data["budget"].astype(float), data["compression_ratio"].astype(float))]
     return data.assign(budget_key=keys, protocol=data["protocol"].fillna(""),
@@ -375,8 +383,31 @@ def build_table(df: pd.DataFrame, benchmark: str, part: str = "", relative: bool
     table = _Table(groups, values, low, high, bold, dagger, n, status.reindex(order), kv_mib, decimals,
                    ci if not relative else None)
     table.run_dirs = per_row.groupby(level=_KEYS)["run_dir"].agg(lambda d: sorted(set(d))).reindex(order)
+    table.clamped = per_row.groupby(level=_KEYS).apply(clamp_text).reindex(order)
+    table.short = abbreviations(benchmark)
     table.notes = _notes(table, full_count, relative, significance, over_lengths)
     return table
+
+
+CLAMP_MARK = "‡"  # a budget held at the method's minimum on some samples († is the significance mark)
+
+
+def clamp_text(rows: pd.DataFrame) -> str:
+    """How a row's fraction budget was held at the method's minimum (window + 1 tokens): "33 tokens on 12 of 12
+    samples" (its prediction lines' `budget_clamped`, summed over its tasks); "" when never."""
+    clamped = int(rows["budget_clamped_n"].fillna(0).sum())
+    if not clamped:
+        return ""
+    held = ", ".join(sorted(set(rows["budget_held"].fillna("").astype(str)) - {""}))
+    return f"{held} tokens on {clamped} of {int(rows['budget_lines_n'].fillna(0).sum())} samples"
+
+
+def clamp_note(rows: list[tuple[str, str]]) -> str:
+    """The note under a table whose rows (label, clamp_text) were held at the method's minimum."""
+    return (f"{CLAMP_MARK}: the budget asked fewer tokens of a prompt than the method's minimum (its window + 1; "
+            f"kvpress-style ratios: its window) and was held there (prediction lines' budget_clamped; KV MiB is what "
+            f"was held): "
+            + "; ".join(f"{label}: {text}" for label, text in rows) + ".")
 
 
 def _notes(table: _Table, full_count: int | None, relative: bool, significance: bool,
@@ -403,9 +434,23 @@ def _notes(table: _Table, full_count: int | None, relative: bool, significance: 
             text += (f" †: not significantly better than the second best (tie, paired sign-flip permutation test "
                      f"p ≥ {ALPHA}, or no per-sample scores to pair); bold without † is significant at {ALPHA}.")
         notes.append(text)
+    clamped = [(_row_name(table, key), text) for key, text in table.clamped.items() if text]
+    if clamped:
+        notes.append(clamp_note(clamped))
     if (table.status != "").any():
         notes.append("Status: the run did not complete (its scores cover the samples done so far).")
     return notes
+
+
+def _row_name(table: _Table, key) -> str:
+    """A row named in a note: its method and budget, then the settings that tell it apart ("SnapKV 0.03125 (m,
+    agnostic, every 16)")."""
+    model, protocol, tag, query, decode, variant, budget_key, method = key
+    shown = [(model, table.rows.index.get_level_values("model").nunique() > 1), (protocol, table.shows("protocol")),
+             (tag, table.shows("tag")), (query, table.shows("query")), (decode_label(decode), bool(decode)),
+             (variant, table.shows("variant"))]
+    settings = [str(value) for value, show in shown if show and value]
+    return f"{method} {budget_key}" + (f" ({', '.join(settings)})" if settings else "")
 
 
 def kv_mib_label(kv_bytes: float) -> str:
@@ -441,19 +486,21 @@ def _label_columns(table: _Table) -> list[str]:
             + ["Budget", "Method", "KV MiB"] + (["Status"] if (table.status != "").any() else []) + ["n"])
 
 
-def _labels(table: _Table, sparse: bool) -> list[list[str]]:
-    """Per row, the label cells; with `sparse`, model/protocol and budget only where a group starts (papers' layout)."""
+def _labels(table: _Table, sparse: bool, marks: bool = True) -> list[list[str]]:
+    """Per row, the label cells; with `sparse`, model/protocol and budget only where a group starts (papers' layout),
+    and the budget of a row held at the method's minimum marked (`marks`) and shown on that row."""
     names = _label_columns(table)
     out, previous = [], None
     for key in table.rows.index:
         model, protocol, tag, query, decode, variant, budget_key, method = key
+        mark = CLAMP_MARK if marks and table.clamped is not None and table.clamped[key] else ""
         full = {"Model": model, "Protocol": protocol, "Tag": tag, "Query": query,
-                "Decode": str(decode) if decode else "", "Variant": variant, "Budget": budget_key, "Method": method,
+                "Decode": decode_label(decode), "Variant": variant, "Budget": budget_key + mark, "Method": method,
                 "KV MiB": table.kv_mib[key], "Status": table.status[key], "n": table.n[key]}
         if sparse and previous is not None:
             if (model, protocol) == previous[:2]:
                 full["Model"] = full["Protocol"] = ""
-                if key[3:7] == previous[3:7]:
+                if key[3:7] == previous[3:7] and not mark:
                     full["Budget"] = ""
         out.append([full[name] for name in names])
         previous = key
@@ -466,7 +513,7 @@ def _header(table: _Table) -> tuple[list[str], list[str]]:
     category_row = [""] * n_labels
     for category, tasks in table.groups:
         category_row += [category] + [""] * (len(tasks) - 1)
-    return category_row + [""], _label_columns(table) + [ABBREVIATIONS.get(t, t) for t in table.columns[:-1]] + [AVG]
+    return category_row + [""], _label_columns(table) + [table.short.get(t, t) for t in table.columns[:-1]] + [AVG]
 
 
 def _body(table: _Table, fmt: str, sparse: bool) -> list[list[str]]:
@@ -499,17 +546,18 @@ def _latex(table: _Table) -> str:
     lines = styler.to_latex(hrules=True, multicol_align="c",
                             column_format="l" * n_labels + "r" * len(table.columns)).splitlines()
     body_start = lines.index(r"\midrule") + 1
-    labels, budget_col = _labels(table, sparse=True), _label_columns(table).index("Budget")
-    group_starts = [i for i, row in enumerate(labels) if i and (row[0] or row[budget_col])]
+    keys = list(table.rows.index)  # a rule where the model, protocol or budget group changes
+    group_starts = [i for i in range(1, len(keys)) if keys[i][:2] != keys[i - 1][:2] or keys[i][3:7] != keys[i - 1][3:7]]
     for offset, i in enumerate(group_starts):  # a rule between budgets (and models), as in the papers
         lines.insert(body_start + i + offset, r"\midrule")
     notes = [r"{\footnotesize " + _latex_text(note) + r"}\par" for note in _note_lines(table)]
+    lines = [line.replace(CLAMP_MARK, r"$^\ddagger$") for line in lines]
     return "\n".join([r"% LongBench table (kvbench); needs \usepackage{booktabs}"] + lines + notes) + "\n"
 
 
 _LATEX_TEXT = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
-               "†": r"$^\dagger$", "±": r"$\pm$", "≥": r"$\geq$", ">": r"$>$", "<": r"$<$"}
+               "†": r"$^\dagger$", CLAMP_MARK: r"$^\ddagger$", "±": r"$\pm$", "≥": r"$\geq$", ">": r"$>$", "<": r"$<$"}
 
 
 def _latex_text(text: str) -> str:
@@ -529,7 +577,7 @@ def _html(table: _Table) -> str:
     for labels, key in zip(_labels(table, sparse=False), table.rows.index):
         cells = []
         for name, text in zip(_label_columns(table), labels):
-            order = budget_order(text) if name == "Budget" else None  # Full, budgets by size, then ratios
+            order = budget_order(text.rstrip(CLAMP_MARK)) if name == "Budget" else None  # Full, budgets, ratios
             sort = order[0] * 1e9 + order[1] if order else text
             cells.append(f'<td data-v="{html.escape(str(sort))}">{html.escape(str(text))}</td>')
         for column in table.columns:
@@ -546,9 +594,11 @@ def _html(table: _Table) -> str:
 
 def _csv(table: _Table) -> str:
     """Flat CSV: label columns, one column per task (plain numbers) and, with a CI view, <task> lo / <task> hi."""
-    frame = pd.DataFrame(_labels(table, sparse=False), columns=[c.lower() for c in _label_columns(table)])
+    frame = pd.DataFrame(_labels(table, sparse=False, marks=False), columns=[c.lower() for c in _label_columns(table)])
+    if table.clamped is not None and (table.clamped != "").any():  # the budget held at the method's minimum
+        frame.insert(list(frame.columns).index("budget") + 1, "budget clamped", table.clamped.to_numpy())
     for column in table.columns:
-        name = ABBREVIATIONS.get(column, column)
+        name = table.short.get(column, column)
         frame[name] = table.rows[column].to_numpy()
         if table.ci:
             frame[f"{name} lo"] = table.low[column].to_numpy()
@@ -574,40 +624,64 @@ def benchmark_table(df: pd.DataFrame, benchmark: str, part: str = "", fmt: str =
 
 
 def longbench_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", relative: bool = False,
-                    benchmark: str = "longbench", ci: str | None = None, significance: bool = True) -> str:
+                    benchmark: str | None = None, ci: str | None = None, significance: bool = True) -> str:
     """A LongBench table in the papers' layout from `collect()` output.
 
     language: "en" (the 16 English tasks) or "zh" (the 5 Chinese tasks); only tasks present get columns.
     fmt: "markdown", "latex" (booktabs) or "csv". relative=True shows percent of FullKV (1 decimal, no CI).
-    benchmark: "longbench" or "longbench_e" (its `<task>_e` names map onto the same columns).
+    benchmark: longbench or longbench_e (its `<task>_e` names map onto the same columns); None: the benchmark of
+    the rows whose table has this language part, the one with the papers' figures first (LongBench).
     ci: None, "pm" (score ± CI half-width) or "range" (score [low, high]); CSV gets `<task> lo`/`<task> hi` columns.
     significance: mark bold cells whose method is not significantly better than the second best with a dagger.
     Every table has an n column (samples per task) and, when a run did not complete, a Status column.
     """
+    if benchmark is None:
+        def papers_first(name: str) -> tuple:
+            try:
+                return (not get(name).papers_figures, name)
+            except KvbenchError:
+                return (True, name)
+        named = sorted((name for name in set(df["benchmark"]) if language in _layout(df, name)), key=papers_first)
+        if not named:
+            raise KvbenchError(f"no benchmark of these results has a {language!r} table part (LongBench's languages: "
+                               f"'en' or 'zh')")
+        benchmark = named[0]
     return benchmark_table(df, benchmark, language, fmt, relative, ci, significance)
 
 
-def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdown", ci: str | None = "pm") -> str:
-    """LongBench-E by input length: per run, the mean over its tasks of each length bucket's score (0-4k, 4-8k,
-    8k+), with the bucket's 95% CI (resampled within each task's bucket, then averaged) and n (samples in the
-    bucket). Reads the runs' sample_scores.jsonl; runs without it are listed as missing in the note."""
+class NoGroupScores(KvbenchError):
+    """No run of the benchmark has per-sample scores with the group table's field."""
+
+
+def group_table(df: pd.DataFrame, benchmark: str, part: str = "", fmt: str = "markdown", ci: str | None = "pm") -> str:
+    """A benchmark's table of scores by a per-sample field (`Benchmark.group_table`; LongBench-E: by input length):
+    per run, the mean over its tasks of each group's score (LongBench-E: the 0-4k, 4-8k, 8k+ buckets), with the
+    group's 95% CI (resampled within each task's group, then averaged) and n (samples in the group). Reads the runs'
+    sample_scores.jsonl; runs without it are listed as missing in the note."""
     if fmt not in FORMATS[:3]:
         raise KvbenchError(f"fmt must be one of {', '.join(FORMATS[:3])}, not {fmt!r}")
     if ci not in CI_VIEWS:
         raise KvbenchError(f"ci must be one of None, 'pm' or 'range', not {ci!r}")
-    data, groups, _ = _select(df, language, "longbench_e")
+    try:
+        spec = get(benchmark).group_table
+    except KvbenchError:
+        spec = None
+    if not spec:
+        raise KvbenchError(f"benchmark {benchmark!r} declares no group table (Benchmark.group_table)")
+    field, unit, columns = spec["field"], spec["unit"], spec["groups"]  # LongBench-E: bucket, 0-4k 4-8k 8k+
+    data, groups, _ = _select(df, part, benchmark)
     tasks = {t for _, ts in groups for t in ts}
     rows, missing = [], []
     for run_dir, run in _normalised(data).groupby("run_dir", sort=False):
         first = run.iloc[0]
         samples = run_samples(run_dir) if run["samples_ok"].fillna(False).astype(bool).all() else None
-        if samples is None or "bucket" not in samples:
+        if samples is None or field not in samples:
             missing.append(run_dir)
             continue
-        samples = samples.assign(task=samples["task"].map(_base_task))
+        samples = samples.assign(task=samples["task"].map(lambda t: _base_task(t, tasks)))
         samples = samples[samples["task"].isin(tasks & set(run["task"]))]
         row = {"Model": first["model"], "Protocol": first["protocol"], "Tag": first["tag"],
-               **{label: _setting_text(first[level]) for level, label in _SETTINGS.items()},
+               **{label: _setting_text(level, first[level]) for level, label in _SETTINGS.items()},
                "Budget": first["budget_key"], "Method": first["method"],
                "KV MiB": kv_mib_label(run["kv_bytes_mean"].mean()),
                "Status": "" if first["status"] == "complete" else first["status"],
@@ -615,36 +689,36 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
                                                                    *(first[level] for level in _SETTINGS),
                                                                    budget_order(first["budget_key"]),
                                                                    method_sort_key(first["method"]), first["tag"])}
-        for bucket in BUCKETS:
-            block = samples[samples["bucket"] == bucket]
+        for group in columns:
+            block = samples[samples[field] == group]
             groups_b = [g["score"].to_numpy() * 100 for _, g in block.groupby("task")]
             if not groups_b:
-                row[bucket], row[f"{bucket} lo"], row[f"{bucket} hi"], row[f"n {bucket}"] = math.nan, math.nan, \
+                row[group], row[f"{group} lo"], row[f"{group} hi"], row[f"n {group}"] = math.nan, math.nan, \
                     math.nan, 0
                 continue
             result = confidence_intervals(groups_b)
-            row[bucket] = result["average"]
-            row[f"{bucket} lo"], row[f"{bucket} hi"] = result["average_ci"]
-            row[f"n {bucket}"] = len(block)
+            row[group] = result["average"]
+            row[f"{group} lo"], row[f"{group} hi"] = result["average_ci"]
+            row[f"n {group}"] = len(block)
         rows.append(row)
     if not rows:
-        raise KvbenchError(f"no LongBench-E run has per-sample scores with length buckets; write them with "
-                           f"`python -m kvbench.sample_scores RUN_DIR` ({len(missing)} run(s) without)")
+        raise NoGroupScores(f"no {benchmark} run has per-sample scores with their {field}; write them with "
+                            f"`python -m kvbench.sample_scores RUN_DIR` ({len(missing)} run(s) without)")
     frame = pd.DataFrame(rows)
     frame = frame.iloc[sorted(range(len(frame)), key=lambda i: frame["_order"].iloc[i])].drop(columns="_order")
     labels = (["Model"] + (["Protocol"] if frame["Protocol"].nunique() > 1 else [])
               + (["Tag"] if (frame["Tag"] != "").any() else [])
-              + [label for label in _SETTINGS.values() if frame[label].nunique() > 1 or
+              + [label for label in _SETTINGS.values() if label == "Decode" or frame[label].nunique() > 1 or
                  (frame[label] != ("aware" if label == "Query" else "")).any()] + ["Budget", "Method", "KV MiB"]
               + (["Status"] if (frame["Status"] != "").any() else []) + ["Tasks"])
     if fmt == "csv":
-        keep = labels + [c for b in BUCKETS for c in (b, f"{b} lo", f"{b} hi", f"n {b}")
+        keep = labels + [c for b in columns for c in (b, f"{b} lo", f"{b} hi", f"n {b}")
                          if ci or not c.endswith((" lo", " hi"))]
         return frame[keep].to_csv(index=False, float_format="%.2f", lineterminator="\n")
     pm = _MARKUP[fmt][2]
     out = frame[labels].copy()
-    for bucket in BUCKETS:
-        def show(r, b=bucket):
+    for group in columns:
+        def show(r, b=group):
             if pd.isna(r[b]):
                 return "-"
             if not ci or pd.isna(r[f"{b} lo"]):
@@ -652,22 +726,21 @@ def longbench_e_table(df: pd.DataFrame, language: str = "en", fmt: str = "markdo
             if ci == "pm":
                 return f"{r[b]:.2f}{pm}{(r[f'{b} hi'] - r[f'{b} lo']) / 2:.2f}"
             return f"{r[b]:.2f} [{r[f'{b} lo']:.2f}, {r[f'{b} hi']:.2f}]"
-        out[bucket] = frame.apply(show, axis=1)
-        out[f"n {bucket}"] = frame[f"n {bucket}"].astype(int).astype(str)
-    notes = [f"Mean over the run's {'English' if language == 'en' else 'Chinese'} LongBench-E tasks of each length "
-             f"bucket's score (0-100); n: samples in the bucket."]
+        out[group] = frame.apply(show, axis=1)
+        out[f"n {group}"] = frame[f"n {group}"].astype(int).astype(str)
+    notes = [spec["note"].format(part=_LANGUAGES.get(part, ""))]
     if ci:
-        notes.append("± half-width of / [low, high]: the 95% percentile bootstrap CI, resampled within each task's "
-                     "bucket, then averaged." if ci == "pm" else
-                     "[low, high]: the 95% percentile bootstrap CI, resampled within each task's bucket, then averaged.")
+        notes.append(f"± half-width of / [low, high]: the 95% percentile bootstrap CI, resampled within each task's "
+                     f"{unit}, then averaged." if ci == "pm" else
+                     f"[low, high]: the 95% percentile bootstrap CI, resampled within each task's {unit}, then averaged.")
     if missing:
-        notes.append(f"Left out (no sample_scores.jsonl with buckets): {', '.join(missing)}.")
+        notes.append(f"Left out (no sample_scores.jsonl with {unit}s): {', '.join(missing)}.")
     if fmt == "markdown":
         text = out.to_markdown(index=False, disable_numparse=True,
-                               colalign=["left"] * len(labels) + ["right"] * (2 * len(BUCKETS)))
+                               colalign=["left"] * len(labels) + ["right"] * (2 * len(columns)))
         return text + "\n\n" + "\n".join(f"Note: {n}" for n in notes) + "\n"
     styler = out.style.hide(axis="index").format(escape="latex", subset=labels).format_index(escape="latex", axis=1)
-    text = styler.to_latex(hrules=True, column_format="l" * len(labels) + "r" * (2 * len(BUCKETS)))
+    text = styler.to_latex(hrules=True, column_format="l" * len(labels) + "r" * (2 * len(columns)))
     return text.replace(" ± ", r" $\pm$ ")
 
 
@@ -694,9 +767,10 @@ def paper_model_name(model: str, hub_id: str = "", paper: dict | None = None) ->
     return None
 
 
-def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
-    """Our 16-task English averages for runs at the paper's LongBench setting (paper model, budget 512 or FullKV)."""
-    published = paper["longbench_kv512"]
+def _average_matches(df: pd.DataFrame, paper: dict, published: dict) -> list[dict]:
+    """Our averages over the papers' task list of a benchmark's table part (LongBench: the 16 English tasks) for
+    runs at the published setting (a paper model, its budget or FullKV)."""
+    tasks = get(published["benchmark"]).table_layout[published["part"]][1]
     data = _papers_protocol(df[df["benchmark"] == published["benchmark"]])
     rows = []
     for run_dir, run in data.groupby("run_dir", sort=True):
@@ -706,14 +780,15 @@ def _longbench_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
         paper_score = published["scores"].get(name, {}).get(first["method"]) if name else None
         if paper_score is None or not at_budget:
             continue
-        english = run[run["task"].isin(ENGLISH_16)].dropna(subset=["score"])
-        ours = float(english["score"].mean()) if len(english) == 16 else math.nan
-        usable = len(english) == 16 and english.get("samples_ok", pd.Series(False)).fillna(False).astype(bool).all()
-        groups = _samples_of(pd.Series(run_dir, index=list(english["task"])), list(english["task"])) if usable else None
+        done = run[run["task"].isin(tasks)].dropna(subset=["score"])
+        ours = float(done["score"].mean()) if len(done) == len(tasks) else math.nan
+        usable = len(done) == len(tasks) and done.get("samples_ok", pd.Series(False)).fillna(False).astype(bool).all()
+        groups = _samples_of(pd.Series(run_dir, index=list(done["task"])), list(done["task"])) if usable else None
         low, high = confidence_intervals([g.to_numpy() for g in groups])["average_ci"] if groups else (math.nan,) * 2
         rows.append({"Model": name, "Method": first["method"], "Paper": paper_score, "Ours": ours,
-                     "Tasks": f"{len(english)}/16", "Protocol": first.get("protocol", ""), "95% CI": _ci_text(low, high),
-                     "n": _n_sum(english["n"]), "Status": _status_text(first.get("status", "complete"))})
+                     "Tasks": f"{len(done)}/{len(tasks)}", "Protocol": first.get("protocol", ""),
+                     "95% CI": _ci_text(low, high), "n": _n_sum(done["n"]),
+                     "Status": _status_text(first.get("status", "complete"))})
     return rows
 
 
@@ -738,15 +813,13 @@ def _status_text(status) -> str:
     return "" if status == "complete" or pd.isna(status) else str(status)
 
 
-def _needle_matches(df: pd.DataFrame, paper: dict) -> list[dict]:
-    """Our needle scores for the paper's needle settings (same model; same budget where the paper states one)."""
+def _run_matches(df: pd.DataFrame, paper: dict, published: dict) -> list[dict]:
+    """Our scores of a one-score-per-run benchmark (the needle's) at its published settings (same model; same
+    budget where the paper states one)."""
     rows = []
-    needle = _papers_protocol(df[df["benchmark"] == "needle"])
-    for _, run in needle.iterrows():
-        if str(run.get("protocol", "")).endswith("_multineedle"):
-            continue  # the papers' needle numbers are single-needle
+    for _, run in _papers_protocol(df[df["benchmark"] == published["benchmark"]]).iterrows():
         name = paper_model_name(run["model"], run.get("hub_id", ""), paper)
-        for entry in paper["needle"]:
+        for entry in published["settings"]:
             budget_ok = entry["budget"] is None or run["method"] == "FullKV" or run["budget"] == entry["budget"]
             if name == entry["model"] and budget_ok and run["method"] in entry["scores"]:
                 rows.append({"Model": name, "Method": run["method"], "Budget": budget_label(run["budget"]),
@@ -767,34 +840,36 @@ def markdown_frame(frame: pd.DataFrame) -> str:
     return frame.to_markdown(index=False, floatfmt=".2f", missingval="-")
 
 
+def _texts(published: dict, paper: dict) -> dict:
+    """A comparison's fields for its title and reproduce texts: its own, the first setting's, and the models."""
+    return {**published, **(published.get("settings") or [{}])[0], "models": ", ".join(paper["models"])}
+
+
 def _how_to_reproduce(paper: dict) -> str:
-    models = ", ".join(paper["models"])
-    needle = paper["needle"][0]
-    return ("No run matches a published setting, so there is nothing to compare. Settings that reproduce: "
-            f"LongBench, all 16 English tasks, budget {paper['longbench_kv512']['budget']} (plus FullKV) for "
-            f"{models}; needle with {needle['model']} at budget {needle['budget']} ({needle['contexts']} "
-            "context).\n")
+    settings = "; ".join(c["reproduce"].format(**_texts(c, paper)) for c in paper["comparisons"])
+    return f"No run matches a published setting, so there is nothing to compare. Settings that reproduce: {settings}.\n"
+
+
+_MATCHES = {"average": (_average_matches, 4), "runs": (_run_matches, 5)}  # kind -> (rows, column of Diff)
 
 
 def paper_comparison(df: pd.DataFrame) -> str:
     """Markdown: published vs our numbers for runs at the paper's settings, with the difference (ours - paper).
 
-    LongBench: the 16-task English average at budget 512 for the paper's 4 models ("-" until all 16 tasks ran).
-    Needle: the README table (Mistral, budget 64) and the heatmap figures (budget not stated there).
-    If nothing matches, a short note naming the settings that do.
+    The comparisons are data (`paper_results.json`, `comparisons`): LongBench's 16-task English average at budget
+    512 for the paper's 4 models ("-" until all 16 tasks ran); the needle's README table (Mistral, budget 64) and
+    heatmap figures (budget not stated there). If nothing matches, a short note naming the settings that do.
     """
     paper = load_paper_results()
     sections = []
-    longbench = pd.DataFrame(_longbench_matches(df, paper))
-    if not longbench.empty:
-        longbench.insert(4, "Diff", longbench["Ours"] - longbench["Paper"])
-        sections.append(f"LongBench average over the 16 English tasks, budget {paper['longbench_kv512']['budget']} "
-                        f"(paper: DynamicKV README)\n\n" + markdown_frame(longbench) + "\n")
-    needle = pd.DataFrame(_needle_matches(df, paper))
-    if not needle.empty:
-        needle.insert(5, "Diff", needle["Ours"] - needle["Paper"])
-        sections.append("Needle-in-a-Haystack, score in percent (paper: DynamicKV README / figures)\n\n"
-                        + markdown_frame(needle) + "\n")
+    for published in paper["comparisons"]:
+        matches, diff_at = _MATCHES[published["kind"]]
+        frame = pd.DataFrame(matches(df, paper, published))
+        if not frame.empty:
+            frame.insert(diff_at, "Diff", frame["Ours"] - frame["Paper"])
+            sections.append(published["title"].format(**_texts(published, paper)) + "\n\n" + markdown_frame(frame)
+                            + "\n")
     if not sections:
         return _how_to_reproduce(paper)
-    return "\n".join(sections)
+    return "\n".join(sections) + ("\nOurs: the runs made as the papers ran them: query-aware, the plain benchmark, "
+                                  "Decode prefill (compressed after the prefill only).\n")

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kvbench.benchmark import Benchmark, Prompt, Sample, register
 from kvbench.config import BOOL, STR, STR_LIST, optional
 from kvbench.errors import KvbenchError
-from kvbench.ruler.constants import ALL_TASKS, FAMILIES, QA_TASKS, SYNTHETIC_TASKS, TASKS
+from kvbench.ruler.constants import ALL_TASKS, FAMILIES, QA_TASKS, SHORT, SYNTHETIC_TASKS, TASKS
 from kvbench.ruler.data import (Generator, canonical, kvpress_folder, qa_note, read_kvpress, render, set_sha256,
                                 sha256_text)
 from kvbench.ruler.generate import qa_file
@@ -87,6 +87,7 @@ class RulerPlan(GeneratedBenchmark):
               "haystack_dir": optional(STR), "cache_dir": optional(STR), "session": BOOL, "session_answers": STR}
     # lengths, samples: plan_ruler's messages  # lengths, samples: plan_ruler's messages
     table_layout = {"": ({"RULER": ALL_TASKS}, None)}
+    abbreviations = SHORT
     tasks: list[str]
     lengths: list[int]
     samples: int
