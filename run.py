@@ -7,21 +7,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import kvbench.config  # noqa: F401  (registers the config resolvers)
+from kvbench.config import sweepable_method_settings  # (importing kvbench.config registers its resolvers)
 from kvbench.multirun import job_error
 from kvbench.pipeline import Interrupted, evaluate
 from kvbench.summary import print_summary
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
-
-
-def sweepable_method_settings(argv: list[str]) -> list[str]:
-    """A multirun over `method=a,b` composes its base config with the default method (FullKV), which lacks most
-    `method.<key>` settings, so Hydra refuses them ("Could not override"): they go in as `++method.<key>` (set,
-    or add), and each job's method then checks them like any setting."""
-    if not {"-m", "--multirun"} & set(argv) or not any(a.startswith("method=") for a in argv):
-        return argv
-    return [f"++{a}" if a.startswith("method.") and "=" in a else a for a in argv]
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
@@ -40,7 +31,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = sweepable_method_settings(sys.argv[1:])
+    sys.argv[1:] = sweepable_method_settings(sys.argv[1:], multirun=bool({"-m", "--multirun"} & set(sys.argv)))
     try:
         main()
     except BrokenPipeError:  # `python run.py --help | head`: the reader has seen enough

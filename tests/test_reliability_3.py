@@ -254,3 +254,28 @@ def test_compare_refuses_a_confidence_outside_0_1(tmp_path, capsys):
     dirs = [str(tmp_path / run / MODEL["name"] / "longbench" / "snapkv_128") for run in ("a", "b")]
     assert main([*dirs, "--confidence", "1.5"]) == 2
     assert "confidence=1.5: give a level between 0 and 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["snapkv", "adakv", "h2o", "pyramidkv", "streamingllm"])
+def test_a_method_without_a_ratio_rule_takes_the_ratio_as_the_fraction_budget(tmp_path, name):
+    from kvbench.methods import method_from_config
+
+    asked = prepare(compose(overrides(tmp_path, f"method={name}", "++method.compression_ratio=0.875")))
+    fraction = prepare(compose(overrides(tmp_path, f"method={name}", "budget=0.125")))
+    assert asked.out.name == f"{name}_ratio0.875" and fraction.out.name == f"{name}_0.125"
+    assert asked.method.budget == 0.125 and asked.method.params()["compression_ratio"] == 0.875
+    assert {k: v for k, v in asked.method.params().items() if k != "compression_ratio"} == fraction.method.params()
+    for n in (1000, 1100, 4096):  # round(n * (1 - r)), window included, as the fraction budget
+        assert asked.method.resolve_budget(n) == fraction.method.resolve_budget(n) == \
+            max(asked.method.window_size + 1, round(n * 0.125))
+    with pytest.raises(KvbenchError, match="ratio 0 is method=fullkv"):
+        method_from_config({"name": name, "compression_ratio": 0})
+
+
+def test_fullkv_ignores_a_ratio_as_it_ignores_a_budget(tmp_path):
+    job = prepare(compose(overrides(tmp_path, "method=fullkv", "++method.compression_ratio=0.5")))
+    assert job.out.name == "fullkv" and "compression_ratio" not in job.method.params()
+    _, jobs = __import__("kvbench.sweep", fromlist=["plan"]).plan(
+        overrides(tmp_path, "method=fullkv,snapkv,keydiff", "method.compression_ratio=0.5,0.875"))
+    assert sorted({j.out.name for j in jobs}) == ["fullkv", "keydiff_ratio0.5", "keydiff_ratio0.875",
+                                                  "snapkv_ratio0.5", "snapkv_ratio0.875"]

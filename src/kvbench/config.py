@@ -47,6 +47,15 @@ def compose(overrides: list[str] | None = None, config_dir: str | Path = CONFIG_
         return hydra_compose(config_name="config", overrides=list(overrides or []))
 
 
+def sweepable_method_settings(overrides: list[str], multirun: bool = True) -> list[str]:
+    """A multirun over `method=a,b` composes its base config with the default method (FullKV), which lacks most
+    `method.<key>` settings, so Hydra refuses them ("Could not override"): they go in as `++method.<key>` (set,
+    or add), and each job's method then checks them like any setting (run.py's multirun and kvbench.sweep)."""
+    if not multirun or not any(a.startswith("method=") for a in overrides):
+        return list(overrides)
+    return [f"++{a}" if a.startswith("method.") and "=" in a else a for a in overrides]
+
+
 def compression_ratio(cfg: DictConfig) -> float | None:
     """`method.compression_ratio` when the run asks for one (it then replaces the top-level budget), else None."""
     return cfg.method.get("compression_ratio")

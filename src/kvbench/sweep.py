@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvbench.config import CONFIG_DIR, compose, output_dir, run_name
+from kvbench.config import CONFIG_DIR, compose, output_dir, run_name, sweepable_method_settings
 from kvbench.errors import KvbenchError
 from kvbench.results import RUN_FILE, folder_locked
 from kvbench.slurm import WAITING, queued_jobs
@@ -267,7 +267,7 @@ def _fill_costs(job: PlannedJob, cost: CostModel) -> None:
 def plan(overrides: Sequence[str], cost: CostModel | None = None,
          config_dir: str | Path = CONFIG_DIR) -> tuple[Sweep, list[PlannedJob]]:
     """Expand the sweep, compose each job, drop jobs writing to a folder already planned, classify and cost."""
-    sweep = parse_sweep(overrides)
+    sweep = parse_sweep(sweepable_method_settings(list(overrides)))
     keys = {o.split("=", 1)[0].lstrip("+~") for o in sweep.fixed} | {a.key.lstrip("+~") for a in sweep.axes}
     if {"budget", "method.compression_ratio"} <= keys:  # each job would be refused (kvbench.config)
         raise SweepError("budget= and method.compression_ratio= both set the KV size; sweep one of them (a ratio "
@@ -296,10 +296,13 @@ def plan(overrides: Sequence[str], cost: CostModel | None = None,
 
 
 def _check_same_run(first: PlannedJob, choice: dict[str, str], cfg: DictConfig) -> None:
-    """Two jobs may share a folder only when they differ in nothing but the budget of a budget-agnostic method;
-    otherwise the second would be refused by the result store (or mixed into the first), so fail now."""
+    """Two jobs may share a folder only when they differ in nothing but the budget (or compression ratio) of a
+    budget-agnostic method; otherwise the second would be refused by the result store (or mixed into the first),
+    so fail now."""
     def without_budget(c: DictConfig) -> dict:
-        return {k: v for k, v in OmegaConf.to_container(c, resolve=False).items() if k != "budget"}
+        plain = {k: v for k, v in OmegaConf.to_container(c, resolve=False).items() if k != "budget"}
+        plain["method"] = {k: v for k, v in plain["method"].items() if k != "compression_ratio"}
+        return plain
 
     if not (cfg.method.get("budget_agnostic", False) and without_budget(first.cfg) == without_budget(cfg)):
         raise SweepError(

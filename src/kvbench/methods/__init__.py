@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from kvbench.errors import KvbenchError
 from kvbench.methods import registry
 from kvbench.methods.base import Method, PooledWindowMethod, ScoredMethod
 from kvbench.methods.cake import CAKE
@@ -46,10 +47,26 @@ def build_method(name: str, **params: Any) -> Method:
 
 
 def method_from_config(cfg: Mapping[str, Any], budget: Any = None) -> Method:
-    """Build from a `method` config group (keys other than `name` are settings) and the top-level budget."""
+    """Build from a `method` config group (keys other than `name` are settings) and the top-level budget.
+
+    `compression_ratio` replaces the budget. A method with a ratio rule of its own (kvpress's `int(n * (1 - r))`)
+    takes it as a setting; any other method takes it as the fraction budget `1 - r` (`round(n * (1 - r))` tokens
+    per head, window included: `Method.resolve_budget`), recorded as `compression_ratio` in its settings."""
     params = {k: v for k, v in dict(cfg).items() if k not in ("name", "budget_agnostic", "budget")}
-    if not cfg.get("budget_agnostic", False) and cfg.get("compression_ratio") is None:  # a ratio replaces the budget
+    ratio = cfg.get("compression_ratio")
+    if cfg.get("budget_agnostic", False):  # FullKV: no budget, so no ratio either (as budget=, in a sweep)
+        params.pop("compression_ratio", None)
+        return build_method(cfg["name"], **params)
+    if ratio is None:
         params["budget"] = cfg.get("budget", budget)
+    elif "compression_ratio" not in registry.get(cfg["name"]).settings():
+        if not 0 < ratio < 1:
+            raise KvbenchError(f"method.compression_ratio={ratio}: {cfg['name']} takes a ratio as the fraction "
+                               f"budget 1 - ratio, so it must be in (0, 1); ratio 0 is method=fullkv")
+        params.pop("compression_ratio")
+        method = build_method(cfg["name"], budget=round(1 - ratio, 12), **params)
+        method.asked_ratio = ratio
+        return method
     return build_method(cfg["name"], **params)
 
 

@@ -134,6 +134,8 @@ class Method:
         """All settings of the method, for the run record (adaptive-allocation settings only when used; the decode
         schedule only when set, so prefill-only runs keep their fingerprint)."""
         out = {"name": self.name, **dataclasses.asdict(self)}
+        if getattr(self, "asked_ratio", None) is not None:  # asked as a ratio (methods.method_from_config)
+            out["compression_ratio"] = self.asked_ratio
         if out.get("decode_interval") is None:
             out.pop("decode_interval", None)
             out.pop("decode_style", None)
