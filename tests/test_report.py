@@ -548,3 +548,13 @@ def test_figures_carry_ci_bands_and_error_bars(tmp_path):
     assert ((runs["ci_high"] - runs["ci_low"]) < 20).all()               # 150 samples per run: a few points wide
     paths = budget_curve(df, tmp_path / "curve") + score_vs_bytes(df, tmp_path / "bytes")
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_a_markdown_frame_writes_text_cells_as_given_and_numbers_with_two_decimals():
+    import pandas as pd
+    from kvbench.report.tables import markdown_frame
+
+    frame = pd.DataFrame({"Method": ["SnapKV", "KVzip"], "KV MiB": ["0.00312", "58.2"], "Budget": ["0.03125", "128"],
+                          "Score": [12.3456, None]})
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in markdown_frame(frame).splitlines()[2:]]
+    assert rows == [["SnapKV", "0.00312", "0.03125", "12.35"], ["KVzip", "58.2", "128", "-"]]

@@ -836,8 +836,9 @@ def markdown_frame(frame: pd.DataFrame) -> str:
     is left out."""
     if "Status" in frame and (frame["Status"] == "").all():
         frame = frame.drop(columns="Status")
+    texts = [i for i, column in enumerate(frame.columns) if not pd.api.types.is_numeric_dtype(frame[column])]  # as given
     frame = frame.astype(object).where(frame.notna(), None)  # tabulate writes missingval only for None
-    return frame.to_markdown(index=False, floatfmt=".2f", missingval="-")
+    return frame.to_markdown(index=False, floatfmt=".2f", missingval="-", disable_numparse=texts)
 
 
 def _texts(published: dict, paper: dict) -> dict:
