@@ -3,6 +3,7 @@ against its mean generated length and peak KV bytes, each row saying when the me
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -89,3 +90,18 @@ def test_the_cost_table_marks_a_budget_held_at_the_methods_minimum(tmp_path):
 @pytest.mark.parametrize("bad", [None])
 def test_cost_frame_of_no_scores_is_empty(bad):
     assert cost_frame(pd.DataFrame({"score": [bad], "peak_kv_bytes_mean": [1.0]})).empty
+
+
+def test_runs_asked_with_a_compression_ratio_are_labelled_by_it_in_the_cost_and_session_tables(tmp_path):
+    rows = [{"model": "m", "benchmark": "needle", "method": "KeyDiff", "budget": math.nan, "compression_ratio": r,
+             "query": "agnostic", "variant": "", "decode_interval": 0, "run_dir": f"r{r}", "score": 50.0,
+             "new_tokens_mean": 10.0, "peak_kv_bytes_mean": 2 ** 20} for r in (0.875, 0.5)]
+    rows.append({**rows[0], "method": "FullKV", "compression_ratio": math.nan, "run_dir": "full"})
+    frame = cost_frame(pd.DataFrame(rows))
+    assert list(frame["budget"]) == ["Full", "ratio 0.5", "ratio 0.875"]  # never 'Full' for a ratio run
+    assert "| KeyDiff | ratio 0.875 | prefill |" in cost_markdown(frame)
+    folder = session_run(tmp_path, "k", "knorm")
+    run = json.loads((folder / "run.json").read_text())
+    run["method"] = {"name": "knorm", "budget": None, "compression_ratio": 0.75}
+    (folder / "run.json").write_text(json.dumps(run))
+    assert set(session_frame(tmp_path)["budget"]) == {"ratio 0.75"}

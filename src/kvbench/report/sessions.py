@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from kvbench.atomic import atomic_write
 from kvbench.labels import decode_label, display_method, method_sort_key
-from kvbench.report.collect import budget_clamps
+from kvbench.report.collect import budget_clamps, budget_label, budget_order
 from kvbench.report.tables import CLAMP_MARK, clamp_note, clamp_text
 from kvbench.results import read_predictions
 from kvbench.stats import bootstrap_ci
@@ -57,7 +57,7 @@ def session_frame(paths) -> pd.DataFrame:
         for turn, part in pd.DataFrame(records).groupby("turn") if records else []:
             row = {"model": (run.get("model") or {}).get("name", "?"), "benchmark": run.get("benchmark", "?"),
                    "method": display_method(method.get("name", "?")),
-                   "budget": math.nan if full else float(method.get("budget", math.nan)),
+                   "budget": "Full" if full else budget_label(method.get("budget"), method.get("compression_ratio")),
                    "answers": bench.get("session_answers", "gold"), "decode": decode_label(method.get("decode_interval")),
                    "turn": int(turn), "n": len(part), "run_dir": str(folder), "clamped": clamped}
             for key in ("score", "retrieval"):
@@ -72,8 +72,7 @@ def session_frame(paths) -> pd.DataFrame:
     if frame.empty:
         return frame
     order = sorted(frame.index, key=lambda i: (frame.at[i, "model"], frame.at[i, "benchmark"], frame.at[i, "answers"],
-                                               _decode_order(frame.at[i, "decode"]), not math.isnan(frame.at[i, "budget"]),
-                                               0 if math.isnan(frame.at[i, "budget"]) else frame.at[i, "budget"],
+                                               _decode_order(frame.at[i, "decode"]), budget_order(frame.at[i, "budget"]),
                                                method_sort_key(frame.at[i, "method"]), frame.at[i, "turn"]))
     return frame.loc[order].reset_index(drop=True)
 
@@ -82,10 +81,6 @@ def _cell(value, low, high) -> str:
     if value is None or value != value:
         return "-"
     return f"{value:.1f} [{low:.1f}, {high:.1f}]" if low == low else f"{value:.1f}"
-
-
-def _budget(budget) -> str:
-    return "Full" if budget != budget else f"{budget:g}"
 
 
 def session_markdown(frame: pd.DataFrame, key: str = "score") -> str:
@@ -99,7 +94,7 @@ def session_markdown(frame: pd.DataFrame, key: str = "score") -> str:
         cells = [_cell(getattr(by_turn[t], key), getattr(by_turn[t], f"{key}_ci_low"),
                        getattr(by_turn[t], f"{key}_ci_high")) if t in by_turn else "-" for t in turns]
         mark = CLAMP_MARK if getattr(first, "clamped", "") else ""
-        lines.append(f"| {first.model} | {first.benchmark} | {first.method} | {_budget(first.budget)}{mark} | "
+        lines.append(f"| {first.model} | {first.benchmark} | {first.method} | {first.budget}{mark} | "
                      f"{first.answers} | {first.decode} | " + " | ".join(cells) + f" | {first.n} |")
     return "\n".join(lines) + "\n"
 
@@ -114,7 +109,7 @@ def session_curve(frame: pd.DataFrame, out: Path, key: str = "score") -> list[Pa
     for ax, model in zip(axes, models):
         for _, run in frame[frame["model"] == model].groupby("run_dir", sort=False):
             first = run.iloc[0]
-            label = f"{first.method} {_budget(first.budget)} ({first.answers} answers, {first.decode})"
+            label = f"{first.method} {first.budget} ({first.answers} answers, {first.decode})"
             ax.plot(run["turn"], run[key], label=label, linestyle="--" if first.answers == "model" else "-",
                     **_style(first.method))
             if run[f"{key}_ci_low"].notna().any():
@@ -134,7 +129,7 @@ def write_session_report(paths, out: Path) -> list[Path]:
     if frame.empty:
         return []
     text = session_markdown(frame)
-    held = [(f"{r.method} {_budget(r.budget)} ({r.model}, {r.benchmark}, {r.answers} answers)", r.clamped)
+    held = [(f"{r.method} {r.budget} ({r.model}, {r.benchmark}, {r.answers} answers)", r.clamped)
             for r in frame.drop_duplicates("run_dir").itertuples() if r.clamped]
     text += f"\n{clamp_note(held)}\n" if held else ""
     if "retrieval" in frame and frame["retrieval"].notna().any():
@@ -156,7 +151,8 @@ def cost_frame(df: pd.DataFrame) -> pd.DataFrame:
     if data.empty or "peak_kv_bytes_mean" not in data:
         return pd.DataFrame()
     keys = ["model", "benchmark", "method", "budget", "query", "variant", "decode_interval", "run_dir"]
-    data = data.assign(budget=data["budget"].fillna(-1))
+    ratios = data["compression_ratio"] if "compression_ratio" in data else pd.Series(math.nan, index=data.index)
+    data = data.assign(budget=[budget_label(b, r) for b, r in zip(data["budget"], ratios)])  # the Budget cell
     frame = data.groupby(keys, dropna=False).agg(score=("score", "mean"), tasks=("score", "size"),
                                                  new_tokens=("new_tokens_mean", "mean"),
                                                  peak_kv_bytes=("peak_kv_bytes_mean", "mean")).reset_index()
@@ -167,7 +163,7 @@ def cost_frame(df: pd.DataFrame) -> pd.DataFrame:
     frame = frame.dropna(subset=["new_tokens", "peak_kv_mib"], how="all")
     order = sorted(frame.index, key=lambda i: (frame.at[i, "model"], frame.at[i, "benchmark"], frame.at[i, "query"],
                                                str(frame.at[i, "variant"]), _decode_order(frame.at[i, "decode"]),
-                                               frame.at[i, "budget"], method_sort_key(frame.at[i, "method"])))
+                                               budget_order(frame.at[i, "budget"]), method_sort_key(frame.at[i, "method"])))
     return frame.loc[order].reset_index(drop=True)
 
 
@@ -177,7 +173,7 @@ def cost_markdown(frame: pd.DataFrame) -> str:
     fmt = lambda v, spec: "-" if v != v else format(v, spec)  # noqa: E731
     for r in frame.itertuples():
         lines.append(f"| {r.model} | {r.benchmark} | {r.variant or '-'} | {r.query} | {r.method} | "
-                     f"{'Full' if r.budget < 0 else f'{r.budget:g}'}{CLAMP_MARK if getattr(r, 'clamped', '') else ''} | {r.decode} | "
+                     f"{r.budget}{CLAMP_MARK if getattr(r, 'clamped', '') else ''} | {r.decode} | "
                      f"{r.score:.2f} | "
                      f"{fmt(r.new_tokens, '.1f')} | {fmt(r.peak_kv_mib, '.3g')} | {r.tasks} |")
     return "\n".join(lines) + "\n"
@@ -207,7 +203,7 @@ def cost_figure(frame: pd.DataFrame, out: Path) -> list[Path]:
                         markerfacecolor=style["color"] if r.decode == "prefill" else "none",
                         label=None if label in seen else label)
                 seen.add(label)
-                ax.annotate("Full" if r.budget < 0 else f"{r.budget:g}", (x, r.score),
+                ax.annotate(r.budget, (x, r.score),
                             textcoords="offset points", xytext=(3, 3), fontsize=7)
             ax.set_xlabel(xlabel, fontsize=10)
             ax.set_ylabel("mean task score", fontsize=10)
@@ -222,7 +218,7 @@ def write_cost_report(df: pd.DataFrame, out: Path) -> list[Path]:
     if frame.empty:
         return []
     text = cost_markdown(frame)
-    held = [(f"{r.method} {r.budget:g} ({r.model}, {r.benchmark})", r.clamped) for r in frame.itertuples() if r.clamped]
+    held = [(f"{r.method} {r.budget} ({r.model}, {r.benchmark})", r.clamped) for r in frame.itertuples() if r.clamped]
     text += f"\n{clamp_note(held)}\n" if held else ""
     text += ("\nScore: the mean of the run's task scores; Generated tokens and Peak KV MiB: per-sample means (the "
              "peak is the most KV bytes the cache held at any step). Decode: prefill = compressed after the prefill "
