@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_prompt
 from kvbench.engine import ContextCache, generate
-from kvbench.scheduler import auto_batch_size, check_batch_size, generate_requests
+from kvbench.scheduler import auto_batch_size, check_batch_size, check_pack_tokens, generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.methods import build_method, registry
 from kvbench.requests import Request
@@ -50,8 +50,12 @@ def make_requests(model, agnostic: bool, stops: dict[int, int] | None = None) ->
 
 def run(model, requests, method, batch_size, agnostic):
     contexts = ContextCache() if agnostic else None
-    return list(generate_requests(model, requests, method, batch_size=batch_size, contexts=contexts,
-                                  record_kept=True, repetition_penalty=1.1))
+    report = {}
+    out = list(generate_requests(model, requests, method, batch_size=batch_size, contexts=contexts,
+                                 record_kept=True, repetition_penalty=1.1, report=report))
+    if batch_size > 1:  # query-aware prompts filling free slots together share a packed prefill forward
+        assert (report["packed_prefills"] > 0) is (not agnostic) and report["prefill_pack_tokens"] == 2048
+    return out
 
 
 def assert_same(one, many):
@@ -157,6 +161,29 @@ def test_bad_batch_size_is_a_one_line_error(bad):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("bad", [-1, "abc", "1.5", True])
+def test_bad_prefill_pack_tokens_is_a_one_line_error(bad):
+    with pytest.raises(KvbenchError, match="prefill_pack_tokens") as err:
+        check_pack_tokens(bad, torch.device("cpu"))
+    assert "\n" not in str(err.value)
+    assert check_pack_tokens("auto", torch.device("cpu")) == 2048 and check_pack_tokens(0, torch.device("cpu")) == 0
+
+
+def test_prefill_pack_tokens_0_prefills_each_prompt_alone_and_auto_packs(tiny_llama):
+    model, tok = tiny_llama
+    method = build("snapkv", model, tok)
+    requests = make_requests(model, agnostic=False)
+    one = run(model, requests, method, 1, False)
+    for pack, packed in ((0, 0), (2048, 1), (150, 1)):  # 150: the 70 + 41 token prompts, then one at a time
+        report = {}
+        many = list(generate_requests(model, requests, method, batch_size=4, record_kept=True,
+                                      repetition_penalty=1.1, report=report, prefill_pack_tokens=pack))
+        assert_same(one, many)
+        assert report["prefill_pack_tokens"] == pack and report["packed_prefills"] >= packed
+        assert report["packed_prompts"] <= (2 * report["packed_prefills"] if pack == 150 else 6)
+        assert (report["packed_prefills"] == 0) is (pack == 0)
+
+
 def test_batch_size_in_the_config_is_validated_before_the_model_loads(tmp_path):
     from kvbench.config import compose, validate
 
@@ -166,6 +193,11 @@ def test_batch_size_in_the_config_is_validated_before_the_model_loads(tmp_path):
     for bad in ("0", "-1", "abc"):
         with pytest.raises(KvbenchError, match="batch_size"):
             validate(compose([f"batch_size={bad}"]))
+    assert validate(compose([])).prefill_pack_tokens == "auto"
+    assert validate(compose(["prefill_pack_tokens=0"])).prefill_pack_tokens == 0
+    for bad in ("-1", "abc"):
+        with pytest.raises(KvbenchError, match="prefill_pack_tokens"):
+            validate(compose([f"prefill_pack_tokens={bad}"]))
 
 
 def test_auto_batch_size_follows_free_memory_and_prompt_length(tiny_llama):
@@ -240,7 +272,8 @@ def test_auto_backs_off_on_out_of_memory_to_the_outputs_of_batch_1(tiny_llama, m
 
 def test_auto_backs_off_when_a_prefill_beside_live_samples_runs_out_of_memory(tiny_llama, monkeypatch):
     """The fourth prefill runs out of memory while three samples decode: the batch becomes two, the four start again
-    (the three partial outputs dropped), and every sample is yielded once with batch 1's tokens."""
+    (the three partial outputs dropped), and every sample is yielded once with batch 1's tokens. (Each prompt is
+    prefilled alone here, `prefill_pack_tokens=0`; a packed prefill that runs out of memory: the next test.)"""
     from kvbench import scheduler
 
     model, tok = tiny_llama
@@ -259,11 +292,41 @@ def test_auto_backs_off_when_a_prefill_beside_live_samples_runs_out_of_memory(ti
     monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
     report = {}
     many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
-                                  repetition_penalty=1.1))
+                                  repetition_penalty=1.1, prefill_pack_tokens=0))
     lengths = [len(r.input_ids) for r in requests]
     assert started[:8] == lengths[:4] + lengths[:4]  # the four started again, in order, before the rest
     assert_same(one, many)
     assert report["batch_size"] == 2 and report["batch_size_backoffs"] == 1
+    assert report["packed_prefills"] == 0
+
+
+def test_auto_backs_off_when_a_packed_prefill_runs_out_of_memory(tiny_llama, monkeypatch):
+    """The six prompts go into one packed prefill forward, which runs out of memory: the batch becomes three, the six
+    start again (three in one packed prefill, the others as slots free up), and every sample is yielded once with
+    batch 1's tokens."""
+    from kvbench import scheduler
+
+    model, tok = tiny_llama
+    method = build("snapkv", model, tok)
+    requests = make_requests(model, agnostic=False)
+    one = run(model, requests, method, 1, False)
+    real, packs = scheduler.prefill_packed, []
+
+    def prefill_packed(model, prompts, *args, **kwargs):
+        packs.append(len(prompts))
+        if len(packs) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "prefill_packed", prefill_packed)
+    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    report = {}
+    many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
+                                  repetition_penalty=1.1))
+    assert packs[:2] == [6, 3]
+    assert_same(one, many)
+    assert report["batch_size"] == 3 and report["batch_size_backoffs"] == 1
+    assert report["packed_prefills"] == len(packs) - 1 and report["prefill_pack_tokens"] == 2048
 
 
 def test_out_of_memory_with_one_sample_alone_is_a_one_line_error(tiny_llama, monkeypatch):

@@ -58,10 +58,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask, create_chunked_causal_mask,
+                                        create_sliding_window_causal_mask)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvbench.cache import CompressedCache
+from kvbench.cache import FULL, CompressedCache
 from kvbench.errors import KvbenchError
 from kvbench.methods.base import Method
 from kvbench.ragged import RaggedLayer
@@ -89,7 +90,7 @@ class Session:
     method: Method | None = None  # PREFILL and OBSERVE
     compressed_calls: int = 0  # compressed layers handed to the method (0 after a prefill: the hook never ran)
     schedule: "DecodeSchedule | None" = None  # decoding-time compression (kvbench.decoding), after the prefill
-    sequences: "list[Session] | None" = None  # a batched decoding step: row b attends as sequences[b] alone
+    sequences: "list[Session] | None" = None  # several samples: row b / packed prompt b attends as sequences[b] alone
 
     def observe(self) -> None:
         """After the prefill forward: what follows are the method's observation passes (`Method.after_prefill`)."""
@@ -130,6 +131,72 @@ def decoding_batch(cache, sequences: "list[Session]"):
     batch-1 step would, to the layer of `sequences[b]` (a `decoding` Session with its own cache and schedule);
     `cache` is the `BatchedCache` that says what each sequence's layer returned."""
     return _session(Session(cache, Phase.DECODE, sequences=sequences))
+
+
+@contextlib.contextmanager
+def packed_prefill(cache, methods: "list[Method]"):
+    """Within this block, one forward is the prefill of several prompts packed along the sequence
+    (`engine.prefill_packed`): `cache` is the `BatchedCache` over their caches (with their `lengths`), and in every
+    layer prompt b's run of queries attends only to its own keys, with the mask its batch-1 prefill would have, and
+    `methods[b]` compresses b's layer as alone. Yields the prompts' own sessions (their `compressed_calls`; then
+    `observing(...)` for a method's observation passes)."""
+    sequences = [Session(layers, Phase.PREFILL, method) for layers, method in zip(cache.caches, methods)]
+    with _session(Session(cache, Phase.PREFILL, sequences=sequences)):
+        yield sequences
+
+
+@contextlib.contextmanager
+def observing(session: Session):
+    """A prompt of a packed prefill, after the packed forward: its method's observation passes over its own cache
+    (`Method.after_prefill`, KVzip's reconstruction) run as they run after a batch-1 prefill."""
+    session.observe()
+    with _session(session):
+        yield session
+
+
+def _packed_prefill(impl: str, module, query, kwargs: dict, session: Session) -> torch.Tensor:
+    outputs, start = [], 0
+    position_ids = kwargs.get("position_ids")
+    for sequence, (key, value) in zip(session.sequences, session.cache.returned(module.layer_idx)):
+        n = key.shape[2]
+        own = dict(kwargs)
+        if position_ids is not None:  # a varlen-aware backend would otherwise see the packing
+            own["position_ids"] = position_ids[:, start:start + n]
+        token = _ACTIVE.set(sequence)
+        try:
+            rows = query[:, :, start:start + n]
+            mask = prefill_mask(module, sequence.cache, rows)
+            outputs.append(_attention(impl, sequence, module, rows, key, value, mask, own)[0])
+        finally:
+            _ACTIVE.reset(token)
+        start += n
+    return torch.cat(outputs, dim=1)  # backends return [1, n, heads, d]
+
+
+_MASKS = {FULL: create_causal_mask, "sliding_attention": create_sliding_window_causal_mask,
+          "chunked_attention": create_chunked_causal_mask}
+
+
+def prefill_mask(module, cache: CompressedCache, query: torch.Tensor):
+    """The mask transformers builds for a batch-1 prefill of `query`'s tokens over layer `module.layer_idx`'s kind
+    (its own mask functions, for the model's config and backend)."""
+    config = getattr(module, "config", None)
+    if config is None:
+        raise KvbenchError(f"{type(module).__name__} has no config: a packed prefill cannot build its masks; use "
+                           f"batch_size=1 or prefill_pack_tokens=0")
+    shape = query.new_empty((1, query.shape[2], 0))  # the mask functions read the batch, length, dtype, device
+    return _MASKS[cache.kinds[module.layer_idx].type](config, shape, None, None)
+
+
+def _model_mask(base):
+    """The model's own mask function, except in a packed prefill, where each prompt's mask is built per run of
+    tokens (`prefill_mask`) and the whole forward's would only cost memory."""
+    def mask(*args, **kwargs):
+        session = _ACTIVE.get()
+        if session is not None and session.sequences is not None and session.phase is Phase.PREFILL:
+            return None
+        return base(*args, **kwargs)
+    return mask
 
 
 def _batched(impl: str, module, query, kwargs: dict, session: Session) -> torch.Tensor:
@@ -262,7 +329,8 @@ def _make_wrapper(impl: str):
         if session is None:  # not a kvbench forward (e.g. `model.generate` with its own cache): the plain backend
             return _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
         if session.sequences is not None:
-            return _batched(impl, module, query, kwargs, session), None
+            several = _packed_prefill if session.phase is Phase.PREFILL else _batched
+            return several(impl, module, query, kwargs, session), None
         output = _attention(impl, session, module, query, key, value, attention_mask, kwargs)
         if session.schedule is not None:
             session.schedule.after_attention(session.cache, module.layer_idx, query, kwargs)
@@ -321,5 +389,5 @@ def register(impl: str = "sdpa") -> str:
     name = f"{PREFIX}{impl}"
     if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(name, _make_wrapper(impl))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, _model_mask(ALL_MASK_ATTENTION_FUNCTIONS[impl]))
     return name

@@ -26,37 +26,47 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvbench.cache import CompressedCache, CompressedLayers
+from kvbench.methods.base import Method
 
 
 class _RowsLayer(DynamicLayer):
-    """Decoder layer `index` over a batch: row b is sequence b's own layer (`caches[b].layers[index]`, looked up at
-    each call: a decoding-time cut may have replaced it). `returned[b]` is what that layer's `update` returned."""
+    """Decoder layer `index` over a batch: sequence b's part of the forward goes to its own layer
+    (`caches[b].layers[index]`, looked up at each call: a decoding-time cut may have replaced it) -- row b of a
+    decoding step, or, in a packed prefill (`lengths`), the b-th run of `lengths[b]` tokens along the sequence.
+    `returned[b]` is what that layer's `update` returned."""
 
-    def __init__(self, caches: Sequence[CompressedCache], index: int) -> None:
+    def __init__(self, caches: Sequence[CompressedCache], index: int, lengths: Sequence[int] | None) -> None:
         super().__init__()
-        self.caches, self.index = caches, index
+        self.caches, self.index, self.lengths = caches, index, lengths
         self.is_sliding = caches[0].kinds[index].local
         self.returned: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.is_initialized = True
 
+    def _parts(self, states: torch.Tensor) -> list[torch.Tensor]:
+        if self.lengths is None:
+            return [states[b:b + 1] for b in range(len(self.caches))]
+        return list(states.split(list(self.lengths), dim=2))
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.returned = [cache.layers[self.index].update(key_states[b:b + 1], value_states[b:b + 1], *args, **kwargs)
-                         for b, cache in enumerate(self.caches)]
+        self.returned = [cache.layers[self.index].update(keys, values, *args, **kwargs)
+                         for cache, keys, values in zip(self.caches, self._parts(key_states),
+                                                        self._parts(value_states))]
         return key_states, value_states  # the wrapper reads `returned`; these only flow to it
 
     def get_seq_length(self) -> int:
         return max(cache.layers[self.index].get_seq_length() for cache in self.caches)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0  # the mask is not used: each row attends its own layer
+        return self.get_seq_length() + query_length, 0  # the mask is not used: each sequence attends its own layer
 
 
 class BatchedCache(Cache):
-    """The cache a batched decoding forward sees: one `_RowsLayer` per decoder layer over the sequences' caches."""
+    """The cache a forward over several sequences sees: one `_RowsLayer` per decoder layer over the sequences'
+    caches. Rows of a decoding step, or (`lengths`) the consecutive prompts of a packed prefill."""
 
-    def __init__(self, caches: Sequence[CompressedCache]) -> None:
-        super().__init__(layers=[_RowsLayer(caches, i) for i in range(len(caches[0].layers))])
-        self.caches = list(caches)
+    def __init__(self, caches: Sequence[CompressedCache], lengths: Sequence[int] | None = None) -> None:
+        super().__init__(layers=[_RowsLayer(caches, i, lengths) for i in range(len(caches[0].layers))])
+        self.caches, self.lengths = list(caches), lengths
 
     def returned(self, layer_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sequence, the (keys, values) its layer `layer_idx` returned in this forward."""
@@ -74,10 +84,14 @@ def fork_cache(cache: CompressedCache) -> CompressedCache:
 
 
 def fork_method(method):
-    """A copy of `method` with its own per-sample containers (H2O's accumulated scores, per-head budgets), for a
-    sequence whose decode schedule cuts while other samples are prefilled with the original."""
+    """A copy of `method` with its own per-sample containers (H2O's accumulated scores, per-head budgets) and its
+    own copy of any method it wraps (AdaKV's scorer), for a sequence whose prefill or decode schedule runs while
+    other samples are prefilled with the original. What the methods only read (a bound model, statistics) is
+    shared."""
     fork = copy.copy(method)
     for name, value in vars(method).items():
         if isinstance(value, (dict, list)):
             setattr(fork, name, copy.copy(value))
+        elif isinstance(value, Method):
+            setattr(fork, name, fork_method(value))
     return fork

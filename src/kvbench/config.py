@@ -146,8 +146,11 @@ BUDGET = _Kind("a whole number of tokens (e.g. 128) or a fraction of each prompt
 BATCH_SIZE = _Kind("a positive integer (samples decoded together) or auto (picked from free memory and the longest "
                    "prompt)", lambda v: v == "auto" or (_is_int(v) and v > 0))
 
+PACK_TOKENS = _Kind("an integer >= 0 (prompt tokens prefilled together; 0: each prompt alone) or auto",
+                    lambda v: v == "auto" or (_is_int(v) and v >= 0))
+
 TOP_LEVEL = {"budget": BUDGET, "seed": INT, "device": DEVICE, "results_root": STR, "output_dir": _optional(STR),
-             "tag": _optional(NAME), "progress": BOOL, "batch_size": BATCH_SIZE}
+             "tag": _optional(NAME), "progress": BOOL, "batch_size": BATCH_SIZE, "prefill_pack_tokens": PACK_TOKENS}
 optional = _optional
 # Benchmark keys of every benchmark; each benchmark class adds its own (`Benchmark.schema`).
 BENCHMARK = {"name": STR, "package": _optional(STR)}

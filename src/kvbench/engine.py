@@ -23,8 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from kvbench.attention import Phase, compression, decoding
-from kvbench.batching import fork_cache, fork_method
+from kvbench.attention import Phase, compression, decoding, observing, packed_prefill
+from kvbench.batching import BatchedCache, fork_cache, fork_method
 from kvbench.cache import CompressedCache, cache_kwargs
 from kvbench.decoding import DecodeSchedule, KvPeak, schedule_for
 from kvbench.errors import KvbenchError
@@ -136,12 +136,8 @@ class Prefilled:
     prefill_s: float
 
 
-@torch.inference_mode()
-def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Prefilled:
-    """Run the prompt `input_ids` [1, n] at positions 0..n-1 while `method` compresses each layer (timed)."""
-    method = method or FullKV()
-    device = input_ids.device
-    n = input_ids.shape[1]
+def _begin(model, method: Method, n: int) -> CompressedCache:
+    """A new cache for a prompt of `n` tokens, `method` begun on it; refuses a method that cannot compress it."""
     cache = new_cache(model, method)
     method.begin(n, len(cache.compressed_layers))  # layer schedules run over the compressed layers
     if not cache.compressed_layers and not method.keeps_all(n):
@@ -157,6 +153,25 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
             f"compressed layers hold different numbers of tokens ({sorted(held)}: local windows vs the whole "
             f"prompt). Use method.local_layers=keep (the budget then applies to the full-attention layers)"
         )
+    return cache
+
+
+def _check_compressed(model, method: Method, n: int, session) -> None:
+    if not method.keeps_all(n) and session.compressed_calls == 0:
+        raise KvbenchError(
+            f"{method.name} did not compress any layer: this model's attention does not go through transformers' "
+            f"AttentionInterface (attn_implementation={model.config._attn_implementation!r}), e.g. remote code with "
+            f"its own attention. Use a model class from transformers, or method=fullkv."
+        )
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Prefilled:
+    """Run the prompt `input_ids` [1, n] at positions 0..n-1 while `method` compresses each layer (timed)."""
+    method = method or FullKV()
+    device = input_ids.device
+    n = input_ids.shape[1]
+    cache = _begin(model, method, n)
     sync(device)
     start = time.perf_counter()
     with compression(method, cache) as session:
@@ -166,13 +181,42 @@ def prefill(model, input_ids: torch.Tensor, method: Method | None = None) -> Pre
         method.after_prefill(model, input_ids, cache)
     logits = out.logits[:, -1].float()
     sync(device)
-    if not method.keeps_all(n) and session.compressed_calls == 0:
-        raise KvbenchError(
-            f"{method.name} did not compress any layer: this model's attention does not go through transformers' "
-            f"AttentionInterface (attn_implementation={model.config._attn_implementation!r}), e.g. remote code with "
-            f"its own attention. Use a model class from transformers, or method=fullkv."
-        )
+    _check_compressed(model, method, n, session)
     return Prefilled(cache, logits, n, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def prefill_packed(model, prompts: Sequence[torch.Tensor], methods: Sequence[Method]) -> list[Prefilled]:
+    """Several prompts [1, n_b] in one packed forward ([1, sum n_b], each at its own positions 0..n_b-1), prompt b
+    compressed by `methods[b]` (each its own object: `batching.fork_method`). Every layer attends and compresses
+    each prompt alone (`attention.packed_prefill`), so each keeps the positions its batch-1 prefill keeps; only the
+    matrix products outside attention see all the tokens at once. A method's observation passes (KVzip's) then run
+    per prompt. The forward's time is shared out by prompt length (`prefill_s`)."""
+    if len(prompts) == 1:
+        return [prefill(model, prompts[0], methods[0])]
+    device = prompts[0].device
+    lengths = [ids.shape[1] for ids in prompts]
+    caches = [_begin(model, method, n) for method, n in zip(methods, lengths)]
+    ids = torch.cat(list(prompts), dim=1)
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    last = torch.tensor(lengths, device=device).cumsum(0) - 1  # each prompt's last token: the logits kept
+    sync(device)
+    start = time.perf_counter()
+    packed = BatchedCache(caches, lengths)
+    with packed_prefill(packed, methods) as sessions:
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=last,
+                    **cache_kwargs(model, packed))
+        for session, method, prompt, cache in zip(sessions, methods, prompts, caches):
+            with observing(session):
+                method.after_prefill(model, prompt, cache)
+    logits = out.logits[0].float()
+    sync(device)
+    spent = time.perf_counter() - start
+    for method, n, session in zip(methods, lengths, sessions):
+        _check_compressed(model, method, n, session)
+    total = sum(lengths)
+    return [Prefilled(cache, logits[b:b + 1], n, spent * n / total)
+            for b, (cache, n) in enumerate(zip(caches, lengths))]
 
 
 @torch.inference_mode()
@@ -214,14 +258,15 @@ class Started:
 @torch.inference_mode()
 def start(model, input_ids: torch.Tensor, method: Method | None = None, *, max_new_tokens: int,
           question_ids: torch.Tensor | None = None, contexts: "ContextCache | None" = None, own: bool = False,
-          record_kept: bool = False) -> Started:
+          record_kept: bool = False, prefilled: Prefilled | None = None) -> Started:
     """Everything a sample does alone before its first decoded token: the prefill of `input_ids` [1, n] while
     `method` compresses it or, with `question_ids` [1, q] (query-agnostic), the compressed context `input_ids`
     (reused from `contexts` when identical) and the question forward (`ask`). Timed, peaks tracked.
 
     `own` (the scheduler, whose samples overlap): the sample's decode schedule works on its own copy of the method's
     per-sample state and its method record is taken now, so that other samples may be prefilled with `method` before
-    this one is finished. `record_kept`: the output carries its kept positions (after the prefill and at the end)."""
+    this one is finished. `record_kept`: the output carries its kept positions (after the prefill and at the end).
+    `prefilled`: the prompt's prefill already done (a packed prefill of several prompts, `prefill_packed`)."""
     method = method or FullKV()
     check_interval(method, max_new_tokens)
     if question_ids is not None:
@@ -233,7 +278,7 @@ def start(model, input_ids: torch.Tensor, method: Method | None = None, *, max_n
         else:
             context, reused = compress_context(model, input_ids, method), False
         return ask(model, context, question_ids, method, reused=reused, record_kept=record_kept)
-    state = prefill(model, input_ids, method)
+    state = prefilled if prefilled is not None else prefill(model, input_ids, method)
     cache = state.cache
     kv_bytes, layer_kept = cache.nbytes(), cache.tokens_per_head()
     scheduled = bool(getattr(method, "decode_interval", None))

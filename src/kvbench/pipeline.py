@@ -27,7 +27,7 @@ from kvbench.benchmark import Benchmark, grouped, of_config
 from kvbench.config import output_dir, run_name, validate
 from kvbench.engine import ContextCache, GenerationOutput, check_interval
 from kvbench.multiturn import check_session
-from kvbench.scheduler import generate_requests
+from kvbench.scheduler import AUTO, generate_requests
 from kvbench.errors import KvbenchError
 from kvbench.memory import PeakMemory
 from kvbench.methods import Method, method_from_config
@@ -290,6 +290,7 @@ def _run(job: Job, store: RunStore, model, tokenizer, timer: Timer, on_sample) -
         for request, out in generate_requests(model, started(requests), job.method, contexts=contexts,
                                               repetition_penalty=job.spec.repetition_penalty,
                                               batch_size=job.cfg.get("batch_size", 1), report=batching,
+                                              prefill_pack_tokens=job.cfg.get("prefill_pack_tokens", AUTO),
                                               on_turn=turn_done if on_turn is not None else None):
             timer.add(out)
             yield request, generated(out), tokenizer.decode(out.token_ids, skip_special_tokens=True)
