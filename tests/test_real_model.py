@@ -103,3 +103,30 @@ def test_converted_copy_of_a_gguf_model_is_the_same_model(tmp_path, monkeypatch,
         assert converted_damage(folder) is None
         state_a = model_a.state_dict()
         assert all(torch.equal(value, state_a[name]) for name, value in model_c.state_dict().items())
+
+
+@pytest.mark.parametrize("bench", [
+    ["benchmark=needle", "benchmark.grid.start=1000", "benchmark.grid.end=2000", "benchmark.grid.step=1000",
+     "benchmark.grid.depths=3"],
+    ["benchmark=ruler", "benchmark.tasks=[niah_single_1,niah_multikey_1]", "benchmark.lengths=[1024]",
+     "benchmark.samples=3"]], ids=["needle", "ruler"])
+def test_smollm2_batch_4_with_packed_prefills_gives_batch_1_predictions(tmp_path, bench):
+    """The demo's needle and RULER on SmolLM2 with SnapKV-128: batch 4 (prompts packed into shared prefill
+    forwards) writes batch 1's answers, kept tokens and scores."""
+    import json
+
+    runs = {}
+    for size in (1, 4):
+        cfg = compose(bench + ["method=snapkv", "budget=128", f"batch_size={size}", "prefill_pack_tokens=8192",
+                               f"results_root={tmp_path / str(size)}", "progress=false"])
+        scores = evaluate(cfg)
+        folder = output_dir(cfg)
+        lines = sorted(json.dumps({k: v for k, v in r.items() if not k.endswith("_s")}, sort_keys=True)
+                       for path in sorted((folder / "predictions").glob("*.jsonl")) for r in read_predictions(path))
+        timing = json.loads((folder / "run.json").read_text())["sessions"][-1]["timing"]
+        runs[size] = (scores, lines, timing)
+    (one, alone, _), (four, batched, timing) = runs[1], runs[4]
+    assert timing["batch_size"] == 4 and timing["packed_prefills"] > 0
+    assert len(alone) >= 6 and batched == alone  # answers, scores, kept tokens per layer, KV bytes: all but times
+    assert {k: v for k, v in four.items() if not k.endswith("_s")} == {k: v for k, v in one.items()
+                                                                           if not k.endswith("_s")}

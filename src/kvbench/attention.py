@@ -35,6 +35,9 @@ Phases (`Phase`, set by the engine on the `Session`):
   layer's length, and compressed layers differ). A full layer's query attends to every token the layer holds; a
   local layer says which of its tokens are still inside the window (or chunk). When a layer stores one row per
   query head (the official GQA layout) the backend is told there is no grouping.
+A packed prefill (`packed_prefill`, engine.prefill_packed) is one PREFILL forward over several prompts laid end to
+end: each prompt's run of queries attends to its own keys with the mask transformers builds for its batch-1 prefill
+(`prefill_mask`; the model's whole-forward mask is not built) and is compressed by its own method, as alone.
 A ragged layer (kvbench.ragged, found as `session.cache.layers[module.layer_idx]`) attends itself in every phase
 after the prefill. Outside any session the wrapper is the plain backend.
 
