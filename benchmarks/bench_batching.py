@@ -4,6 +4,7 @@
 
     python benchmarks/bench_batching.py            # decode-heavy + prefill-heavy, 8 samples each
     python benchmarks/bench_batching.py --quick    # smoke run: 4 samples, short prompts
+    python benchmarks/bench_batching.py --gpu      # Llama-3-8B-shaped random bf16 model at 8k, batch 1 vs 16
 
 Workloads:
 - decode-heavy: LongBench multi_news (the real task file under shared/data/longbench, the dynamickv protocol's
@@ -16,6 +17,13 @@ RSS sampled every 20 ms during the run (model weights included) and its rise ove
 batched run's predictions are compared with batch 1's (identical token ids, per sample).
 
 Writes `results/bench/batching_cpu_<timestamp>.json` and `results/bench/latest_batching_cpu.json`.
+
+`--gpu` (the issue's GPU goal: SnapKV-128 at batch 16 at least 8x batch 1's samples/s): the bench's
+Llama-3-8B-shaped model with random bf16 weights, `--samples` (16) random-token prompts of `--gpu-length` (8192)
+tokens decoding `--gpu-new-tokens` (256) tokens each (no stop token: a random model's EOS is noise), one repeat.
+It also runs the FlashAttention varlen path of the ragged cache (Ada-SnapKV-128) against its PyTorch path on every
+layer, where flash-attn is installed. -> `batching_gpu_<timestamp>.json`, `latest_batching_gpu.json`.
+`--gpu-smoke` runs the same code on CPU with a tiny shape (the tests).
 """
 from __future__ import annotations
 
@@ -44,6 +52,9 @@ from kvbench.requests import Request  # noqa: E402
 METHODS = {"fullkv": {}, "snapkv_128": {"budget": 128}, "adakv_128": {"budget": 128}}
 BATCH_SIZES = (1, 2, 4, 8)
 GOAL = {"workload": "multi_news", "batch_size": 8, "speedup_min": 1.5}
+GPU_GOAL = {"workload": "random", "method": "snapkv_128", "batch_size": 16, "speedup_min": 8.0}
+SMOKE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, vocab_size=1000, max_position_embeddings=4096)
 
 
 def method_of(label: str):
@@ -84,15 +95,25 @@ def ruler_requests(tokenizer, stops, n: int, length: int) -> list[Request]:
                     key=f"ruler{length}/{i}") for i, s in enumerate(samples)]
 
 
+def random_requests(vocab: int, n: int, length: int, new_tokens: int, seed: int = 0) -> list[Request]:
+    generator = torch.Generator().manual_seed(seed)
+    return [Request(torch.randint(0, vocab, (length,), generator=generator).tolist(), new_tokens, (),
+                    key=f"random{length}/{i}") for i in range(n)]
+
+
 def run_one(model, requests, label: str, batch_size: int) -> dict:
     method = method_of(label)
+    device = str(next(model.parameters()).device)
     release_free_memory()
-    before = rss_bytes()
-    with PeakMemory("cpu", interval_s=0.02) as memory:
+    before = rss_bytes() if device == "cpu" else 0
+    report = {}
+    with PeakMemory(device, interval_s=0.02) as memory:
         start = time.perf_counter()
-        outs = list(generate_requests(model, requests, method, batch_size=batch_size))
+        outs = list(generate_requests(model, requests, method, batch_size=batch_size, report=report))
         wall = time.perf_counter() - start
+    before = before or memory.before
     return {"wall_s": wall, "samples": len(outs), "samples_per_s": len(outs) / wall,
+            "packed_prefills": report.get("packed_prefills", 0),
             "new_tokens": sum(len(o.token_ids) for _, o in outs),
             "prefill_s": sum(o.prefill_s for _, o in outs), "peak_rss_bytes": int(memory.peak),
             "peak_rise_bytes": int(memory.peak - before),
@@ -121,6 +142,7 @@ def bench_workload(model, name: str, requests: list[Request], labels, batch_size
                         "new_tokens": runs[bs][0]["new_tokens"],
                         "peak_rss_mib": round(max(x["peak_rss_bytes"] for x in runs[bs]) / 2 ** 20, 1),
                         "peak_rise_mib": round(max(x["peak_rise_bytes"] for x in runs[bs]) / 2 ** 20, 1),
+                        "packed_prefills": runs[bs][0]["packed_prefills"],
                         "same_tokens_as_batch_1": min(sum(x["tokens"][k] == base[0]["tokens"][k] for k in x["tokens"])
                                                       for x in runs[bs]),
                         "samples": runs[bs][0]["samples"]} for bs in batch_sizes]
@@ -140,6 +162,80 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
+def varlen_check(model, vocab: int, length: int) -> dict:
+    """The ragged cache's FlashAttention varlen path against its PyTorch path: Ada-SnapKV-128 compresses one random
+    prompt of `length` tokens, then a decoding query attends every ragged layer both ways."""
+    from kvbench.engine import prefill
+    from kvbench.ragged import _HAS_FLASH, RaggedLayer, ragged_attention
+
+    device = next(model.parameters()).device
+    if not (_HAS_FLASH and device.type == "cuda"):
+        return {"ran": False, "why": "flash-attn is not installed" if device.type == "cuda" else "no GPU"}
+    prompt = random_requests(vocab, 1, length, 1, seed=1)[0]
+    state = prefill(model, torch.tensor([prompt.input_ids], device=device), method_of("adakv_128"))
+    layers = [layer for layer in state.cache.layers if isinstance(layer, RaggedLayer)]
+    heads = model.config.num_attention_heads
+    generator = torch.Generator(device=device).manual_seed(0)
+    worst = 0.0
+    for layer in layers:
+        layer.update(*(torch.randn(1, layer.tail_keys.shape[1], 1, layer.prefix_keys.shape[-1], device=device,
+                                   dtype=layer.prefix_keys.dtype, generator=generator) for _ in range(2)))
+        query = torch.randn(1, heads, 1, layer.prefix_keys.shape[-1], device=device, dtype=layer.prefix_keys.dtype,
+                            generator=generator)
+        args = (layer.prefix_keys, layer.prefix_values)
+        rest = (layer.cu_seqlens, layer.max_length, layer.tail_keys, layer.tail_values)
+        flash = ragged_attention(query, *args, None, *rest).float()
+        torch_path = ragged_attention(query, *args, layer.foreign(), *rest).float()
+        worst = max(worst, (flash - torch_path).abs().max().item())
+    return {"ran": True, "layers": len(layers), "prompt_tokens": length, "max_abs_diff": worst,
+            "agree": worst < 2e-2}  # bf16 outputs: a few units in the last place of values of order 1
+
+
+def main_gpu(args) -> int:
+    from bench import build_llama8b_shaped
+
+    smoke = args.gpu_smoke
+    device = "cpu" if smoke else "cuda"
+    if not smoke and not torch.cuda.is_available():
+        print("--gpu needs a CUDA device; --gpu-smoke runs the same code on CPU with a tiny model")
+        return 2
+    torch.manual_seed(0)
+    model, vocab = build_llama8b_shaped(device, **(SMOKE_SHAPE if smoke else {}))
+    if smoke:
+        model = model.float()
+    from kvbench.attention import register
+
+    model.set_attn_implementation(register("sdpa"))
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    length, new = (300, 8) if smoke else (args.gpu_length, args.gpu_new_tokens)
+    samples = 4 if smoke else args.samples
+    batch_sizes = [1, samples] if smoke else args.batch_sizes
+    requests = random_requests(vocab, samples, length, new)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        list(generate_requests(model, [Request(requests[0].input_ids[:256], 4, key="warm")], method_of("fullkv")))
+        results = {"random": bench_workload(model, "random", requests, args.methods, batch_sizes, 1, log)}
+        varlen = varlen_check(model, vocab, length)
+    record = {"what": "batched evaluation throughput on a GPU (engine.generate_requests batch_size)",
+              "model": "llama3_8b_shaped_random" + ("_smoke" if smoke else ""), "device": device,
+              "batch_sizes": batch_sizes, "machine": machine_info(device), "git_commit": git_commit(),
+              "settings": {"samples": samples, "prompt_tokens": length, "max_new_tokens": new, "stop": "none",
+                           "methods": args.methods, "dtype": str(next(model.parameters()).dtype)},
+              "elapsed_s": round(time.perf_counter() - started, 1), "workloads": results, "varlen": varlen}
+    rows = results["random"]["methods"].get(GPU_GOAL["method"])
+    if rows and GPU_GOAL["batch_size"] in batch_sizes:
+        got = {r["batch_size"]: r["speedup"] for r in rows}[GPU_GOAL["batch_size"]]
+        record["goal"] = {**GPU_GOAL, "speedup": got, "met": got >= GPU_GOAL["speedup_min"]}
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    kind = "gpu_smoke" if smoke else "gpu"
+    write_json_atomic(args.out / f"batching_{kind}_{stamp}.json", record)
+    write_json_atomic(args.out / f"latest_batching_{kind}.json", record)
+    print(table(record))
+    print(json.dumps({"goal": record.get("goal", {}), "varlen": varlen}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 samples, 512-token prompts, RULER at 1k only")
@@ -151,7 +247,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "results" / "bench")
+    parser.add_argument("--gpu", action="store_true", help="Llama-3-8B-shaped random bf16 model on the GPU")
+    parser.add_argument("--gpu-smoke", action="store_true", help="the --gpu code on CPU with a tiny shape")
+    parser.add_argument("--gpu-length", type=int, default=8192)
+    parser.add_argument("--gpu-new-tokens", type=int, default=256)
     args = parser.parse_args(argv)
+    if args.gpu or args.gpu_smoke:
+        if args.samples == 8:
+            args.samples = 16
+        if args.batch_sizes == list(BATCH_SIZES):
+            args.batch_sizes = [1, 16]
+        if args.methods == list(METHODS):
+            args.methods = ["snapkv_128"]
+        return main_gpu(args)
     if args.quick:
         args.samples, args.prompt_tokens, args.ruler_lengths, args.repeats = 4, 512, [1024], 1
     torch.set_num_threads(1)
