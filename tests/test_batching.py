@@ -53,8 +53,11 @@ def run(model, requests, method, batch_size, agnostic):
     report = {}
     out = list(generate_requests(model, requests, method, batch_size=batch_size, contexts=contexts,
                                  record_kept=True, repetition_penalty=1.1, report=report))
-    if batch_size > 1:  # query-aware prompts filling free slots together share a packed prefill forward
-        assert (report["packed_prefills"] > 0) is (not agnostic) and report["prefill_pack_tokens"] == 2048
+    if batch_size > 1:  # prompts (agnostic: contexts) filling free slots together share a packed prefill forward
+        assert report["packed_prefills"] > 0 and report["prefill_pack_tokens"] == 2048
+    if agnostic:  # requests 0 and 1 share a context: compressed once (ask-many), at every batch size
+        assert contexts.stats()["context_prefills_avoided"] == 1
+        assert contexts.stats()["context_prefills"] == len(requests) - 1
     return out
 
 

@@ -2,10 +2,10 @@
 
 `batch_size` (a top-level setting) runs N samples at once through `scheduler.generate_requests`. The plan, chosen for
 exactness first:
-- prefill and compression are per sample: the query-aware prompts admitted together share one packed forward
-  (`engine.prefill_packed`: a `BatchedCache` with `lengths` hands prompt b's run of keys/values to b's own cache,
-  and the attention wrapper attends and compresses each run as b's batch-1 prefill would); the query-agnostic
-  context, question forward and shared-context reuse run alone (batch 1). Every sequence keeps exactly the
+- prefill and compression are per sample: the prompts (query-agnostic: the contexts) admitted together share one
+  packed forward (`engine.prefill_packed`: a `BatchedCache` with `lengths` hands prompt b's run of keys/values to
+  b's own cache, and the attention wrapper attends and compresses each run as b's batch-1 prefill would); the
+  query-agnostic question forward and the shared-context reuse run per sample. Every sequence keeps exactly the
   positions and per-head counts it keeps alone;
 - decoding is batched: one forward for all live sequences per step ([B, 1] tokens at each sequence's own true
   position), so every weight matrix is read once per step for B tokens -- where the speed comes from;

@@ -379,11 +379,13 @@ def cache_lengths(cache: CompressedCache) -> list[int]:
     return [layer.get_seq_length() for layer in cache.layers]
 
 
-def compress_context(model, context_ids: torch.Tensor, method: Method | None = None) -> CompressedContext:
-    """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known)."""
+def compress_context(model, context_ids: torch.Tensor, method: Method | None = None,
+                     prefilled: Prefilled | None = None) -> CompressedContext:
+    """Prefill the context alone at positions 0..C-1 while `method` compresses it (the question is not known).
+    `prefilled`: that prefill already done by `method` (a packed prefill of several contexts, `prefill_packed`)."""
     method = method or FullKV()
     check_agnostic_model(model.config)
-    state = prefill(model, context_ids, method)
+    state = prefilled if prefilled is not None else prefill(model, context_ids, method)
     cache = state.cache
     return CompressedContext(context_ids, state, cache_lengths(cache), cache.nbytes(), method.record(),
                              cache.tokens_per_head())
@@ -451,19 +453,27 @@ class ContextCache:
         self.reuses = 0
         self.prefill_s_avoided = 0.0
 
-    def get(self, model, context_ids: torch.Tensor, method: Method) -> tuple[CompressedContext, bool]:
-        owner = (model, method)
+    def holds(self, model, context_ids: torch.Tensor, method: Method) -> bool:
+        """Whether `context_ids` compressed by `method` on `model` is the context kept now."""
         current = self.current
-        if (current is not None and self._owner is not None and self._owner[0] is model
+        return (current is not None and self._owner is not None and self._owner[0] is model
                 and self._owner[1] is method and current.context_ids.shape == context_ids.shape
-                and torch.equal(current.context_ids, context_ids)):
+                and torch.equal(current.context_ids, context_ids))
+
+    def get(self, model, context_ids: torch.Tensor, method: Method) -> tuple[CompressedContext, bool]:
+        if self.holds(model, context_ids, method):
             self.reuses += 1
-            self.prefill_s_avoided += current.prefilled.prefill_s
-            return current, True
+            self.prefill_s_avoided += self.current.prefilled.prefill_s
+            return self.current, True
         self.current = None  # free the previous cache before building the next
-        self.current, self._owner = compress_context(model, context_ids, method), owner
-        self.prefills += 1
+        self.put(model, method, compress_context(model, context_ids, method))
         return self.current, False
+
+    def put(self, model, method: Method, context: CompressedContext) -> None:
+        """Keep `context`, compressed by `method` (or its copy) on `model` elsewhere (a packed prefill), as the one
+        the next samples may reuse."""
+        self.current, self._owner = context, (model, method)
+        self.prefills += 1
 
     def stats(self) -> dict:
         return {"context_prefills": self.prefills, "context_prefills_avoided": self.reuses,

@@ -1,10 +1,10 @@
 """Many requests at once: `generate_requests`, the engine's one entry for a stream of samples (the pipeline calls
 it), with continuous batching. The requests that fill free slots together are prefilled in one packed forward
-(`engine.prefill_packed`, up to `prefill_pack_tokens` prompt tokens; query-aware prompts), in which each prompt
-attends and is compressed exactly as alone; a query-agnostic request (its context compressed, then its question
-asked) starts alone through the engine's batch-1 path. The live sequences decode together, one model forward per
-step over their own caches (`kvbench.batching`); a finished sequence leaves the batch and the next requests are
-prefilled into the free slots. A session request runs alone through `multiturn.generate_session`.
+(`engine.prefill_packed`, up to `prefill_pack_tokens` prompt tokens; query-agnostic: their contexts, then each
+question asked over its own), in which each prompt attends and is compressed exactly as alone; a request whose
+context is already compressed (ask-many) starts alone from it. The live sequences decode together, one model
+forward per step over their own caches (`kvbench.batching`); a finished sequence leaves the batch and the next
+requests are prefilled into the free slots. A session request runs alone through `multiturn.generate_session`.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch
 from kvbench.attention import Phase, Session, decoding_batch
 from kvbench.batching import BatchedCache, fork_method
 from kvbench.cache import cache_kwargs
-from kvbench.engine import (ContextCache, GenerationOutput, Started, cache_device, check_interval, decode_step,
-                            generate, next_token, prefill_packed, start, sync, text_config)
+from kvbench.engine import (ContextCache, GenerationOutput, Started, ask, cache_device, check_interval,
+                            compress_context, decode_step, generate, next_token, prefill_packed, start, sync,
+                            text_config)
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 from kvbench.multiturn import generate_session
@@ -126,24 +127,43 @@ def _start(model, request: Request, method: Method, device, contexts: ContextCac
     return _Live(request, state, torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device))
 
 
-def _packable(request: Request) -> bool:
-    """A request whose start is one prefill of its prompt (query-aware, not a session): it can share a packed
-    prefill forward with others."""
-    return request.question_ids is None and request.turns is None
+def _packable(request: Request, group: list[Request], model, method: Method, contexts: ContextCache | None) -> bool:
+    """Whether `request` can join `group` in one packed prefill forward: its start is one prefill of its prompt
+    (query-aware) or of its context (query-agnostic: a context not already compressed, and not the one of the
+    request before it, which the ask-many reuse answers from that one's compressed context); not a session."""
+    if request.turns is not None:
+        return False
+    if request.question_ids is None:
+        return True
+    if contexts is None or not request.question_ids:  # (an empty question: `start` says why it is refused)
+        return False
+    if group and group[-1].input_ids == request.input_ids:
+        return False
+    return not contexts.holds(model, torch.tensor([request.input_ids], device=cache_device(model)), method)
 
 
-def _start_packed(model, group: list[Request], method: Method, device, record_kept: bool) -> list[_Live]:
+def _start_packed(model, group: list[Request], method: Method, device, contexts: ContextCache | None,
+                  record_kept: bool) -> list[_Live]:
     """The requests of `group` (`_packable`) prefilled together in one packed forward (engine.prefill_packed), each
-    compressed by its own copy of `method` as alone, then ready to decode in a batch."""
+    compressed by its own copy of `method` as alone, then (query-agnostic) its question asked over its compressed
+    context, the last context kept in `contexts` for the samples after it; ready to decode in a batch."""
     for request in group:
         check_interval(method, request.max_new_tokens)
-    prompts = [_prompt(request, device)[0] for request in group]
+    prompts = [_prompt(request, device) for request in group]
     methods = [fork_method(method) for _ in group]
-    states = prefill_packed(model, prompts, methods)
-    return [_Live(request, start(model, ids, own, max_new_tokens=request.max_new_tokens, own=True,
-                                 record_kept=record_kept, prefilled=state),
-                  torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device))
-            for request, ids, own, state in zip(group, prompts, methods, states)]
+    states = prefill_packed(model, [ids for ids, _ in prompts], methods)
+    started = []
+    for request, (ids, question), own, state in zip(group, prompts, methods, states):
+        if question is None:
+            begun = start(model, ids, own, max_new_tokens=request.max_new_tokens, own=True, record_kept=record_kept,
+                          prefilled=state)
+        else:
+            context = compress_context(model, ids, own, prefilled=state)
+            contexts.put(model, method, context)
+            begun = ask(model, context, question, own, record_kept=record_kept)
+        started.append(_Live(request, begun, torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long,
+                                                           device=device)))
+    return started
 
 
 def _choose(seq: _Live, repetition_penalty: float) -> bool:
@@ -210,14 +230,16 @@ def _out_of_memory(rows: int, batch_size, size: int, backoffs: int = 0) -> Kvben
 def generate_requests(model, requests: Iterable[Request], method: Method | None = None, *,
                       repetition_penalty: float = 1.0, contexts: ContextCache | None = None,
                       batch_size: int | str = 1, report: dict | None = None, record_kept: bool = False,
-                      on_turn=None, prefill_pack_tokens: int | str = AUTO) -> Iterator[tuple[Request, GenerationOutput]]:
+                      on_turn=None, prefill_pack_tokens: int | str = AUTO
+                      ) -> Iterator[tuple[Request, GenerationOutput]]:
     """Answer every request, yielding (request, output) as each finishes (completion order).
 
     Up to `batch_size` requests decode together (continuous batching: a finished sequence leaves the batch and the
     requests are prefilled into the free slots); each is compressed as alone and decodes with its own positions,
-    stop tokens, `min_new_tokens`, repetition penalty and decode schedule (kvbench.batching). Query-aware requests
-    that fill free slots together share one packed prefill forward of up to `prefill_pack_tokens` prompt tokens
-    (0: each prefilled alone; one longer prompt goes alone; `auto`: PACK_TOKENS); `report` counts those forwards.
+    stop tokens, `min_new_tokens`, repetition penalty and decode schedule (kvbench.batching). Requests that fill
+    free slots together share one packed prefill forward (agnostic: of their contexts) of up to
+    `prefill_pack_tokens` prompt tokens (0: each prefilled alone; one longer prompt goes alone; `auto`:
+    PACK_TOKENS); `report` counts those forwards.
     `batch_size="auto"` picks N from free memory and the longest prompt (the requests are read first) and backs
     off when memory runs out with several samples in memory: N becomes half of them, and the unfinished requests
     (nothing of them was yielded) go back to the front of the queue and start again. `report`, if given, receives
@@ -276,17 +298,19 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
                     continue
                 admitting = [request]
                 tokens = len(request.input_ids)
-                while _packable(request) and len(live) + len(admitting) < size:  # more prompts for the same forward
+                while (_packable(request, [], model, method, contexts)
+                       and len(live) + len(admitting) < size):  # more prompts for the same forward
                     other = again.pop(0) if again else next(pending, None)
                     if other is None:
                         break
-                    if not _packable(other) or tokens + len(other.input_ids) > prefill_pack_tokens:
+                    if (not _packable(other, admitting, model, method, contexts)
+                            or tokens + len(other.input_ids) > prefill_pack_tokens):
                         again.insert(0, other)
                         break
                     admitting.append(other)
                     tokens += len(other.input_ids)
                 if len(admitting) > 1:
-                    started = _start_packed(model, admitting, method, device, record_kept)
+                    started = _start_packed(model, admitting, method, device, contexts, record_kept)
                     report["packed_prefills"] += 1
                     report["packed_prompts"] += len(admitting)
                 else:
