@@ -432,3 +432,17 @@ def test_pipeline_run_at_batch_size_auto_records_its_back_off(tmp_path, monkeypa
     assert sorted(preds["auto"]) == sorted(preds["1"]) and len(preds["auto"]) == 4
     assert timing["auto"]["batch_size"] == 2 and timing["auto"]["batch_size_backoffs"] == 1
     assert timing["auto"]["batch_size_auto"]["batch_size"] == 16 and "batch_size_backoffs" not in timing["1"]
+
+
+def test_auto_sizes_the_batch_for_a_sessions_whole_conversation(tiny_llama):
+    """batch_size=auto reads each request's reach (`Request.positions()`): for a session, the context plus every
+    turn's question and answer, not the context plus one generation."""
+    from kvbench.requests import Turn
+
+    model, _ = tiny_llama
+    turns = tuple(Turn((7,) * 10, (9,) * 30, (11,)) for _ in range(2))
+    session = Request(random_prompt(100, model.config.vocab_size, seed=1)[0].tolist(), 8, turns=turns, key="s")
+    report = {}
+    [(_, out)] = list(generate_requests(model, [session], None, batch_size="auto", report=report))
+    assert len(out.turns) == 2
+    assert report["batch_size_auto"]["longest_tokens"] == session.positions() == 100 + 2 * (10 + 30)

@@ -127,6 +127,14 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor, stop: torch.Tensor, ste
     return logits.argmax(dim=-1, keepdim=True)
 
 
+def stop_reason(next_id: torch.Tensor, stop: torch.Tensor, step: int, max_new_tokens: int) -> str | None:
+    """Why decoding ends with `next_id`, the token picked at step `step`: "stop_token", "max_new_tokens" (it was the
+    last one allowed), or None (decoding goes on)."""
+    if len(stop) and bool((stop == next_id).any()):
+        return "stop_token"
+    return "max_new_tokens" if step == max_new_tokens - 1 else None
+
+
 @dataclass
 class Prefilled:
     """The state right after a prefill: the (compressed) cache and the logits of the last prompt token."""
@@ -351,10 +359,9 @@ def greedy_decode(model, logits: torch.Tensor, cache: CompressedCache, seen: tor
                                    f"turns ran with other settings or hardware: rerun into a new output_dir")
             next_id = torch.tensor([[forced[step]]], device=device)
         tokens.append(int(next_id))
-        if len(stop) and bool((stop == next_id).any()):
-            stopped = "stop_token"
-            break
-        if step == max_new_tokens - 1 or (forced is not None and step == len(forced) - 1):
+        ended = stop_reason(next_id, stop, step, max_new_tokens)
+        if ended or (forced is not None and step == len(forced) - 1):
+            stopped = ended or stopped
             break
         seen = torch.cat([seen, next_id], dim=1) if repetition_penalty != 1.0 else seen
         logits = decode_step(model, next_id, position + step, cache, schedule)

@@ -18,8 +18,8 @@ from kvbench.attention import Phase, Session, decoding_batch
 from kvbench.batching import BatchedCache, fork_method
 from kvbench.cache import cache_kwargs
 from kvbench.engine import (ContextCache, GenerationOutput, Started, ask, cache_device, check_interval,
-                            compress_context, decode_step, generate, next_token, prefill_packed, start, sync,
-                            text_config)
+                            compress_context, decode_step, generate, next_token, prefill_packed, start, stop_reason,
+                            sync, text_config)
 from kvbench.errors import KvbenchError
 from kvbench.methods import FullKV, Method
 from kvbench.multiturn import generate_session
@@ -173,10 +173,9 @@ def _choose(seq: _Live, repetition_penalty: float) -> bool:
         return True
     next_id = next_token(state.logits, state.seen, seq.stop, step, request.min_new_tokens, repetition_penalty)
     seq.tokens.append(int(next_id))
-    if len(seq.stop) and bool((seq.stop == next_id).any()):
-        seq.stopped = "stop_token"
-        return True
-    if step == request.max_new_tokens - 1:
+    ended = stop_reason(next_id, seq.stop, step, request.max_new_tokens)
+    if ended:
+        seq.stopped = ended
         return True
     if repetition_penalty != 1.0:
         state.seen = torch.cat([state.seen, next_id], dim=1)
@@ -255,7 +254,7 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
     report = {} if report is None else report
     if size == AUTO:
         requests = list(requests)
-        longest = max((len(r.input_ids) + len(r.question_ids or ()) + r.max_new_tokens for r in requests), default=1)
+        longest = max((r.positions() for r in requests), default=1)  # a session: its whole conversation
         size, why = auto_batch_size(model, method, longest, free_memory_bytes(device), prefill_pack_tokens)
         report.update({"batch_size": size, "batch_size_auto": why, "batch_size_backoffs": 0})
     else:
