@@ -273,31 +273,38 @@ def test_auto_backs_off_on_out_of_memory_to_the_outputs_of_batch_1(tiny_llama, m
     assert report["batch_size"] == 3 and report["batch_size_backoffs"] == 1
 
 
+def out_of_memory_at(monkeypatch, name: str, call: int) -> list:
+    """`scheduler.<name>(model, x, ...)` runs out of CUDA memory at its `call`-th call (auto's free memory: plenty);
+    returns the list of each call's `x`."""
+    from kvbench import scheduler
+
+    real, seen = getattr(scheduler, name), []
+
+    def wrapped(model, x, *args, **kwargs):
+        seen.append(x)
+        if len(seen) == call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, name, wrapped)
+    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    return seen
+
+
 def test_auto_backs_off_when_a_prefill_beside_live_samples_runs_out_of_memory(tiny_llama, monkeypatch):
     """The fourth prefill runs out of memory while three samples decode: the batch becomes two, the four start again
     (the three partial outputs dropped), and every sample is yielded once with batch 1's tokens. (Each prompt is
     prefilled alone here, `prefill_pack_tokens=0`; a packed prefill that runs out of memory: the next test.)"""
-    from kvbench import scheduler
-
     model, tok = tiny_llama
     method = build("snapkv", model, tok)
     requests = make_requests(model, agnostic=False)
     one = run(model, requests, method, 1, False)
-    real, started = scheduler.start, []
-
-    def start(model, ids, *args, **kwargs):
-        started.append(ids.shape[1])
-        if len(started) == 4:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, ids, *args, **kwargs)
-
-    monkeypatch.setattr(scheduler, "start", start)
-    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    started = out_of_memory_at(monkeypatch, "start", 4)
     report = {}
     many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
                                   repetition_penalty=1.1, prefill_pack_tokens=0))
     lengths = [len(r.input_ids) for r in requests]
-    assert started[:8] == lengths[:4] + lengths[:4]  # the four started again, in order, before the rest
+    assert [ids.shape[1] for ids in started[:8]] == lengths[:4] + lengths[:4]  # the four started again, in order
     assert_same(one, many)
     assert report["batch_size"] == 2 and report["batch_size_backoffs"] == 1
     assert report["packed_prefills"] == 0
@@ -307,26 +314,15 @@ def test_auto_backs_off_when_a_packed_prefill_runs_out_of_memory(tiny_llama, mon
     """The six prompts go into one packed prefill forward, which runs out of memory: the batch becomes three, the six
     start again (three in one packed prefill, the others as slots free up), and every sample is yielded once with
     batch 1's tokens."""
-    from kvbench import scheduler
-
     model, tok = tiny_llama
     method = build("snapkv", model, tok)
     requests = make_requests(model, agnostic=False)
     one = run(model, requests, method, 1, False)
-    real, packs = scheduler.prefill_packed, []
-
-    def prefill_packed(model, prompts, *args, **kwargs):
-        packs.append(len(prompts))
-        if len(packs) == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(scheduler, "prefill_packed", prefill_packed)
-    monkeypatch.setattr(scheduler, "free_memory_bytes", lambda device: 10 ** 12)
+    packs = out_of_memory_at(monkeypatch, "prefill_packed", 1)
     report = {}
     many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
                                   repetition_penalty=1.1))
-    assert packs[:2] == [6, 3]
+    assert [len(prompts) for prompts in packs[:2]] == [6, 3]
     assert_same(one, many)
     assert report["batch_size"] == 3 and report["batch_size_backoffs"] == 1
     assert report["packed_prefills"] == len(packs) - 1 and report["prefill_pack_tokens"] == 2048
