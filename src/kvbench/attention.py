@@ -56,7 +56,7 @@ import contextvars
 import enum
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,6 +94,12 @@ class Session:
     compressed_calls: int = 0  # compressed layers handed to the method (0 after a prefill: the hook never ran)
     schedule: "DecodeSchedule | None" = None  # decoding-time compression (kvbench.decoding), after the prefill
     sequences: "list[Session] | None" = None  # several samples: row b / packed prompt b attends as sequences[b] alone
+    masks: dict = field(default_factory=dict)  # a packed prefill: each prompt length's mask per layer kind, built once
+
+    @property
+    def packed(self) -> bool:
+        """A packed prefill: several prompts laid end to end in one PREFILL forward (`packed_prefill`)."""
+        return self.sequences is not None and self.phase is Phase.PREFILL
 
     def observe(self) -> None:
         """After the prefill forward: what follows are the method's observation passes (`Method.after_prefill`)."""
@@ -160,18 +166,17 @@ def observing(session: Session):
 def _packed_prefill(impl: str, module, query, kwargs: dict, session: Session) -> torch.Tensor:
     outputs, start = [], 0
     position_ids = kwargs.get("position_ids")
+    kind = session.cache.caches[0].kinds[module.layer_idx].type
     for sequence, (key, value) in zip(session.sequences, session.cache.returned(module.layer_idx)):
         n = key.shape[2]
         own = dict(kwargs)
         if position_ids is not None:  # a varlen-aware backend would otherwise see the packing
             own["position_ids"] = position_ids[:, start:start + n]
-        token = _ACTIVE.set(sequence)
-        try:
-            rows = query[:, :, start:start + n]
-            mask = prefill_mask(module, sequence.cache, rows)
-            outputs.append(_attention(impl, sequence, module, rows, key, value, mask, own)[0])
-        finally:
-            _ACTIVE.reset(token)
+        rows = query[:, :, start:start + n]
+        with _session(sequence):  # (the model's mask function then builds this prompt's mask, as at batch 1)
+            if (kind, n) not in session.masks:
+                session.masks[kind, n] = prefill_mask(module, kind, rows)
+            outputs.append(_attention(impl, sequence, module, rows, key, value, session.masks[kind, n], own)[0])
         start += n
     return torch.cat(outputs, dim=1)  # backends return [1, n, heads, d]
 
@@ -180,15 +185,16 @@ _MASKS = {FULL: create_causal_mask, "sliding_attention": create_sliding_window_c
           "chunked_attention": create_chunked_causal_mask}
 
 
-def prefill_mask(module, cache: CompressedCache, query: torch.Tensor):
-    """The mask transformers builds for a batch-1 prefill of `query`'s tokens over layer `module.layer_idx`'s kind
-    (its own mask functions, for the model's config and backend)."""
+def prefill_mask(module, kind: str, query: torch.Tensor):
+    """The mask transformers builds for a batch-1 prefill of `query`'s tokens over a layer of type `kind`
+    (`full_attention`, `sliding_attention`, `chunked_attention`), by its own mask functions for the model's config
+    and backend."""
     config = getattr(module, "config", None)
     if config is None:
         raise KvbenchError(f"{type(module).__name__} has no config: a packed prefill cannot build its masks; use "
                            f"batch_size=1 or prefill_pack_tokens=0")
     shape = query.new_empty((1, query.shape[2], 0))  # the mask functions read the batch, length, dtype, device
-    return _MASKS[cache.kinds[module.layer_idx].type](config, shape, None, None)
+    return _MASKS[kind](config, shape, None, None)
 
 
 def _model_mask(base):
@@ -196,23 +202,18 @@ def _model_mask(base):
     tokens (`prefill_mask`) and the whole forward's would only cost memory."""
     def mask(*args, **kwargs):
         session = _ACTIVE.get()
-        if session is not None and session.sequences is not None and session.phase is Phase.PREFILL:
-            return None
-        return base(*args, **kwargs)
+        return None if session is not None and session.packed else base(*args, **kwargs)
     return mask
 
 
 def _batched(impl: str, module, query, kwargs: dict, session: Session) -> torch.Tensor:
     outputs = []
     for b, (sequence, (key, value)) in enumerate(zip(session.sequences, session.cache.returned(module.layer_idx))):
-        token = _ACTIVE.set(sequence)
-        try:
-            row = query[b:b + 1]
+        row = query[b:b + 1]
+        with _session(sequence):
             outputs.append(_attention(impl, sequence, module, row, key, value, None, kwargs)[0])
             if sequence.schedule is not None:
                 sequence.schedule.after_attention(sequence.cache, module.layer_idx, row, kwargs)
-        finally:
-            _ACTIVE.reset(token)
     return torch.cat(outputs)
 
 
@@ -332,7 +333,7 @@ def _make_wrapper(impl: str):
         if session is None:  # not a kvbench forward (e.g. `model.generate` with its own cache): the plain backend
             return _backend(impl, module)(module, query, key, value, attention_mask, **kwargs)
         if session.sequences is not None:
-            several = _packed_prefill if session.phase is Phase.PREFILL else _batched
+            several = _packed_prefill if session.packed else _batched
             return several(impl, module, query, kwargs, session), None
         output = _attention(impl, session, module, query, key, value, attention_mask, kwargs)
         if session.schedule is not None:

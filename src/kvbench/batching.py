@@ -68,7 +68,7 @@ class BatchedCache(Cache):
 
     def __init__(self, caches: Sequence[CompressedCache], lengths: Sequence[int] | None = None) -> None:
         super().__init__(layers=[_RowsLayer(caches, i, lengths) for i in range(len(caches[0].layers))])
-        self.caches, self.lengths = list(caches), lengths
+        self.caches = list(caches)
 
     def returned(self, layer_idx: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sequence, the (keys, values) its layer `layer_idx` returned in this forward."""
