@@ -43,26 +43,32 @@ AUTO_MAX = {"cpu": 16, "cuda": 64}  # batch_size=auto never goes above (CPU: the
 PACK_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 
+def _count(value) -> int | None:
+    """`value` as a whole number >= 0 (an int or its text, `+` allowed), or None (a bool, a fraction, text)."""
+    text = str(value).strip()
+    return None if isinstance(value, bool) or not text.lstrip("+").isdigit() else int(text)
+
+
 def check_pack_tokens(value, device: torch.device) -> int:
     """`prefill_pack_tokens`: an integer >= 0 (0: every prompt prefilled alone) or `auto` (PACK_TOKENS)."""
     if value == AUTO:
         return PACK_TOKENS["cuda" if device.type == "cuda" else "cpu"]
-    text = str(value).strip()
-    if isinstance(value, bool) or not text.lstrip("+").isdigit():
+    tokens = _count(value)
+    if tokens is None:
         raise KvbenchError(f"prefill_pack_tokens={value!r}: expected an integer >= 0 (the most prompt tokens "
                            f"prefilled together; 0: each prompt alone) or auto")
-    return int(text)
+    return tokens
 
 
 def check_batch_size(value) -> int | str:
     """`batch_size`: a positive integer or `auto` (one-line error otherwise)."""
     if value == AUTO:
         return AUTO
-    text = str(value).strip()
-    if isinstance(value, bool) or not text.lstrip("+").isdigit() or int(text) < 1:
+    size = _count(value)
+    if size is None or size < 1:
         raise KvbenchError(f"batch_size={value!r}: expected a positive integer (samples decoded together) or "
                            f"batch_size=auto (picked from free memory and the longest prompt)")
-    return int(text)
+    return size
 
 
 def free_memory_bytes(device: torch.device) -> int:
@@ -124,6 +130,11 @@ def _start(model, request: Request, method: Method, device, contexts: ContextCac
     ids, question = _prompt(request, device)
     state = start(model, ids, method, max_new_tokens=request.max_new_tokens, question_ids=question,
                   contexts=contexts, own=True, record_kept=record_kept)
+    return _live(request, state, device)
+
+
+def _live(request: Request, state: Started, device) -> _Live:
+    """`request`, started as `state`, ready to decode with its stop tokens."""
     return _Live(request, state, torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long, device=device))
 
 
@@ -161,8 +172,7 @@ def _start_packed(model, group: list[Request], method: Method, device, contexts:
             context = compress_context(model, ids, own, prefilled=state)
             contexts.put(model, method, context)
             begun = ask(model, context, question, own, record_kept=record_kept)
-        started.append(_Live(request, begun, torch.tensor(sorted(set(request.stop_token_ids)), dtype=torch.long,
-                                                           device=device)))
+        started.append(_live(request, begun, device))
     return started
 
 
@@ -297,8 +307,8 @@ def generate_requests(model, requests: Iterable[Request], method: Method | None 
                     continue
                 admitting = [request]
                 tokens = len(request.input_ids)
-                while (_packable(request, [], model, method, contexts)
-                       and len(live) + len(admitting) < size):  # more prompts for the same forward
+                packable = _packable(request, [], model, method, contexts)
+                while packable and len(live) + len(admitting) < size:  # more prompts for the same forward
                     other = again.pop(0) if again else next(pending, None)
                     if other is None:
                         break
