@@ -44,7 +44,7 @@ from bench import load_bench_model, machine_info  # noqa: E402
 
 from kvbench.atomic import write_json_atomic  # noqa: E402
 from kvbench.scheduler import generate_requests  # noqa: E402
-from kvbench.memory import PeakMemory, release_free_memory, rss_bytes  # noqa: E402
+from kvbench.memory import PeakMemory  # noqa: E402
 from kvbench.methods import build_method  # noqa: E402
 from kvbench.pipeline import git_commit  # noqa: E402
 from kvbench.requests import Request  # noqa: E402
@@ -104,19 +104,16 @@ def random_requests(vocab: int, n: int, length: int, new_tokens: int, seed: int 
 def run_one(model, requests, label: str, batch_size: int) -> dict:
     method = method_of(label)
     device = str(next(model.parameters()).device)
-    release_free_memory()
-    before = rss_bytes() if device == "cpu" else 0
     report = {}
-    with PeakMemory(device, interval_s=0.02) as memory:
+    with PeakMemory(device, interval_s=0.02) as memory:  # its `before`: RSS (CPU) or allocated bytes (GPU) at entry
         start = time.perf_counter()
         outs = list(generate_requests(model, requests, method, batch_size=batch_size, report=report))
         wall = time.perf_counter() - start
-    before = before or memory.before
     return {"wall_s": wall, "samples": len(outs), "samples_per_s": len(outs) / wall,
             "packed_prefills": report.get("packed_prefills", 0),
             "new_tokens": sum(len(o.token_ids) for _, o in outs),
             "prefill_s": sum(o.prefill_s for _, o in outs), "peak_rss_bytes": int(memory.peak),
-            "peak_rise_bytes": int(memory.peak - before),
+            "peak_rise_bytes": int(memory.peak - memory.before),
             "tokens": {r.key: o.token_ids for r, o in outs}}
 
 
