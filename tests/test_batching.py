@@ -273,6 +273,20 @@ def test_auto_backs_off_on_out_of_memory_to_the_outputs_of_batch_1(tiny_llama, m
     assert report["batch_size"] == 3 and report["batch_size_backoffs"] == 1
 
 
+def backed_off_run(tiny_llama, monkeypatch, name: str, call: int, **kwargs):
+    """SnapKV on the six requests at batch 1, then at batch_size=auto with `scheduler.<name>` out of memory at its
+    `call`-th call (`out_of_memory_at`): (batch 1's outputs, auto's outputs, each call's `x`, auto's report)."""
+    model, tok = tiny_llama
+    method = build("snapkv", model, tok)
+    requests = make_requests(model, agnostic=False)
+    one = run(model, requests, method, 1, False)
+    seen = out_of_memory_at(monkeypatch, name, call)
+    report = {}
+    many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
+                                  repetition_penalty=1.1, **kwargs))
+    return one, many, seen, report
+
+
 def out_of_memory_at(monkeypatch, name: str, call: int) -> list:
     """`scheduler.<name>(model, x, ...)` runs out of CUDA memory at its `call`-th call (auto's free memory: plenty);
     returns the list of each call's `x`."""
@@ -295,15 +309,8 @@ def test_auto_backs_off_when_a_prefill_beside_live_samples_runs_out_of_memory(ti
     """The fourth prefill runs out of memory while three samples decode: the batch becomes two, the four start again
     (the three partial outputs dropped), and every sample is yielded once with batch 1's tokens. (Each prompt is
     prefilled alone here, `prefill_pack_tokens=0`; a packed prefill that runs out of memory: the next test.)"""
-    model, tok = tiny_llama
-    method = build("snapkv", model, tok)
-    requests = make_requests(model, agnostic=False)
-    one = run(model, requests, method, 1, False)
-    started = out_of_memory_at(monkeypatch, "start", 4)
-    report = {}
-    many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
-                                  repetition_penalty=1.1, prefill_pack_tokens=0))
-    lengths = [len(r.input_ids) for r in requests]
+    one, many, started, report = backed_off_run(tiny_llama, monkeypatch, "start", 4, prefill_pack_tokens=0)
+    lengths = [len(r.input_ids) for r, _ in one]
     assert [ids.shape[1] for ids in started[:8]] == lengths[:4] + lengths[:4]  # the four started again, in order
     assert_same(one, many)
     assert report["batch_size"] == 2 and report["batch_size_backoffs"] == 1
@@ -314,14 +321,7 @@ def test_auto_backs_off_when_a_packed_prefill_runs_out_of_memory(tiny_llama, mon
     """The six prompts go into one packed prefill forward, which runs out of memory: the batch becomes three, the six
     start again (three in one packed prefill, the others as slots free up), and every sample is yielded once with
     batch 1's tokens."""
-    model, tok = tiny_llama
-    method = build("snapkv", model, tok)
-    requests = make_requests(model, agnostic=False)
-    one = run(model, requests, method, 1, False)
-    packs = out_of_memory_at(monkeypatch, "prefill_packed", 1)
-    report = {}
-    many = list(generate_requests(model, requests, method, batch_size="auto", report=report, record_kept=True,
-                                  repetition_penalty=1.1))
+    one, many, packs, report = backed_off_run(tiny_llama, monkeypatch, "prefill_packed", 1)
     assert [len(prompts) for prompts in packs[:2]] == [6, 3]
     assert_same(one, many)
     assert report["batch_size"] == 3 and report["batch_size_backoffs"] == 1
